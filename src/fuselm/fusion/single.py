@@ -1,0 +1,21 @@
+"""`single`: one model decoding on its own (greedy or sampled)."""
+
+from __future__ import annotations
+
+from .base import FusionMethod, Step, StepContext
+from .registry import register
+
+
+def complete_text(text: str) -> int | None:
+    """Cut after any complete text: one token at a time, but never half a UTF-8 character."""
+    return len(text) if text else None
+
+
+@register("single")
+class Single(FusionMethod):
+    min_models = 1
+    max_models = 1
+
+    def step(self, ctx: StepContext) -> Step:
+        roll = ctx.sessions[0].rollout(ctx.budget, until=complete_text, choose=self.sampler, margins=False)
+        return Step(text=roll.text, new_tokens=len(roll.token_ids), source=0, finished=roll.finished)

@@ -1,0 +1,82 @@
+"""The backend interface: what a decoding session needs from an inference engine.
+
+A backend owns one model and its tokenizer. It knows nothing about committed text, words or
+fusion; it turns text into token ids and runs forward passes against an opaque KV cache.
+Log-probabilities always come back as float32 torch tensors over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# End-of-turn tokens used by common chat templates; each one present in a vocabulary ends generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>", "<eos>")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    backend: str
+    architecture: str
+    vocab_size: int
+    context_length: int
+    eos_token_ids: frozenset[int]
+    bos_token_id: int | None
+    has_chat_template: bool
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """One model behind a small token-level interface (see :class:`fuselm.models.session.DecodingSession`)."""
+
+    info: ModelInfo
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, with the model's BOS if it uses one and special tokens parsed."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens included as text."""
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for a conversation, ending where the assistant's answer starts."""
+
+    @abstractmethod
+    def new_cache(self) -> Any:
+        """An empty KV cache."""
+
+    @abstractmethod
+    def truncate(self, cache: Any, length: int) -> None:
+        """Keep only the first `length` positions of `cache`."""
+
+    @abstractmethod
+    def extend(self, cache: Any, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Run `ids` on top of `cache` (which grows by len(ids)).
+
+        Returns next-token log-probs: shape [V] for the last position, or [len(ids), V] when
+        `all_logits`.
+        """
+
+    @abstractmethod
+    def score_branches(self, cache: Any, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Score several token sequences that each continue the first `keep` cached positions.
+
+        For branch j, returns a tensor of len(branches[j]) - 1 values: value i is
+        log p(branch[i + 1] | cache[:keep] + branch[: i + 1]). The cache content up to its
+        current length is left as it was. Implementations batch all branches in one pass.
+        """
+
+    def close(self) -> None:  # pragma: no cover - optional
+        """Release resources held outside Python's memory management."""
+
+
+def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)

@@ -1,0 +1,158 @@
+"""transformers backend: any causal LM directory (safetensors) on CPU or CUDA."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import FuselmError
+from .backend import END_OF_TURN_TOKENS, Backend, ModelInfo, log_softmax_f32
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TransformersBackend(Backend):
+    """A Hugging Face causal LM with a DynamicCache.
+
+    Every layer, sliding-window ones included, keeps its full key/value history: this is what
+    lets a session roll back to any earlier position (Gemma-3's sliding layers otherwise drop
+    keys once the window is full). The attention mask still applies the window.
+    """
+
+    def __init__(self, model, tokenizer, name: str, source: str = "", device: str = "cpu"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        config = model.config.get_text_config(decoder=True)
+        self._add_bos = _tokenizer_adds_bos(tokenizer)
+        self.info = ModelInfo(
+            name=name,
+            backend="transformers",
+            architecture=str(getattr(config, "model_type", "?")),
+            vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+            context_length=int(getattr(config, "max_position_embeddings", 4096) or 4096),
+            eos_token_ids=frozenset(_eos_ids(model, tokenizer)),
+            bos_token_id=tokenizer.bos_token_id if self._add_bos else None,
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            source=source,
+        )
+
+    @classmethod
+    def from_directory(
+        cls,
+        path: str | Path,
+        name: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ) -> "TransformersBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FuselmError(f"{path} is not a transformers model directory (no config.json)")
+        if dtype not in DTYPES:
+            raise FuselmError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            ).to(device)
+        except (OSError, ValueError) as e:
+            raise FuselmError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
+        return cls(model, tokenizer, name=name or path.name, source=str(path), device=device)
+
+    # --- text ---------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self._add_bos:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not self.info.has_chat_template:
+            raise FuselmError(f"model {self.info.name!r} has no chat template; use --raw")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The BOS is added by tokenize(); a template that writes it too would double it.
+        bos = self.tokenizer.bos_token
+        if self._add_bos and bos and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
+
+    # --- forward passes -------------------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def truncate(self, cache, length: int) -> None:
+        current = cache.get_seq_length()
+        if length < current:
+            cache.crop(length - current)
+
+    @torch.inference_mode()
+    def extend(self, cache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+        )
+        logits = out.logits[0]
+        return log_softmax_f32(logits if all_logits else logits[-1]).cpu()
+
+    @torch.inference_mode()
+    def score_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        from transformers import DynamicCache
+
+        if not branches:
+            return []
+        width = max(len(b) for b in branches)
+        if width == 0:
+            return [torch.zeros(0) for _ in branches]
+        batch = len(branches)
+        # Right padding needs no attention mask: causal attention never looks at later (pad) positions.
+        input_ids = torch.zeros((batch, width), dtype=torch.long, device=self.device)
+        for j, b in enumerate(branches):
+            input_ids[j, : len(b)] = torch.tensor(list(b), dtype=torch.long)
+        layers = []
+        for layer in cache.layers:
+            if keep == 0 or not layer.is_initialized:
+                layers.append((None, None))
+                continue
+            k = layer.keys[:, :, :keep].expand(batch, -1, -1, -1)
+            v = layer.values[:, :, :keep].expand(batch, -1, -1, -1)
+            layers.append((k, v))
+        branch_cache = DynamicCache(ddp_cache_data=layers) if keep > 0 else DynamicCache()
+        out = self.model(input_ids=input_ids, past_key_values=branch_cache, use_cache=True)
+        logprobs = log_softmax_f32(out.logits[:, :-1])  # [B, width-1, V]
+        targets = input_ids[:, 1:]
+        gathered = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        return [gathered[j, : max(len(b) - 1, 0)].clone() for j, b in enumerate(branches)]
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == bos
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return ids

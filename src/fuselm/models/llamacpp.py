@@ -1,0 +1,245 @@
+"""llama.cpp backend through llama-cpp-python's low-level API.
+
+The high-level ``Llama`` object keeps one sequence and (in 0.3.36) copies logits only with
+``logits_all=True``, a [n_ctx, vocab] float array (2 GB for Gemma's 262k vocabulary at 2k
+context). Here one context holds the session in sequence 0 and scores candidate branches in
+sequences 1..N, which share the prefix's KV cells (``llama_memory_seq_cp`` on a unified cache),
+so all branches of a scoring call go through one ``llama_decode``. Logits are read only for the
+positions that need them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FuselmError
+from .backend import END_OF_TURN_TOKENS, Backend, ModelInfo
+
+MAX_BRANCHES = 15  # sequences 1..15 score branches; sequence 0 is the session
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@dataclass
+class LlamaCppCache:
+    length: int = 0
+    epoch: int = 0
+
+
+class LlamaCppBackend(Backend):
+    def __init__(self, gguf_path: str | Path, name: str | None = None, n_ctx: int = 4096, n_threads: int | None = None):
+        if not available():
+            raise FuselmError(
+                "the llama.cpp backend needs llama-cpp-python: `pip install 'fuselm[llamacpp]'` "
+                "(it compiles from source, about 7 minutes)"
+            )
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._llama_cpp = llama_cpp
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise FuselmError(f"GGUF file not found: {path}")
+        _quiet_logs(llama_cpp)
+        try:
+            self._model = _internals.LlamaModel(
+                path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False
+            )
+        except ValueError as e:
+            raise FuselmError(f"cannot load {path}: not a valid GGUF model ({e})") from e
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = 512
+        params.n_ubatch = 512
+        params.n_seq_max = MAX_BRANCHES + 1
+        params.kv_unified = True  # branches share the prefix's cells
+        params.swa_full = True  # sliding-window layers keep every cell, so any tail can be rolled back
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        self._batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._vocab = self._model.vocab
+        self.n_vocab = self._model.n_vocab()
+        self._epoch = 0
+        meta = self._model.metadata()
+        self._template = meta.get("tokenizer.chat_template")
+        self._add_bos = bool(self._model.add_bos_token())
+        bos = self._model.token_bos()
+        eos = {i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i)}
+        for tok in END_OF_TURN_TOKENS:  # same end-of-turn set as the transformers backend
+            ids = self._model.tokenize(tok.encode(), False, True)
+            if len(ids) == 1:
+                eos.add(ids[0])
+        self.info = ModelInfo(
+            name=name or path.stem,
+            backend="llamacpp",
+            architecture=meta.get("general.architecture", "?"),
+            vocab_size=self.n_vocab,
+            context_length=min(n_ctx, self._model.n_ctx_train()),
+            eos_token_ids=frozenset(eos),
+            bos_token_id=bos if self._add_bos else None,
+            has_chat_template=bool(self._template),
+            source=str(path),
+        )
+
+    # --- text ---------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), self._add_bos, True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if not ids:
+            return ""
+        arr = (self._llama_cpp.llama_token * len(ids))(*ids)
+        size = 64 + 64 * len(ids)
+        buf = ctypes.create_string_buffer(size)
+        n = self._llama_cpp.llama_detokenize(self._vocab, arr, len(ids), buf, size, False, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._llama_cpp.llama_detokenize(self._vocab, arr, len(ids), buf, -n, False, True)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not self._template:
+            raise FuselmError(f"model {self.info.name!r} has no chat template; use --raw")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        bos = self.decode([self._model.token_bos()]) if self._model.token_bos() >= 0 else ""
+        eos = self.decode([self._model.token_eos()]) if self._model.token_eos() >= 0 else ""
+        text = env.from_string(self._template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+        )
+        if self._add_bos and bos and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
+
+    # --- forward passes -------------------------------------------------------------------------
+    def new_cache(self) -> LlamaCppCache:
+        """One live session per backend: a new cache invalidates the previous one."""
+        self._epoch += 1
+        self._llama_cpp.llama_memory_clear(self._mem, True)
+        return LlamaCppCache(0, self._epoch)
+
+    def _check(self, cache: LlamaCppCache) -> None:
+        if cache.epoch != self._epoch:
+            raise RuntimeError("this llama.cpp cache was replaced by a newer session on the same backend")
+
+    def truncate(self, cache: LlamaCppCache, length: int) -> None:
+        self._check(cache)
+        if length < cache.length:
+            self._llama_cpp.llama_memory_seq_rm(self._mem, 0, length, -1)
+            cache.length = length
+
+    def _decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]], logits: list[bool]) -> None:
+        b = self._batch.batch
+        b.n_tokens = len(tokens)
+        for i, (t, p, s, lg) in enumerate(zip(tokens, positions, seqs, logits)):
+            b.token[i] = t
+            b.pos[i] = p
+            b.n_seq_id[i] = len(s)
+            for k, sid in enumerate(s):
+                b.seq_id[i][k] = sid
+            b.logits[i] = lg
+        rc = self._llama_cpp.llama_decode(self._ctx.ctx, b)
+        if rc != 0:
+            raise FuselmError(f"llama_decode failed with code {rc} (context of {self.info.context_length} full?)")
+
+    def _logits(self, i: int) -> torch.Tensor:
+        ptr = self._llama_cpp.llama_get_logits_ith(self._ctx.ctx, i)
+        arr = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return torch.log_softmax(torch.from_numpy(arr.copy()), dim=-1)
+
+    def extend(self, cache: LlamaCppCache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        self._check(cache)
+        ids = list(ids)
+        if cache.length + len(ids) > self.info.context_length:
+            raise FuselmError(f"context of {self.info.name!r} is full ({self.info.context_length} tokens)")
+        rows = []
+        for start in range(0, len(ids), 512):
+            chunk = ids[start : start + 512]
+            last_chunk = start + 512 >= len(ids)
+            flags = [all_logits or (last_chunk and i == len(chunk) - 1) for i in range(len(chunk))]
+            pos = [cache.length + i for i in range(len(chunk))]
+            self._decode(chunk, pos, [[0]] * len(chunk), flags)
+            cache.length += len(chunk)
+            if all_logits:
+                rows.extend(self._logits(i) for i in range(len(chunk)))
+            elif last_chunk:
+                rows.append(self._logits(len(chunk) - 1))
+        return torch.stack(rows) if all_logits else rows[-1]
+
+    def score_branches(self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        self._check(cache)
+        lc = self._llama_cpp
+        results: list[torch.Tensor] = [torch.zeros(0)] * len(branches)
+        order = [j for j, b in enumerate(branches) if len(b) > 1 or keep < cache.length]
+        group: list[int] = []
+
+        def flush() -> None:
+            if not group:
+                return
+            tokens, pos, seqs, flags, where = [], [], [], [], []
+            for slot, j in enumerate(group, start=1):
+                lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+                lc.llama_memory_seq_cp(self._mem, 0, slot, 0, keep)
+                b = list(branches[j])
+                where.append(len(tokens))
+                for i, t in enumerate(b):
+                    tokens.append(t)
+                    pos.append(keep + i)
+                    seqs.append([slot])
+                    flags.append(i < len(b) - 1)
+            self._decode(tokens, pos, seqs, flags)
+            for (slot, j), start in zip(enumerate(group, start=1), where):
+                b = list(branches[j])
+                vals = [float(self._logits(start + i)[b[i + 1]]) for i in range(len(b) - 1)]
+                results[j] = torch.tensor(vals, dtype=torch.float32)
+                lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+            group.clear()
+
+        budget = 0
+        for j in order:
+            n = len(branches[j])
+            if n > 512:
+                raise FuselmError("a candidate longer than 512 tokens cannot be scored by the llama.cpp backend")
+            if len(group) == MAX_BRANCHES or budget + n > 512:
+                flush()
+                budget = 0
+            group.append(j)
+            budget += n
+        flush()
+        return results
+
+    def close(self) -> None:
+        self._ctx.close()
+        self._model.close()
+
+
+_LOG_CALLBACK = None
+
+
+def _quiet_logs(llama_cpp) -> None:
+    """Silence llama.cpp's own stderr logging (model loading prints hundreds of lines)."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+
+        @llama_cpp.llama_log_callback
+        def _cb(level, text, user_data):  # pragma: no cover - C callback
+            return None
+
+        _LOG_CALLBACK = _cb
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))

@@ -1,0 +1,114 @@
+"""Resolve a model reference (bundled name, transformers directory, GGUF file) to a backend."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import GenerationConfig, ModelConfig
+from ..errors import FuselmError, UnknownNameError
+from . import assets, llamacpp
+from .backend import Backend, ModelInfo
+from .catalog import BUNDLED
+from .session import DecodingSession
+
+log = logging.getLogger(__name__)
+
+
+class Model:
+    """A loaded model: a backend plus how to turn a user prompt into its prompt text."""
+
+    def __init__(self, backend: Backend, config: ModelConfig):
+        self.backend = backend
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.backend.info.name
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    def prompt_text(self, prompt: str, gen: GenerationConfig | None = None) -> str:
+        """The text the model is conditioned on: chat-templated or raw, per `gen.chat`."""
+        gen = gen or GenerationConfig()
+        use_chat = gen.chat == "chat" or (gen.chat == "auto" and self.info.has_chat_template)
+        if not use_chat:
+            return prompt
+        messages = [{"role": "system", "content": gen.system}] if gen.system else []
+        messages.append({"role": "user", "content": prompt})
+        return self.backend.render_chat(messages)
+
+    def session(self, prompt_text: str) -> DecodingSession:
+        return DecodingSession(self.backend, prompt_text)
+
+    def generate(self, prompt: str, **options):
+        """Generate with this model alone; options are :class:`GenerationConfig` fields."""
+        from ..fusion.loop import generate
+
+        return generate([self], prompt, method="single", generation=GenerationConfig(**options))
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, backend={self.info.backend!r})"
+
+
+def resolve_backend_kind(cfg: ModelConfig, is_gguf: bool) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "llamacpp" if is_gguf and llamacpp.available() else "transformers"
+
+
+def load_model(name: str | ModelConfig, **overrides) -> Model:
+    """Load a bundled model by short name, a transformers directory, or a GGUF file.
+
+    >>> m = load_model("smollm2-135m")  # doctest: +SKIP
+    >>> m.generate("What is the capital of France?", max_new_tokens=20).text  # doctest: +SKIP
+    'The capital of France is Paris.'
+    """
+    cfg = name if isinstance(name, ModelConfig) else ModelConfig(name=name, **overrides)
+    if isinstance(name, ModelConfig) and overrides:
+        cfg = cfg.model_copy(update=overrides)
+    ref = cfg.name
+    if cfg.device != "cpu" and cfg.backend == "llamacpp":
+        raise FuselmError("--device applies to the transformers backend; llama.cpp here is CPU-only")
+    if ref in BUNDLED:
+        bundled = BUNDLED[ref]
+        kind = resolve_backend_kind(cfg, is_gguf=True)
+        if kind == "llamacpp":
+            backend: Backend = llamacpp.LlamaCppBackend(assets.ensure_gguf(bundled), name=ref, n_ctx=cfg.n_ctx)
+        else:
+            from .hf import TransformersBackend
+
+            backend = TransformersBackend.from_directory(
+                assets.ensure_converted(bundled), name=ref, device=cfg.device, dtype=cfg.dtype
+            )
+        return Model(backend, cfg)
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise FuselmError(f"model file not found: {path}")
+        kind = resolve_backend_kind(cfg, is_gguf=True)
+        if kind == "llamacpp":
+            return Model(llamacpp.LlamaCppBackend(path, name=path.stem, n_ctx=cfg.n_ctx), cfg)
+        # transformers reads GGUF directly, slowly; convert once into the cache like bundled models
+        out = assets.cache_dir() / "hf" / f"{path.stem}-{assets.sha256_file(path)[:12]}"
+        if not assets.is_converted(out.name):
+            assets.convert_gguf_to_safetensors(path, out)
+        from .hf import TransformersBackend
+
+        return Model(TransformersBackend.from_directory(out, name=path.stem, device=cfg.device, dtype=cfg.dtype), cfg)
+    if path.is_dir():
+        if cfg.backend == "llamacpp":
+            raise FuselmError(f"{path} is a directory; the llama.cpp backend needs a .gguf file")
+        from .hf import TransformersBackend
+
+        return Model(
+            TransformersBackend.from_directory(
+                path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+            ),
+            cfg,
+        )
+    if "/" in ref or ref.startswith("."):
+        raise FuselmError(f"model path not found: {ref}")
+    raise UnknownNameError("model", ref, BUNDLED)

@@ -1,0 +1,273 @@
+"""DecodingSession: one model's incremental state over a shared, growing text.
+
+Fusion methods drive several models over one committed text. The text is the source of
+truth; each session keeps its own token ids and KV cache in step with it:
+
+* ``append(text)`` only records the text. On the next query the session re-tokenizes
+  prompt + committed text, keeps the longest common token prefix with what is in its cache,
+  drops the cache beyond it and forwards only the new tokens. Tokens that a rollout already
+  ran (and whose log-probs are kept) are reused, so committing a model's own proposal costs it
+  no forward pass. The prompt is never run twice.
+* ``rollout`` generates greedily (or with a sampler) up to k tokens or until a caller-given
+  text condition holds (e.g. a word boundary), reporting per-token log-probs and top-1/top-2
+  margins. The rolled tokens stay in the cache as a speculative tail.
+* ``score`` scores several candidate continuations in one batched forward pass against the
+  cached prefix. A candidate's tokens are those of tokenize(prefix + candidate) after their
+  common prefix with tokenize(prefix), which is right for tokenizers that merge across the
+  boundary or carry a leading space.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FuselmError
+from .backend import Backend
+
+TokenChooser = Callable[[torch.Tensor], int]
+
+
+def greedy(logprobs: torch.Tensor) -> int:
+    return int(torch.argmax(logprobs))
+
+
+def top2_margin(logprobs: torch.Tensor) -> float:
+    """p(top-1) - p(top-2) of a next-token distribution given as log-probs."""
+    top = torch.topk(logprobs, 2).values.exp()
+    return float(top[0] - top[1])
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class Rollout:
+    """Tokens a session generated after the committed text (not committed by itself)."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    margins: list[float]  # top-1 minus top-2 probability before each token (and before the EOS)
+    token_offsets: list[int]  # start of each token's text within `text` (before any cut)
+    finished: bool = False  # ended on an end-of-sequence token (not part of the text)
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+
+@dataclass(frozen=True)
+class Score:
+    """Log-likelihood of a candidate continuation under one model."""
+
+    logprob: float
+    n_tokens: int
+    n_chars: int
+    n_bytes: int
+
+    def mean_nll(self, unit: str = "token") -> float:
+        denom = {"token": self.n_tokens, "char": self.n_chars, "byte": self.n_bytes}[unit]
+        return -self.logprob / denom if denom else math.inf
+
+
+@dataclass
+class SessionStats:
+    forward_passes: int = 0
+    tokens_forwarded: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    tokenizations: int = 0
+
+
+@dataclass
+class DecodingSession:
+    backend: Backend
+    prompt: str
+    stats: SessionStats = field(default_factory=SessionStats)
+
+    def __post_init__(self) -> None:
+        self.text = ""
+        self._cache = self.backend.new_cache()
+        self._ids: list[int] = []  # tokens in the cache: committed prefix + speculative tail
+        self._logprobs: dict[int, torch.Tensor] = {}  # n -> next-token log-probs after _ids[:n]
+        self._target: list[int] | None = None  # tokenize(prompt + text), cached until append
+        self._synced = False
+
+    # --- committed text -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.backend.info.name
+
+    def append(self, text: str) -> None:
+        """Commit `text` after the current text (lazily: nothing runs until the next query)."""
+        if text:
+            self.text += text
+            self._target = None
+            self._synced = False
+
+    def committed_ids(self) -> list[int]:
+        if self._target is None:
+            self._target = self._tokenize(self.prompt + self.text)
+        return self._target
+
+    def next_logprobs(self) -> torch.Tensor:
+        """Full-vocabulary next-token log-probs after the committed text."""
+        self._sync()
+        return self._logprobs[len(self.committed_ids())]
+
+    def is_eos(self, token_id: int) -> bool:
+        return token_id in self.backend.info.eos_token_ids
+
+    # --- generation -----------------------------------------------------------------------------
+    def rollout(
+        self,
+        max_tokens: int,
+        *,
+        until: Callable[[str], int | None] | None = None,
+        first_token: int | None = None,
+        choose: TokenChooser = greedy,
+        margins: bool = True,
+    ) -> Rollout:
+        """Generate up to `max_tokens` tokens after the committed text.
+
+        `until(text)` may return a cut index into the text generated so far; the rollout then
+        stops and its text is cut there (tokens are kept whole). `first_token` forces the first
+        token (used to branch on a model's top-B alternatives). End of sequence is detected on
+        token ids and is not part of the text. `margins=False` skips the top-2 margins.
+        """
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        self._sync()
+        base = len(self.committed_ids())
+        anchor = self.committed_ids()[-1:]
+        anchor_text = self.backend.decode(anchor) if anchor else ""
+        ids: list[int] = []
+        lps: list[float] = []
+        margin_list: list[float] = []
+        offsets: list[int] = []
+        text = ""
+        finished = False
+        cut = None
+        while len(ids) < max_tokens:
+            pos = base + len(ids)
+            lp = self._logprobs[pos]
+            tok = first_token if (first_token is not None and not ids) else choose(lp)
+            if margins:
+                margin_list.append(top2_margin(lp))
+            if self.is_eos(tok):
+                finished = True
+                break
+            lps.append(float(lp[tok]))
+            offsets.append(len(text))
+            ids.append(tok)
+            self._advance(pos, tok)
+            text = self.backend.decode(anchor + ids)[len(anchor_text) :]
+            if until is not None and not text.endswith("\ufffd"):
+                cut = until(text)
+                if cut is not None:
+                    break
+        if cut is not None:
+            text = text[:cut]
+        return Rollout(text, ids, lps, margin_list, offsets, finished)
+
+    def _advance(self, pos: int, tok: int) -> None:
+        """Make `tok` the token at `pos`, reusing the cached tail when it already is."""
+        if pos < len(self._ids) and self._ids[pos] == tok and (pos + 1) in self._logprobs:
+            self.stats.reused_tokens += 1
+            return
+        self._truncate(pos)
+        self._logprobs[pos + 1] = self.backend.extend(self._cache, [tok])
+        self._ids.append(tok)
+        self.stats.forward_passes += 1
+        self.stats.tokens_forwarded += 1
+
+    # --- scoring --------------------------------------------------------------------------------
+    def score(self, candidates: Sequence[str]) -> list[Score]:
+        """Log-likelihood of each candidate as a continuation of the committed text.
+
+        Candidates whose tokens are already in the cache (this model's own rollout) are read
+        from the kept log-probs; the rest go through one batched forward pass.
+        """
+        self._sync()
+        target = self.committed_ids()
+        n = len(target)
+        prefix_text = self.prompt + self.text
+        results: list[Score | None] = [None] * len(candidates)
+        pending: list[tuple[int, list[int], int]] = []  # (index, full ids, common prefix)
+        for j, cand in enumerate(candidates):
+            nbytes = len(cand.encode("utf-8"))
+            if not cand:
+                results[j] = Score(0.0, 0, 0, 0)
+                continue
+            full = self._tokenize(prefix_text + cand)
+            k = common_prefix_len(target, full)
+            toks = full[k:]
+            if k == n and self._ids[n : n + len(toks)] == toks and all(n + i in self._logprobs for i in range(len(toks))):
+                lp = sum(float(self._logprobs[n + i][t]) for i, t in enumerate(toks))
+                self.stats.reused_tokens += len(toks)
+                results[j] = Score(lp, len(toks), len(cand), nbytes)
+            else:
+                pending.append((j, full, k))
+        if pending:
+            p = min(k for _, _, k in pending)
+            keep = n if p == n else max(p - 1, 0)
+            branches = [full[keep:] for _, full, _ in pending]
+            outs = self.backend.score_branches(self._cache, keep, branches)
+            self.stats.forward_passes += 1
+            self.stats.tokens_forwarded += sum(len(b) for b in branches)
+            for (j, full, k), out in zip(pending, outs):
+                lp = 0.0
+                start = max(k, 1) if keep == 0 else k
+                for t in range(start, len(full)):
+                    lp += float(self._logprobs[n][full[t]]) if t == keep else float(out[t - keep - 1])
+                results[j] = Score(lp, len(full) - start, len(candidates[j]), len(candidates[j].encode("utf-8")))
+        return [r for r in results if r is not None]
+
+    # --- internals ------------------------------------------------------------------------------
+    def _tokenize(self, text: str) -> list[int]:
+        self.stats.tokenizations += 1
+        return self.backend.tokenize(text)
+
+    def _truncate(self, length: int) -> None:
+        if length < len(self._ids):
+            self.backend.truncate(self._cache, length)
+            del self._ids[length:]
+            for key in [key for key in self._logprobs if key > length]:
+                del self._logprobs[key]
+
+    def _sync(self) -> None:
+        if self._synced:
+            return
+        target = self.committed_ids()
+        n = len(target)
+        if n == 0:
+            raise FuselmError("the prompt is empty and the model has no BOS token; give a prompt")
+        limit = self.backend.info.context_length
+        if n > limit:
+            raise FuselmError(
+                f"prompt is longer than the context of {self.name!r}: {n} tokens > {limit}"
+            )
+        k = common_prefix_len(self._ids, target)
+        if not (k == n and n in self._logprobs):
+            if k == n:  # target is a strict prefix of the cache, logits at n not kept: redo one token
+                k = n - 1
+            self._truncate(k)
+            if not self._ids:
+                self.stats.prompt_tokens = n
+            self._logprobs[n] = self.backend.extend(self._cache, target[k:])
+            self._ids = list(target)
+            self.stats.forward_passes += 1
+            self.stats.tokens_forwarded += n - k
+        # Log-probs before the committed end are never needed again.
+        for key in [key for key in self._logprobs if key < n]:
+            del self._logprobs[key]
+        self._synced = True

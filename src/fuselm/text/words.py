@@ -1,0 +1,64 @@
+"""Words: the unit of fusion across tokenizers.
+
+A word is a run of non-whitespace characters together with the whitespace before it
+(spaces, tabs and newlines kept exactly). Splitting and joining never loses a character:
+``"".join(split_words(t)) == t`` for every string ``t``.
+
+>>> split_words("The answer\\n\\nis  42.")
+['The', ' answer', '\\n\\nis', '  42.']
+>>> first_word_end("  Paris is")
+7
+>>> first_word_end(" Par") is None  # the word may still continue
+True
+"""
+
+from __future__ import annotations
+
+import re
+
+_WORD = re.compile(r"\s*\S+|\s+")
+_FIRST_WORD = re.compile(r"\s*\S+(?=\s)")
+
+
+def split_words(text: str) -> list[str]:
+    """Split `text` into words (leading whitespace attached); trailing whitespace is its own piece."""
+    return _WORD.findall(text)
+
+
+def first_word_end(text: str) -> int | None:
+    """End index of the first word of `text` if it is complete (followed by whitespace), else None."""
+    m = _FIRST_WORD.match(text)
+    return m.end() if m else None
+
+
+def take_words(text: str, n: int) -> tuple[str, int]:
+    """The longest prefix of `text` made of at most `n` complete words, and how many words it holds.
+
+    A word is complete when whitespace follows it; the last word of `text` is not.
+
+    >>> take_words(" a b c d", 2)
+    (' a b', 2)
+    >>> take_words(" a", 3)
+    ('', 0)
+    """
+    end = 0
+    count = 0
+    while count < n:
+        step = first_word_end(text[end:])
+        if step is None:
+            break
+        end += step
+        count += 1
+    return text[:end], count
+
+
+def earliest_stop(text: str, stops: list[str] | tuple[str, ...], start: int = 0) -> int | None:
+    """Index of the first occurrence in `text` of any stop string that ends at or after `start`."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
