@@ -175,3 +175,30 @@ def ensure_converted(model: BundledModel) -> Path:
     if is_converted(model.name):
         return out
     return convert_gguf_to_safetensors(ensure_gguf(model), out)
+
+
+def ensure_tokenizer(model: BundledModel) -> Path:
+    """A directory with just the model's tokenizer (from the converted copy, or extracted from the GGUF).
+
+    Tests use it to build tiny random models with the real tokenizers of the bundled models.
+    """
+    if is_converted(model.name):
+        return converted_dir(model.name)
+    out = cache_dir() / "tokenizers" / model.name
+    if (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    gguf = ensure_gguf(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

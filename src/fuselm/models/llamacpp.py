@@ -2,9 +2,10 @@
 
 The high-level ``Llama`` object keeps one sequence and (in 0.3.36) copies logits only with
 ``logits_all=True``, a [n_ctx, vocab] float array (2 GB for Gemma's 262k vocabulary at 2k
-context). Here one context holds the session in sequence 0 and scores candidate branches in
-sequences 1..N, which share the prefix's KV cells (``llama_memory_seq_cp`` on a unified cache),
-so all branches of a scoring call go through one ``llama_decode``. Logits are read only for the
+context). Here one context holds each session in its own sequence and scores candidate
+branches in further sequences, which share the prefix's KV cells (``llama_memory_seq_cp`` on a unified cache),
+so all branches of a scoring call go through one ``llama_decode``. Up to four sessions can
+share one loaded model, each in its own sequence. Logits are read only for the
 positions that need them.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,8 @@ import torch
 from ..errors import FuselmError
 from .backend import END_OF_TURN_TOKENS, Backend, ModelInfo
 
-MAX_BRANCHES = 15  # sequences 1..15 score branches; sequence 0 is the session
+MAX_SESSIONS = 4  # sequences 0..3 hold sessions' caches
+MAX_BRANCHES = 12  # sequences 4..15 score candidate branches
 
 
 def available() -> bool:
@@ -31,10 +34,10 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-@dataclass
+@dataclass(eq=False)
 class LlamaCppCache:
+    seq: int
     length: int = 0
-    epoch: int = 0
 
 
 class LlamaCppBackend(Backend):
@@ -63,7 +66,7 @@ class LlamaCppBackend(Backend):
         params.n_ctx = n_ctx
         params.n_batch = 512
         params.n_ubatch = 512
-        params.n_seq_max = MAX_BRANCHES + 1
+        params.n_seq_max = MAX_SESSIONS + MAX_BRANCHES
         params.kv_unified = True  # branches share the prefix's cells
         params.swa_full = True  # sliding-window layers keep every cell, so any tail can be rolled back
         params.n_threads = threads
@@ -73,7 +76,7 @@ class LlamaCppBackend(Backend):
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._vocab = self._model.vocab
         self.n_vocab = self._model.n_vocab()
-        self._epoch = 0
+        self._free_seqs = list(range(MAX_SESSIONS))
         meta = self._model.metadata()
         self._template = meta.get("tokenizer.chat_template")
         self._add_bos = bool(self._model.add_bos_token())
@@ -129,19 +132,23 @@ class LlamaCppBackend(Backend):
 
     # --- forward passes -------------------------------------------------------------------------
     def new_cache(self) -> LlamaCppCache:
-        """One live session per backend: a new cache invalidates the previous one."""
-        self._epoch += 1
-        self._llama_cpp.llama_memory_clear(self._mem, True)
-        return LlamaCppCache(0, self._epoch)
+        """A cache is one llama.cpp sequence; it is freed when the cache object is dropped."""
+        if not self._free_seqs:
+            raise FuselmError(f"at most {MAX_SESSIONS} live sessions per llama.cpp model")
+        seq = self._free_seqs.pop(0)
+        self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        cache = LlamaCppCache(seq)
+        weakref.finalize(cache, self._release, seq)
+        return cache
 
-    def _check(self, cache: LlamaCppCache) -> None:
-        if cache.epoch != self._epoch:
-            raise RuntimeError("this llama.cpp cache was replaced by a newer session on the same backend")
+    def _release(self, seq: int) -> None:
+        if self._ctx.ctx is not None:
+            self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._free_seqs.append(seq)
 
     def truncate(self, cache: LlamaCppCache, length: int) -> None:
-        self._check(cache)
         if length < cache.length:
-            self._llama_cpp.llama_memory_seq_rm(self._mem, 0, length, -1)
+            self._llama_cpp.llama_memory_seq_rm(self._mem, cache.seq, length, -1)
             cache.length = length
 
     def _decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]], logits: list[bool]) -> None:
@@ -164,7 +171,6 @@ class LlamaCppBackend(Backend):
         return torch.log_softmax(torch.from_numpy(arr.copy()), dim=-1)
 
     def extend(self, cache: LlamaCppCache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
-        self._check(cache)
         ids = list(ids)
         if cache.length + len(ids) > self.info.context_length:
             raise FuselmError(f"context of {self.info.name!r} is full ({self.info.context_length} tokens)")
@@ -174,7 +180,7 @@ class LlamaCppBackend(Backend):
             last_chunk = start + 512 >= len(ids)
             flags = [all_logits or (last_chunk and i == len(chunk) - 1) for i in range(len(chunk))]
             pos = [cache.length + i for i in range(len(chunk))]
-            self._decode(chunk, pos, [[0]] * len(chunk), flags)
+            self._decode(chunk, pos, [[cache.seq]] * len(chunk), flags)
             cache.length += len(chunk)
             if all_logits:
                 rows.extend(self._logits(i) for i in range(len(chunk)))
@@ -183,7 +189,6 @@ class LlamaCppBackend(Backend):
         return torch.stack(rows) if all_logits else rows[-1]
 
     def score_branches(self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        self._check(cache)
         lc = self._llama_cpp
         results: list[torch.Tensor] = [torch.zeros(0)] * len(branches)
         order = [j for j, b in enumerate(branches) if len(b) > 1 or keep < cache.length]
@@ -193,9 +198,9 @@ class LlamaCppBackend(Backend):
             if not group:
                 return
             tokens, pos, seqs, flags, where = [], [], [], [], []
-            for slot, j in enumerate(group, start=1):
+            for slot, j in enumerate(group, start=MAX_SESSIONS):
                 lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
-                lc.llama_memory_seq_cp(self._mem, 0, slot, 0, keep)
+                lc.llama_memory_seq_cp(self._mem, cache.seq, slot, 0, keep)
                 b = list(branches[j])
                 where.append(len(tokens))
                 for i, t in enumerate(b):
@@ -204,7 +209,7 @@ class LlamaCppBackend(Backend):
                     seqs.append([slot])
                     flags.append(i < len(b) - 1)
             self._decode(tokens, pos, seqs, flags)
-            for (slot, j), start in zip(enumerate(group, start=1), where):
+            for (slot, j), start in zip(enumerate(group, start=MAX_SESSIONS), where):
                 b = list(branches[j])
                 vals = [float(self._logits(start + i)[b[i + 1]]) for i in range(len(b) - 1)]
                 results[j] = torch.tensor(vals, dtype=torch.float32)

