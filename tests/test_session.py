@@ -52,7 +52,7 @@ def random_walk(backend, seed: int, steps: int, atol: float):
         elif op == "rollout":
             session.rollout(rng.randint(1, 4))
         elif op == "rollout-commit":
-            roll = session.rollout(8, until=first_word_end)
+            roll = session.rollout(8, until=lambda r: first_word_end(r.text))
             keep = roll.text[: rng.randint(0, len(roll.text))]  # commit part of it: may split a token
             if "\ufffd" not in keep:
                 session.append(keep)
@@ -104,14 +104,14 @@ def test_prompt_is_forwarded_once(tiny_backends):
 def test_committing_own_rollout_costs_no_forward(tiny_backends):
     for b in tiny_backends.values():
         s = DecodingSession(b, "Once upon a time")
-        roll = s.rollout(6, until=first_word_end)
+        roll = s.rollout(6, until=lambda r: first_word_end(r.text))
         passes = s.stats.forward_passes
         s.append(roll.text)
         s.next_logprobs()
         s.score([roll.text[:0] or " x"])  # scoring an unrelated candidate is one batched pass
         assert s.stats.forward_passes <= passes + 1
         s2 = DecodingSession(b, "Once upon a time")
-        roll2 = s2.rollout(6, until=first_word_end)
+        roll2 = s2.rollout(6, until=lambda r: first_word_end(r.text))
         before = s2.stats.forward_passes
         assert s2.score([roll2.text])[0].n_tokens >= 1
         assert s2.stats.forward_passes == before  # own proposal scored from kept log-probs

@@ -39,4 +39,4 @@ def method_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import single  # noqa: F401  (registers on import)
+    from . import adafuse, fixed_span, sequence_select, single, token_average, unite  # noqa: F401  (register)

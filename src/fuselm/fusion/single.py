@@ -6,9 +6,9 @@ from .base import FusionMethod, Step, StepContext
 from .registry import register
 
 
-def complete_text(text: str) -> int | None:
+def complete_text(roll) -> int | None:
     """Cut after any complete text: one token at a time, but never half a UTF-8 character."""
-    return len(text) if text else None
+    return len(roll.text) if roll.text else None
 
 
 @register("single")

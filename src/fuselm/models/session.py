@@ -132,17 +132,18 @@ class DecodingSession:
         self,
         max_tokens: int,
         *,
-        until: Callable[[str], int | None] | None = None,
+        until: Callable[[Rollout], int | None] | None = None,
         first_token: int | None = None,
         choose: TokenChooser = greedy,
         margins: bool = True,
     ) -> Rollout:
         """Generate up to `max_tokens` tokens after the committed text.
 
-        `until(text)` may return a cut index into the text generated so far; the rollout then
-        stops and its text is cut there (tokens are kept whole). `first_token` forces the first
-        token (used to branch on a model's top-B alternatives). End of sequence is detected on
-        token ids and is not part of the text. `margins=False` skips the top-2 margins.
+        After each token whose text is complete (not half a UTF-8 character), `until(rollout)`
+        may return a cut index into the text so far; the rollout then stops and its text is cut
+        there (tokens are kept whole). `first_token` forces the first token (used to branch on
+        a model's top-B alternatives). End of sequence is detected on token ids and is not part
+        of the text. `margins=False` skips the top-2 margins.
         """
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
@@ -150,34 +151,43 @@ class DecodingSession:
         base = len(self.committed_ids())
         anchor = self.committed_ids()[-1:]
         anchor_text = self.backend.decode(anchor) if anchor else ""
-        ids: list[int] = []
-        lps: list[float] = []
-        margin_list: list[float] = []
-        offsets: list[int] = []
-        text = ""
-        finished = False
+        roll = Rollout("", [], [], [], [])
         cut = None
-        while len(ids) < max_tokens:
-            pos = base + len(ids)
+        while len(roll.token_ids) < max_tokens:
+            pos = base + len(roll.token_ids)
             lp = self._logprobs[pos]
-            tok = first_token if (first_token is not None and not ids) else choose(lp)
+            tok = first_token if (first_token is not None and not roll.token_ids) else choose(lp)
             if margins:
-                margin_list.append(top2_margin(lp))
+                roll.margins.append(top2_margin(lp))
             if self.is_eos(tok):
-                finished = True
+                roll.finished = True
                 break
-            lps.append(float(lp[tok]))
-            offsets.append(len(text))
-            ids.append(tok)
+            roll.token_logprobs.append(float(lp[tok]))
+            roll.token_offsets.append(len(roll.text))
+            roll.token_ids.append(tok)
             self._advance(pos, tok)
-            text = self.backend.decode(anchor + ids)[len(anchor_text) :]
-            if until is not None and not text.endswith("\ufffd"):
-                cut = until(text)
+            roll.text = self.backend.decode(anchor + roll.token_ids)[len(anchor_text) :]
+            if until is not None and not roll.text.endswith("\ufffd"):
+                cut = until(roll)
                 if cut is not None:
                     break
         if cut is not None:
-            text = text[:cut]
-        return Rollout(text, ids, lps, margin_list, offsets, finished)
+            roll.text = roll.text[:cut]
+        return roll
+
+    def continuation_text(self, token_ids: Sequence[int]) -> str:
+        """Text that `token_ids` would add after the committed text (decoding only, no forward)."""
+        anchor = self.committed_ids()[-1:]
+        return self.backend.decode(anchor + list(token_ids))[len(self.backend.decode(anchor)) if anchor else 0 :]
+
+    def replay(self, token_ids: Sequence[int]) -> Rollout:
+        """Put `token_ids` after the committed text (reusing any cached tail) and return their rollout."""
+        rest = iter(list(token_ids)[1:])
+        return self.rollout(len(token_ids), first_token=token_ids[0], choose=lambda _lp: next(rest), margins=False)
+
+    def tail_logprobs(self, n_tokens: int) -> torch.Tensor:
+        """Next-token log-probs after the committed text plus the first `n_tokens` of the last rollout."""
+        return self._logprobs[len(self.committed_ids()) + n_tokens]
 
     def _advance(self, pos: int, tok: int) -> None:
         """Make `tok` the token at `pos`, reusing the cached tail when it already is."""

@@ -1,0 +1,121 @@
+"""AdaFuse (arXiv 2601.06022): adaptive word-level ensemble decoding with test-time scaling.
+
+Each round, over the shared committed text:
+1. Propose: every model rolls out greedily. Its confidence at the first token of each word is
+   the margin p(top-1) - p(top-2); it extends its span word by word while the margin stays
+   >= theta, up to `max_words`, so a confident model proposes a longer span.
+2. Confident state: with policy "agree", when every model is confident and all proposals are the
+   same text, the span is committed with no cross-model scoring. With policy "per-proposal",
+   the proposal of the most confident model is committed whenever that model is confident.
+3. Uncertain state (diversity-aware scaling): each uncertain model also branches on its top-B
+   first tokens (from log-probs it already has) and rolls each branch to a word boundary.
+4. Ensemble decision: every model scores every candidate under its own tokenization; the lowest
+   weighted mean NLL wins; ties go to the earlier candidate.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..models.session import DecodingSession, Rollout, top2_margin
+from .base import FusionMethod, Step, StepContext
+from .ensemble import Candidate, add_candidate, candidate_trace, ensemble_decide, roll_words, token_at, word_ends
+from .options import EnsembleOptions
+from .registry import register
+
+
+class AdaFuseOptions(EnsembleOptions):
+    theta: float = Field(0.7, ge=0.0, le=1.0, description="confidence threshold on the top-1/top-2 margin")
+    max_words: int = Field(3, ge=1, description="longest span a confident model proposes, in words")
+    branches: int = Field(3, ge=1, description="top-B first tokens an uncertain model explores (1: no branching)")
+    policy: Literal["agree", "per-proposal"] = Field(
+        "agree", description="when a round counts as confident (see the module docstring)"
+    )
+
+
+@register("adafuse")
+class AdaFuse(FusionMethod):
+    Options = AdaFuseOptions
+    min_models = 1
+
+    def __init__(self, models, generation, options=None):
+        super().__init__(models, generation, options)
+        self.weights = self.options.model_weights(len(models))
+        self.names = [m.name for m in models]
+        self.round = 0
+
+    def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
+        o = self.options
+
+        def until(r: Rollout) -> int | None:
+            ends = word_ends(r.text, o.max_words)
+            if not ends:
+                return None
+            if not confident or len(ends) == o.max_words:
+                return ends[-1] if confident else ends[0]
+            # margin at the first token of the next word decides whether the span grows
+            return ends[-1] if r.margins[token_at(r, ends[-1])] < o.theta else None
+
+        return s.rollout(max_tokens, until=until)
+
+    def step(self, ctx: StepContext) -> Step:
+        o = self.options
+        self.round += 1
+        sessions = ctx.sessions
+        span_tokens = min(ctx.budget, o.max_words * o.max_word_tokens)
+        word_tokens = min(ctx.budget, o.max_word_tokens)
+        lps = [s.next_logprobs() for s in sessions]
+        margins = [top2_margin(lp) for lp in lps]
+        confident = [m >= o.theta for m in margins]
+        pool: list[Candidate] = []
+        rolls: list[Rollout] = []
+        for m, s in enumerate(sessions):
+            if not confident[m] and o.branches > 1:
+                # Branches first: the proposal rolled last stays in the cache, so its own score is free.
+                for tok in torch.topk(lps[m], o.branches).indices.tolist()[1:]:
+                    if s.is_eos(tok):
+                        add_candidate(pool, Candidate("", eos=True, proposers=[m], kind="branch", tokens={m: 1}))
+                        continue
+                    r = roll_words(s, 1, word_tokens, first_token=tok)
+                    add_candidate(pool, Candidate(r.text, proposers=[m], kind="branch", tokens={m: len(r.token_ids)}))
+            r = self._propose(s, confident[m], span_tokens)
+            rolls.append(r)
+        proposals = []
+        for m, r in enumerate(rolls):
+            c = Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(len(r.token_ids), 1)})
+            proposals.append(c)
+        # proposals come before branches: ties favour a model's own greedy choice
+        merged: list[Candidate] = []
+        for c in proposals + pool:
+            add_candidate(merged, c)
+
+        direct = None
+        if o.policy == "agree" and all(confident) and len({c.key for c in proposals}) == 1:
+            direct = 0
+        elif o.policy == "per-proposal" and any(confident):
+            best = max(range(len(sessions)), key=lambda m: (margins[m], -m))
+            direct = next(i for i, c in enumerate(merged) if best in c.proposers and c.kind == "proposal")
+        elif len(merged) == 1:
+            direct = 0  # nothing to choose between: no scoring
+        decision = None
+        if direct is None:
+            decision = ensemble_decide(sessions, merged, self.weights, o.normalize)
+            winner = decision.winner
+        else:
+            winner = direct
+        w = merged[winner]
+        source = w.proposers[0]
+        finished = w.eos or (rolls[source].finished and w.text == rolls[source].text and w.kind == "proposal")
+        trace = {
+            "round": self.round,
+            "confident": direct is not None,
+            "margins": {n: round(x, 5) for n, x in zip(self.names, margins)},
+            "candidates": candidate_trace(merged, self.names, decision),
+            "winner": winner,
+            "text": w.text,
+            "source": self.names[source],
+        }
+        return Step(text=w.text, new_tokens=w.tokens.get(source, 1), source=source, finished=finished, trace=trace)

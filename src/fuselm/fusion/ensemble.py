@@ -1,0 +1,136 @@
+"""Shared pieces of the ensemble methods: candidates, word-level proposals, the ensemble decision."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..models.session import DecodingSession, Rollout, Score
+from ..text.words import first_word_end
+
+NormUnit = Literal["token", "char", "byte"]
+
+
+@dataclass
+class Candidate:
+    """A continuation proposed by one or more models; `eos` means "end here"."""
+
+    text: str
+    eos: bool = False
+    proposers: list[int] = field(default_factory=list)
+    kind: str = "proposal"  # "proposal" or "branch"
+    tokens: dict[int, int] = field(default_factory=dict)  # proposer -> tokens it generated
+
+    @property
+    def key(self) -> tuple[str, bool]:
+        return (self.text, self.eos)
+
+
+def add_candidate(pool: list[Candidate], cand: Candidate) -> None:
+    """Deduplicate by text: a repeated candidate records its extra proposer."""
+    for c in pool:
+        if c.key == cand.key:
+            for p in cand.proposers:
+                if p not in c.proposers:
+                    c.proposers.append(p)
+            c.tokens.update(cand.tokens)
+            return
+    pool.append(cand)
+
+
+def word_ends(text: str, limit: int) -> list[int]:
+    """End offsets of the first `limit` complete words of `text`."""
+    ends: list[int] = []
+    while len(ends) < limit:
+        step = first_word_end(text[ends[-1] if ends else 0 :])
+        if step is None:
+            break
+        ends.append((ends[-1] if ends else 0) + step)
+    return ends
+
+
+def token_at(roll: Rollout, char: int) -> int:
+    """Index of the rollout token whose text contains character offset `char`."""
+    j = 0
+    for i, off in enumerate(roll.token_offsets):
+        if off <= char:
+            j = i
+        else:
+            break
+    return j
+
+
+def roll_words(session: DecodingSession, n_words: int, max_tokens: int, first_token: int | None = None,
+               choose=None) -> Rollout:
+    """Greedy rollout of exactly `n_words` complete words (fewer at end of sequence or budget)."""
+
+    def until(r: Rollout) -> int | None:
+        ends = word_ends(r.text, n_words)
+        return ends[-1] if len(ends) == n_words else None
+
+    kwargs: dict[str, Any] = {"until": until, "first_token": first_token}
+    if choose is not None:
+        kwargs["choose"] = choose
+    return session.rollout(max_tokens, **kwargs)
+
+
+def finish_text(roll: Rollout) -> str:
+    """A rollout that ended on EOS or budget keeps its (possibly incomplete) last word."""
+    return roll.text
+
+
+def eos_score(session: DecodingSession) -> Score:
+    lp = session.next_logprobs()
+    ids = torch.tensor(sorted(session.backend.info.eos_token_ids))
+    return Score(float(torch.logsumexp(lp[ids], 0)), 1, 0, 0)
+
+
+@dataclass
+class Decision:
+    winner: int
+    nll: list[list[float]]  # [candidate][model] mean NLL
+    combined: list[float]  # weighted average per candidate
+
+
+def ensemble_decide(
+    sessions: list[DecodingSession],
+    candidates: list[Candidate],
+    weights: list[float],
+    unit: NormUnit = "token",
+) -> Decision:
+    """Every model scores every candidate under its own tokenization (one batched pass per model);
+    the lowest weighted mean NLL wins; ties go to the earlier candidate (proposal order)."""
+    nll = [[math.inf] * len(sessions) for _ in candidates]
+    texts = [c.text for c in candidates if not c.eos]
+    for m, s in enumerate(sessions):
+        scores = iter(s.score(texts)) if texts else iter(())
+        for ci, c in enumerate(candidates):
+            sc = eos_score(s) if c.eos else next(scores)
+            nll[ci][m] = sc.mean_nll("token" if c.eos else unit)
+    total = sum(weights)
+    combined = [sum(w * x for w, x in zip(weights, row)) / total for row in nll]
+    winner = min(range(len(candidates)), key=lambda i: (combined[i], i))
+    return Decision(winner, nll, combined)
+
+
+def candidate_trace(candidates: list[Candidate], names: list[str], decision: Decision | None) -> list[dict[str, Any]]:
+    out = []
+    for i, c in enumerate(candidates):
+        entry: dict[str, Any] = {
+            "text": c.text,
+            "eos": c.eos,
+            "kind": c.kind,
+            "proposers": [names[p] for p in c.proposers],
+        }
+        if decision is not None:
+            entry["nll"] = {n: _round(x) for n, x in zip(names, decision.nll[i])}
+            entry["score"] = _round(decision.combined[i])
+        out.append(entry)
+    return out
+
+
+def _round(x: float) -> float | None:
+    return None if math.isinf(x) or math.isnan(x) else round(x, 5)

@@ -1,0 +1,57 @@
+"""`token-average`: models sharing one vocabulary; weighted average of next-token probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import FuselmError
+from .base import FusionMethod, Step, StepContext
+from .options import EnsembleOptions
+from .registry import register
+
+_PROBE = "Hello, world! 123 \n\tcafé 東京"
+
+
+def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """log of the weighted average of the models' probabilities."""
+    w = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+    stacked = torch.stack(logprobs) + torch.log(w)[:, None]
+    return torch.logsumexp(stacked, 0)
+
+
+@register("token-average")
+class TokenAverage(FusionMethod):
+    Options = EnsembleOptions
+    min_models = 1
+
+    def __init__(self, models, generation, options=None):
+        super().__init__(models, generation, options)
+        self.weights = self.options.model_weights(len(models))
+        first = models[0].backend
+        for m in models[1:]:
+            if m.info.vocab_size != first.info.vocab_size or m.backend.tokenize(_PROBE) != first.tokenize(_PROBE):
+                raise FuselmError(
+                    f"token-average needs models with one vocabulary; {first.info.name!r} and {m.name!r} differ "
+                    "(use adafuse, unite or fixed-span across tokenizers)"
+                )
+
+    def step(self, ctx: StepContext) -> Step:
+        sessions = ctx.sessions
+        toks: list[int] = []
+        text = ""
+        # one token, or a few when a token is half a UTF-8 character
+        for _ in range(min(8, ctx.budget)):
+            lps = [s.tail_logprobs(len(toks)) if toks else s.next_logprobs() for s in sessions]
+            tok = self.sampler(mix(lps, self.weights))
+            if sessions[0].is_eos(tok):
+                return Step(text=text, new_tokens=max(len(toks), 1), source=0, finished=True)
+            toks.append(tok)
+            rolls = [s.replay(toks) for s in sessions]
+            text = rolls[0].text
+            if not text.endswith("\ufffd"):
+                break
+        shares = [math.exp(float(lp[toks[0]])) if toks else 0.0 for lp in [s.next_logprobs() for s in sessions]]
+        source = max(range(len(sessions)), key=lambda m: (shares[m], -m))
+        return Step(text=text, new_tokens=len(toks), source=source)

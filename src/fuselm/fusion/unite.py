@@ -1,0 +1,75 @@
+"""`unite`: union of each model's top-k tokens, mapped across vocabularies through their text (UniTE).
+
+Each model's top-k next tokens are turned into text in context. For every text in the union,
+each model's probability is that of the first token of its own tokenization of the text (exact
+when the text is one token of that model, UniTE's approximation otherwise). The text with the
+highest weighted average probability is committed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from ..models.session import common_prefix_len
+from .base import FusionMethod, Step, StepContext
+from .options import EnsembleOptions
+from .registry import register
+
+
+class UniteOptions(EnsembleOptions):
+    top_k: int = Field(10, ge=1, description="tokens taken from each model's distribution")
+
+
+@register("unite")
+class Unite(FusionMethod):
+    Options = UniteOptions
+    min_models = 1
+
+    def __init__(self, models, generation, options=None):
+        super().__init__(models, generation, options)
+        self.weights = self.options.model_weights(len(models))
+        self.names = [m.name for m in models]
+
+    def _prob_of_text(self, s, lp: torch.Tensor, text: str) -> float:
+        target = s.committed_ids()
+        full = s.backend.tokenize(s.prompt + s.text + text)
+        k = common_prefix_len(target, full)
+        if k != len(target) or k >= len(full):
+            return 0.0  # the text re-tokenizes the boundary: no single next token stands for it
+        return math.exp(float(lp[full[k]]))
+
+    def step(self, ctx: StepContext) -> Step:
+        sessions = ctx.sessions
+        lps = [s.next_logprobs() for s in sessions]
+        union: dict[str, list[int]] = {}
+        eos_votes = 0.0
+        total_w = sum(self.weights)
+        for m, (s, lp) in enumerate(zip(sessions, lps)):
+            ids = sorted(s.backend.info.eos_token_ids)
+            eos_votes += self.weights[m] * float(lp[ids].exp().sum()) / total_w
+            for tok in torch.topk(lp, self.options.top_k).indices.tolist():
+                if s.is_eos(tok):
+                    continue
+                t = s.continuation_text([tok])
+                if t and "\ufffd" not in t:
+                    union.setdefault(t, []).append(m)
+        scored = []
+        for text, proposers in union.items():
+            p = sum(w * self._prob_of_text(s, lp, text) for w, s, lp in zip(self.weights, sessions, lps)) / total_w
+            scored.append((p, text, proposers))
+        scored.sort(key=lambda x: (-x[0], x[1]))
+        trace = {"candidates": [{"text": t, "p": round(p, 5), "proposers": [self.names[i] for i in pr]}
+                                for p, t, pr in scored[:8]], "p_eos": round(eos_votes, 5)}
+        if not scored or eos_votes > scored[0][0]:
+            return Step(text="", new_tokens=1, source=0, finished=True, trace={**trace, "text": ""})
+        if self.sampler.greedy:
+            p, text, proposers = scored[0]
+        else:
+            probs = torch.tensor([x[0] for x in scored])
+            i = int(torch.multinomial(probs / probs.sum(), 1, generator=self.sampler.generator))
+            p, text, proposers = scored[i]
+        return Step(text=text, new_tokens=1, source=proposers[0], trace={**trace, "text": text,
+                                                                         "source": self.names[proposers[0]]})
