@@ -9,6 +9,7 @@ import sys
 import typing
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from .config import GenerationConfig, ModelConfig, RunConfig, load_yaml, validation_message
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default=argparse.SUPPRESS, help="decoding method (default: single)")
     g.add_argument("--config", metavar="FILE.yaml", help="run config; flags override its values")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--html", metavar="OUT.html", help="also write the answer as HTML, spans coloured by model")
+    g.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. -O theta=0.5 -O max_words=2 (see docs/methods.md)")
     g.add_argument("--chat", dest="chat", action="store_const", const="chat", default=argparse.SUPPRESS,
                    help="use the chat template (error if the model has none)")
     g.add_argument("--raw", dest="chat", action="store_const", const="raw", default=argparse.SUPPRESS,
@@ -84,6 +88,13 @@ def _run_config(ns: argparse.Namespace) -> RunConfig:
     ]
     if hasattr(ns, "method"):
         data["method"] = ns.method
+    opts = dict(data.get("method_options") or {})
+    for item in ns.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FuselmError(f"--option expects KEY=VALUE, got {item!r}")
+        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    data["method_options"] = opts
     try:
         return RunConfig(**data)
     except ValidationError as e:
@@ -125,6 +136,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     models = [load_model(m) for m in cfg.models]
     stream = None if ns.json else _stdout_stream
     result = generate(models, prompt, cfg.method, cfg.generation, cfg.method_options, on_text=stream)
+    if ns.html:
+        from .viz import render_html
+
+        with open(ns.html, "w", encoding="utf-8") as f:
+            f.write(render_html(result, prompt))
     if ns.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
