@@ -1,0 +1,222 @@
+"""Ensemble methods: agreement with single-model greedy, exact cross-tokenizer scoring,
+AdaFuse's confident/uncertain branching and tie-breaking on models with constructed weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fuselm import Ensemble, GenerationConfig, ModelConfig
+from fuselm.errors import FuselmError
+from fuselm.fusion.loop import generate
+from fuselm.models import assets, llamacpp
+from fuselm.models.catalog import BUNDLED
+from fuselm.models.hf import TransformersBackend
+from fuselm.models.loading import Model
+from fuselm.models.session import DecodingSession, common_prefix_len
+
+from .conftest import requires_bundled, run_cli
+
+
+def as_model(backend) -> Model:
+    return Model(backend, ModelConfig(name=backend.info.name))
+
+
+# --- identical models reproduce single-model greedy -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm_llamacpp():
+    if not llamacpp.available() or not BUNDLED["smollm2-135m"].installed():
+        pytest.skip("needs llama-cpp-python and the smollm2 package")
+    backend = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), name="smollm2-135m", n_ctx=1024)
+    return as_model(backend)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("adafuse", {"branches": 1}),
+        ("fixed-span", {}),
+        ("fixed-span", {"n_words": 3}),
+        ("token-average", {}),
+        ("unite", {}),
+        ("sequence-select", {}),
+    ],
+)
+def test_identical_models_reproduce_single_greedy(smollm_llamacpp, method, options):
+    gen = GenerationConfig(max_new_tokens=24)
+    for prompt in ["What is the capital of France?", "List three colours."]:
+        single = generate([smollm_llamacpp], prompt, "single", gen)
+        fused = generate([smollm_llamacpp, smollm_llamacpp], prompt, method, gen, options)
+        n = min(len(single.text), len(fused.text))
+        assert fused.text[:n] == single.text[:n], (method, single.text, fused.text)
+        assert n >= min(len(single.text), 40)
+
+
+@pytest.mark.integration
+def test_identical_models_adafuse_default_confident_rounds_follow_greedy(smollm_llamacpp):
+    """With diversity on, every round the ensemble called confident commits the shared greedy span."""
+    res = generate([smollm_llamacpp, smollm_llamacpp], "What is the capital of France?", "adafuse",
+                   GenerationConfig(max_new_tokens=24))
+    for t in res.trace:
+        if t["confident"]:
+            assert len(t["candidates"]) == 1 and t["candidates"][0]["kind"] == "proposal"
+
+
+# --- cross-tokenizer scoring --------------------------------------------------------------------------
+
+CANDIDATES = [" 42", "\n\nYes", ", well", "7", "-x", " café", "?!", "\tend"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_candidate_score_is_full_minus_prefix(tiny_backends, arch):
+    if arch not in tiny_backends:
+        pytest.skip(f"{arch} tokenizer not installed")
+    b = tiny_backends[arch]
+    prefix = "Question: how many?\nThe answer is"
+    s = DecodingSession(b, prefix)
+    scores = s.score(CANDIDATES)
+    pre = b.tokenize(prefix)
+    for cand, sc in zip(CANDIDATES, scores):
+        full = b.tokenize(prefix + cand)
+        lp = b.extend(b.new_cache(), full, all_logits=True)
+        loglik = lambda ids: float(sum(lp[t - 1, ids[t]] for t in range(1, len(ids))))  # noqa: E731
+        k = common_prefix_len(pre, full)
+        if k == len(pre):
+            expected = loglik(full) - loglik(pre)
+        else:  # the candidate merged with the last prefix token: scored from the common prefix
+            expected = loglik(full) - loglik(full[:k])
+        assert sc.logprob == pytest.approx(expected, abs=1e-4), cand
+        assert sc.n_tokens == len(full) - k
+
+
+# --- constructed models: a fixed next-token distribution --------------------------------------------
+
+def constant_model(tokenizer_dir, logits: dict[str, float], name: str) -> Model:
+    """A llama whose next-token distribution is the same everywhere: layers zeroed, lm_head set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.model.norm.weight.fill_(1.0)
+        head = torch.full((len(tok),), -30.0)
+        for text, value in logits.items():
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert len(ids) == 1, text
+            head[ids[0]] = value
+        model.lm_head.weight[:, 0] = head / 4.0  # RMSNorm scales the one-hot to sqrt(16) = 4
+    return as_model(TransformersBackend(model, tok, name=name))
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer_dir():
+    if not BUNDLED["smollm2-135m"].installed():
+        pytest.skip("smollm2 package not installed")
+    return assets.ensure_tokenizer(BUNDLED["smollm2-135m"])
+
+
+def test_constant_model_distribution(smol_tokenizer_dir):
+    m = constant_model(smol_tokenizer_dir, {" a": 5.0, " b": 3.0}, "c")
+    lp = DecodingSession(m.backend, "x y").next_logprobs()
+    top = torch.topk(lp, 2)
+    assert m.backend.decode([int(top.indices[0])]) == " a"
+    assert float(top.values[0].exp()) == pytest.approx(torch.softmax(torch.tensor([5.0, 3.0]), 0)[0].item(), abs=1e-3)
+
+
+def adafuse(models, prompt="start", max_new_tokens=6, **opts):
+    return generate(models, prompt, "adafuse", GenerationConfig(max_new_tokens=max_new_tokens, chat="raw"), opts)
+
+
+def test_confident_model_commits_long_spans_without_scoring(smol_tokenizer_dir):
+    m = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "sure")  # margin ~0.999
+    res = adafuse([m], max_new_tokens=9)
+    first = res.trace[0]
+    assert first["confident"] and first["text"] == " a a a"  # max_words = 3
+    assert len(first["candidates"]) == 1 and "nll" not in first["candidates"][0]
+    res2 = adafuse([m], max_new_tokens=9, max_words=2)
+    assert res2.trace[0]["text"] == " a a"
+
+
+def test_uncertain_model_branches_on_top_b(smol_tokenizer_dir):
+    m = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9, " c": 1.8, " d": 1.0}, "unsure")
+    res = adafuse([m], max_new_tokens=4)
+    first = res.trace[0]
+    assert not first["confident"]
+    kinds = [c["kind"] for c in first["candidates"]]
+    assert kinds == ["proposal", "branch", "branch"]  # B = 3: the proposal and two alternatives
+    assert [c["text"] for c in first["candidates"]] == [" a", " b", " c"]
+    assert first["text"] == " a"  # one word only when uncertain
+    assert len(adafuse([m], branches=4).trace[0]["candidates"]) == 4
+    assert adafuse([m], branches=1).trace[0]["confident"]  # a single candidate needs no scoring
+
+
+def test_threshold_decides_confidence(smol_tokenizer_dir):
+    m = constant_model(smol_tokenizer_dir, {" a": 3.0, " b": 1.0}, "mid")  # margin ~0.75
+    assert adafuse([m], theta=0.7).trace[0]["confident"]
+    assert not adafuse([m], theta=0.8).trace[0]["confident"]
+
+
+def test_ties_go_to_the_earlier_candidate(smol_tokenizer_dir):
+    x = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "x")
+    y = constant_model(smol_tokenizer_dir, {" b": 2.0, " a": 1.0}, "y")
+    res = adafuse([x, y], max_new_tokens=2, branches=1)
+    first = res.trace[0]
+    scores = [c["score"] for c in first["candidates"]]
+    assert scores[0] == scores[1]  # symmetric models: an exact tie
+    assert first["winner"] == 0 and first["text"] == " a"
+    res = adafuse([y, x], max_new_tokens=2, branches=1)
+    assert res.trace[0]["text"] == " b"
+
+
+def test_weights_break_the_symmetry(smol_tokenizer_dir):
+    x = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "x")
+    y = constant_model(smol_tokenizer_dir, {" b": 2.0, " a": 1.0}, "y")
+    assert adafuse([x, y], max_new_tokens=2, branches=1, weights=[1, 3]).trace[0]["text"] == " b"
+    with pytest.raises(FuselmError, match="weights"):
+        adafuse([x, y], weights=[1])
+
+
+def test_token_average_refuses_different_vocabularies(tiny_backends):
+    if {"llama", "qwen2"} - set(tiny_backends):
+        pytest.skip("needs two tokenizers")
+    with pytest.raises(FuselmError, match="one vocabulary"):
+        generate([as_model(tiny_backends["llama"]), as_model(tiny_backends["qwen2"])], "hi", "token-average")
+
+
+def test_method_model_counts_and_options():
+    with pytest.raises(FuselmError, match="single"):
+        Ensemble(["smollm2-135m", "smollm2-135m"], method="single")
+    with pytest.raises(Exception, match="theta"):
+        Ensemble(["smollm2-135m"], method="adafuse", theta=2.0)
+
+
+def test_cross_tokenizer_adafuse_cli_trace_and_html(tiny_dirs, tmp_path):
+    if len(tiny_dirs) < 2:
+        pytest.skip("needs two tokenizers")
+    names = ",".join(str(d) for d in list(tiny_dirs.values())[:3])
+    html = tmp_path / "out.html"
+    proc = run_cli("generate", "--models", names, "--method", "adafuse", "--raw", "--max-new-tokens", "12",
+                   "--json", "--html", str(html), "The weather is")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["method"] == "adafuse" and len(out["models"]) == len(tiny_dirs)
+    assert out["trace"], "adafuse records one trace entry per round"
+    joined = "".join(t["text"] for t in out["trace"])
+    assert joined.startswith(out["text"])
+    for t in out["trace"]:
+        assert {"round", "confident", "margins", "candidates", "winner", "text", "source"} <= set(t)
+        assert 0 <= t["winner"] < len(t["candidates"])
+    assert abs(sum(out["stats"]["text_share"].values()) - 1) < 1e-3 or not out["text"]
+    page = html.read_text()
+    assert page.count('class="s"') >= len([t for t in out["trace"] if t["text"]])
+    assert "hover" in page
