@@ -23,11 +23,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from fuselm.config import GenerationConfig  # noqa: E402
+from fuselm.fusion.single import complete_text  # noqa: E402
 from fuselm.models import assets, llamacpp  # noqa: E402
 from fuselm.models.catalog import BUNDLED  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 from fuselm.models.session import DecodingSession  # noqa: E402
-from fuselm.fusion.single import complete_text  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -136,13 +136,17 @@ def main() -> int:
             split, tok = append_cost(model, prompt_text)
             o, m = statistics.median(own), statistics.median(mine)
             rows.append((name, kind, 1 / o, 1 / m, m / o, split * 1000, tok * 1000, sess.stats.reused_tokens))
-            print(f"{name} {kind}: own {1/o:.1f} tok/s, session {1/m:.1f} tok/s, ratio {m/o:.3f}", file=sys.stderr)
+            print(
+                f"{name} {kind}: own {1 / o:.1f} tok/s, session {1 / m:.1f} tok/s, ratio {m / o:.3f}", file=sys.stderr
+            )
             if own_llama is not None:
                 own_llama.close()
             model.backend.close()
             del model
     print(f"tokens per run: {a.tokens}, repeats: {a.repeats} (median), threads: {os.cpu_count()}\n")
-    print("| model | backend | own loop tok/s | session tok/s | session time / own time | split-token append ms | re-tokenize ms |")
+    print(
+        "| model | backend | own loop tok/s | session tok/s | session time / own time | split-token append ms | re-tokenize ms |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.3f} | {r[5]:.1f} | {r[6]:.2f} |")

@@ -52,7 +52,9 @@ def main() -> int:
         k = len(PROMPTS)
         rows.append(("+".join(names), single_sum / k, fused / k, fused / single_sum, passes / words))
     print(f"backend: {a.backend}, max_new_tokens: {a.tokens}, prompts: {len(PROMPTS)}, threads: {os.cpu_count()}\n")
-    print("| ensemble | sum of members' single s/token | AdaFuse s/token | ratio | forward passes per committed word (all models) |")
+    print(
+        "| ensemble | sum of members' single s/token | AdaFuse s/token | ratio | forward passes per committed word (all models) |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f} | {r[4]:.1f} |")

@@ -64,9 +64,19 @@ def test_bundled_model_not_installed_names_the_extra():
     from fuselm.models.catalog import BundledModel
 
     ghost = BundledModel(
-        name="ghost", description="", architecture="llama", vocab_size=1, chat_template=False, extra="models",
-        gguf_name="ghost-never-assembled.gguf", sha256="0" * 64, size=0,
-        parts=(("fuselm_no_such_package_part1", "data/part01.bin"), ("fuselm_no_such_package_part2", "data/part02.bin")),
+        name="ghost",
+        description="",
+        architecture="llama",
+        vocab_size=1,
+        chat_template=False,
+        extra="models",
+        gguf_name="ghost-never-assembled.gguf",
+        sha256="0" * 64,
+        size=0,
+        parts=(
+            ("fuselm_no_such_package_part1", "data/part01.bin"),
+            ("fuselm_no_such_package_part2", "data/part02.bin"),
+        ),
     )
     with pytest.raises(FuselmError, match=r"pip install 'fuselm\[models\]'"):
         assets.ensure_gguf(ghost)
@@ -114,14 +124,20 @@ def test_config_file_and_flag_override(tiny_dirs, tmp_path):
 
 def test_stop_strings_and_stdin_prompt(tiny_dirs):
     d = tiny_dirs.get("llama") or next(iter(tiny_dirs.values()))
-    full = json.loads(run_cli("generate", "--model", str(d), "--raw", "--max-new-tokens", "12", "--json", "-",
-                              input="Once upon").stdout)
+    full = json.loads(
+        run_cli(
+            "generate", "--model", str(d), "--raw", "--max-new-tokens", "12", "--json", "-", input="Once upon"
+        ).stdout
+    )
     text = full["text"]
     if len(text) < 3:
         pytest.skip("tiny model ended immediately")
     stop = text[1:3]
-    cut = json.loads(run_cli("generate", "--model", str(d), "--raw", "--max-new-tokens", "12", "--stop", stop,
-                             "--json", "Once upon").stdout)
+    cut = json.loads(
+        run_cli(
+            "generate", "--model", str(d), "--raw", "--max-new-tokens", "12", "--stop", stop, "--json", "Once upon"
+        ).stdout
+    )
     assert cut["finish_reason"] == "stop"
     assert cut["text"] == text[: text.index(stop)]
     streamed = run_cli("generate", "--model", str(d), "--raw", "--max-new-tokens", "12", "--stop", stop, "Once upon")
@@ -141,7 +157,15 @@ def test_models_command_lists_bundled():
 def test_smollm2_knows_paris(backend):
     if backend == "llamacpp" and not llamacpp.available():
         pytest.skip("llama-cpp-python not installed")
-    proc = run_cli("generate", "--model", "smollm2-135m", "--backend", backend, "--max-new-tokens", "40",
-                   "What is the capital of France?")
+    proc = run_cli(
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--backend",
+        backend,
+        "--max-new-tokens",
+        "40",
+        "What is the capital of France?",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

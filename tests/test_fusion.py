@@ -17,7 +17,7 @@ from fuselm.models.hf import TransformersBackend
 from fuselm.models.loading import Model
 from fuselm.models.session import DecodingSession, common_prefix_len
 
-from .conftest import requires_bundled, run_cli
+from .conftest import run_cli
 
 
 def as_model(backend) -> Model:
@@ -25,6 +25,7 @@ def as_model(backend) -> Model:
 
 
 # --- identical models reproduce single-model greedy -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def smollm_llamacpp():
@@ -59,8 +60,12 @@ def test_identical_models_reproduce_single_greedy(smollm_llamacpp, method, optio
 @pytest.mark.integration
 def test_identical_models_adafuse_default_confident_rounds_follow_greedy(smollm_llamacpp):
     """With diversity on, every round the ensemble called confident commits the shared greedy span."""
-    res = generate([smollm_llamacpp, smollm_llamacpp], "What is the capital of France?", "adafuse",
-                   GenerationConfig(max_new_tokens=24))
+    res = generate(
+        [smollm_llamacpp, smollm_llamacpp],
+        "What is the capital of France?",
+        "adafuse",
+        GenerationConfig(max_new_tokens=24),
+    )
     for t in res.trace:
         if t["confident"]:
             assert len(t["candidates"]) == 1 and t["candidates"][0]["kind"] == "proposal"
@@ -95,14 +100,23 @@ def test_candidate_score_is_full_minus_prefix(tiny_backends, arch):
 
 # --- constructed models: a fixed next-token distribution --------------------------------------------
 
+
 def constant_model(tokenizer_dir, logits: dict[str, float], name: str) -> Model:
     """A llama whose next-token distribution is the same everywhere: layers zeroed, lm_head set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -205,8 +219,20 @@ def test_cross_tokenizer_adafuse_cli_trace_and_html(tiny_dirs, tmp_path):
         pytest.skip("needs two tokenizers")
     names = ",".join(str(d) for d in list(tiny_dirs.values())[:3])
     html = tmp_path / "out.html"
-    proc = run_cli("generate", "--models", names, "--method", "adafuse", "--raw", "--max-new-tokens", "12",
-                   "--json", "--html", str(html), "The weather is")
+    proc = run_cli(
+        "generate",
+        "--models",
+        names,
+        "--method",
+        "adafuse",
+        "--raw",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--html",
+        str(html),
+        "The weather is",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["method"] == "adafuse" and len(out["models"]) == len(tiny_dirs)

@@ -13,8 +13,34 @@ from fuselm.text.words import first_word_end
 from .conftest import BUNDLED, requires_bundled
 
 PIECES = [
-    " the", " cat", "s", " sat", ".", "\n", "\n\n", " 42", "7", ",", " über", "café", " 東京", "!",
-    " (x", ")", "  ", "\t", "-", " =", "'s", " don", "'t", " re", "format", "ting", " 😀", "é",
+    " the",
+    " cat",
+    "s",
+    " sat",
+    ".",
+    "\n",
+    "\n\n",
+    " 42",
+    "7",
+    ",",
+    " über",
+    "café",
+    " 東京",
+    "!",
+    " (x",
+    ")",
+    "  ",
+    "\t",
+    "-",
+    " =",
+    "'s",
+    " don",
+    "'t",
+    " re",
+    "format",
+    "ting",
+    " 😀",
+    "é",
 ]
 PROMPTS = ["Question: what is 6 times 7?\nAnswer:", "Once upon a time", "def add(a, b):\n    return"]
 

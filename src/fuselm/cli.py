@@ -53,20 +53,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with one model or an ensemble")
     g.add_argument("prompt", nargs="?", help="the prompt ('-' reads standard input)")
-    g.add_argument("--model", "--models", dest="models", metavar="NAMES",
-                   help="model (or comma-separated models): bundled name, directory or .gguf")
+    g.add_argument(
+        "--model",
+        "--models",
+        dest="models",
+        metavar="NAMES",
+        help="model (or comma-separated models): bundled name, directory or .gguf",
+    )
     g.add_argument("--method", default=argparse.SUPPRESS, help="decoding method (default: single)")
     g.add_argument("--config", metavar="FILE.yaml", help="run config; flags override its values")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--html", metavar="OUT.html", help="also write the answer as HTML, spans coloured by model")
-    g.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. -O theta=0.5 -O max_words=2 (see docs/methods.md)")
-    g.add_argument("--chat", dest="chat", action="store_const", const="chat", default=argparse.SUPPRESS,
-                   help="use the chat template (error if the model has none)")
-    g.add_argument("--raw", dest="chat", action="store_const", const="raw", default=argparse.SUPPRESS,
-                   help="feed the prompt as raw text")
-    g.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true", default=argparse.SUPPRESS,
-                   help="allow custom model code from a model directory (off by default)")
+    g.add_argument(
+        "--option",
+        "-O",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. -O theta=0.5 -O max_words=2 (see docs/methods.md)",
+    )
+    g.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_const",
+        const="chat",
+        default=argparse.SUPPRESS,
+        help="use the chat template (error if the model has none)",
+    )
+    g.add_argument(
+        "--raw",
+        dest="chat",
+        action="store_const",
+        const="raw",
+        default=argparse.SUPPRESS,
+        help="feed the prompt as raw text",
+    )
+    g.add_argument(
+        "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="allow custom model code from a model directory (off by default)",
+    )
     _add_model_flags(g, GenerationConfig, skip=_SPECIAL_FIELDS)
     _add_model_flags(g, ModelConfig, skip=_SPECIAL_FIELDS)
     return parser
@@ -83,9 +111,7 @@ def _run_config(ns: argparse.Namespace) -> RunConfig:
         data["models"] = [{"name": n} for n in names]
     if not data.get("models"):
         raise FuselmError("no model given: use --model NAME (see `fuselm models`) or a --config file")
-    data["models"] = [
-        {**({"name": m} if isinstance(m, str) else m), **model_overrides} for m in data["models"]
-    ]
+    data["models"] = [{**({"name": m} if isinstance(m, str) else m), **model_overrides} for m in data["models"]]
     if hasattr(ns, "method"):
         data["method"] = ns.method
     opts = dict(data.get("method_options") or {})
@@ -115,8 +141,16 @@ def cmd_models(ns: argparse.Namespace) -> int:
     for m in BUNDLED.values():
         installed = m.installed()
         assembled = assets.assembled_path(m).is_file()
-        table.add_row(m.name, m.architecture, f"{m.vocab_size:,}", yes(m.chat_template), yes(installed),
-                      yes(assembled), yes(assets.is_converted(m.name)), m.extra)
+        table.add_row(
+            m.name,
+            m.architecture,
+            f"{m.vocab_size:,}",
+            yes(m.chat_template),
+            yes(installed),
+            yes(assembled),
+            yes(assets.is_converted(m.name)),
+            m.extra,
+        )
     console = Console(width=None if sys.stdout.isatty() else 110)
     console.print(table)
     console.print(f"cache: {assets.cache_dir()} (set FUSELM_CACHE to move it)")

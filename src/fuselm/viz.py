@@ -44,7 +44,7 @@ def render_html(result: GenerationResult, prompt: str | None = None) -> str:
         spans.append(f'<span class="s" style="background:{colour}">{html.escape(result.text[shown:])}</span>')
     legend = " ".join(
         f'<span class="s" style="background:{c}">{html.escape(n)} '
-        f'{100 * result.stats.get("text_share", {}).get(n, 0):.0f}%</span>'
+        f"{100 * result.stats.get('text_share', {}).get(n, 0):.0f}%</span>"
         for n, c in colours.items()
     )
     st = result.stats
@@ -65,7 +65,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto;
 <h2>fuselm · {html.escape(result.method)}</h2>
 {prompt_html}
 <p class="meta">{legend}</p>
-<div class="answer">{''.join(spans)}</div>
+<div class="answer">{"".join(spans)}</div>
 <p class="meta">{meta} · hover a span to see its candidates and scores</p>
 </body></html>
 """

@@ -21,8 +21,17 @@ import torch
 from pydantic import Field
 
 from ..models.session import DecodingSession, Rollout, top2_margin
-from .base import FusionMethod, Step, StepContext
-from .ensemble import Candidate, add_candidate, candidate_trace, ensemble_decide, roll_words, token_at, word_ends
+from .base import Step, StepContext
+from .ensemble import (
+    Candidate,
+    EnsembleMethod,
+    add_candidate,
+    candidate_trace,
+    ensemble_decide,
+    roll_words,
+    token_at,
+    word_ends,
+)
 from .options import EnsembleOptions
 from .registry import register
 
@@ -37,15 +46,8 @@ class AdaFuseOptions(EnsembleOptions):
 
 
 @register("adafuse")
-class AdaFuse(FusionMethod):
+class AdaFuse(EnsembleMethod):
     Options = AdaFuseOptions
-    min_models = 1
-
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
-        self.weights = self.options.model_weights(len(models))
-        self.names = [m.name for m in models]
-        self.round = 0
 
     def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
         o = self.options

@@ -10,8 +10,23 @@ import torch
 
 from ..models.session import DecodingSession, Rollout, Score
 from ..text.words import first_word_end
+from .base import FusionMethod
+from .options import EnsembleOptions
 
 NormUnit = Literal["token", "char", "byte"]
+
+
+class EnsembleMethod(FusionMethod):
+    """Base of the methods that fuse several models: weights, names and a round counter."""
+
+    Options = EnsembleOptions
+    min_models = 1
+
+    def __init__(self, models, generation, options=None):
+        super().__init__(models, generation, options)
+        self.weights = self.options.model_weights(len(models))
+        self.names = [m.name for m in models]
+        self.round = 0
 
 
 @dataclass
@@ -63,8 +78,9 @@ def token_at(roll: Rollout, char: int) -> int:
     return j
 
 
-def roll_words(session: DecodingSession, n_words: int, max_tokens: int, first_token: int | None = None,
-               choose=None) -> Rollout:
+def roll_words(
+    session: DecodingSession, n_words: int, max_tokens: int, first_token: int | None = None, choose=None
+) -> Rollout:
     """Greedy rollout of exactly `n_words` complete words (fewer at end of sequence or budget)."""
 
     def until(r: Rollout) -> int | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import FusionMethod, Step, StepContext
-from .ensemble import Candidate, add_candidate, candidate_trace, ensemble_decide, roll_words
+from .base import Step, StepContext
+from .ensemble import Candidate, EnsembleMethod, add_candidate, candidate_trace, ensemble_decide, roll_words
 from .options import EnsembleOptions
 from .registry import register
 
@@ -15,15 +15,8 @@ class FixedSpanOptions(EnsembleOptions):
 
 
 @register("fixed-span")
-class FixedSpan(FusionMethod):
+class FixedSpan(EnsembleMethod):
     Options = FixedSpanOptions
-    min_models = 1
-
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
-        self.weights = self.options.model_weights(len(models))
-        self.names = [m.name for m in models]
-        self.round = 0
 
     def step(self, ctx: StepContext) -> Step:
         o = self.options
@@ -33,14 +26,21 @@ class FixedSpan(FusionMethod):
         for m, s in enumerate(ctx.sessions):
             r = roll_words(s, o.n_words, min(ctx.budget, o.n_words * o.max_word_tokens))
             rolls.append(r)
-            add_candidate(pool, Candidate(r.text, eos=r.finished and not r.text, proposers=[m],
-                                          tokens={m: max(len(r.token_ids), 1)}))
+            add_candidate(
+                pool,
+                Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(len(r.token_ids), 1)}),
+            )
         decision = ensemble_decide(ctx.sessions, pool, self.weights, o.normalize) if len(pool) > 1 else None
         winner = decision.winner if decision else 0
         w = pool[winner]
         src = w.proposers[0]
-        trace = {"round": self.round, "confident": decision is None,
-                 "candidates": candidate_trace(pool, self.names, decision), "winner": winner, "text": w.text,
-                 "source": self.names[src]}
+        trace = {
+            "round": self.round,
+            "confident": decision is None,
+            "candidates": candidate_trace(pool, self.names, decision),
+            "winner": winner,
+            "text": w.text,
+            "source": self.names[src],
+        }
         finished = w.eos or (rolls[src].finished and rolls[src].text == w.text)
         return Step(text=w.text, new_tokens=w.tokens[src], source=src, finished=finished, trace=trace)

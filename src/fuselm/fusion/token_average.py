@@ -7,8 +7,8 @@ import math
 import torch
 
 from ..errors import FuselmError
-from .base import FusionMethod, Step, StepContext
-from .options import EnsembleOptions
+from .base import Step, StepContext
+from .ensemble import EnsembleMethod
 from .registry import register
 
 _PROBE = "Hello, world! 123 \n\tcafé 東京"
@@ -22,13 +22,9 @@ def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 
 @register("token-average")
-class TokenAverage(FusionMethod):
-    Options = EnsembleOptions
-    min_models = 1
-
+class TokenAverage(EnsembleMethod):
     def __init__(self, models, generation, options=None):
         super().__init__(models, generation, options)
-        self.weights = self.options.model_weights(len(models))
         first = models[0].backend
         for m in models[1:]:
             if m.info.vocab_size != first.info.vocab_size or m.backend.tokenize(_PROBE) != first.tokenize(_PROBE):

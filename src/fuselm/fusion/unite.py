@@ -14,7 +14,8 @@ import torch
 from pydantic import Field
 
 from ..models.session import common_prefix_len
-from .base import FusionMethod, Step, StepContext
+from .base import Step, StepContext
+from .ensemble import EnsembleMethod
 from .options import EnsembleOptions
 from .registry import register
 
@@ -24,14 +25,8 @@ class UniteOptions(EnsembleOptions):
 
 
 @register("unite")
-class Unite(FusionMethod):
+class Unite(EnsembleMethod):
     Options = UniteOptions
-    min_models = 1
-
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
-        self.weights = self.options.model_weights(len(models))
-        self.names = [m.name for m in models]
 
     def _prob_of_text(self, s, lp: torch.Tensor, text: str) -> float:
         target = s.committed_ids()
@@ -61,8 +56,12 @@ class Unite(FusionMethod):
             p = sum(w * self._prob_of_text(s, lp, text) for w, s, lp in zip(self.weights, sessions, lps)) / total_w
             scored.append((p, text, proposers))
         scored.sort(key=lambda x: (-x[0], x[1]))
-        trace = {"candidates": [{"text": t, "p": round(p, 5), "proposers": [self.names[i] for i in pr]}
-                                for p, t, pr in scored[:8]], "p_eos": round(eos_votes, 5)}
+        trace = {
+            "candidates": [
+                {"text": t, "p": round(p, 5), "proposers": [self.names[i] for i in pr]} for p, t, pr in scored[:8]
+            ],
+            "p_eos": round(eos_votes, 5),
+        }
         if not scored or eos_votes > scored[0][0]:
             return Step(text="", new_tokens=1, source=0, finished=True, trace={**trace, "text": ""})
         if self.sampler.greedy:
@@ -71,5 +70,9 @@ class Unite(FusionMethod):
             probs = torch.tensor([x[0] for x in scored])
             i = int(torch.multinomial(probs / probs.sum(), 1, generator=self.sampler.generator))
             p, text, proposers = scored[i]
-        return Step(text=text, new_tokens=1, source=proposers[0], trace={**trace, "text": text,
-                                                                         "source": self.names[proposers[0]]})
+        return Step(
+            text=text,
+            new_tokens=1,
+            source=proposers[0],
+            trace={**trace, "text": text, "source": self.names[proposers[0]]},
+        )

@@ -143,9 +143,7 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
 
     t0 = time.perf_counter()
     log.info("converting %s to safetensors (one-time, up to a minute)", gguf_path.name)
-    src = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    src = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     config = src.config
     if hasattr(config, "quantization_config"):  # the copy is plain float32, not a GGUF
@@ -155,17 +153,7 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     missing = [k for k in missing if "lm_head" not in k]  # tied embeddings
     if missing or unexpected:
         raise FuselmError(f"conversion of {gguf_path.name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_dir_atomically(out_dir, model.save_pretrained, tokenizer.save_pretrained)
     log.info("converted %s in %.1fs", gguf_path.name, time.perf_counter() - t0)
     return out_dir
 
@@ -191,14 +179,20 @@ def ensure_tokenizer(model: BundledModel) -> Path:
 
     gguf = ensure_gguf(model)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _save_dir_atomically(out, tokenizer.save_pretrained)
+    return out
+
+
+def _save_dir_atomically(out_dir: Path, *savers) -> None:
+    """Write a directory under a temporary name and rename it into place when complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        for save in savers:
+            save(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

@@ -221,7 +221,11 @@ class DecodingSession:
             full = self._tokenize(prefix_text + cand)
             k = common_prefix_len(target, full)
             toks = full[k:]
-            if k == n and self._ids[n : n + len(toks)] == toks and all(n + i in self._logprobs for i in range(len(toks))):
+            if (
+                k == n
+                and self._ids[n : n + len(toks)] == toks
+                and all(n + i in self._logprobs for i in range(len(toks)))
+            ):
                 lp = sum(float(self._logprobs[n + i][t]) for i, t in enumerate(toks))
                 self.stats.reused_tokens += len(toks)
                 results[j] = Score(lp, len(toks), len(cand), nbytes)
@@ -263,9 +267,7 @@ class DecodingSession:
             raise FuselmError("the prompt is empty and the model has no BOS token; give a prompt")
         limit = self.backend.info.context_length
         if n > limit:
-            raise FuselmError(
-                f"prompt is longer than the context of {self.name!r}: {n} tokens > {limit}"
-            )
+            raise FuselmError(f"prompt is longer than the context of {self.name!r}: {n} tokens > {limit}")
         k = common_prefix_len(self._ids, target)
         if not (k == n and n in self._logprobs):
             if k == n:  # target is a strict prefix of the cache, logits at n not kept: redo one token
