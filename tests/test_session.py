@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from fuselm.models.session import DecodingSession, common_prefix_len
 from fuselm.text.words import first_word_end

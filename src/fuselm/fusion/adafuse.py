@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from ..models.session import DecodingSession, Rollout, top2_margin
+from ..text.words import word_ends
 from .base import Step, StepContext
 from .ensemble import (
     Candidate,
@@ -30,7 +31,6 @@ from .ensemble import (
     ensemble_decide,
     roll_words,
     token_at,
-    word_ends,
 )
 from .options import EnsembleOptions
 from .registry import register

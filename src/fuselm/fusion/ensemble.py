@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from ..models.session import DecodingSession, Rollout, Score
-from ..text.words import first_word_end
+from ..text.words import word_ends
 from .base import FusionMethod
 from .options import EnsembleOptions
 
@@ -56,17 +56,6 @@ def add_candidate(pool: list[Candidate], cand: Candidate) -> None:
     pool.append(cand)
 
 
-def word_ends(text: str, limit: int) -> list[int]:
-    """End offsets of the first `limit` complete words of `text`."""
-    ends: list[int] = []
-    while len(ends) < limit:
-        step = first_word_end(text[ends[-1] if ends else 0 :])
-        if step is None:
-            break
-        ends.append((ends[-1] if ends else 0) + step)
-    return ends
-
-
 def token_at(roll: Rollout, char: int) -> int:
     """Index of the rollout token whose text contains character offset `char`."""
     j = 0
@@ -91,11 +80,6 @@ def roll_words(
     if choose is not None:
         kwargs["choose"] = choose
     return session.rollout(max_tokens, **kwargs)
-
-
-def finish_text(roll: Rollout) -> str:
-    """A rollout that ended on EOS or budget keeps its (possibly incomplete) last word."""
-    return roll.text
 
 
 def eos_score(session: DecodingSession) -> Score:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import FuselmError
@@ -37,9 +35,10 @@ class TokenAverage(EnsembleMethod):
         sessions = ctx.sessions
         toks: list[int] = []
         text = ""
+        first = [s.next_logprobs() for s in sessions]
         # one token, or a few when a token is half a UTF-8 character
         for _ in range(min(8, ctx.budget)):
-            lps = [s.tail_logprobs(len(toks)) if toks else s.next_logprobs() for s in sessions]
+            lps = [s.tail_logprobs(len(toks)) for s in sessions] if toks else first
             tok = self.sampler(mix(lps, self.weights))
             if sessions[0].is_eos(tok):
                 return Step(text=text, new_tokens=max(len(toks), 1), source=0, finished=True)
@@ -48,6 +47,6 @@ class TokenAverage(EnsembleMethod):
             text = rolls[0].text
             if not text.endswith("\ufffd"):
                 break
-        shares = [math.exp(float(lp[toks[0]])) if toks else 0.0 for lp in [s.next_logprobs() for s in sessions]]
-        source = max(range(len(sessions)), key=lambda m: (shares[m], -m))
+        # credit the model that gave the chosen token the highest probability
+        source = max(range(len(sessions)), key=lambda m: (float(first[m][toks[0]]), -m))
         return Step(text=text, new_tokens=len(toks), source=source)

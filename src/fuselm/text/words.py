@@ -31,25 +31,34 @@ def first_word_end(text: str) -> int | None:
     return m.end() if m else None
 
 
+def word_ends(text: str, limit: int) -> list[int]:
+    """End offsets of the first `limit` complete words of `text` (a word is complete when
+    whitespace follows it; the last word of `text` is not).
+
+    >>> word_ends(" a b c d", 2)
+    [2, 4]
+    >>> word_ends(" a", 3)
+    []
+    """
+    ends: list[int] = []
+    start = 0
+    while len(ends) < limit:
+        step = first_word_end(text[start:])
+        if step is None:
+            break
+        start += step
+        ends.append(start)
+    return ends
+
+
 def take_words(text: str, n: int) -> tuple[str, int]:
     """The longest prefix of `text` made of at most `n` complete words, and how many words it holds.
 
-    A word is complete when whitespace follows it; the last word of `text` is not.
-
     >>> take_words(" a b c d", 2)
     (' a b', 2)
-    >>> take_words(" a", 3)
-    ('', 0)
     """
-    end = 0
-    count = 0
-    while count < n:
-        step = first_word_end(text[end:])
-        if step is None:
-            break
-        end += step
-        count += 1
-    return text[:end], count
+    ends = word_ends(text, n)
+    return text[: ends[-1] if ends else 0], len(ends)
 
 
 def earliest_stop(text: str, stops: list[str] | tuple[str, ...], start: int = 0) -> int | None:
