@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from fuselm.models.session import DecodingSession, common_prefix_len
 from fuselm.text.words import first_word_end
@@ -188,3 +189,41 @@ def test_llamacpp_incremental_matches_full_recomputation():
 
     b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
     assert_walks_agree(b, range(3), steps=10, atol=1e-4)
+
+
+def _branches_match_single_rollouts(b, prompt: str) -> None:
+    s = DecodingSession(b, prompt)
+    firsts = torch.topk(s.next_logprobs(), 3).indices.tolist()
+
+    def until(r):
+        return first_word_end(r.text)
+
+    before = s.stats.forward_passes
+    batched = s.rollout_branches(firsts, 6, until=until)
+    passes = s.stats.forward_passes - before
+    assert passes <= max(len(r.token_ids) for r in batched)  # one pass per step, not per branch and step
+    for t, got in zip(firsts, batched):
+        ref = DecodingSession(b, prompt).rollout(6, first_token=t, until=until, margins=False)
+        assert (got.text, got.token_ids, got.finished) == (ref.text, ref.token_ids, ref.finished)
+        assert got.token_logprobs == pytest.approx(ref.token_logprobs, abs=1e-4)
+    assert state_error(b, s) <= 1e-4  # the session's own cache was not disturbed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_batched_branch_rollouts_equal_single_rollouts(tiny_backends, arch):
+    if arch not in tiny_backends:
+        pytest.skip(f"tokenizer for {arch} not installed")
+    for prompt in PROMPTS:
+        _branches_match_single_rollouts(tiny_backends[arch], prompt)
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_llamacpp_batched_branch_rollouts():
+    from fuselm.models import assets, llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python not installed")
+    b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
+    for prompt in PROMPTS:
+        _branches_match_single_rollouts(b, prompt)

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from ..models.session import DecodingSession, Rollout, top2_margin
-from ..text.words import word_ends
+from ..text.words import first_word_end, word_ends
 from .base import Step, StepContext
 from .ensemble import (
     Candidate,
@@ -29,7 +29,6 @@ from .ensemble import (
     add_candidate,
     candidate_trace,
     ensemble_decide,
-    roll_words,
     token_at,
 )
 from .options import EnsembleOptions
@@ -75,16 +74,19 @@ class AdaFuse(EnsembleMethod):
         pool: list[Candidate] = []
         rolls: list[Rollout] = []
         for m, s in enumerate(sessions):
-            if not confident[m] and o.branches > 1:
-                # Branches first: the proposal rolled last stays in the cache, so its own score is free.
-                for tok in torch.topk(lps[m], o.branches).indices.tolist()[1:]:
-                    if s.is_eos(tok):
-                        add_candidate(pool, Candidate("", eos=True, proposers=[m], kind="branch", tokens={m: 1}))
-                        continue
-                    r = roll_words(s, 1, word_tokens, first_token=tok)
-                    add_candidate(pool, Candidate(r.text, proposers=[m], kind="branch", tokens={m: len(r.token_ids)}))
-            r = self._propose(s, confident[m], span_tokens)
-            rolls.append(r)
+            if confident[m] or o.branches == 1:
+                rolls.append(self._propose(s, confident[m], span_tokens))
+                continue
+            # Diversity: the top-B first tokens (the greedy one is the proposal), each rolled to a
+            # word boundary; all branches advance together, one batched pass per step.
+            firsts = torch.topk(lps[m], o.branches).indices.tolist()
+            branch_rolls = s.rollout_branches(firsts, word_tokens, until=lambda r: first_word_end(r.text))
+            rolls.append(branch_rolls[0])
+            for r in branch_rolls[1:]:
+                tokens = {m: max(len(r.token_ids), 1)}
+                add_candidate(
+                    pool, Candidate(r.text, eos=r.finished and not r.text, proposers=[m], kind="branch", tokens=tokens)
+                )
         proposals = []
         for m, r in enumerate(rolls):
             c = Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(len(r.token_ids), 1)})

@@ -74,6 +74,11 @@ class Backend(ABC):
         current length is left as it was. Implementations batch all branches in one pass.
         """
 
+    @abstractmethod
+    def branch_next_logprobs(self, cache: Any, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Next-token log-probs [V] after each branch (each non-empty, continuing cache[:keep]),
+        all branches in one batched pass; the cache is left as it was."""
+
     def close(self) -> None:  # pragma: no cover - optional
         """Release resources held outside Python's memory management."""
 

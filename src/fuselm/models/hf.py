@@ -108,14 +108,11 @@ class TransformersBackend(Backend):
         return log_softmax_f32(logits if all_logits else logits[-1]).cpu()
 
     @torch.inference_mode()
-    def score_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def _branch_logits(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, width, V] of all branches run on top of cache[:keep] in one batched pass."""
         from transformers import DynamicCache
 
-        if not branches:
-            return []
         width = max(len(b) for b in branches)
-        if width == 0:
-            return [torch.zeros(0) for _ in branches]
         batch = len(branches)
         # Right padding needs no attention mask: causal attention never looks at later (pad) positions.
         input_ids = torch.zeros((batch, width), dtype=torch.long, device=self.device)
@@ -131,10 +128,22 @@ class TransformersBackend(Backend):
             layers.append((k, v))
         branch_cache = DynamicCache(ddp_cache_data=layers) if keep > 0 else DynamicCache()
         out = self.model(input_ids=input_ids, past_key_values=branch_cache, use_cache=True)
-        logprobs = log_softmax_f32(out.logits[:, :-1])  # [B, width-1, V]
-        targets = input_ids[:, 1:]
-        gathered = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        return out.logits, input_ids
+
+    def score_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        if not branches or max(len(b) for b in branches) == 0:
+            return [torch.zeros(0) for _ in branches]
+        logits, input_ids = self._branch_logits(cache, keep, branches)
+        logprobs = log_softmax_f32(logits[:, :-1])  # [B, width-1, V]
+        gathered = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
         return [gathered[j, : max(len(b) - 1, 0)].clone() for j, b in enumerate(branches)]
+
+    def branch_next_logprobs(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        if not branches:
+            return []
+        logits, _ = self._branch_logits(cache, keep, branches)
+        last = torch.stack([logits[j, len(b) - 1] for j, b in enumerate(branches)])
+        return list(log_softmax_f32(last).cpu())
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,46 +188,61 @@ class LlamaCppBackend(Backend):
                 rows.append(self._logits(len(chunk) - 1))
         return torch.stack(rows) if all_logits else rows[-1]
 
-    def score_branches(self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def _run_branches(
+        self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]], rows: Callable[[int], range]
+    ) -> list[list[torch.Tensor]]:
+        """Run branches on copies of cache[:keep] (spare sequences sharing its cells), as few
+        `llama_decode` calls as the batch size allows; returns for branch j the log-prob rows
+        at positions rows(len(branch j))."""
         lc = self._llama_cpp
-        results: list[torch.Tensor] = [torch.zeros(0)] * len(branches)
-        order = [j for j, b in enumerate(branches) if len(b) > 1 or keep < cache.length]
+        results: list[list[torch.Tensor]] = [[] for _ in branches]
         group: list[int] = []
 
         def flush() -> None:
-            if not group:
-                return
             tokens, pos, seqs, flags, where = [], [], [], [], []
             for slot, j in enumerate(group, start=MAX_SESSIONS):
                 lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
                 lc.llama_memory_seq_cp(self._mem, cache.seq, slot, 0, keep)
                 b = list(branches[j])
+                wanted = set(rows(len(b)))
                 where.append(len(tokens))
                 for i, t in enumerate(b):
                     tokens.append(t)
                     pos.append(keep + i)
                     seqs.append([slot])
-                    flags.append(i < len(b) - 1)
+                    flags.append(i in wanted)
             self._decode(tokens, pos, seqs, flags)
             for (slot, j), start in zip(enumerate(group, start=MAX_SESSIONS), where):
-                b = list(branches[j])
-                vals = [float(self._logits(start + i)[b[i + 1]]) for i in range(len(b) - 1)]
-                results[j] = torch.tensor(vals, dtype=torch.float32)
+                results[j] = [self._logits(start + i) for i in rows(len(branches[j]))]
                 lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
             group.clear()
 
         budget = 0
-        for j in order:
-            n = len(branches[j])
-            if n > 512:
+        for j, b in enumerate(branches):
+            if not rows(len(b)):
+                continue
+            if len(b) > 512:
                 raise FuselmError("a candidate longer than 512 tokens cannot be scored by the llama.cpp backend")
-            if len(group) == MAX_BRANCHES or budget + n > 512:
+            if len(group) == MAX_BRANCHES or budget + len(b) > 512:
                 flush()
                 budget = 0
             group.append(j)
-            budget += n
-        flush()
+            budget += len(b)
+        if group:
+            flush()
         return results
+
+    def score_branches(self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        rows = self._run_branches(cache, keep, branches, lambda n: range(n - 1))
+        return [
+            torch.tensor([float(r[b[i + 1]]) for i, r in enumerate(rs)], dtype=torch.float32)
+            for b, rs in zip(branches, rows)
+        ]
+
+    def branch_next_logprobs(
+        self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        return [rs[0] for rs in self._run_branches(cache, keep, branches, lambda n: range(n - 1, n))]
 
     def close(self) -> None:
         self._ctx.close()

@@ -149,31 +149,52 @@ class DecodingSession:
             raise ValueError("max_tokens must be >= 1")
         self._sync()
         base = len(self.committed_ids())
-        anchor = self.committed_ids()[-1:]
-        anchor_text = self.backend.decode(anchor) if anchor else ""
-        roll = Rollout("", [], [], [], [])
-        cut = None
+        grow = _RolloutBuilder(self, until, margins)
+        roll = grow.new()
         while len(roll.token_ids) < max_tokens:
             pos = base + len(roll.token_ids)
             lp = self._logprobs[pos]
             tok = first_token if (first_token is not None and not roll.token_ids) else choose(lp)
-            if margins:
-                roll.margins.append(top2_margin(lp))
-            if self.is_eos(tok):
-                roll.finished = True
+            if not grow.push(roll, tok, lp):
                 break
-            roll.token_logprobs.append(float(lp[tok]))
-            roll.token_offsets.append(len(roll.text))
-            roll.token_ids.append(tok)
             self._advance(pos, tok)
-            roll.text = self.backend.decode(anchor + roll.token_ids)[len(anchor_text) :]
-            if until is not None and not roll.text.endswith("\ufffd"):
-                cut = until(roll)
-                if cut is not None:
-                    break
-        if cut is not None:
-            roll.text = roll.text[:cut]
+            if grow.done(roll):
+                break
         return roll
+
+    def rollout_branches(
+        self,
+        first_tokens: Sequence[int],
+        max_tokens: int,
+        *,
+        until: Callable[[Rollout], int | None] | None = None,
+        choose: TokenChooser = greedy,
+    ) -> list[Rollout]:
+        """One rollout per forced first token, all advanced together: one batched forward pass per
+        step for all branches still running, on copies of the cached prefix (the session's own
+        cache and speculative tail are left as they were). Used for diversity branching."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        self._sync()
+        n = len(self.committed_ids())
+        grow = _RolloutBuilder(self, until, margins=False)
+        rolls = [grow.new() for _ in first_tokens]
+        first_lp = self._logprobs[n]
+        active = [
+            j for j, (r, t) in enumerate(zip(rolls, first_tokens)) if grow.push(r, t, first_lp) and not grow.done(r)
+        ]
+        while active:
+            active = [j for j in active if len(rolls[j].token_ids) < max_tokens]
+            if not active:
+                break
+            branches = [rolls[j].token_ids for j in active]
+            lps = self.backend.branch_next_logprobs(self._cache, n, branches)
+            self.stats.forward_passes += 1
+            self.stats.tokens_forwarded += sum(len(b) for b in branches)
+            active = [
+                j for j, lp in zip(active, lps) if grow.push(rolls[j], choose(lp), lp) and not grow.done(rolls[j])
+            ]
+        return rolls
 
     def continuation_text(self, token_ids: Sequence[int]) -> str:
         """Text that `token_ids` would add after the committed text (decoding only, no forward)."""
@@ -283,3 +304,43 @@ class DecodingSession:
         for key in [key for key in self._logprobs if key < n]:
             del self._logprobs[key]
         self._synced = True
+
+
+class _RolloutBuilder:
+    """Bookkeeping shared by `rollout` and `rollout_branches`: token text after the committed
+    text (decoded with the last committed token as anchor, so leading spaces survive), EOS on
+    ids, and the caller's cut condition."""
+
+    def __init__(self, session: DecodingSession, until, margins: bool):
+        self.session = session
+        self.until = until
+        self.margins = margins
+        self.anchor = session.committed_ids()[-1:]
+        self.anchor_len = len(session.backend.decode(self.anchor)) if self.anchor else 0
+
+    @staticmethod
+    def new() -> Rollout:
+        return Rollout("", [], [], [], [])
+
+    def push(self, roll: Rollout, tok: int, lp: torch.Tensor) -> bool:
+        """Add `tok` (chosen from `lp`); False when it is end of sequence."""
+        if self.margins:
+            roll.margins.append(top2_margin(lp))
+        if self.session.is_eos(tok):
+            roll.finished = True
+            return False
+        roll.token_logprobs.append(float(lp[tok]))
+        roll.token_offsets.append(len(roll.text))
+        roll.token_ids.append(tok)
+        roll.text = self.session.backend.decode(self.anchor + roll.token_ids)[self.anchor_len :]
+        return True
+
+    def done(self, roll: Rollout) -> bool:
+        """Whether the cut condition holds (never on half a UTF-8 character); cuts the text if so."""
+        if self.until is None or roll.text.endswith("\ufffd"):
+            return False
+        cut = self.until(roll)
+        if cut is None:
+            return False
+        roll.text = roll.text[:cut]
+        return True
