@@ -8,7 +8,8 @@ Each round, over the shared committed text:
    same text, the span is committed with no cross-model scoring. With policy "per-proposal",
    the proposal of the most confident model is committed whenever that model is confident.
 3. Uncertain state (diversity-aware scaling): each uncertain model also branches on its top-B
-   first tokens (from log-probs it already has) and rolls each branch to a word boundary.
+   first tokens (from log-probs it already has; the top-1 branch is its proposal) and rolls
+   each branch to a word boundary, all branches advancing together in one batched pass per step.
 4. Ensemble decision: every model scores every candidate under its own tokenization; the lowest
    weighted mean NLL wins; ties go to the earlier candidate.
 """

@@ -242,9 +242,11 @@ class DecodingSession:
             full = self._tokenize(prefix_text + cand)
             k = common_prefix_len(target, full)
             toks = full[k:]
+            # Known without a forward pass: each token's log-prob was kept for the position before
+            # it (the first from the committed end, later ones from this model's own rollout tail).
             if (
                 k == n
-                and self._ids[n : n + len(toks)] == toks
+                and self._ids[n : n + len(toks) - 1] == toks[:-1]
                 and all(n + i in self._logprobs for i in range(len(toks)))
             ):
                 lp = sum(float(self._logprobs[n + i][t]) for i, t in enumerate(toks))
