@@ -44,6 +44,41 @@ def _pick(ns: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
     return {k: getattr(ns, k) for k in model.model_fields if hasattr(ns, k)}
 
 
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `generate` and `eval`: models, method, config, and the config fields."""
+    p.add_argument(
+        "--model",
+        "--models",
+        dest="models",
+        metavar="NAMES",
+        help="model (or comma-separated models): bundled name, directory or .gguf",
+    )
+    p.add_argument("--method", default=argparse.SUPPRESS, help="decoding method (default: single)")
+    p.add_argument("--config", metavar="FILE.yaml", help="run config; flags override its values")
+    p.add_argument(
+        "--option",
+        "-O",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. -O theta=0.5 -O max_words=2 (see docs/methods.md)",
+    )
+    for flag, const, help_text in [
+        ("--chat", "chat", "use the chat template (error if the model has none)"),
+        ("--raw", "raw", "feed the prompt as raw text"),
+    ]:
+        p.add_argument(flag, dest="chat", action="store_const", const=const, default=argparse.SUPPRESS, help=help_text)
+    p.add_argument(
+        "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="allow custom model code from a model directory (off by default)",
+    )
+    _add_model_flags(p, GenerationConfig, skip=_SPECIAL_FIELDS)
+    _add_model_flags(p, ModelConfig, skip=_SPECIAL_FIELDS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuselm", description="Fuse several language models at inference time.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -53,55 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with one model or an ensemble")
     g.add_argument("prompt", nargs="?", help="the prompt ('-' reads standard input)")
-    g.add_argument(
-        "--model",
-        "--models",
-        dest="models",
-        metavar="NAMES",
-        help="model (or comma-separated models): bundled name, directory or .gguf",
-    )
-    g.add_argument("--method", default=argparse.SUPPRESS, help="decoding method (default: single)")
-    g.add_argument("--config", metavar="FILE.yaml", help="run config; flags override its values")
+    _add_run_flags(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--html", metavar="OUT.html", help="also write the answer as HTML, spans coloured by model")
-    g.add_argument(
-        "--option",
-        "-O",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="method option, e.g. -O theta=0.5 -O max_words=2 (see docs/methods.md)",
-    )
-    g.add_argument(
-        "--chat",
-        dest="chat",
-        action="store_const",
-        const="chat",
-        default=argparse.SUPPRESS,
-        help="use the chat template (error if the model has none)",
-    )
-    g.add_argument(
-        "--raw",
-        dest="chat",
-        action="store_const",
-        const="raw",
-        default=argparse.SUPPRESS,
-        help="feed the prompt as raw text",
-    )
-    g.add_argument(
-        "--trust-remote-code",
-        dest="trust_remote_code",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="allow custom model code from a model directory (off by default)",
-    )
-    _add_model_flags(g, GenerationConfig, skip=_SPECIAL_FIELDS)
-    _add_model_flags(g, ModelConfig, skip=_SPECIAL_FIELDS)
+
+    e = sub.add_parser("eval", help="evaluate a method on benchmark tasks (resumable)")
+    e.add_argument("--task", action="append", dest="tasks", metavar="TASK", help="task (repeatable); see --list-tasks")
+    e.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    _add_run_flags(e)
+    e.add_argument("--data", help="local JSONL file for the task, or hub:NAME[:CONFIG]:SPLIT when online")
+    e.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA or ../shared/data)")
+    e.add_argument("--limit", type=int, help="number of rows")
+    e.add_argument("--offset", type=int, default=0, help="first row")
+    e.add_argument("--out", required=False, help="run directory (several tasks/methods: one subdirectory each)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("report", help="compare evaluation runs: table, Markdown, PNG")
+    r.add_argument("runs", nargs="+", help="run directories")
+    r.add_argument("--md", metavar="OUT.md", help="also write the table as Markdown")
+    r.add_argument("--plot", metavar="OUT.png", help="also plot quality against cost")
     return parser
 
 
-def _run_config(ns: argparse.Namespace) -> RunConfig:
-    data: dict[str, Any] = load_yaml(ns.config) if ns.config else {}
+def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> RunConfig:
+    if data is None:
+        data = load_yaml(ns.config) if ns.config else {}
     gen = dict(data.get("generation") or {})
     gen.update(_pick(ns, GenerationConfig))
     data["generation"] = gen
@@ -125,6 +136,89 @@ def _run_config(ns: argparse.Namespace) -> RunConfig:
         return RunConfig(**data)
     except ValidationError as e:
         raise FuselmError(validation_message(e, ns.config or "options")) from None
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .eval.runner import EvalSpec, run_eval
+    from .eval.task import get_task, task_names
+
+    console = Console(stderr=True)
+    if ns.list_tasks:
+        for name in task_names():
+            print(f"{name:14} {get_task(name).description}")
+        return 0
+    data = load_yaml(ns.config) if ns.config else {}
+    tasks = ns.tasks or data.pop("tasks", None) or ([data.pop("task")] if "task" in data else [])
+    methods = [ns.method] if hasattr(ns, "method") else (data.pop("methods", None) or [data.get("method", "single")])
+    data.pop("tasks", None), data.pop("methods", None)
+    if not tasks:
+        raise FuselmError("no task given: use --task NAME (see `fuselm eval --list-tasks`)")
+    if not ns.out:
+        raise FuselmError("give --out DIR for the run (it is resumable: run the same command again to continue)")
+    for t in tasks:
+        get_task(t)  # unknown task: fail before loading any model
+    explicit = set(_pick(ns, GenerationConfig)) | set((data.get("generation") or {}).keys())
+    summaries = []
+    for task in tasks:
+        for method in methods:
+            base = argparse.Namespace(**{**vars(ns), "method": method})
+            run = _run_config(base, data=dict(data))
+            spec = EvalSpec(
+                task=task,
+                method=run.method,
+                models=run.models,
+                method_options=run.method_options,
+                generation=run.generation,
+                data=ns.data,
+                limit=ns.limit,
+                offset=ns.offset,
+                seed=getattr(ns, "seed", None),  # --seed also shuffles the rows
+            )
+            out = Path(ns.out) if len(tasks) * len(methods) == 1 else Path(ns.out) / f"{task}__{method}"
+            summaries.append(
+                run_eval(
+                    spec, out, Path(ns.data_dir) if ns.data_dir else None, explicit, show_progress=not ns.no_progress
+                )
+            )
+    table = Table(title="evaluation")
+    for col in ("task", "method", "models", "n", "metrics", "s/sample"):
+        table.add_column(col)
+    for s in summaries:
+        shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} n/a" for k, v in s["metrics"].items())
+        table.add_row(
+            s["task"], s["method"], "+".join(s["models"]), str(s["n"]), shown, f"{s['seconds_per_sample']:.2f}"
+        )
+    console.print(table)
+    print(json.dumps(summaries if len(summaries) > 1 else summaries[0], ensure_ascii=False))
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .eval.report import load_run, plot_quality_cost, report_rows, to_markdown
+
+    runs = [load_run(p) for p in ns.runs]
+    rows = report_rows(runs)
+    table = Table(title="runs")
+    for col in ("run", "task", "method", "metric", "mean", "95% CI", "n", "s/sample"):
+        table.add_column(col)
+    for line in to_markdown(rows).splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table.add_row(cells[0], cells[1], cells[2], cells[4], cells[5], cells[6], cells[7], cells[8])
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    if ns.md:
+        with open(ns.md, "w", encoding="utf-8") as f:
+            f.write(to_markdown(rows))
+    if ns.plot:
+        plot_quality_cost(runs, ns.plot)
+    return 0
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
@@ -212,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.INFO)
-    handlers = {"models": cmd_models, "generate": cmd_generate}
+    handlers = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "report": cmd_report}
     try:
         return handlers[ns.command](ns)
     except FuselmError as e:

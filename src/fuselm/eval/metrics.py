@@ -1,0 +1,148 @@
+"""Metrics, strict and paper-compatible, side by side.
+
+Strict: SQuAD-standard normalised exact match and token F1; GSM8K final-number equality;
+sacrebleu spBLEU (tokenize="flores200") and chrF for translation; HumanEval pass@1.
+
+Paper-compatible ("lenient"): the rules of the AdaFuse evaluation, so numbers can be set beside
+the paper's. QA: stop words removed, plurals and number words normalised, then containment in
+either direction. GSM8K: the reference's digits contained in the output's digits. Known
+distortions: containment lets "18" match "118", and "the" or an empty answer never match;
+a long rambling answer that contains the reference counts as right.
+
+>>> squad_em("The Eiffel Tower!", ["eiffel tower"])
+1.0
+>>> round(squad_f1("the big red dog", ["red dog"]), 3)
+0.667
+>>> lenient_qa("two cats", ["2 cat"])
+1.0
+>>> lenient_gsm8k("so 118 apples", "18")  # a known distortion
+1.0
+>>> gsm8k_exact("The answer is \\\\boxed{1,234}", "1234")
+1.0
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+STOP_WORDS = frozenset(
+    """a an the of in on at to for from by with and or is are was were be been it its this that
+    these those as which who whom what when where why how do does did his her their our your my""".split()
+)
+NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def squad_em(prediction: str, references: list[str]) -> float:
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def _f1(pred: str, ref: str) -> float:
+    p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
+    if not p or not r:
+        return float(p == r)
+    common = collections.Counter(p) & collections.Counter(r)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_f1(prediction: str, references: list[str]) -> float:
+    return max((_f1(prediction, r) for r in references), default=0.0)
+
+
+def _lenient_tokens(s: str) -> str:
+    words = []
+    for w in normalize_answer(s).split():
+        if w in STOP_WORDS:
+            continue
+        w = NUMBER_WORDS.get(w, w)
+        if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+            w = w[:-1]
+        words.append(w)
+    return " ".join(words)
+
+
+def lenient_qa(prediction: str, references: list[str]) -> float:
+    p = _lenient_tokens(prediction)
+    if not p:
+        return 0.0
+    for r in references:
+        r = _lenient_tokens(r)
+        if r and (r in p or p in r):
+            return 1.0
+    return 0.0
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _to_number(s: str) -> float | None:
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def gsm8k_reference(answer: str) -> str:
+    """The final number of a GSM8K rationale ("#### N")."""
+    tail = answer.split("####")[-1]
+    m = _NUMBER.search(tail)
+    return m.group(0).replace(",", "") if m else tail.strip()
+
+
+def gsm8k_extract(output: str) -> str:
+    r"""The answer in \boxed{...}, else the last number in the output."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", output)
+    if boxed:
+        m = _NUMBER.search(boxed[-1])
+        return m.group(0).replace(",", "") if m else boxed[-1].strip()
+    nums = _NUMBER.findall(output)
+    return nums[-1].replace(",", "").rstrip(".") if nums else ""
+
+
+def gsm8k_exact(output: str, reference: str) -> float:
+    a, b = _to_number(gsm8k_extract(output)), _to_number(reference)
+    return float(a is not None and b is not None and abs(a - b) < 1e-6)
+
+
+def lenient_gsm8k(output: str, reference: str) -> float:
+    ref = re.sub(r"\D", "", reference)
+    return float(bool(ref) and ref in re.sub(r"\D", "", output))
+
+
+def corpus_chrf(hypotheses: list[str], references: list[str]) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+
+
+def corpus_spbleu(hypotheses: list[str], references: list[str]) -> float | None:
+    """spBLEU with sacrebleu's FLORES-200 SentencePiece model; None when that model is not on disk
+    (sacrebleu fetches it on first use, which needs the network). Empty outputs count."""
+    import sacrebleu
+
+    try:
+        return float(sacrebleu.corpus_bleu(hypotheses, [references], tokenize="flores200").score)
+    except Exception:  # noqa: BLE001 - offline: the tokenizer model cannot be fetched
+        return None

