@@ -89,8 +89,25 @@ def test_every_task_loads_its_data_and_builds_prompts():
 
 
 def _eval_args(model_dir, data, out, limit=6):
-    return ["eval", "--task", "nq", "--model", str(model_dir), "--raw", "--data", str(data), "--data-dir",
-            str(SHARED_DATA), "--limit", str(limit), "--max-new-tokens", "8", "--no-progress", "--out", str(out)]
+    return [
+        "eval",
+        "--task",
+        "nq",
+        "--model",
+        str(model_dir),
+        "--raw",
+        "--data",
+        str(data),
+        "--data-dir",
+        str(SHARED_DATA),
+        "--limit",
+        str(limit),
+        "--max-new-tokens",
+        "8",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture
@@ -107,8 +124,11 @@ def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     ref = run_cli(*_eval_args(model, nq_sample, ref_out))
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "fuselm.cli", *_eval_args(model, nq_sample, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fuselm.cli", *_eval_args(model, nq_sample, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     rows_file = out / "rows.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not rows_file.exists() or rows_file.read_text().count("\n") < 2):
@@ -123,10 +143,16 @@ def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
     assert again.returncode == 0, again.stderr
 
     def key(path):
-        return [(r["id"], r["output"], r["metrics"]) for r in map(json.loads, (path / "rows.jsonl").read_text().splitlines())]
+        return [
+            (r["id"], r["output"], r["metrics"])
+            for r in map(json.loads, (path / "rows.jsonl").read_text().splitlines())
+        ]
 
     assert key(out) == key(ref_out)
-    assert json.loads((out / "summary.json").read_text())["metrics"] == json.loads((ref_out / "summary.json").read_text())["metrics"]
+    assert (
+        json.loads((out / "summary.json").read_text())["metrics"]
+        == json.loads((ref_out / "summary.json").read_text())["metrics"]
+    )
     # a different config is refused instead of mixing rows
     other = run_cli(*_eval_args(model, nq_sample, out)[:-2], "--temperature", "0.5", "--out", str(out))
     assert other.returncode == 1 and "different config" in other.stderr
@@ -140,8 +166,18 @@ def test_eval_and_report_end_to_end(tiny_dirs, nq_sample, tmp_path):
     summary = json.loads(a.stdout)
     assert summary["n"] == 3 and set(summary["metrics"]) == {"em", "f1", "paper_match"}
     row = json.loads((tmp_path / "a" / "rows.jsonl").read_text().splitlines()[0])
-    assert {"id", "prompt", "output", "answer", "reference", "metrics", "seconds", "new_tokens", "forward_passes",
-            "text_share"} <= set(row)
+    assert {
+        "id",
+        "prompt",
+        "output",
+        "answer",
+        "reference",
+        "metrics",
+        "seconds",
+        "new_tokens",
+        "forward_passes",
+        "text_share",
+    } <= set(row)
     b_args = _eval_args(dirs[0], nq_sample, tmp_path / "b", limit=3)
     if len(dirs) > 1:
         b_args[4] = f"{dirs[0]},{dirs[1]}"

@@ -88,7 +88,10 @@ def test_candidate_score_is_full_minus_prefix(tiny_backends, arch):
     for cand, sc in zip(CANDIDATES, scores):
         full = b.tokenize(prefix + cand)
         lp = b.extend(b.new_cache(), full, all_logits=True)
-        loglik = lambda ids: float(sum(lp[t - 1, ids[t]] for t in range(1, len(ids))))  # noqa: E731
+
+        def loglik(ids, lp=lp):
+            return float(sum(lp[t - 1, ids[t]] for t in range(1, len(ids))))
+
         k = common_prefix_len(pre, full)
         if k == len(pre):
             expected = loglik(full) - loglik(pre)
