@@ -189,3 +189,16 @@ def test_eval_and_report_end_to_end(tiny_dirs, nq_sample, tmp_path):
     text = md.read_text()
     assert text.count("| a |") == 3 and text.count("| b |") == 3  # em, f1, paper_match per run
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_task_generation_defaults_and_overrides():
+    from fuselm.config import GenerationConfig
+    from fuselm.eval.runner import task_generation
+
+    nq = get_task("nq")
+    gen = task_generation(nq, GenerationConfig(stop=["###"]), explicit=set())
+    assert gen.chat == "raw" and gen.max_new_tokens == nq.max_new_tokens
+    assert gen.stop == ["\n", "###"]
+    chosen = task_generation(nq, GenerationConfig(chat="chat", max_new_tokens=5), explicit={"chat", "max_new_tokens"})
+    assert chosen.chat == "chat" and chosen.max_new_tokens == 5
+    assert task_generation(get_task("flores-en-de"), GenerationConfig(), set()).chat == "auto"

@@ -54,6 +54,8 @@ def task_generation(task: Task, gen: GenerationConfig, explicit: set[str]) -> Ge
     update: dict[str, Any] = {"stop": list(dict.fromkeys([*task.stop, *gen.stop]))}
     if "max_new_tokens" not in explicit:
         update["max_new_tokens"] = task.max_new_tokens
+    if "chat" not in explicit:
+        update["chat"] = task.chat
     return gen.model_copy(update=update)
 
 

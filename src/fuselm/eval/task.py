@@ -33,6 +33,9 @@ class Task:
     prompt_file: str | None = None  # few-shot / instruction file, relative to the data directory
     hub: tuple[str, str | None, str] | None = None  # (dataset, config, split) when online
     main_metric: str = ""
+    # Few-shot and completion prompts are fed as raw text: wrapped in a chat template, instruct
+    # models answer the examples instead of the last question. Overridden by --chat/--raw.
+    chat: str = "raw"
 
     def prompt_prefix(self, data_dir: Path | None) -> str:
         if not self.prompt_file:

@@ -40,5 +40,6 @@ for name, pair, prompt in [
             data_file=f"flores/{pair}_0-399.jsonl",
             prompt_file=f"flores/{prompt}",
             main_metric="chrf",
+            chat="auto",
         )
     )
