@@ -104,6 +104,7 @@ def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
             xytext=(4, 4),
             textcoords="offset points",
         )
+    ax.margins(x=0.25, y=0.2)  # room for the labels
     ax.set_xlabel("seconds per sample")
     ax.set_ylabel("main metric")
     ax.set_title("quality against cost")
