@@ -75,7 +75,7 @@ def random_walk(backend, seed: int, steps: int) -> tuple[list[tuple[str, float]]
     errors = [("start", state_error(backend, session))]
     score_errors: list[tuple[str, float]] = []
     for _ in range(steps):
-        op = rng.choice(["append", "append", "rollout", "rollout-commit", "score"])
+        op = rng.choice(["append", "append", "rollout", "rollout-commit", "score", "score-commit"])
         if op == "append":
             session.append("".join(rng.choice(PIECES) for _ in range(rng.randint(1, 3))))
         elif op == "rollout":
@@ -91,6 +91,8 @@ def random_walk(backend, seed: int, steps: int) -> tuple[list[tuple[str, float]]
             for cand, sc in zip(cands, scores):
                 ref, n = reference_score(backend, session.prompt + session.text, cand)
                 score_errors.append((cand, abs(sc.logprob - ref) if sc.n_tokens == n else float("inf")))
+            if op == "score-commit":  # the committed candidate's key/values come from the scoring pass
+                session.append(rng.choice(cands[:3]))
         errors.append((op, state_error(backend, session)))
     return errors, score_errors
 
@@ -105,7 +107,7 @@ def assert_walks_agree(backend, seeds, steps: int, atol: float) -> None:
         bad = [(c, e) for c, e in score_errors if not e <= max(10 * atol, 1e-4)]
         assert not bad, f"seed {seed}: candidate scores differ: {bad}"
         ops_seen |= {op for op, _ in errors}
-    assert {"append", "rollout", "rollout-commit", "score"} <= ops_seen
+    assert {"append", "rollout", "rollout-commit", "score", "score-commit"} <= ops_seen
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
@@ -155,6 +157,36 @@ def test_committing_own_rollout_costs_no_forward(tiny_backends):
         before = s2.stats.forward_passes
         assert s2.score([roll2.text])[0].n_tokens >= 1
         assert s2.stats.forward_passes == before  # own proposal scored from kept log-probs
+
+
+def _committing_a_scored_candidate_costs_no_forward(b) -> None:
+    s = DecodingSession(b, "The weather today is")
+    s.next_logprobs()
+    s.score([" rather cold", " sunny and warm", "\nIt"])
+    before = s.stats.forward_passes
+    s.append(" sunny and warm")
+    after = s.next_logprobs()
+    assert s.stats.forward_passes == before  # adopted from the scoring pass, not re-run
+    assert s.stats.adopted_tokens >= 3
+    assert state_error(b, s) <= 1e-4
+    assert float((after - full_logprobs(b, b.tokenize(s.prompt + s.text))[-1]).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_committing_a_scored_candidate_costs_no_forward(tiny_backends, arch):
+    _committing_a_scored_candidate_costs_no_forward(tiny_backends[arch])
+
+
+def test_llamacpp_committing_a_scored_candidate_costs_no_forward():
+    from fuselm.models import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python not installed")
+    from fuselm.models import assets
+
+    _committing_a_scored_candidate_costs_no_forward(
+        llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
+    )
 
 
 def test_rollout_margins_and_eos(tiny_backends):

@@ -32,6 +32,19 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Forks:
+    """Scored branches' states, kept until one is adopted or another branch call replaces them."""
+
+    keep: int
+    lengths: list[int]
+    next_logprobs: list[torch.Tensor] = field(default_factory=list)  # after each branch, when kept
+    state: Any = None  # backend-specific
+
+    def available(self, j: int) -> bool:
+        return self.state is not None and j < len(self.next_logprobs)
+
+
 class Backend(ABC):
     """One model behind a small token-level interface (see :class:`fuselm.models.session.DecodingSession`)."""
 
@@ -78,6 +91,20 @@ class Backend(ABC):
     def branch_next_logprobs(self, cache: Any, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Next-token log-probs [V] after each branch (each non-empty, continuing cache[:keep]),
         all branches in one batched pass; the cache is left as it was."""
+
+    def fork_branches(self, cache: Any, keep: int, branches: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], Forks]:
+        """Like :meth:`score_branches`, and keep each branch's state so that one of them can be
+        adopted into `cache` afterwards with no forward pass (see :meth:`adopt`).
+
+        Backends that cannot keep branch states return an empty :class:`Forks`; adoption then fails
+        and the session runs the tokens itself.
+        """
+        return self.score_branches(cache, keep, branches), Forks(keep, [len(b) for b in branches])
+
+    def adopt(self, cache: Any, forks: Forks, j: int) -> torch.Tensor | None:
+        """Make `cache` = cache[:forks.keep] + branch `j`; return the next-token log-probs after it,
+        or None (cache untouched) when the branch's state is not available any more."""
+        return None
 
     def close(self) -> None:  # pragma: no cover - optional
         """Release resources held outside Python's memory management."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FuselmError
-from .backend import END_OF_TURN_TOKENS, Backend, ModelInfo, log_softmax_f32
+from .backend import END_OF_TURN_TOKENS, Backend, Forks, ModelInfo, log_softmax_f32
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,9 @@ class TransformersBackend(Backend):
         return log_softmax_f32(logits if all_logits else logits[-1]).cpu()
 
     @torch.inference_mode()
-    def _branch_logits(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, width, V] of all branches run on top of cache[:keep] in one batched pass."""
+    def _branch_logits(self, cache, keep: int, branches: Sequence[Sequence[int]]):
+        """Logits [B, width, V] of all branches run on top of cache[:keep] in one batched pass,
+        with the batch's input ids and cache."""
         from transformers import DynamicCache
 
         width = max(len(b) for b in branches)
@@ -128,20 +129,55 @@ class TransformersBackend(Backend):
             layers.append((k, v))
         branch_cache = DynamicCache(ddp_cache_data=layers) if keep > 0 else DynamicCache()
         out = self.model(input_ids=input_ids, past_key_values=branch_cache, use_cache=True)
-        return out.logits, input_ids
+        return out.logits, input_ids, branch_cache
 
-    def score_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        if not branches or max(len(b) for b in branches) == 0:
-            return [torch.zeros(0) for _ in branches]
-        logits, input_ids = self._branch_logits(cache, keep, branches)
+    def _gather_scores(self, logits, input_ids, branches) -> list[torch.Tensor]:
         logprobs = log_softmax_f32(logits[:, :-1])  # [B, width-1, V]
         gathered = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
         return [gathered[j, : max(len(b) - 1, 0)].clone() for j, b in enumerate(branches)]
 
+    def score_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        if not branches or max(len(b) for b in branches) == 0:
+            return [torch.zeros(0) for _ in branches]
+        logits, input_ids, _ = self._branch_logits(cache, keep, branches)
+        return self._gather_scores(logits, input_ids, branches)
+
+    def fork_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], Forks]:
+        lengths = [len(b) for b in branches]
+        if not branches or min(lengths) == 0:
+            return self.score_branches(cache, keep, branches), Forks(keep, lengths)
+        logits, input_ids, branch_cache = self._branch_logits(cache, keep, branches)
+        scores = self._gather_scores(logits, input_ids, branches)
+        nexts = list(log_softmax_f32(torch.stack([logits[j, n - 1] for j, n in enumerate(lengths)])).cpu())
+        # Only the branches' own positions are kept; the copied prefix is dropped with the batch.
+        width = max(lengths)
+        tails = [
+            (layer.keys[:, :, keep : keep + width].clone(), layer.values[:, :, keep : keep + width].clone())
+            if layer.is_initialized
+            else None
+            for layer in branch_cache.layers
+        ]
+        return scores, Forks(keep, lengths, nexts, tails)
+
+    def adopt(self, cache, forks: Forks, j: int) -> torch.Tensor | None:
+        if not forks.available(j) or len(forks.state) != len(cache.layers) or None in forks.state:
+            return None
+        self.truncate(cache, forks.keep)
+        n = forks.lengths[j]
+        for layer, tail in zip(cache.layers, forks.state):
+            k, v = tail[0][j : j + 1, :, :n], tail[1][j : j + 1, :, :n]
+            if layer.is_initialized:
+                layer.keys = torch.cat([layer.keys, k], dim=-2)
+                layer.values = torch.cat([layer.values, v], dim=-2)
+            else:
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k.clone(), v.clone()
+        return forks.next_logprobs[j]
+
     def branch_next_logprobs(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         if not branches:
             return []
-        logits, _ = self._branch_logits(cache, keep, branches)
+        logits, _, _ = self._branch_logits(cache, keep, branches)
         last = torch.stack([logits[j, len(b) - 1] for j, b in enumerate(branches)])
         return list(log_softmax_f32(last).cpu())
 

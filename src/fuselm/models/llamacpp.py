@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import FuselmError
-from .backend import END_OF_TURN_TOKENS, Backend, ModelInfo
+from .backend import END_OF_TURN_TOKENS, Backend, Forks, ModelInfo
 
 MAX_SESSIONS = 4  # sequences 0..3 hold sessions' caches
 MAX_BRANCHES = 12  # sequences 4..15 score candidate branches
@@ -77,6 +77,8 @@ class LlamaCppBackend(Backend):
         self._vocab = self._model.vocab
         self.n_vocab = self._model.n_vocab()
         self._free_seqs = list(range(MAX_SESSIONS))
+        self._branch_epoch = 0  # bumped by every branch run; forks from older runs are stale
+        self._kept_slots: list[int] = []  # branch sequences left in place for adoption
         meta = self._model.metadata()
         self._template = meta.get("tokenizer.chat_template")
         self._add_bos = bool(self._model.add_bos_token())
@@ -172,6 +174,9 @@ class LlamaCppBackend(Backend):
 
     def extend(self, cache: LlamaCppCache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         ids = list(ids)
+        # Branch sequences kept for adoption must be gone before a session decodes: with them
+        # still holding cells, llama.cpp 0.3.36 was seen to compute wrong logits for the session.
+        self._clear_kept()
         if cache.length + len(ids) > self.info.context_length:
             raise FuselmError(f"context of {self.info.name!r} is full ({self.info.context_length} tokens)")
         rows = []
@@ -188,17 +193,36 @@ class LlamaCppBackend(Backend):
                 rows.append(self._logits(len(chunk) - 1))
         return torch.stack(rows) if all_logits else rows[-1]
 
+    def _clear_kept(self) -> None:
+        if self._kept_slots:
+            self._branch_epoch += 1  # forks of the cleared sequences are stale
+        for slot in self._kept_slots:
+            self._llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        self._kept_slots = []
+
     def _run_branches(
-        self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]], rows: Callable[[int], range]
-    ) -> list[list[torch.Tensor]]:
+        self,
+        cache: LlamaCppCache,
+        keep: int,
+        branches: Sequence[Sequence[int]],
+        rows: Callable[[int], range],
+        fork: bool = False,
+    ) -> tuple[list[list[torch.Tensor]], dict[int, int]]:
         """Run branches on copies of cache[:keep] (spare sequences sharing its cells), as few
         `llama_decode` calls as the batch size allows; returns for branch j the log-prob rows
-        at positions rows(len(branch j))."""
+        at positions rows(len(branch j)), and, with `fork`, the sequence still holding each branch
+        of the last call (only when all branches fit one call)."""
         lc = self._llama_cpp
+        self._clear_kept()
+        self._branch_epoch += 1
         results: list[list[torch.Tensor]] = [[] for _ in branches]
         group: list[int] = []
+        groups = 0
+        kept: dict[int, int] = {}
 
-        def flush() -> None:
+        def flush(last: bool) -> None:
+            nonlocal groups
+            groups += 1
             tokens, pos, seqs, flags, where = [], [], [], [], []
             for slot, j in enumerate(group, start=MAX_SESSIONS):
                 lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
@@ -214,7 +238,11 @@ class LlamaCppBackend(Backend):
             self._decode(tokens, pos, seqs, flags)
             for (slot, j), start in zip(enumerate(group, start=MAX_SESSIONS), where):
                 results[j] = [self._logits(start + i) for i in rows(len(branches[j]))]
-                lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+                if fork and last and groups == 1:
+                    kept[j] = slot
+                    self._kept_slots.append(slot)
+                else:
+                    lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
             group.clear()
 
         budget = 0
@@ -224,29 +252,61 @@ class LlamaCppBackend(Backend):
             if len(b) > 512:
                 raise FuselmError("a candidate longer than 512 tokens cannot be scored by the llama.cpp backend")
             if len(group) == MAX_BRANCHES or budget + len(b) > 512:
-                flush()
+                flush(last=False)
                 budget = 0
             group.append(j)
             budget += len(b)
         if group:
-            flush()
-        return results
+            flush(last=True)
+        return results, kept
 
     def score_branches(self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        rows = self._run_branches(cache, keep, branches, lambda n: range(n - 1))
-        return [
-            torch.tensor([float(r[b[i + 1]]) for i, r in enumerate(rs)], dtype=torch.float32)
-            for b, rs in zip(branches, rows)
-        ]
+        rows, _ = self._run_branches(cache, keep, branches, lambda n: range(n - 1))
+        return _token_scores(branches, rows)
+
+    def fork_branches(
+        self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]
+    ) -> tuple[list[torch.Tensor], Forks]:
+        # One more logits row per branch (its last position) gives the log-probs after it.
+        rows, kept = self._run_branches(cache, keep, branches, lambda n: range(n), fork=True)
+        lengths = [len(b) for b in branches]
+        scores = _token_scores(branches, [rs[:-1] for rs in rows])
+        if not kept or len(kept) != len(branches):
+            self._clear_kept()
+            return scores, Forks(keep, lengths)
+        return scores, Forks(keep, lengths, [rs[-1] for rs in rows], (self._branch_epoch, cache.seq, kept))
+
+    def adopt(self, cache: LlamaCppCache, forks: Forks, j: int) -> torch.Tensor | None:
+        if not forks.available(j):
+            return None
+        epoch, seq, kept = forks.state
+        if epoch != self._branch_epoch or seq != cache.seq or j not in kept:
+            return None
+        self.truncate(cache, forks.keep)
+        n = forks.lengths[j]
+        self._llama_cpp.llama_memory_seq_cp(self._mem, kept[j], cache.seq, forks.keep, forks.keep + n)
+        cache.length = forks.keep + n
+        self._clear_kept()
+        self._branch_epoch += 1
+        return forks.next_logprobs[j]
 
     def branch_next_logprobs(
         self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
-        return [rs[0] for rs in self._run_branches(cache, keep, branches, lambda n: range(n - 1, n))]
+        rows, _ = self._run_branches(cache, keep, branches, lambda n: range(n - 1, n))
+        return [rs[0] for rs in rows]
 
     def close(self) -> None:
         self._ctx.close()
         self._model.close()
+
+
+def _token_scores(branches: Sequence[Sequence[int]], rows: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Log-prob of each branch token after the first, read from the rows before it."""
+    return [
+        torch.tensor([float(r[b[i + 1]]) for i, r in enumerate(rs)], dtype=torch.float32)
+        for b, rs in zip(branches, rows)
+    ]
 
 
 _LOG_CALLBACK = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FuselmError
-from .backend import Backend
+from .backend import Backend, Forks
 
 TokenChooser = Callable[[torch.Tensor], int]
 
@@ -85,6 +85,7 @@ class SessionStats:
     tokens_forwarded: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
+    adopted_tokens: int = 0  # committed tokens whose key/values came from a scoring pass
     tokenizations: int = 0
 
 
@@ -101,6 +102,7 @@ class DecodingSession:
         self._logprobs: dict[int, torch.Tensor] = {}  # n -> next-token log-probs after _ids[:n]
         self._target: list[int] | None = None  # tokenize(prompt + text), cached until append
         self._synced = False
+        self._forks: tuple[Forks, list[list[int]]] | None = None  # last scoring pass's candidate states
 
     # --- committed text -------------------------------------------------------------------------
     @property
@@ -258,7 +260,10 @@ class DecodingSession:
             p = min(k for _, _, k in pending)
             keep = n if p == n else max(p - 1, 0)
             branches = [full[keep:] for _, full, _ in pending]
-            outs = self.backend.score_branches(self._cache, keep, branches)
+            # The candidates' states are kept: if one of them is committed next, the session
+            # adopts its key/values instead of running its tokens again.
+            outs, forks = self.backend.fork_branches(self._cache, keep, branches)
+            self._forks = (forks, [full for _, full, _ in pending])
             self.stats.forward_passes += 1
             self.stats.tokens_forwarded += sum(len(b) for b in branches)
             for (j, full, k), out in zip(pending, outs):
@@ -291,7 +296,11 @@ class DecodingSession:
         limit = self.backend.info.context_length
         if n > limit:
             raise FuselmError(f"prompt is longer than the context of {self.name!r}: {n} tokens > {limit}")
+        forks, self._forks = self._forks, None
         k = common_prefix_len(self._ids, target)
+        if not (k == n and n in self._logprobs) and forks is not None:
+            self._adopt(forks, target)
+            k = common_prefix_len(self._ids, target)
         if not (k == n and n in self._logprobs):
             if k == n:  # target is a strict prefix of the cache, logits at n not kept: redo one token
                 k = n - 1
@@ -306,6 +315,21 @@ class DecodingSession:
         for key in [key for key in self._logprobs if key < n]:
             del self._logprobs[key]
         self._synced = True
+
+    def _adopt(self, forks: tuple[Forks, list[list[int]]], target: list[int]) -> bool:
+        """Take the committed text's key/values from the last scoring pass, if it scored exactly it."""
+        state, fulls = forks
+        for j, full in enumerate(fulls):
+            if full == target and state.available(j):
+                self._truncate(state.keep)
+                after = self.backend.adopt(self._cache, state, j)
+                if after is None:
+                    return False
+                self._ids = list(target)
+                self._logprobs[len(target)] = after
+                self.stats.adopted_tokens += len(target) - state.keep
+                return True
+        return False
 
 
 class _RolloutBuilder:
