@@ -63,6 +63,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="method option, e.g. -O theta=0.5 -O max_words=2 (see docs/methods.md)",
     )
+    p.add_argument("--router", metavar="DIR", help="trained router for fusionroute / expert-route (= -O router=DIR)")
     for flag, const, help_text in [
         ("--chat", "chat", "use the chat template (error if the model has none)"),
         ("--raw", "raw", "feed the prompt as raw text"),
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=False, help="run directory (several tasks/methods: one subdirectory each)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    t = sub.add_parser("train-router", help="train a FusionRoute router for a set of experts (resumable)")
+    t.add_argument("--config", metavar="FILE.yaml", help="training config (see docs/fusionroute.md)")
+    _add_train_flags(t)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     r = sub.add_parser("report", help="compare evaluation runs: table, Markdown, PNG")
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("--md", metavar="OUT.md", help="also write the table as Markdown")
@@ -131,6 +137,8 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> R
         if not sep or not key:
             raise FuselmError(f"--option expects KEY=VALUE, got {item!r}")
         opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if getattr(ns, "router", None):
+        opts["router"] = ns.router
     data["method_options"] = opts
     try:
         return RunConfig(**data)
@@ -221,6 +229,47 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per scalar field of the router training config (lists and sections come from YAML)."""
+    from .router.train import RouterTrainConfig
+
+    for name, f in RouterTrainConfig.model_fields.items():
+        ann = f.annotation
+        kind = {int: int, float: float, str: str}.get(ann) or (
+            {str | None: str}.get(ann) if ann == str | None else None
+        )
+        if kind is None:
+            continue
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS, help=f.description
+        )
+    p.add_argument("--experts", dest="experts", default=argparse.SUPPRESS, help="comma-separated expert models")
+
+
+def cmd_train_router(ns: argparse.Namespace) -> int:
+    from .router.train import RouterTrainConfig, RouterTrainer
+
+    fields = RouterTrainConfig.model_fields
+    overrides = {k: v for k, v in vars(ns).items() if k in fields}
+    if isinstance(overrides.get("experts"), str):
+        overrides["experts"] = [e.strip() for e in overrides["experts"].split(",") if e.strip()]
+    if ns.config:
+        cfg = RouterTrainConfig.from_yaml(ns.config, **overrides)
+    else:
+        try:
+            cfg = RouterTrainConfig(**overrides)
+        except ValidationError as e:
+            raise FuselmError(validation_message(e, "options")) from None
+    summary = RouterTrainer(cfg, show_progress=not ns.no_progress).run()
+    print(json.dumps(summary, ensure_ascii=False))
+    print(
+        f"router saved to {cfg.out}/router (use: fuselm generate --method fusionroute --router {cfg.out}/router "
+        f"--models {','.join(cfg.experts)} ...)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_models(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -306,7 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.INFO)
-    handlers = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "report": cmd_report}
+    handlers = {
+        "models": cmd_models,
+        "generate": cmd_generate,
+        "eval": cmd_eval,
+        "report": cmd_report,
+        "train-router": cmd_train_router,
+    }
     try:
         return handlers[ns.command](ns)
     except FuselmError as e:

@@ -39,4 +39,4 @@ def method_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import adafuse, fixed_span, sequence_select, single, token_average, unite  # noqa: F401  (register)
+    from . import adafuse, fixed_span, fusionroute, sequence_select, single, token_average, unite  # noqa: F401,I001

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import FuselmError
+from ..models.backend import same_vocabulary
 from .base import Step, StepContext
 from .ensemble import EnsembleMethod
 from .registry import register
-
-_PROBE = "Hello, world! 123 \n\tcafé 東京"
 
 
 def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -25,7 +24,7 @@ class TokenAverage(EnsembleMethod):
         super().__init__(models, generation, options)
         first = models[0].backend
         for m in models[1:]:
-            if m.info.vocab_size != first.info.vocab_size or m.backend.tokenize(_PROBE) != first.tokenize(_PROBE):
+            if not same_vocabulary(first, m.backend):
                 raise FuselmError(
                     f"token-average needs models with one vocabulary; {first.info.name!r} and {m.name!r} differ "
                     "(use adafuse, unite or fixed-span across tokenizers)"

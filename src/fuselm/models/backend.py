@@ -110,5 +110,13 @@ class Backend(ABC):
         """Release resources held outside Python's memory management."""
 
 
+_VOCAB_PROBE = "Hello, world! 123 \n\tcafé 東京 def f(x):\n    return x"
+
+
+def same_vocabulary(a: Backend, b: Backend) -> bool:
+    """Whether two backends share one vocabulary (same size, same ids for a probe text)."""
+    return a.info.vocab_size == b.info.vocab_size and a.tokenize(_VOCAB_PROBE) == b.tokenize(_VOCAB_PROBE)
+
+
 def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)

@@ -30,6 +30,7 @@ class TransformersBackend(Backend):
         self.device = torch.device(device)
         config = model.config.get_text_config(decoder=True)
         self._add_bos = _tokenizer_adds_bos(tokenizer)
+        self._branch_memo = None  # (cache key, branch -> row, batch cache) of the last branch step
         self.info = ModelInfo(
             name=name,
             backend="transformers",
@@ -94,12 +95,14 @@ class TransformersBackend(Backend):
         return DynamicCache()
 
     def truncate(self, cache, length: int) -> None:
+        self._branch_memo = None
         current = cache.get_seq_length()
         if length < current:
             cache.crop(length - current)
 
     @torch.inference_mode()
     def extend(self, cache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        self._branch_memo = None
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         out = self.model(
             input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
@@ -137,10 +140,15 @@ class TransformersBackend(Backend):
         return [gathered[j, : max(len(b) - 1, 0)].clone() for j, b in enumerate(branches)]
 
     def score_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        if not branches or max(len(b) for b in branches) == 0:
+        if not branches or max(len(b) for b in branches) <= 1:
             return [torch.zeros(0) for _ in branches]
-        logits, input_ids, _ = self._branch_logits(cache, keep, branches)
-        return self._gather_scores(logits, input_ids, branches)
+        # A branch's last token is never run: scores only need the rows before each token.
+        logits, input_ids, _ = self._branch_logits(cache, keep, [b[:-1] if len(b) > 1 else b for b in branches])
+        logprobs = log_softmax_f32(logits)
+        return [
+            logprobs[j, torch.arange(len(b) - 1), torch.tensor(list(b[1:]), dtype=torch.long)].cpu()
+            for j, b in enumerate(branches)
+        ]
 
     def fork_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], Forks]:
         lengths = [len(b) for b in branches]
@@ -160,6 +168,7 @@ class TransformersBackend(Backend):
         return scores, Forks(keep, lengths, nexts, tails)
 
     def adopt(self, cache, forks: Forks, j: int) -> torch.Tensor | None:
+        self._branch_memo = None
         if not forks.available(j) or len(forks.state) != len(cache.layers) or None in forks.state:
             return None
         self.truncate(cache, forks.keep)
@@ -174,11 +183,38 @@ class TransformersBackend(Backend):
                 layer.keys, layer.values = k.clone(), v.clone()
         return forks.next_logprobs[j]
 
+    @torch.inference_mode()
     def branch_next_logprobs(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         if not branches:
             return []
-        logits, _, _ = self._branch_logits(cache, keep, branches)
-        last = torch.stack([logits[j, len(b) - 1] for j, b in enumerate(branches)])
+        # A rollout calls this once per step with every branch one token longer: the batch's cache
+        # is kept between calls, so a step runs one token per branch.
+        memo, self._branch_memo = self._branch_memo, None
+        parents = [tuple(b[:-1]) for b in branches]
+        lengths = {len(b) for b in branches}
+        if (
+            memo is not None
+            and memo[0] == (id(cache), cache.get_seq_length(), keep)
+            and len(lengths) == 1
+            and all(p in memo[1] for p in parents)
+        ):
+            branch_cache = memo[2]
+            rows = torch.tensor([memo[1][p] for p in parents], device=self.device)
+            for layer in branch_cache.layers:
+                if layer.is_initialized and layer.keys.numel():
+                    layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            input_ids = torch.tensor([[b[-1]] for b in branches], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=input_ids, past_key_values=branch_cache, use_cache=True)
+            last = out.logits[:, -1]
+        else:
+            logits, _, branch_cache = self._branch_logits(cache, keep, branches)
+            last = torch.stack([logits[j, len(b) - 1] for j, b in enumerate(branches)])
+        if len(lengths) == 1:  # no padding in the batch's cache: it can go on
+            self._branch_memo = (
+                (id(cache), cache.get_seq_length(), keep),
+                {tuple(b): j for j, b in enumerate(branches)},
+                branch_cache,
+            )
         return list(log_softmax_f32(last).cpu())
 
 

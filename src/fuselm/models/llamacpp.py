@@ -78,7 +78,8 @@ class LlamaCppBackend(Backend):
         self.n_vocab = self._model.n_vocab()
         self._free_seqs = list(range(MAX_SESSIONS))
         self._branch_epoch = 0  # bumped by every branch run; forks from older runs are stale
-        self._kept_slots: list[int] = []  # branch sequences left in place for adoption
+        self._kept_slots: list[int] = []  # branch sequences left in place for adoption or the next step
+        self._branch_memo: tuple[tuple[int, int, int], dict[tuple[int, ...], int]] | None = None
         meta = self._model.metadata()
         self._template = meta.get("tokenizer.chat_template")
         self._add_bos = bool(self._model.add_bos_token())
@@ -261,7 +262,8 @@ class LlamaCppBackend(Backend):
         return results, kept
 
     def score_branches(self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        rows, _ = self._run_branches(cache, keep, branches, lambda n: range(n - 1))
+        # A branch's last token is never run: scores only need the rows before each token.
+        rows, _ = self._run_branches(cache, keep, [b[:-1] for b in branches], lambda n: range(n))
         return _token_scores(branches, rows)
 
     def fork_branches(
@@ -293,8 +295,32 @@ class LlamaCppBackend(Backend):
     def branch_next_logprobs(
         self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
-        rows, _ = self._run_branches(cache, keep, branches, lambda n: range(n - 1, n))
-        return [rs[0] for rs in rows]
+        # A rollout calls this once per step with every branch one token longer: the branches'
+        # sequences are kept between calls, so a step decodes one token per branch.
+        memo = self._branch_memo
+        parents = [tuple(b[:-1]) for b in branches]
+        if (
+            memo is not None
+            and memo[0] == (self._branch_epoch, cache.seq, keep)
+            and all(len(b) > 1 and p in memo[1] for b, p in zip(branches, parents))
+            and len(set(parents)) == len(parents)
+        ):
+            slots = [memo[1][p] for p in parents]
+            # Finished branches stay in place until the next clear: removing their cells between
+            # two steps made llama.cpp 0.3.36 compute wrong logits for the remaining branches.
+            self._decode(
+                [b[-1] for b in branches], [keep + len(b) - 1 for b in branches], [[s] for s in slots], [True] * len(slots)
+            )
+            out = [self._logits(i) for i in range(len(branches))]
+        else:
+            rows, kept = self._run_branches(cache, keep, branches, lambda n: range(n - 1, n), fork=True)
+            out = [rs[0] for rs in rows]
+            if len(kept) != len(branches):
+                self._clear_kept()
+                return out
+            slots = [kept[j] for j in range(len(branches))]
+        self._branch_memo = ((self._branch_epoch, cache.seq, keep), {tuple(b): s for b, s in zip(branches, slots)})
+        return out
 
     def close(self) -> None:
         self._ctx.close()

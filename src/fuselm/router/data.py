@@ -1,0 +1,247 @@
+"""Training data for the router: task rows turned into token ids, annotated by the experts.
+
+* SFT examples: a task prompt and its reference answer, with every expert's log-probability of
+  each answer token and its greedy next token at that position (for the informative-position
+  mask and the expert-mixture loss).
+* Preference pairs: the experts' own sampled answers judged by the task's metric against the
+  reference; a correct answer is *chosen*, an incorrect one for the same prompt *rejected*;
+  both annotated by the experts the same way.
+
+Annotation files are JSONL (token ids and floats, no pickle), appended and fsynced one example
+at a time, so building a large set can be interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import GenerationConfig
+from ..errors import FuselmError
+from ..eval.task import Task, get_task, load_rows
+from ..models.backend import Backend
+
+TRAIN_FILES = {"gsm8k": "gsm8k/train_300.jsonl", "nq": "nq/train_1600.jsonl"}
+
+
+@dataclass
+class Annotated:
+    """Answer tokens after a prompt, with each expert's view of them."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+    expert_logprobs: list[list[float]]  # [T][E]: log p_i(target_t | prompt, target_<t)
+    expert_greedy: list[list[int]]  # [E][T]: expert i's argmax at the position predicting target_t
+
+
+@dataclass
+class SFTExample(Annotated):
+    kind: str = "sft"
+    source: str = ""
+
+
+@dataclass
+class PreferencePair:
+    chosen: Annotated
+    rejected: Annotated
+    kind: str = "pref"
+    source: str = ""
+
+
+def few_shot_prefix(task: Task, data_dir: Path | None, shots: int | None) -> str:
+    """The task's prompt file, keeping only its last `shots` examples (None: all)."""
+    prefix = task.prompt_prefix(data_dir)
+    if shots is None:
+        return prefix
+    parts = prefix.split("\n\nQuestion:")
+    head, examples = parts[0], parts[1:]
+    if not examples:
+        return prefix
+    kept = examples[-shots:] if shots > 0 else []
+    if head.startswith("Question:"):  # the file starts with an example, not an instruction
+        examples = [head[len("Question:") :], *examples]
+        kept = examples[-shots:] if shots > 0 else []
+        return "\n\n".join("Question:" + e for e in kept)
+    return "\n\n".join([head, *("Question:" + e for e in kept)])
+
+
+def reference_answer(task: Task, row: dict[str, Any]) -> str:
+    """The text a model should write after the task prompt for this row."""
+    if task.name == "gsm8k":
+        lines = [ln for ln in str(row["answer"]).strip().split("\n") if not ln.startswith("####")]
+        return "\n".join(lines) + f"\nThe answer is \\boxed{{{task.reference(row)}}}\n"
+    answers = task.reference(row)
+    first = answers[0] if isinstance(answers, list) else str(answers)
+    return f" {first}\n"
+
+
+def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int], caches: list) -> Annotated:
+    """Each expert's log-prob and greedy token at every answer position (caches keep the prompt
+    prefix between calls, so shared few-shot prefixes are run once)."""
+    ids = prompt_ids + target_ids
+    start = len(prompt_ids) - 1  # position whose output predicts target_ids[0]
+    logprobs_by_expert, greedy = [], []
+    for backend, cache in zip(experts, caches):
+        held = cache.setdefault("ids", [])
+        k = 0
+        while k < min(len(held), start) and held[k] == ids[k]:
+            k += 1
+        backend.truncate(cache["cache"], k)
+        rows = backend.extend(cache["cache"], ids[k:], all_logits=True)  # rows for positions k..
+        cache["ids"] = list(ids)
+        rows = rows[start - k : start - k + len(target_ids)]
+        logprobs_by_expert.append(rows.gather(1, torch.tensor(target_ids)[:, None]).squeeze(1).tolist())
+        greedy.append(rows.argmax(-1).tolist())
+    per_token = [list(x) for x in zip(*logprobs_by_expert)]
+    return Annotated(list(prompt_ids), list(target_ids), per_token, greedy)
+
+
+def new_caches(experts: list[Backend]) -> list[dict]:
+    return [{"cache": b.new_cache(), "ids": []} for b in experts]
+
+
+class JsonlStore:
+    """Append-only JSONL of examples; each line fsynced, a torn last line dropped on reopen."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.items: list[dict] = []
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").split("\n")
+            good = []
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    self.items.append(json.loads(line))
+                    good.append(line)
+                except json.JSONDecodeError:
+                    break  # torn write from an interrupted run: drop it and everything after
+            path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+
+    def append(self, item: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(item) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.items.append(item)
+
+
+def build_sft(
+    task_name: str,
+    rows: list[dict[str, Any]],
+    tokenize: Callable[[str], list[int]],
+    experts: list[Backend],
+    prefix: str,
+    store: JsonlStore,
+    max_length: int,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Annotate (and store) one SFT example per row, skipping rows already in the store."""
+    task = get_task(task_name)
+    done = {(it["source"]) for it in store.items}
+    caches = new_caches(experts)
+    for row in rows:
+        key = f"{task_name}:{row['id']}"
+        if key in done:
+            if progress:
+                progress()
+            continue
+        prompt = task.build_prompt(prefix, row)
+        prompt_ids = tokenize(prompt)
+        target_ids = tokenize(prompt + reference_answer(task, row))[len(prompt_ids) :]
+        target_ids = target_ids[: max(1, max_length - len(prompt_ids))]
+        ex = annotate(experts, prompt_ids, target_ids, caches)
+        store.append(asdict(SFTExample(**asdict(ex), source=key)))
+        if progress:
+            progress()
+
+
+def build_preferences(
+    task_name: str,
+    rows: list[dict[str, Any]],
+    tokenize: Callable[[str], list[int]],
+    experts: list,  # loaded Models (for sampling) whose backends annotate
+    prefix: str,
+    store: JsonlStore,
+    samples: int,
+    temperature: float,
+    seed: int,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Sample answers from every expert, judge them against the reference, store one
+    (correct, incorrect) pair per prompt that has both."""
+    from ..fusion.loop import generate
+
+    task = get_task(task_name)
+    backends = [m.backend for m in experts]
+    done = {it["source"] for it in store.items}
+    caches = new_caches(backends)
+    rng = random.Random(seed)
+    for row in rows:
+        key = f"{task_name}:{row['id']}"
+        if key in done:
+            if progress:
+                progress()
+            continue
+        prompt = task.build_prompt(prefix, row)
+        judged: list[tuple[str, float]] = []
+        for i, m in enumerate(experts):
+            for k in range(samples):
+                gen = GenerationConfig(
+                    max_new_tokens=task.max_new_tokens,
+                    temperature=temperature,
+                    seed=(seed * 100003 + zlib.crc32(key.encode()) * 31 + i * 7 + k) % 2**31,
+                    stop=list(task.stop),
+                    chat="raw",
+                )
+                out = generate([m], prompt, "single", gen).text
+                score = task.metrics[task.main_metric](out, task.extract(out), row)
+                judged.append((out, score))
+        good = [o for o, s in judged if s > 0]
+        bad = [o for o, s in judged if s <= 0 and o.strip()]
+        if not good or not bad:
+            store.append({"kind": "none", "source": key})  # remembered so a resume skips it
+        else:
+            chosen, rejected = rng.choice(good), rng.choice(bad)
+            prompt_ids = tokenize(prompt)
+            pair = []
+            for text in (chosen, rejected):
+                ids = tokenize(prompt + text + task.stop[0] if task.stop else prompt + text)[len(prompt_ids) :]
+                pair.append(annotate(backends, prompt_ids, ids, caches))
+            store.append(asdict(PreferencePair(pair[0], pair[1], source=key)))
+        if progress:
+            progress()
+
+
+def load_task_rows(task_name: str, data: str | None, data_dir: Path | None, limit: int | None) -> list[dict]:
+    task = get_task(task_name)
+    if data is None:
+        if task_name not in TRAIN_FILES:
+            raise FuselmError(f"no default training file for task {task_name!r}; give `data: PATH`")
+        data = str((data_dir or _default_dir()) / TRAIN_FILES[task_name])
+    rows = load_rows(task, data, data_dir)
+    return rows[:limit] if limit else rows
+
+
+def _default_dir() -> Path:
+    from ..eval.task import default_data_dir
+
+    return default_data_dir()
+
+
+def sft_items(store: JsonlStore) -> Iterable[dict]:
+    return (it for it in store.items if it.get("kind") == "sft")
+
+
+def pref_items(store: JsonlStore) -> Iterable[dict]:
+    return (it for it in store.items if it.get("kind") == "pref")

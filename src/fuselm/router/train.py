@@ -1,0 +1,513 @@
+"""`fuselm train-router`: build the router's training data with the experts, then train it.
+
+Phases run in the order of ``schedule``:
+
+* ``sft``: every SFT example updates the whole router (LM + routing head) with
+  L_LM + lam * L_expert.
+* ``cdpo``: preference pairs only, DPO on the LM parameters against the router as it was when
+  the phase began (the SFT router), with the selected expert's chosen-vs-rejected
+  log-likelihood ratio as a stop-gradient bias.
+* ``mix``: SFT examples and preference pairs shuffled into the same batches; SFT examples update
+  everything, pairs only the LM parameters (their loss never reaches the routing head).
+
+Everything that takes long is resumable: annotation files are appended example by example, and
+a checkpoint (router weights, optimizer state, position in the schedule) is written every
+``checkpoint_every`` optimizer steps; running the same command again continues from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..config import validation_message
+from ..errors import FuselmError
+from .data import (
+    JsonlStore,
+    build_preferences,
+    build_sft,
+    few_shot_prefix,
+    load_task_rows,
+    pref_items,
+    sft_items,
+)
+from .losses import cdpo_loss, informative_mask, routing_accuracy, sequence_logprob, sft_loss
+from .model import RouterMeta, RouterModel, add_lora, load_router, save_router, vocab_fingerprint
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainTask(_Strict):
+    task: str = Field(..., description="task name (its prompt format and answer)")
+    data: str | None = Field(None, description="JSONL file (default: the task's training file in the data directory)")
+    limit: int | None = Field(None, ge=1, description="first rows only")
+    shots: int | None = Field(None, ge=0, description="keep only the last N few-shot examples of the prompt")
+
+
+class PreferenceData(TrainTask):
+    samples: int = Field(4, ge=1, description="sampled answers per expert and prompt")
+    temperature: float = Field(0.8, gt=0)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class Phase(_Strict):
+    kind: Literal["sft", "cdpo", "mix"]
+    epochs: float = Field(1.0, gt=0)
+
+
+class RouterTrainConfig(_Strict):
+    backbone: str = Field("qwen2.5-coder-0.5b", description="router backbone (model reference, transformers)")
+    experts: list[str] = Field(["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"], min_length=2)
+    expert_backend: Literal["auto", "llamacpp", "transformers"] = "auto"
+    sft: list[TrainTask] = Field(default_factory=lambda: [TrainTask(task="nq", limit=200, shots=1)])
+    preference: list[PreferenceData] = Field(default_factory=list)
+    schedule: list[Phase] = Field(default_factory=lambda: [Phase(kind="sft")])
+    lora: LoraSettings | None = Field(default_factory=LoraSettings)
+    lam: float = Field(1 / 3, ge=0, description="weight of the expert-mixture loss")
+    beta: float = Field(0.1, gt=0, description="CDPO temperature")
+    lr: float = Field(2e-4, gt=0, description="learning rate of the LM parameters")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the routing head")
+    batch_size: int = Field(4, ge=1, description="examples per optimizer step (accumulated)")
+    max_length: int = Field(512, ge=8, description="longest prompt + answer, in tokens")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="SFT examples held out for the final evaluation")
+    checkpoint_every: int = Field(20, ge=1, description="optimizer steps between checkpoints")
+    seed: int = 0
+    data_dir: str | None = None
+    out: str = "runs/router"
+
+    @model_validator(mode="after")
+    def _check(self) -> RouterTrainConfig:
+        if len(set(self.experts)) != len(self.experts):
+            raise ValueError("experts must be different models")
+        kinds = {p.kind for p in self.schedule}
+        if kinds & {"cdpo", "mix"} and not self.preference:
+            raise ValueError("a cdpo or mix phase needs `preference` data")
+        if "sft" not in kinds and "mix" not in kinds:
+            raise ValueError("the schedule needs an sft or mix phase to train the routing head")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> RouterTrainConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise FuselmError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise FuselmError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise FuselmError(f"{p}: expected a mapping at the top level")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise FuselmError(validation_message(e, str(p))) from None
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed (paths and the checkpoint cadence excluded)."""
+        d = self.model_dump(exclude={"out", "checkpoint_every", "data_dir"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- tensors for one example ---------------------------------------------------------------------
+def _sft_tensors(item: dict) -> dict[str, torch.Tensor]:
+    p, t = item["prompt_ids"], item["target_ids"]
+    ids = torch.tensor([p + t])
+    T, E = ids.shape[1], len(item["expert_greedy"])
+    target_mask = torch.zeros(1, T, dtype=torch.bool)
+    target_mask[0, len(p) :] = True
+    expert_lp = torch.zeros(1, T, E)
+    greedy = torch.zeros(E, 1, T, dtype=torch.long)
+    s = len(p) - 1  # position predicting the first answer token
+    expert_lp[0, s : s + len(t)] = torch.tensor(item["expert_logprobs"])
+    greedy[:, 0, s : s + len(t)] = torch.tensor(item["expert_greedy"])
+    informative = informative_mask(greedy)
+    informative[0, :s] = False
+    best = torch.zeros(1, T, dtype=torch.long)
+    best[0, s : s + len(t)] = torch.tensor(item["expert_logprobs"]).argmax(-1)
+    return {"ids": ids, "target_mask": target_mask, "expert_lp": expert_lp, "informative": informative, "best": best}
+
+
+def _answer_logprob(router: RouterModel, ann: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(router LM log-likelihood of the answer, routing argmax at each answer position)."""
+    p, t = ann["prompt_ids"], ann["target_ids"]
+    ids = torch.tensor([p + t])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(p) :] = True
+    out = router(input_ids=ids)
+    routes = out.route_logits[0, len(p) - 1 : len(p) - 1 + len(t)].argmax(-1)
+    return sequence_logprob(out.lm_logits, ids, mask)[0], routes
+
+
+def _selected_expert_logprob(ann: dict, routes: torch.Tensor) -> float:
+    return float(sum(ann["expert_logprobs"][i][int(e)] for i, e in enumerate(routes)))
+
+
+# --- trainer -------------------------------------------------------------------------------------
+class RouterTrainer:
+    def __init__(self, cfg: RouterTrainConfig, show_progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.show_progress = show_progress
+        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+
+    # data ------------------------------------------------------------------------------------
+    def build_data(self, tokenizer) -> tuple[JsonlStore, JsonlStore]:
+        from ..models.backend import same_vocabulary
+        from ..models.loading import load_model
+
+        cfg = self.cfg
+        sft = JsonlStore(self.out / "data" / "sft.jsonl")
+        pref = JsonlStore(self.out / "data" / "preference.jsonl")
+        jobs = []
+        for spec in cfg.sft:
+            rows = load_task_rows(spec.task, spec.data, self.data_dir, spec.limit)
+            jobs.append(("sft", spec, rows))
+        for spec in cfg.preference:
+            rows = load_task_rows(spec.task, spec.data, self.data_dir, spec.limit)
+            jobs.append(("pref", spec, rows))
+        have = {it["source"] for it in sft.items} | {it["source"] for it in pref.items}
+        todo = sum(1 for kind, spec, rows in jobs for r in rows if f"{spec.task}:{r['id']}" not in have)
+        if todo == 0:
+            return sft, pref
+        experts = [load_model(n, backend=cfg.expert_backend) for n in cfg.experts]
+
+        def tokenize(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        probe = "Hello, world! 123 \n\tcafé 東京"
+        for m in experts:
+            if m.backend.tokenize(probe) != tokenize(probe):
+                raise FuselmError(f"expert {m.name!r} and the router backbone {cfg.backbone!r} tokenize differently")
+        for m in experts[1:]:
+            if not same_vocabulary(experts[0].backend, m.backend):
+                raise FuselmError(f"experts {experts[0].name!r} and {m.name!r} have different vocabularies")
+        with _progress(self.show_progress) as progress:
+            for kind, spec, rows in jobs:
+                from ..eval.task import get_task
+
+                task = get_task(spec.task)
+                prefix = few_shot_prefix(task, self.data_dir, spec.shots)
+                bar = progress.add_task(f"annotate {kind} {spec.task}", total=len(rows))
+
+                def tick(bar=bar):
+                    progress.update(bar, advance=1)
+
+                if kind == "sft":
+                    build_sft(
+                        spec.task, rows, tokenize, [m.backend for m in experts], prefix, sft, cfg.max_length, tick
+                    )
+                else:
+                    build_preferences(
+                        spec.task, rows, tokenize, experts, prefix, pref, spec.samples, spec.temperature, cfg.seed, tick
+                    )
+        for m in experts:
+            m.backend.close()
+        return sft, pref
+
+    # model -----------------------------------------------------------------------------------
+    def _base(self):
+        from ..models.loading import load_model
+
+        base = load_model(self.cfg.backbone, backend="transformers").backend
+        return base.model, base.tokenizer
+
+    def new_router(self) -> tuple[RouterModel, Any]:
+        backbone, tokenizer = self._base()
+        torch.manual_seed(self.cfg.seed)
+        router = RouterModel(backbone, len(self.cfg.experts))
+        if self.cfg.lora is not None:
+            router = add_lora(router, r=self.cfg.lora.r, alpha=self.cfg.lora.alpha, dropout=self.cfg.lora.dropout)
+        return router, tokenizer
+
+    def meta(self, router: RouterModel, tokenizer, extra: dict | None = None) -> RouterMeta:
+        return RouterMeta(
+            backbone=self.cfg.backbone,
+            experts=[expert_name(e) for e in self.cfg.experts],
+            vocab_size=router.vocab_size,
+            vocab_fingerprint=vocab_fingerprint(tokenizer),
+            extra=extra or {},
+        )
+
+    # training --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+        ckpt = self.out / "checkpoint"
+        saved = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
+        if saved is not None and saved.get("fingerprint") != cfg.fingerprint():
+            raise FuselmError(f"{ckpt} was made with a different config; use another --out or delete the checkpoint")
+        if saved is not None:
+            backbone, tokenizer = self._base()
+            router, _ = load_router(ckpt, backbone)
+        else:
+            router, tokenizer = self.new_router()
+        sft_store, pref_store = self.build_data(tokenizer)
+        sft_all = list(sft_items(sft_store))
+        if not sft_all and any(p.kind in ("sft", "mix") for p in cfg.schedule):
+            raise FuselmError("no SFT examples were built (check the sft data)")
+        val = [it for it in sft_all if _held_out(it["source"], cfg.val_fraction)]
+        train_sft = [it for it in sft_all if not _held_out(it["source"], cfg.val_fraction)] or sft_all
+        pairs = list(pref_items(pref_store))
+        if any(p.kind in ("cdpo", "mix") for p in cfg.schedule) and not pairs:
+            raise FuselmError(
+                "no preference pairs: no prompt had both a correct and an incorrect sampled answer "
+                "(more samples, more rows, or a higher temperature)"
+            )
+
+        plan = []  # (phase index, kind, list of items per step)
+        for i, phase in enumerate(cfg.schedule):
+            pool = {"sft": train_sft, "cdpo": pairs, "mix": train_sft + pairs}[phase.kind]
+            rng = random.Random(cfg.seed * 1000 + i)
+            n = max(1, round(len(pool) * phase.epochs))
+            order = []
+            while len(order) < n:
+                chunk = list(pool)
+                rng.shuffle(chunk)
+                order.extend(chunk)
+            order = order[:n]
+            steps = [order[k : k + cfg.batch_size] for k in range(0, n, cfg.batch_size)]
+            plan.append((i, phase.kind, steps))
+        total_steps = sum(len(s) for _, _, s in plan)
+
+        optimizer = self._optimizer(router)
+        state: dict[str, Any] = {"phase": 0, "step": 0, "global_step": 0, "references": {}, "history": []}
+        if saved is not None:
+            from safetensors.torch import load_file
+
+            state = {k: saved[k] for k in state}
+            flat = load_file(str(ckpt / "optimizer.safetensors"))
+            optimizer.load_state_dict(_unflatten_optimizer(flat, saved.get("optimizer_layout", {}), optimizer))
+        router.train()
+        t0 = time.perf_counter()
+        tokens_seen = 0
+        with _progress(self.show_progress) as progress:
+            bar = progress.add_task("train", total=total_steps, completed=state["global_step"])
+            for i, kind, steps in plan:
+                if i < state["phase"]:
+                    continue
+                if kind in ("cdpo", "mix") and str(i) not in state["references"]:
+                    state["references"][str(i)] = self._references(router, pairs)
+                refs = state["references"].get(str(i), {})
+                start = state["step"] if i == state["phase"] else 0
+                for k in range(start, len(steps)):
+                    optimizer.zero_grad(set_to_none=True)
+                    logs: dict[str, float] = {}
+                    for item in steps[k]:
+                        loss, parts, ntok = self._loss(router, item, refs)
+                        (loss / len(steps[k])).backward()
+                        tokens_seen += ntok
+                        for key, v in parts.items():
+                            logs[key] = logs.get(key, 0.0) + v / len(steps[k])
+                    optimizer.step()
+                    state.update(phase=i, step=k + 1, global_step=state["global_step"] + 1)
+                    logs["phase"] = i
+                    state["history"].append({key: round(v, 5) for key, v in logs.items()})
+                    rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+                    desc = f"{kind} loss {logs.get('loss', 0):.3f} {rate:.0f} tok/s"
+                    progress.update(bar, advance=1, description=desc)
+                    if state["global_step"] % cfg.checkpoint_every == 0:
+                        self._checkpoint(router, optimizer, tokenizer, state)
+                state.update(phase=i + 1, step=0)
+        self._checkpoint(router, optimizer, tokenizer, state)
+        summary = self.evaluate(router, val or train_sft[: max(1, len(train_sft) // 10)])
+        summary.update(
+            steps=state["global_step"],
+            sft_examples=len(train_sft),
+            held_out=len(val),
+            preference_pairs=len(pairs),
+            seconds=round(time.perf_counter() - t0, 1),
+        )
+        final = self.out / "router"
+        save_router(router, final, self.meta(router, tokenizer, {"training": summary, "config": cfg.model_dump()}))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
+
+    def _loss(self, router: RouterModel, item: dict, refs: dict) -> tuple[torch.Tensor, dict[str, float], int]:
+        if item.get("kind") == "sft":
+            x = _sft_tensors(item)
+            out = router(input_ids=x["ids"])
+            loss, parts = sft_loss(out, x["ids"], x["target_mask"], x["expert_lp"], x["informative"], self.cfg.lam)
+            return (
+                loss,
+                {"loss": float(loss.detach()), **{k: v for k, v in parts.items() if k != "informative"}},
+                int(x["ids"].shape[1]),
+            )
+        ref = refs[item["source"]]
+        chosen, _ = _answer_logprob(router, item["chosen"])
+        rejected, _ = _answer_logprob(router, item["rejected"])
+        loss = cdpo_loss(
+            chosen[None],
+            rejected[None],
+            torch.tensor([ref["ref_chosen"]]),
+            torch.tensor([ref["ref_rejected"]]),
+            torch.tensor([ref["expert_chosen"]]),
+            torch.tensor([ref["expert_rejected"]]),
+            beta=self.cfg.beta,
+        )
+        ntok = sum(len(item[k]["prompt_ids"]) + len(item[k]["target_ids"]) for k in ("chosen", "rejected"))
+        return loss, {"loss": float(loss.detach()), "cdpo": float(loss.detach())}, ntok
+
+    @torch.no_grad()
+    def _references(self, router: RouterModel, pairs: list[dict]) -> dict[str, dict[str, float]]:
+        """The reference router's log-likelihoods (the router as the phase begins) and the log-likelihood
+        under the experts it selects, for every pair; computed once and kept in the checkpoint."""
+        router.eval()
+        refs = {}
+        for item in pairs:
+            c, rc = _answer_logprob(router, item["chosen"])
+            r, rr = _answer_logprob(router, item["rejected"])
+            refs[item["source"]] = {
+                "ref_chosen": float(c),
+                "ref_rejected": float(r),
+                "expert_chosen": _selected_expert_logprob(item["chosen"], rc),
+                "expert_rejected": _selected_expert_logprob(item["rejected"], rr),
+            }
+        router.train()
+        return refs
+
+    @torch.no_grad()
+    def evaluate(self, router: RouterModel, items: list[dict]) -> dict[str, Any]:
+        """Held-out SFT examples: routing accuracy at informative positions (against the expert that
+        gives the gold token the highest probability), the router LM's loss, and the gold token's
+        log-likelihood under the routed expert and under each expert alone."""
+        router.eval()
+        hits = total = 0
+        nll = {"router_lm": 0.0, "routed_expert": 0.0}
+        nll.update({f"expert:{n}": 0.0 for n in self.cfg.experts})
+        count = 0
+        for item in items:
+            x = _sft_tensors(item)
+            out = router(input_ids=x["ids"])
+            acc = routing_accuracy(out.route_logits, x["best"], x["informative"])
+            n_inf = int(x["informative"].sum())
+            if n_inf:
+                hits += acc * n_inf
+                total += n_inf
+            s = len(item["prompt_ids"]) - 1
+            t = len(item["target_ids"])
+            lm = torch.log_softmax(out.lm_logits[0, s : s + t].float(), -1)
+            gold = torch.tensor(item["target_ids"])
+            routes = out.route_logits[0, s : s + t].argmax(-1)
+            elp = torch.tensor(item["expert_logprobs"])  # [t, E]
+            nll["router_lm"] -= float(lm.gather(1, gold[:, None]).sum())
+            nll["routed_expert"] -= float(elp.gather(1, routes[:, None]).sum())
+            for e, name in enumerate(self.cfg.experts):
+                nll[f"expert:{name}"] -= float(elp[:, e].sum())
+            count += t
+        router.train()
+        return {
+            "routing_accuracy_informative": round(hits / total, 4) if total else None,
+            "informative_positions": total,
+            "nll_per_token": {k: round(v / max(count, 1), 4) for k, v in nll.items()},
+            "answer_tokens": count,
+        }
+
+    # checkpoints -----------------------------------------------------------------------------
+    def _checkpoint(self, router, optimizer, tokenizer, state) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_router(router, tmp, self.meta(router, tokenizer))
+        flat, layout = _flatten_optimizer(optimizer)
+        save_file(flat, str(tmp / "optimizer.safetensors"))
+        info = dict(state, fingerprint=self.cfg.fingerprint(), optimizer_layout=layout)
+        (tmp / "trainer.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+        final = self.out / "checkpoint"
+        old = self.out / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _optimizer(self, router: RouterModel) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            [
+                {"params": router.lm_parameters(), "lr": self.cfg.lr},
+                {"params": router.head_parameters(), "lr": self.cfg.head_lr},
+            ],
+            weight_decay=0.0,
+        )
+
+
+def expert_name(ref: str) -> str:
+    """The name a model reference loads under (what `--models` gives at generation time)."""
+    from ..models.catalog import BUNDLED
+
+    if ref in BUNDLED:
+        return ref
+    p = Path(ref).expanduser()
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+def _held_out(source: str, fraction: float) -> bool:
+    return fraction > 0 and (zlib.crc32(source.encode()) % 10_000) < fraction * 10_000
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as flat tensors (safetensors) plus a JSON layout for the rest."""
+    sd = optimizer.state_dict()
+    flat: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, v in st.items():
+            if torch.is_tensor(v):
+                flat[f"{pid}.{key}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = v
+    return flat, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(flat: dict[str, torch.Tensor], layout: dict[str, Any], optimizer) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in flat.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = t
+    for pid, vals in layout.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(vals)
+    groups = layout.get("param_groups") or optimizer.state_dict()["param_groups"]
+    return {"state": state, "param_groups": groups}
+
+
+class _progress:
+    """A rich progress bar with ETA, or nothing when disabled."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            disable=not enabled,
+            transient=False,
+        )
+
+    def __enter__(self):
+        self.p.__enter__()
+        return self.p
+
+    def __exit__(self, *exc):
+        return self.p.__exit__(*exc)
