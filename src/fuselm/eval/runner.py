@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
-from .task import Task, default_data_dir, get_task, load_rows
+from ..fusion.registry import get_method
+from .task import Task, default_data_dir, get_task, load_rows, reference_text
 
 
 class EvalSpec(BaseModel):
@@ -172,10 +173,14 @@ def run_eval(
         transient=False,
     ) as progress:
         bar = progress.add_task(_label(task.name, main, scores), total=len(rows), completed=len(done))
+        needs_reference = getattr(get_method(spec.method), "needs_reference", False)
         for row in todo:
             prompt = task.build_prompt(prefix, row)
             t0 = time.perf_counter()
-            result = generate(models, prompt, spec.method, gen, spec.method_options)
+            options = spec.method_options
+            if needs_reference:  # oracle-route follows each row's reference
+                options = {**options, "reference": reference_text(task, row)}
+            result = generate(models, prompt, spec.method, gen, options)
             seconds = time.perf_counter() - t0
             answer = task.extract(result.text)
             metrics = {name: fn(result.text, answer, row) for name, fn in task.metrics.items()}

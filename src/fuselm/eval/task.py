@@ -46,6 +46,20 @@ class Task:
         return path.read_text(encoding="utf-8").rstrip()
 
 
+def reference_text(task: Task, row: dict[str, Any]) -> str:
+    """The text a model should write after the task prompt for this row (a training target, and
+    the reference that `oracle-route` follows)."""
+    if task.name == "gsm8k":
+        lines = [ln for ln in str(row["answer"]).strip().split("\n") if not ln.startswith("####")]
+        return "\n".join(lines) + f"\nThe answer is \\boxed{{{task.reference(row)}}}\n"
+    ref = task.reference(row)
+    first = ref[0] if isinstance(ref, list) and ref else ref
+    if isinstance(first, dict) or first is None:
+        raise FuselmError(f"task {task.name} has no reference text for row {row.get('id')}")
+    sep = "" if str(first).startswith((" ", "\n")) or task.build_prompt("", row).endswith((" ", "\n")) else " "
+    return f"{sep}{first}\n"
+
+
 TASKS: dict[str, Task] = {}
 
 

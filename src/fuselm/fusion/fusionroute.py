@@ -40,6 +40,21 @@ def _require_one_vocabulary(method: str, sessions_or_models) -> None:
             )
 
 
+_ROUTERS: dict[tuple[str, float], object] = {}
+
+
+def _load_router(path: Path):
+    """A loaded router, reused across generations (an evaluation constructs the method per row)."""
+    from ..router.backend import RouterBackend
+
+    weights = path / "router.safetensors"
+    key = (str(path.resolve()), weights.stat().st_mtime if weights.is_file() else 0.0)
+    if key not in _ROUTERS:
+        _ROUTERS.clear()  # one router at a time: each holds a whole backbone
+        _ROUTERS[key] = RouterBackend.load(path)
+    return _ROUTERS[key]
+
+
 class FusionRouteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -73,11 +88,9 @@ class FusionRoute(FusionMethod):
 
     def __init__(self, models, generation, options=None):
         super().__init__(models, generation, options)
-        from ..router.backend import RouterBackend
-
         _require_one_vocabulary(self.name, models)
         path = Path(self.options.router).expanduser()
-        self.router = RouterBackend.load(path)
+        self.router = _load_router(path)
         meta = self.router.meta
         names = [m.name for m in models]
         if self.router.n_experts != len(models):

@@ -92,7 +92,9 @@ class Backend(ABC):
         """Next-token log-probs [V] after each branch (each non-empty, continuing cache[:keep]),
         all branches in one batched pass; the cache is left as it was."""
 
-    def fork_branches(self, cache: Any, keep: int, branches: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], Forks]:
+    def fork_branches(
+        self, cache: Any, keep: int, branches: Sequence[Sequence[int]]
+    ) -> tuple[list[torch.Tensor], Forks]:
         """Like :meth:`score_branches`, and keep each branch's state so that one of them can be
         adopted into `cache` afterwards with no forward pass (see :meth:`adopt`).
 

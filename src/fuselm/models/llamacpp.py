@@ -309,7 +309,10 @@ class LlamaCppBackend(Backend):
             # Finished branches stay in place until the next clear: removing their cells between
             # two steps made llama.cpp 0.3.36 compute wrong logits for the remaining branches.
             self._decode(
-                [b[-1] for b in branches], [keep + len(b) - 1 for b in branches], [[s] for s in slots], [True] * len(slots)
+                [b[-1] for b in branches],
+                [keep + len(b) - 1 for b in branches],
+                [[s] for s in slots],
+                [True] * len(slots),
             )
             out = [self._logits(i) for i in range(len(branches))]
         else:

@@ -237,7 +237,6 @@ class DecodingSession:
         prefix_text = self.prompt + self.text
         results: list[Score | None] = [None] * len(candidates)
         pending: list[tuple[int, list[int], int]] = []  # (index, full ids, common prefix)
-        known: list[list[int]] = []  # full ids of candidates scored from kept log-probs
         for j, cand in enumerate(candidates):
             nbytes = len(cand.encode("utf-8"))
             if not cand:
@@ -256,25 +255,19 @@ class DecodingSession:
                 lp = sum(float(self._logprobs[n + i][t]) for i, t in enumerate(toks))
                 self.stats.reused_tokens += len(toks)
                 results[j] = Score(lp, len(toks), len(cand), nbytes)
-                if self._ids[n : n + len(toks)] != toks or n + len(toks) not in self._logprobs:
-                    known.append(full)  # scored for free, but committing it would need a pass
             else:
                 pending.append((j, full, k))
         if pending:
             p = min(k for _, _, k in pending)
             keep = n if p == n else max(p - 1, 0)
-            # Every candidate's state is kept (those scored for free ride along in the same pass):
-            # whichever is committed next, the session adopts its key/values instead of running
-            # its tokens again.
-            import os
-            if os.environ.get("FUSELM_SCORE") == "lean":
-                branches = [full[keep:] for _, full, _ in pending]
-                outs = self.backend.score_branches(self._cache, keep, branches)
-            else:
-                fulls = [full for _, full, _ in pending] + (known if os.environ.get("FUSELM_SCORE") == "known" else [])
-                branches = [full[keep:] for full in fulls]
-                outs, forks = self.backend.fork_branches(self._cache, keep, branches)
-                self._forks = (forks, fulls)
+            # The candidates' states are kept: if one of them is committed next, the session adopts
+            # its key/values instead of running its tokens again. (Candidates scored from kept
+            # log-probs are not added to the pass: on this CPU a pass costs nearly in proportion
+            # to its tokens, and adding them was measured slower.)
+            fulls = [full for _, full, _ in pending]
+            branches = [full[keep:] for full in fulls]
+            outs, forks = self.backend.fork_branches(self._cache, keep, branches)
+            self._forks = (forks, fulls)
             self.stats.forward_passes += 1
             self.stats.tokens_forwarded += sum(len(b) for b in branches)
             for (j, full, k), out in zip(pending, outs):

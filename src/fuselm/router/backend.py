@@ -41,6 +41,12 @@ class RouterBackend(TransformersBackend):
         router, meta = load_router(path, base.model)
         return cls(router, base.tokenizer, meta, name=f"router:{path.name}", source=str(path))
 
+    def new_cache(self):
+        # A router follows one generation at a time: routes of earlier caches are dropped (their
+        # ids could be reused by the new cache).
+        self._routes.clear()
+        return super().new_cache()
+
     @property
     def n_experts(self) -> int:
         return self.router.n_experts

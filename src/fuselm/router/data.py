@@ -26,7 +26,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import FuselmError
-from ..eval.task import Task, get_task, load_rows
+from ..eval.task import Task, get_task, load_rows, reference_text
 from ..models.backend import Backend
 
 TRAIN_FILES = {"gsm8k": "gsm8k/train_300.jsonl", "nq": "nq/train_1600.jsonl"}
@@ -71,16 +71,6 @@ def few_shot_prefix(task: Task, data_dir: Path | None, shots: int | None) -> str
         kept = examples[-shots:] if shots > 0 else []
         return "\n\n".join("Question:" + e for e in kept)
     return "\n\n".join([head, *("Question:" + e for e in kept)])
-
-
-def reference_answer(task: Task, row: dict[str, Any]) -> str:
-    """The text a model should write after the task prompt for this row."""
-    if task.name == "gsm8k":
-        lines = [ln for ln in str(row["answer"]).strip().split("\n") if not ln.startswith("####")]
-        return "\n".join(lines) + f"\nThe answer is \\boxed{{{task.reference(row)}}}\n"
-    answers = task.reference(row)
-    first = answers[0] if isinstance(answers, list) else str(answers)
-    return f" {first}\n"
 
 
 def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int], caches: list) -> Annotated:
@@ -158,7 +148,7 @@ def build_sft(
             continue
         prompt = task.build_prompt(prefix, row)
         prompt_ids = tokenize(prompt)
-        target_ids = tokenize(prompt + reference_answer(task, row))[len(prompt_ids) :]
+        target_ids = tokenize(prompt + reference_text(task, row))[len(prompt_ids) :]
         target_ids = target_ids[: max(1, max_length - len(prompt_ids))]
         ex = annotate(experts, prompt_ids, target_ids, caches)
         store.append(asdict(SFTExample(**asdict(ex), source=key)))
