@@ -206,3 +206,17 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_dirs, qwen_experts, tm
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_eval_harness_runs_router_methods(trained, qwen_experts, tmp_path):
+    """fusionroute and oracle-route through `fuselm eval` (oracle-route gets each row's reference)."""
+    models = ",".join(str(e) for e in qwen_experts)
+    for method, extra in (("fusionroute", ["--router", str(trained)]), ("oracle-route", [])):
+        out = tmp_path / method
+        r = run_cli(
+            "eval", "--task", "nq", "--method", method, "--models", models, *extra, "--limit", "2",
+            "--max-new-tokens", "4", "--data-dir", str(SHARED_DATA), "--out", str(out), "--no-progress",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all("em" in row["metrics"] for row in rows)

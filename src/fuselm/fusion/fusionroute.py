@@ -153,7 +153,9 @@ class ExpertRoute(FusionRoute):
 class OracleRouteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reference: str = Field(..., description="the reference answer whose next token decides the expert")
+    reference: str | None = Field(
+        None, description="the reference answer whose next token decides the expert (eval passes each row's)"
+    )
 
 
 @register("oracle-route")
@@ -168,6 +170,8 @@ class OracleRoute(FusionMethod):
     def __init__(self, models, generation, options=None):
         super().__init__(models, generation, options)
         _require_one_vocabulary(self.name, models)
+        if self.options.reference is None:
+            raise FuselmError("oracle-route needs the reference answer: -O reference=TEXT (fuselm eval passes it)")
         self.names = [m.name for m in models]
         self._ref_ids: list[int] | None = None
         self._tokens = 0

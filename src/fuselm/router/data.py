@@ -85,9 +85,13 @@ def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int
         while k < min(len(held), start) and held[k] == ids[k]:
             k += 1
         backend.truncate(cache["cache"], k)
-        rows = backend.extend(cache["cache"], ids[k:], all_logits=True)  # rows for positions k..
+        # Output rows only where they are needed: a full-vocabulary row costs about as much as
+        # the rest of the pass for these small models.
+        if k < start:
+            backend.extend(cache["cache"], ids[k:start])
+        rows = backend.extend(cache["cache"], ids[start:], all_logits=True)  # rows for positions start..
         cache["ids"] = list(ids)
-        rows = rows[start - k : start - k + len(target_ids)]
+        rows = rows[: len(target_ids)]
         logprobs_by_expert.append(rows.gather(1, torch.tensor(target_ids)[:, None]).squeeze(1).tolist())
         greedy.append(rows.argmax(-1).tolist())
     per_token = [list(x) for x in zip(*logprobs_by_expert)]
