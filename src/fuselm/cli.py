@@ -332,6 +332,10 @@ def _stdout_stream(text: str) -> None:
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
+    # peft calls a transformers API deprecated in 5.x: a warning per model load, nothing for users to do
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.modeling_utils")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
