@@ -61,23 +61,20 @@ class FusionRouteOptions(BaseModel):
     router: str = Field(..., description="directory of a router trained by `fuselm train-router`")
 
 
-class _TokenStep:
-    """One token (or a few, when a token is half a UTF-8 character) from a chosen distribution."""
-
-    @staticmethod
-    def take(expert: DecodingSession, first_token: int, more, budget: int) -> tuple[str, int, bool]:
-        """(text, tokens used, end of sequence) starting with `first_token`; `more(toks)` picks the next."""
-        if expert.is_eos(first_token):
-            return "", 1, True
-        toks = [first_token]
+def take_token(expert: DecodingSession, first_token: int, more, budget: int) -> tuple[str, int, bool]:
+    """(text, tokens used, end of sequence) for `first_token`, continued by `more(tokens so far)`
+    while the text is half a UTF-8 character (byte-level tokens)."""
+    if expert.is_eos(first_token):
+        return "", 1, True
+    toks = [first_token]
+    text = expert.continuation_text(toks)
+    while text.endswith("\ufffd") and len(toks) < min(8, budget):
+        tok = more(toks)
+        if expert.is_eos(tok):
+            break
+        toks.append(tok)
         text = expert.continuation_text(toks)
-        while text.endswith("\ufffd") and len(toks) < min(8, budget):
-            tok = more(toks)
-            if expert.is_eos(tok):
-                break
-            toks.append(tok)
-            text = expert.continuation_text(toks)
-        return text, len(toks), False
+    return text, len(toks), False
 
 
 @register("fusionroute")
@@ -103,7 +100,6 @@ class FusionRoute(FusionMethod):
             raise FuselmError(f"router {path} and expert {names[0]!r} have different vocabularies")
         self.names = names
         self._session: DecodingSession | None = None
-        self.router_passes = 0
 
     def _router_session(self, ctx: StepContext) -> DecodingSession:
         # The router reads the same prompt text as the experts (one tokenizer, one template) and
@@ -117,7 +113,7 @@ class FusionRoute(FusionMethod):
     def step(self, ctx: StepContext) -> Step:
         r = self._router_session(ctx)
         lp_r = r.next_logprobs()
-        route = self.router.route_logits(r._cache, len(r.committed_ids()))
+        route = self.router.route_logits(r.cache, len(r.committed_ids()))
         weights = torch.softmax(route, dim=-1)
         e = int(torch.argmax(route))
         expert = ctx.sessions[e]
@@ -126,12 +122,12 @@ class FusionRoute(FusionMethod):
         tok = self.sampler(final)
 
         def more(toks: list[int]) -> int:
-            rr, ee = r.replay(toks), expert.replay(toks)
-            del rr, ee
+            r.replay(toks)
+            expert.replay(toks)
             lp = expert.tail_logprobs(len(toks))
             return self.sampler(combine_logprobs(r.tail_logprobs(len(toks)), lp) if self.complementary else lp)
 
-        text, used, eos = _TokenStep.take(expert, tok, more, ctx.budget)
+        text, used, eos = take_token(expert, tok, more, ctx.budget)
         own = int(torch.argmax(lp_e))
         trace = {
             "expert": self.names[e],
@@ -192,7 +188,7 @@ class OracleRoute(FusionMethod):
             expert.replay(toks)
             return self.sampler(expert.tail_logprobs(len(toks)))
 
-        text, used, eos = _TokenStep.take(expert, tok, more, ctx.budget)
+        text, used, eos = take_token(expert, tok, more, ctx.budget)
         self._tokens += used
         trace = {"expert": self.names[e], "reference_token": None if ref is None else s0.backend.decode([ref])}
         return Step(text=text, new_tokens=used, source=e, finished=eos, trace=trace)

@@ -109,6 +109,11 @@ class DecodingSession:
     def name(self) -> str:
         return self.backend.info.name
 
+    @property
+    def cache(self):
+        """The backend's cache object (for backends that keep side outputs per position)."""
+        return self._cache
+
     def append(self, text: str) -> None:
         """Commit `text` after the current text (lazily: nothing runs until the next query)."""
         if text:
