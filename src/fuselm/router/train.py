@@ -5,7 +5,7 @@ Phases run in the order of ``schedule``:
 * ``sft``: every SFT example updates the whole router (LM + routing head) with
   L_LM + lam * L_expert.
 * ``cdpo``: preference pairs only, DPO on the LM parameters against the router as it was when
-  the phase began (the SFT router), with the selected expert's chosen-vs-rejected
+  the first preference phase began (the SFT router), with the selected expert's chosen-vs-rejected
   log-likelihood ratio as a stop-gradient bias.
 * ``mix``: SFT examples and preference pairs shuffled into the same batches; SFT examples update
   everything, pairs only the LM parameters (their loss never reaches the routing head).
@@ -305,9 +305,11 @@ class RouterTrainer:
             for i, kind, steps in plan:
                 if i < state["phase"]:
                     continue
-                if kind in ("cdpo", "mix") and str(i) not in state["references"]:
-                    state["references"][str(i)] = self._references(router, pairs)
-                refs = state["references"].get(str(i), {})
+                # The reference for every preference phase is the router as the first one begins
+                # (after SFT), computed once and kept in the checkpoint.
+                if kind in ("cdpo", "mix") and not state["references"]:
+                    state["references"] = self._references(router, pairs)
+                refs = state["references"]
                 start = state["step"] if i == state["phase"] else 0
                 for k in range(start, len(steps)):
                     optimizer.zero_grad(set_to_none=True)
