@@ -184,8 +184,8 @@ class RouterTrainer:
         for spec in cfg.preference:
             rows = load_task_rows(spec.task, spec.data, self.data_dir, spec.limit)
             jobs.append(("pref", spec, rows))
-        have = {it["source"] for it in sft.items} | {it["source"] for it in pref.items}
-        todo = sum(1 for kind, spec, rows in jobs for r in rows if f"{spec.task}:{r['id']}" not in have)
+        have = {"sft": {it["source"] for it in sft.items}, "pref": {it["source"] for it in pref.items}}
+        todo = sum(1 for kind, spec, rows in jobs for r in rows if f"{spec.task}:{r['id']}" not in have[kind])
         if todo == 0:
             return sft, pref
         experts = [load_model(n, backend=cfg.expert_backend) for n in cfg.experts]
