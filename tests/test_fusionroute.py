@@ -99,6 +99,7 @@ def trained(tiny_dirs, qwen_experts, tmp_path_factory) -> Path:
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["preference_pairs"] >= 4 and summary["steps"] > 0
     assert 0.0 <= summary["routing_accuracy_informative"] <= 1.0
+    assert 0.5 <= summary["majority_expert_accuracy"] <= 1.0
     assert (out / "router" / "router.safetensors").is_file()
     meta = json.loads((out / "router" / "router.json").read_text())
     assert meta["experts"] == [e.name for e in qwen_experts] and meta["lora"]["r"] == 4

@@ -394,6 +394,7 @@ class RouterTrainer:
         log-likelihood under the routed expert and under each expert alone."""
         router.eval()
         hits = total = 0
+        best_counts = [0] * len(self.cfg.experts)  # how often each expert is the best one
         nll = {"router_lm": 0.0, "routed_expert": 0.0}
         nll.update({f"expert:{n}": 0.0 for n in self.cfg.experts})
         count = 0
@@ -402,6 +403,8 @@ class RouterTrainer:
             out = router(input_ids=x["ids"])
             acc = routing_accuracy(out.route_logits, x["best"], x["informative"])
             n_inf = int(x["informative"].sum())
+            for e in range(len(self.cfg.experts)):
+                best_counts[e] += int((x["best"][x["informative"]] == e).sum())
             if n_inf:
                 hits += acc * n_inf
                 total += n_inf
@@ -419,6 +422,8 @@ class RouterTrainer:
         router.train()
         return {
             "routing_accuracy_informative": round(hits / total, 4) if total else None,
+            # what always picking the most often best expert would score: the bar to clear
+            "majority_expert_accuracy": round(max(best_counts) / total, 4) if total else None,
             "informative_positions": total,
             "nll_per_token": {k: round(v / max(count, 1), 4) for k, v in nll.items()},
             "answer_tokens": count,
