@@ -70,7 +70,7 @@ def tiny_config(arch: str, vocab_size: int, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny model directories (config + safetensors + real tokenizer), one per architecture."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = {}
     for arch, bundled in TINY.items():
@@ -78,19 +78,24 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
             continue
         tok_dir = assets.ensure_tokenizer(BUNDLED[bundled])
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        torch.manual_seed(0)
-        config = tiny_config(arch, len(tokenizer), tokenizer)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        # Larger-than-default weights give peaked distributions, so greedy choices are not near-ties.
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.3)
-        d = tmp_path_factory.mktemp(f"tiny-{arch}")
-        model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-        out[arch] = d
+        out[arch] = save_tiny_model(arch, tokenizer, 0, tmp_path_factory.mktemp(f"tiny-{arch}"))
     return out
+
+
+def save_tiny_model(arch: str, tokenizer, seed: int, directory: Path) -> Path:
+    """A tiny random model of `arch` with `tokenizer`, saved (with the tokenizer) into `directory`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), tokenizer), dtype=torch.float32)
+    # Larger-than-default weights give peaked distributions, so greedy choices are not near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from .conftest import SHARED_DATA, run_cli, tiny_config
+from .conftest import SHARED_DATA, run_cli, save_tiny_model
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="needs ../shared/data")
 
@@ -23,24 +23,12 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="needs
 @pytest.fixture(scope="module")
 def qwen_experts(tiny_dirs, tmp_path_factory) -> list[Path]:
     """Two tiny Qwen2 models with different random weights (one vocabulary)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if "qwen2" not in tiny_dirs:
         pytest.skip("qwen tokenizer not installed")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dirs["qwen2"]))
-    dirs = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config("qwen2", len(tokenizer), tokenizer), dtype=torch.float32)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.3)
-        d = tmp_path_factory.mktemp(f"expert{seed}")
-        model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-        dirs.append(d)
-    return dirs
+    return [save_tiny_model("qwen2", tokenizer, seed, tmp_path_factory.mktemp(f"expert{seed}")) for seed in (1, 2)]
 
 
 def _seed_pairs(out: Path, experts: list[Path], rows: int) -> None:

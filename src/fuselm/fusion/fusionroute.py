@@ -77,15 +77,24 @@ def take_token(expert: DecodingSession, first_token: int, more, budget: int) -> 
     return text, len(toks), False
 
 
-@register("fusionroute")
-class FusionRoute(FusionMethod):
-    Options = FusionRouteOptions
+class _ExpertMethod(FusionMethod):
+    """Per-token choice between experts that share one vocabulary."""
+
     min_models = 2
-    complementary = True
 
     def __init__(self, models, generation, options=None):
         super().__init__(models, generation, options)
         _require_one_vocabulary(self.name, models)
+        self.names = [m.name for m in models]
+
+
+@register("fusionroute")
+class FusionRoute(_ExpertMethod):
+    Options = FusionRouteOptions
+    complementary = True
+
+    def __init__(self, models, generation, options=None):
+        super().__init__(models, generation, options)
         path = Path(self.options.router).expanduser()
         self.router = _load_router(path)
         meta = self.router.meta
@@ -98,7 +107,6 @@ class FusionRoute(FusionMethod):
             raise FuselmError(f"router {path} was trained for experts {list(meta.experts)}, got {names}")
         if not same_vocabulary(self.router, models[0].backend):
             raise FuselmError(f"router {path} and expert {names[0]!r} have different vocabularies")
-        self.names = names
         self._session: DecodingSession | None = None
 
     def _router_session(self, ctx: StepContext) -> DecodingSession:
@@ -155,20 +163,17 @@ class OracleRouteOptions(BaseModel):
 
 
 @register("oracle-route")
-class OracleRoute(FusionMethod):
+class OracleRoute(_ExpertMethod):
     """Analysis only: per token, the expert that gives the reference's next token the highest
     probability (past the reference's end, the first expert); decoding with that expert alone."""
 
     Options = OracleRouteOptions
-    min_models = 2
     needs_reference = True
 
     def __init__(self, models, generation, options=None):
         super().__init__(models, generation, options)
-        _require_one_vocabulary(self.name, models)
         if self.options.reference is None:
             raise FuselmError("oracle-route needs the reference answer: -O reference=TEXT (fuselm eval passes it)")
-        self.names = [m.name for m in models]
         self._ref_ids: list[int] | None = None
         self._tokens = 0
 

@@ -130,6 +130,17 @@ class JsonlStore:
         self.items.append(item)
 
 
+def _rows_to_build(task_name: str, rows: list[dict[str, Any]], store: JsonlStore, progress) -> Iterable:
+    """(source key, row) for the rows not in `store` yet; every row ticks `progress` once."""
+    done = {it["source"] for it in store.items}
+    for row in rows:
+        key = f"{task_name}:{row['id']}"
+        if key not in done:
+            yield key, row
+        if progress:
+            progress()
+
+
 def build_sft(
     task_name: str,
     rows: list[dict[str, Any]],
@@ -142,22 +153,14 @@ def build_sft(
 ) -> None:
     """Annotate (and store) one SFT example per row, skipping rows already in the store."""
     task = get_task(task_name)
-    done = {(it["source"]) for it in store.items}
     caches = new_caches(experts)
-    for row in rows:
-        key = f"{task_name}:{row['id']}"
-        if key in done:
-            if progress:
-                progress()
-            continue
+    for key, row in _rows_to_build(task_name, rows, store, progress):
         prompt = task.build_prompt(prefix, row)
         prompt_ids = tokenize(prompt)
         target_ids = tokenize(prompt + reference_text(task, row))[len(prompt_ids) :]
         target_ids = target_ids[: max(1, max_length - len(prompt_ids))]
         ex = annotate(experts, prompt_ids, target_ids, caches)
         store.append(asdict(SFTExample(**asdict(ex), source=key)))
-        if progress:
-            progress()
 
 
 def build_preferences(
@@ -178,15 +181,9 @@ def build_preferences(
 
     task = get_task(task_name)
     backends = [m.backend for m in experts]
-    done = {it["source"] for it in store.items}
     caches = new_caches(backends)
     rng = random.Random(seed)
-    for row in rows:
-        key = f"{task_name}:{row['id']}"
-        if key in done:
-            if progress:
-                progress()
-            continue
+    for key, row in _rows_to_build(task_name, rows, store, progress):
         prompt = task.build_prompt(prefix, row)
         judged: list[tuple[str, float]] = []
         for i, m in enumerate(experts):
@@ -213,8 +210,6 @@ def build_preferences(
                 ids = tokenize(prompt + text + task.stop[0] if task.stop else prompt + text)[len(prompt_ids) :]
                 pair.append(annotate(backends, prompt_ids, ids, caches))
             store.append(asdict(PreferencePair(pair[0], pair[1], source=key)))
-        if progress:
-            progress()
 
 
 def load_task_rows(task_name: str, data: str | None, data_dir: Path | None, limit: int | None) -> list[dict]:
