@@ -273,3 +273,35 @@ def test_llamacpp_batched_branch_rollouts():
     b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
     problems = [p for prompt in PROMPTS for p in _branch_rollout_problems(b, prompt)]
     assert problems == []
+
+
+def _fresh_session_view(b, prompt: str) -> dict:
+    """Open a session on `prompt`, read its first next-token log-probs, and drop it (its
+    sequence becomes the backend's warm one)."""
+    s = DecodingSession(b, prompt)
+    lp = s.next_logprobs()
+    return {"lp": lp, "cached": s.stats.cached_prompt_tokens, "forwarded": s.stats.tokens_forwarded}
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_llamacpp_new_session_keeps_the_warm_prompt_prefix():
+    from fuselm.models import assets, llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python not installed")
+    b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
+    shots = "Q: What is 2 + 2?\nA: 4\n\nQ: What is the capital of France?\nA: Paris\n\n"
+    prompts = [shots + "Q: Who wrote Hamlet?\nA:", shots + "Q: Which planet is largest?\nA:"]
+    prompts.append(prompts[-1])  # the same prompt again: everything but its last token is kept
+    prompts.append("Completely different text")  # nothing in common
+    refs = [full_logprobs(b, b.tokenize(p))[-1] for p in prompts]
+    views = [_fresh_session_view(b, p) for p in prompts]
+    n_shots = len(b.tokenize(shots))
+    assert views[0]["cached"] == 0
+    assert views[1]["cached"] >= n_shots - 1
+    assert views[2]["cached"] == len(b.tokenize(prompts[2])) - 1 and views[2]["forwarded"] == 1
+    assert views[3]["cached"] <= 1  # at most the BOS
+    for view, ref in zip(views, refs):
+        assert torch.allclose(view["lp"], ref, atol=1e-4)
+    assert b.cached_ids(b.new_cache()) == []  # a plain new cache is empty

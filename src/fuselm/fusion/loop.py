@@ -105,6 +105,7 @@ def generate(
         "forward_passes": {n: s.stats.forward_passes for n, s in zip(names, sessions)},
         "tokens_forwarded": {n: s.stats.tokens_forwarded for n, s in zip(names, sessions)},
         "prompt_tokens": {n: s.stats.prompt_tokens for n, s in zip(names, sessions)},
+        "cached_prompt_tokens": {n: s.stats.cached_prompt_tokens for n, s in zip(names, sessions)},
         "text_share": {n: round(c / total, 4) for n, c in zip(names, shares)},
         "rounds": len(trace) if trace else None,
     }

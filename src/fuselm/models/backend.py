@@ -63,8 +63,14 @@ class Backend(ABC):
         """The prompt text for a conversation, ending where the assistant's answer starts."""
 
     @abstractmethod
-    def new_cache(self) -> Any:
-        """An empty KV cache."""
+    def new_cache(self, warm: bool = False) -> Any:
+        """A KV cache: empty, or with `warm` possibly still holding an earlier session's tokens
+        (see :meth:`cached_ids`)."""
+
+    def cached_ids(self, cache: Any) -> list[int]:
+        """Token ids a cache from ``new_cache(warm=True)`` already holds; a session keeps their
+        common prefix with its prompt. Backends without prefix reuse hold none."""
+        return []
 
     @abstractmethod
     def truncate(self, cache: Any, length: int) -> None:

@@ -89,7 +89,7 @@ class TransformersBackend(Backend):
         return text
 
     # --- forward passes -------------------------------------------------------------------------
-    def new_cache(self):
+    def new_cache(self, warm: bool = False):
         from transformers import DynamicCache
 
         return DynamicCache()

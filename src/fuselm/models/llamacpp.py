@@ -37,7 +37,11 @@ def available() -> bool:
 @dataclass(eq=False)
 class LlamaCppCache:
     seq: int
-    length: int = 0
+    ids: list[int]  # tokens held by the sequence; mutated in place (the release hook shares it)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
 
 
 class LlamaCppBackend(Backend):
@@ -61,7 +65,7 @@ class LlamaCppBackend(Backend):
             )
         except ValueError as e:
             raise FuselmError(f"cannot load {path}: not a valid GGUF model ({e})") from e
-        threads = n_threads or max(1, os.cpu_count() or 1)
+        threads = n_threads or _usable_cpus()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = 512
@@ -77,6 +81,7 @@ class LlamaCppBackend(Backend):
         self._vocab = self._model.vocab
         self.n_vocab = self._model.n_vocab()
         self._free_seqs = list(range(MAX_SESSIONS))
+        self._warm: tuple[int, list[int]] | None = None  # a released sequence still holding its tokens
         self._branch_epoch = 0  # bumped by every branch run; forks from older runs are stale
         self._kept_slots: list[int] = []  # branch sequences left in place for adoption or the next step
         self._branch_memo: tuple[tuple[int, int, int], dict[tuple[int, ...], int]] | None = None
@@ -134,25 +139,44 @@ class LlamaCppBackend(Backend):
         return text
 
     # --- forward passes -------------------------------------------------------------------------
-    def new_cache(self) -> LlamaCppCache:
-        """A cache is one llama.cpp sequence; it is freed when the cache object is dropped."""
-        if not self._free_seqs:
+    def new_cache(self, warm: bool = False) -> LlamaCppCache:
+        """A cache is one llama.cpp sequence; it is freed when the cache object is dropped.
+
+        With `warm`, the cache may come holding the tokens of the last released session (see
+        :meth:`cached_ids`): a caller whose prompt starts the same way (few-shot evaluation)
+        keeps that prefix instead of running it again.
+        """
+        if self._warm is not None:
+            seq, ids = self._warm
+            self._warm = None
+            if not warm:
+                self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                ids = []
+        elif not self._free_seqs:
             raise FuselmError(f"at most {MAX_SESSIONS} live sessions per llama.cpp model")
-        seq = self._free_seqs.pop(0)
-        self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        cache = LlamaCppCache(seq)
-        weakref.finalize(cache, self._release, seq)
+        else:
+            seq, ids = self._free_seqs.pop(0), []
+            self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        cache = LlamaCppCache(seq, ids)
+        weakref.finalize(cache, self._release, seq, ids)
         return cache
 
-    def _release(self, seq: int) -> None:
-        if self._ctx.ctx is not None:
-            self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        self._free_seqs.append(seq)
+    def cached_ids(self, cache: LlamaCppCache) -> list[int]:
+        return list(cache.ids)
+
+    def _release(self, seq: int, ids: list[int]) -> None:
+        if self._ctx.ctx is None:
+            return
+        if self._warm is not None:  # only the last released sequence stays warm
+            old, _ = self._warm
+            self._llama_cpp.llama_memory_seq_rm(self._mem, old, -1, -1)
+            self._free_seqs.append(old)
+        self._warm = (seq, ids)
 
     def truncate(self, cache: LlamaCppCache, length: int) -> None:
         if length < cache.length:
             self._llama_cpp.llama_memory_seq_rm(self._mem, cache.seq, length, -1)
-            cache.length = length
+            del cache.ids[length:]
 
     def _decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]], logits: list[bool]) -> None:
         b = self._batch.batch
@@ -187,7 +211,7 @@ class LlamaCppBackend(Backend):
             flags = [all_logits or (last_chunk and i == len(chunk) - 1) for i in range(len(chunk))]
             pos = [cache.length + i for i in range(len(chunk))]
             self._decode(chunk, pos, [[cache.seq]] * len(chunk), flags)
-            cache.length += len(chunk)
+            cache.ids.extend(chunk)
             if all_logits:
                 rows.extend(self._logits(i) for i in range(len(chunk)))
             elif last_chunk:
@@ -276,18 +300,19 @@ class LlamaCppBackend(Backend):
         if not kept or len(kept) != len(branches):
             self._clear_kept()
             return scores, Forks(keep, lengths)
-        return scores, Forks(keep, lengths, [rs[-1] for rs in rows], (self._branch_epoch, cache.seq, kept))
+        state = (self._branch_epoch, cache.seq, kept, [list(b) for b in branches])
+        return scores, Forks(keep, lengths, [rs[-1] for rs in rows], state)
 
     def adopt(self, cache: LlamaCppCache, forks: Forks, j: int) -> torch.Tensor | None:
         if not forks.available(j):
             return None
-        epoch, seq, kept = forks.state
+        epoch, seq, kept, branches = forks.state
         if epoch != self._branch_epoch or seq != cache.seq or j not in kept:
             return None
         self.truncate(cache, forks.keep)
         n = forks.lengths[j]
         self._llama_cpp.llama_memory_seq_cp(self._mem, kept[j], cache.seq, forks.keep, forks.keep + n)
-        cache.length = forks.keep + n
+        cache.ids.extend(branches[j])
         self._clear_kept()
         self._branch_epoch += 1
         return forks.next_logprobs[j]
@@ -336,6 +361,14 @@ def _token_scores(branches: Sequence[Sequence[int]], rows: list[list[torch.Tenso
         torch.tensor([float(r[b[i + 1]]) for i, r in enumerate(rs)], dtype=torch.float32)
         for b, rs in zip(branches, rows)
     ]
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset / container CPU sets, unlike cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 _LOG_CALLBACK = None

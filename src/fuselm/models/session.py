@@ -84,6 +84,7 @@ class SessionStats:
     forward_passes: int = 0
     tokens_forwarded: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens found in a warm cache (not run again)
     reused_tokens: int = 0
     adopted_tokens: int = 0  # committed tokens whose key/values came from a scoring pass
     tokenizations: int = 0
@@ -97,8 +98,10 @@ class DecodingSession:
 
     def __post_init__(self) -> None:
         self.text = ""
-        self._cache = self.backend.new_cache()
-        self._ids: list[int] = []  # tokens in the cache: committed prefix + speculative tail
+        self._cache = self.backend.new_cache(warm=True)
+        # Tokens in the cache: committed prefix + speculative tail. A warm cache starts with an
+        # earlier session's tokens; _sync keeps their common prefix with the prompt.
+        self._ids: list[int] = self.backend.cached_ids(self._cache)
         self._logprobs: dict[int, torch.Tensor] = {}  # n -> next-token log-probs after _ids[:n]
         self._target: list[int] | None = None  # tokenize(prompt + text), cached until append
         self._synced = False
@@ -314,8 +317,9 @@ class DecodingSession:
             if k == n:  # target is a strict prefix of the cache, logits at n not kept: redo one token
                 k = n - 1
             self._truncate(k)
-            if not self._ids:
+            if self.stats.prompt_tokens == 0:  # first sync: the prompt
                 self.stats.prompt_tokens = n
+                self.stats.cached_prompt_tokens = k
             self._logprobs[n] = self.backend.extend(self._cache, target[k:])
             self._ids = list(target)
             self.stats.forward_passes += 1

@@ -41,11 +41,11 @@ class RouterBackend(TransformersBackend):
         router, meta = load_router(path, base.model)
         return cls(router, base.tokenizer, meta, name=f"router:{path.name}", source=str(path))
 
-    def new_cache(self):
+    def new_cache(self, warm: bool = False):
         # A router follows one generation at a time: routes of earlier caches are dropped (their
         # ids could be reused by the new cache).
         self._routes.clear()
-        return super().new_cache()
+        return super().new_cache(warm)
 
     @property
     def n_experts(self) -> int:

@@ -1,0 +1,117 @@
+"""Run the evaluation matrix of docs/results.md: every task x every method, resumable.
+
+    python scripts/results_matrix.py --list              # the fuselm commands, in order
+    python scripts/results_matrix.py --workers 2         # run them (two processes, one CPU each)
+    python scripts/results_matrix.py --tasks nq,squad --methods adafuse
+
+Each job is one ``fuselm eval`` run into ``runs/results/TASK-METHOD`` (its log beside it).
+Finished runs are skipped and interrupted ones continue where they stopped, so the script can
+be stopped and started again at any time. With ``--workers N`` (N > 1) each worker is pinned
+to its own CPU with ``taskset``: on a 2-core machine two single-threaded runs get more done
+than one run on two threads, since small decode batches do not split well across threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+# Rows per task (the evaluation issue's sizes); None = all rows.
+TASKS = {
+    "nq": 200,
+    "triviaqa": 200,
+    "squad": 200,
+    "gsm8k": 100,
+    "flores-en-de": 100,
+    "flores-de-en": 100,
+    "flores-en-ro": 100,
+    "humaneval": None,
+}
+SINGLES = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+ENSEMBLE = "smollm2-135m,qwen2.5-coder-0.5b"  # the default ensemble (README)
+QWENS = "qwen2.5-coder-1.5b,qwen2.5-coder-0.5b"  # one vocabulary: token-level methods
+METHODS: dict[str, list[str]] = {
+    **{name: ["--model", name] for name in SINGLES},
+    "token-average": ["--method", "token-average", "--models", QWENS],
+    "unite": ["--method", "unite", "--models", ENSEMBLE],
+    "fixed-span": ["--method", "fixed-span", "--models", ENSEMBLE],
+    "adafuse": ["--method", "adafuse", "--models", ENSEMBLE],
+}
+
+
+def jobs(root: Path, tasks: list[str], methods: list[str]) -> list[tuple[str, list[str], int | None]]:
+    out = []
+    for task in tasks:
+        for method in methods:
+            limit = TASKS[task]
+            args = ["fuselm", "eval", "--task", task, *METHODS[method]]
+            if limit is not None:
+                args += ["--limit", str(limit)]
+            args += ["--out", str(root / f"{task}-{method}")]
+            out.append((f"{task}-{method}", args, limit))
+    return out
+
+
+def finished(run: Path) -> bool:
+    summary = run / "summary.json"
+    return summary.is_file() and bool(json.loads(summary.read_text()).get("complete"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="runs/results", help="directory for the run directories")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks, in priority order")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods/models")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--list", action="store_true", help="print the commands and exit")
+    ns = ap.parse_args()
+    tasks, methods = ns.tasks.split(","), ns.methods.split(",")
+    for name, known in ((tasks, TASKS), (methods, METHODS)):
+        bad = [x for x in name if x not in known]
+        if bad:
+            ap.error(f"unknown: {', '.join(bad)} (known: {', '.join(known)})")
+    root = Path(ns.root)
+    todo = jobs(root, tasks, methods)
+    if ns.list:
+        for _, args, _ in todo:
+            print(shlex.join(args))
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    pending = [j for j in todo if not finished(root / j[0])]
+    print(f"{len(todo) - len(pending)} of {len(todo)} runs finished; {len(pending)} to go", flush=True)
+    lock = threading.Lock()
+    failures: list[str] = []
+    pin = ns.workers > 1 and shutil.which("taskset") is not None
+
+    def worker(cpu: int) -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                name, args, _ = pending.pop(0)
+            cmd = (["taskset", "-c", str(cpu)] if pin else []) + args + ["--no-progress"]
+            print(f"[cpu {cpu}] start {name}", flush=True)
+            with open(root / f"{name}.log", "a") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            print(f"[cpu {cpu}] {'done' if rc == 0 else f'FAILED ({rc})'} {name}", flush=True)
+            if rc != 0:
+                failures.append(name)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(ns.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        print(f"failed: {', '.join(failures)} (see their logs under {root})", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
