@@ -36,19 +36,27 @@ TASKS = {
 SINGLES = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 ENSEMBLE = "smollm2-135m,qwen2.5-coder-0.5b"  # the default ensemble (README)
 QWENS = "qwen2.5-coder-1.5b,qwen2.5-coder-0.5b"  # one vocabulary: token-level methods
+ROUTER = "runs/router-qwen/router"
 METHODS: dict[str, list[str]] = {
     **{name: ["--model", name] for name in SINGLES},
     "token-average": ["--method", "token-average", "--models", QWENS],
     "unite": ["--method", "unite", "--models", ENSEMBLE],
     "fixed-span": ["--method", "fixed-span", "--models", ENSEMBLE],
     "adafuse": ["--method", "adafuse", "--models", ENSEMBLE],
+    # FusionRoute needs a trained router: `fuselm train-router --config configs/router-qwen.yaml`.
+    "fusionroute": ["--method", "fusionroute", "--router", ROUTER, "--models", QWENS],
+    "expert-route": ["--method", "expert-route", "--router", ROUTER, "--models", QWENS],
 }
+# The FusionRoute issue's evaluation: its methods run on these tasks only.
+ONLY_ON = {m: {"nq", "triviaqa", "gsm8k", "humaneval"} for m in ("fusionroute", "expert-route")}
 
 
 def jobs(root: Path, tasks: list[str], methods: list[str]) -> list[tuple[str, list[str], int | None]]:
     out = []
     for task in tasks:
         for method in methods:
+            if task not in ONLY_ON.get(method, {task}):
+                continue
             limit = TASKS[task]
             args = ["fuselm", "eval", "--task", task, *METHODS[method]]
             if limit is not None:
@@ -96,10 +104,10 @@ def main() -> int:
                     return
                 name, args, _ = pending.pop(0)
             cmd = (["taskset", "-c", str(cpu)] if pin else []) + args + ["--no-progress"]
-            print(f"[cpu {cpu}] start {name}", flush=True)
+            print(f"[cpu {cpu}] start {name}\n", end="", flush=True)
             with open(root / f"{name}.log", "a") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-            print(f"[cpu {cpu}] {'done' if rc == 0 else f'FAILED ({rc})'} {name}", flush=True)
+            print(f"[cpu {cpu}] {'done' if rc == 0 else f'FAILED ({rc})'} {name}\n", end="", flush=True)
             if rc != 0:
                 failures.append(name)
 

@@ -210,17 +210,18 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .eval.report import load_run, plot_quality_cost, report_rows, to_markdown
+    from .eval.report import by_task, load_run, plot_quality_cost, report_rows, to_markdown
 
     runs = [load_run(p) for p in ns.runs]
     rows = report_rows(runs)
-    table = Table(title="runs")
-    for col in ("run", "task", "method", "metric", "mean", "95% CI", "n", "s/sample"):
-        table.add_column(col)
-    for line in to_markdown(rows).splitlines()[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        table.add_row(cells[0], cells[1], cells[2], cells[4], cells[5], cells[6], cells[7], cells[8])
-    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for task, (header, body) in by_task(rows).items():
+        table = Table(title=task)
+        for col in header:
+            table.add_column(col)
+        for line in body:
+            table.add_row(*line)
+        console.print(table)
     if ns.md:
         with open(ns.md, "w", encoding="utf-8") as f:
             f.write(to_markdown(rows))

@@ -67,48 +67,87 @@ def _fmt(x: float | None, scale: float = 1.0) -> str:
     return "n/a" if x is None else f"{x * scale:.1f}"
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| run | task | method | models | metric | mean | 95% CI | n | s/sample |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def _cell(r: dict[str, Any]) -> str:
+    """A metric's mean with its interval (per-sample metrics, in %) or as reported (corpus metrics)."""
+    if r["ci_low"] is None:
+        return f"{_fmt(r['mean'])} (corpus)"
+    return f"{_fmt(r['mean'], 100)} [{_fmt(r['ci_low'], 100)}, {_fmt(r['ci_high'], 100)}]"
+
+
+def by_task(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per task: a header and one line per run (run, method, models, each metric, n, s/sample)."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
-        per_sample = r["ci_low"] is not None
-        scale = 100.0 if per_sample else 1.0  # per-sample metrics in %, corpus metrics as reported
-        ci = f"[{_fmt(r['ci_low'], scale)}, {_fmt(r['ci_high'], scale)}]" if per_sample else "corpus"
-        lines.append(
-            f"| {r['run']} | {r['task']} | {r['method']} | {r['models']} | {r['metric']} | "
-            f"{_fmt(r['mean'], scale)} | {ci} | {r['n']} | {_fmt(r['seconds_per_sample'])} |"
-        )
-    return "\n".join(lines) + "\n"
+        runs.setdefault(r["task"], {}).setdefault(r["run"], []).append(r)
+    out = {}
+    for task, per_run in runs.items():
+        metrics = list(dict.fromkeys(m["metric"] for ms in per_run.values() for m in ms))
+        body = []
+        for run, ms in per_run.items():
+            cells = {m["metric"]: _cell(m) for m in ms}
+            first = ms[0]
+            body.append(
+                [run, first["method"], first["models"], *(cells.get(m, "") for m in metrics)]
+                + [str(first["n"]), _fmt(first["seconds_per_sample"])]
+            )
+        out[task] = (["run", "method", "models", *metrics, "n", "s/sample"], body)
+    return out
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per task: a row per run, a column per metric (mean and 95% bootstrap interval,
+    in %; corpus metrics such as spBLEU as sacrebleu reports them)."""
+    parts = ["Per-sample metrics in %: mean [95% bootstrap interval]; corpus metrics as reported."]
+    for task, (header, body) in by_task(rows).items():
+        lines = [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
+    """One panel per task: each run's main metric against its seconds per sample."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    panels: dict[str, list[tuple[str, float, float]]] = {}
+    metric_of: dict[str, str] = {}
     for run in runs:
         s = run.summary
         main = s.get("main_metric")
         y = s["metrics"].get(main)
         if y is None or s["seconds_per_sample"] is None:
             continue
-        ax.scatter(s["seconds_per_sample"], y, s=40)
-        ax.annotate(
-            f"{run.name}\n({s['task']} {main})",
-            (s["seconds_per_sample"], y),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    ax.margins(x=0.25, y=0.2)  # room for the labels
-    ax.set_xlabel("seconds per sample")
-    ax.set_ylabel("main metric")
-    ax.set_title("quality against cost")
-    ax.grid(alpha=0.3)
+        per_sample = any(r["metrics"].get(main) is not None for r in run.rows)
+        if per_sample:  # in %, like the tables
+            y *= 100
+        metric_of[s["task"]] = f"{main} (%)" if per_sample else main
+        panels.setdefault(s["task"], []).append((run.name, s["seconds_per_sample"], y))
+    if not panels:
+        raise FuselmError("no run has both a main metric and a cost to plot")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    for ax, (task, points) in zip(axes.flat, panels.items()):
+        for name, x, y in points:
+            ax.scatter(x, y, s=36)
+            label = name[len(task) + 1 :] if name.startswith(task + "-") else name
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        xs = [x for _, x, _ in points]
+        if min(xs) > 0 and max(xs) / min(xs) > 10:
+            ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.2)  # room for the labels
+        ax.set_title(task)
+        ax.set_xlabel("seconds per sample")
+        ax.set_ylabel(metric_of[task])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("quality against cost")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
