@@ -249,3 +249,37 @@ def test_cross_tokenizer_adafuse_cli_trace_and_html(tiny_dirs, tmp_path):
     page = html.read_text()
     assert page.count('class="s"') >= len([t for t in out["trace"] if t["text"]])
     assert "hover" in page
+
+
+# --- a warm prompt prefix changes nothing ------------------------------------------------------------
+
+SHOTS = "Q: What is 2 + 2?\nA: 4\n\nQ: Who painted the Mona Lisa?\nA: Leonardo da Vinci\n\n"
+QUESTIONS = ["Q: What is the capital of Italy?\nA:", "Q: How many legs has a spider?\nA:", "Q: Who wrote Hamlet?\nA:"]
+
+
+def _llamacpp_pair() -> list[Model]:
+    names = ["smollm2-135m", "qwen2.5-coder-0.5b"]
+    if not llamacpp.available() or not all(BUNDLED[n].installed() for n in names):
+        pytest.skip("needs llama-cpp-python and the smollm2 and qwen 0.5b packages")
+    return [as_model(llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED[n]), name=n, n_ctx=1024)) for n in names]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["single", "adafuse", "unite"])
+def test_warm_prompt_prefix_gives_the_texts_of_cold_starts(method):
+    """Prompts sharing a few-shot prefix, one after the other on the same loaded models (each
+    session keeps the last one's prefix) give exactly the texts of fresh models per prompt."""
+    gen = GenerationConfig(max_new_tokens=12, stop=["\n"])
+    warm_models = _llamacpp_pair()
+    if method == "single":
+        warm_models = warm_models[:1]
+    warm = [generate(warm_models, SHOTS + q, method, gen) for q in QUESTIONS]
+    cold = []
+    for q in QUESTIONS:
+        fresh = _llamacpp_pair()[: len(warm_models)]
+        cold.append(generate(fresh, SHOTS + q, method, gen))
+    assert [r.text for r in warm] == [r.text for r in cold]
+    n_shots = len(warm_models[0].backend.tokenize(SHOTS))
+    for r in warm[1:]:
+        assert all(n >= n_shots - 1 for n in r.stats["cached_prompt_tokens"].values())
+    assert all(n == 0 for r in cold for n in r.stats["cached_prompt_tokens"].values())

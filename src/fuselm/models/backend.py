@@ -38,6 +38,7 @@ class Forks:
 
     keep: int
     lengths: list[int]
+    branches: list[list[int]] = field(default_factory=list)  # the branches' token ids
     next_logprobs: list[torch.Tensor] = field(default_factory=list)  # after each branch, when kept
     state: Any = None  # backend-specific
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class TransformersBackend(Backend):
         config = model.config.get_text_config(decoder=True)
         self._add_bos = _tokenizer_adds_bos(tokenizer)
         self._branch_memo = None  # (cache key, branch -> row, batch cache) of the last branch step
+        self._held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its token ids
+        self._warm: tuple[list, list[int]] | None = None  # the last dropped cache's layers and ids
         self.info = ModelInfo(
             name=name,
             backend="transformers",
@@ -90,15 +93,38 @@ class TransformersBackend(Backend):
 
     # --- forward passes -------------------------------------------------------------------------
     def new_cache(self, warm: bool = False):
+        """A DynamicCache; with `warm`, possibly holding the last dropped cache's key/values
+        (see :meth:`cached_ids`), so that a prompt sharing its prefix does not run it again."""
         from transformers import DynamicCache
 
-        return DynamicCache()
+        cache = DynamicCache()
+        ids: list[int] = []
+        if self._warm is not None:
+            layers, old_ids = self._warm
+            self._warm = None
+            if warm:
+                cache.layers, ids = layers, old_ids
+        self._held[cache] = ids
+        # The hook holds the cache's layers and ids, not the cache: they outlive it as the warm state.
+        weakref.finalize(cache, self._release, cache.layers, ids)
+        return cache
+
+    def cached_ids(self, cache) -> list[int]:
+        return list(self._held.get(cache, ()))
+
+    def _release(self, layers: list, ids: list[int]) -> None:
+        self._warm = (layers, ids) if ids else None
+
+    def _ids(self, cache) -> list[int]:
+        """Token ids held by `cache` (caches made elsewhere are not tracked: a throwaway list)."""
+        return self._held.get(cache, [])
 
     def truncate(self, cache, length: int) -> None:
         self._branch_memo = None
         current = cache.get_seq_length()
         if length < current:
             cache.crop(length - current)
+        del self._ids(cache)[length:]
 
     @torch.inference_mode()
     def extend(self, cache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
@@ -107,6 +133,7 @@ class TransformersBackend(Backend):
         out = self.model(
             input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
         )
+        self._ids(cache).extend(ids)
         logits = out.logits[0]
         return log_softmax_f32(logits if all_logits else logits[-1]).cpu()
 
@@ -165,7 +192,7 @@ class TransformersBackend(Backend):
             else None
             for layer in branch_cache.layers
         ]
-        return scores, Forks(keep, lengths, nexts, tails)
+        return scores, Forks(keep, lengths, [list(b) for b in branches], nexts, tails)
 
     def adopt(self, cache, forks: Forks, j: int) -> torch.Tensor | None:
         self._branch_memo = None
@@ -181,6 +208,7 @@ class TransformersBackend(Backend):
             else:
                 layer.lazy_initialization(k, v)
                 layer.keys, layer.values = k.clone(), v.clone()
+        self._ids(cache).extend(forks.branches[j])
         return forks.next_logprobs[j]
 
     @torch.inference_mode()

@@ -149,7 +149,7 @@ class LlamaCppBackend(Backend):
         if self._warm is not None:
             seq, ids = self._warm
             self._warm = None
-            if not warm:
+            if not (warm and len(self._free_seqs) == MAX_SESSIONS - 1 and self._compact(seq)):
                 self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 ids = []
         elif not self._free_seqs:
@@ -160,6 +160,29 @@ class LlamaCppBackend(Backend):
         cache = LlamaCppCache(seq, ids)
         weakref.finalize(cache, self._release, seq, ids)
         return cache
+
+    def _compact(self, seq: int) -> bool:
+        """Rewrite the cache so that `seq` (the only sequence left) holds the first cells in order.
+
+        llama.cpp 0.3.36 (unified cache) was seen to compute wrong logits when a sequence kept a
+        prefix in cells after freed ones (another sequence's, released) and decoded new tokens
+        into those earlier cells: 0.4 off a full recomputation. Saving the sequence, clearing the
+        whole cache and restoring it gives the layout that a single session has, which is exact.
+        Only used when no other session is live; costs a copy of the prefix's key/values.
+        False (and an empty cache) when llama.cpp cannot restore it.
+        """
+        lc = self._llama_cpp
+        size = lc.llama_state_seq_get_size(self._ctx.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = lc.llama_state_seq_get_data(self._ctx.ctx, buf, size, seq)
+        lc.llama_memory_clear(self._mem, True)
+        self._kept_slots = []
+        self._branch_epoch += 1
+        self._branch_memo = None
+        if n == 0 or lc.llama_state_seq_set_data(self._ctx.ctx, buf, n, seq) == 0:
+            lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            return False
+        return True
 
     def cached_ids(self, cache: LlamaCppCache) -> list[int]:
         return list(cache.ids)
@@ -300,19 +323,19 @@ class LlamaCppBackend(Backend):
         if not kept or len(kept) != len(branches):
             self._clear_kept()
             return scores, Forks(keep, lengths)
-        state = (self._branch_epoch, cache.seq, kept, [list(b) for b in branches])
-        return scores, Forks(keep, lengths, [rs[-1] for rs in rows], state)
+        state = (self._branch_epoch, cache.seq, kept)
+        return scores, Forks(keep, lengths, [list(b) for b in branches], [rs[-1] for rs in rows], state)
 
     def adopt(self, cache: LlamaCppCache, forks: Forks, j: int) -> torch.Tensor | None:
         if not forks.available(j):
             return None
-        epoch, seq, kept, branches = forks.state
+        epoch, seq, kept = forks.state
         if epoch != self._branch_epoch or seq != cache.seq or j not in kept:
             return None
         self.truncate(cache, forks.keep)
         n = forks.lengths[j]
         self._llama_cpp.llama_memory_seq_cp(self._mem, kept[j], cache.seq, forks.keep, forks.keep + n)
-        cache.ids.extend(branches[j])
+        cache.ids.extend(forks.branches[j])
         self._clear_kept()
         self._branch_epoch += 1
         return forks.next_logprobs[j]

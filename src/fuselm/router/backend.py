@@ -63,6 +63,7 @@ class RouterBackend(TransformersBackend):
         start = cache.get_seq_length()
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         out = self.router(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        self._ids(cache).extend(ids)
         routes = out.route_logits[0].float().cpu()
         for i in range(len(ids)):  # the hidden state at position p routes the token at p + 1
             self._routes[(id(cache), start + i + 1)] = routes[i]
