@@ -3,6 +3,7 @@ generation starts from an empty cache ("cold") against one that keeps the previo
 common prefix ("warm"), alternating sample by sample in one run.
 
     python benchmarks/prompt_prefix.py --task nq --samples 12
+    python benchmarks/prompt_prefix.py --task nq --split-check   # batch-size numerics of llama.cpp
 """
 
 from __future__ import annotations
@@ -27,16 +28,42 @@ SETUPS = [
 ]
 
 
+def split_check(prompt: str, backend: str) -> None:
+    """The same prompt prefilled on a fresh cache in one batch and in two: how far apart are the
+    next-token log-probs? (Keeping a warm prefix changes this split.)"""
+    import torch
+
+    b = load_model("smollm2-135m", backend=backend).backend
+    ids = b.tokenize(prompt)
+    whole = b.extend(b.new_cache(), ids)
+    top = torch.topk(whole, 10).indices
+    print(f"| split of {len(ids)} tokens | max diff, top-10 log-probs | max diff, all | same argmax |")
+    print("|---|---|---|---|")
+    for cut in (50, 100, 150, len(ids) - 14, len(ids) - 4):
+        cache = b.new_cache()
+        b.extend(cache, ids[:cut])
+        split = b.extend(cache, ids[cut:])
+        del cache
+        print(
+            f"| {cut} + {len(ids) - cut} | {float((split[top] - whole[top]).abs().max()):.4f} "
+            f"| {float((split - whole).abs().max()):.4f} | {int(split.argmax()) == int(whole.argmax())} |"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="nq")
     ap.add_argument("--samples", type=int, default=12)
     ap.add_argument("--backend", default="llamacpp")
+    ap.add_argument("--split-check", action="store_true", help="only the batch-split numerics check")
     a = ap.parse_args()
     task = get_task(a.task)
     data_dir = default_data_dir()
     prefix = task.prompt_prefix(data_dir)
     prompts = [task.build_prompt(prefix, row) for row in load_rows(task, None, data_dir)[: a.samples]]
+    if a.split_check:
+        split_check(prompts[5], a.backend)
+        return 0
     gen = task_generation(task, GenerationConfig(), set())
     loaded = {}
     print("| method | models | cold s/sample | warm s/sample | cold / warm | prompt tokens kept (warm) | same texts |")
