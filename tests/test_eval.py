@@ -137,6 +137,9 @@ def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
     proc.wait()
     n_before = rows_file.read_text().count("\n")
     assert 2 <= n_before < 6
+    partial = run_cli("report", str(out))  # an interrupted run reports its rows so far
+    assert partial.returncode == 0, partial.stderr
+    assert f"{n_before} (partial)" in partial.stdout
     with open(rows_file, "a") as f:  # a torn line, as a crash in the middle of a write leaves
         f.write('{"id": 99, "out')
     again = run_cli(*_eval_args(model, nq_sample, out))

@@ -22,11 +22,25 @@ class RunView:
 
 
 def load_run(path: str | Path) -> RunView:
+    """A run directory; one still in progress (or interrupted) is summarized from its rows so far
+    and marked partial."""
     path = Path(path)
     summary_path = path / "summary.json"
-    if not summary_path.is_file():
-        raise FuselmError(f"{path} is not a finished run (no summary.json); run `fuselm eval` there first")
-    return RunView(path.name, json.loads(summary_path.read_text()), _read_rows(path / "rows.jsonl"))
+    rows = _read_rows(path / "rows.jsonl")
+    if summary_path.is_file():
+        return RunView(path.name, json.loads(summary_path.read_text()), rows)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FuselmError(f"{path} is not a run directory (no config.json); see `fuselm eval --out`")
+    if not rows:
+        raise FuselmError(f"{path} has no finished rows yet")
+    from .runner import EvalSpec, summarize
+    from .task import get_task
+
+    spec = EvalSpec(**json.loads(config.read_text())["spec"])
+    summary = summarize(get_task(spec.task), spec, rows, rows)
+    summary["complete"] = False
+    return RunView(path.name, summary, rows)
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -57,6 +71,7 @@ def report_rows(runs: list[RunView]) -> list[dict[str, Any]]:
                     "ci_low": lo,
                     "ci_high": hi,
                     "n": s["n"],
+                    "partial": not s.get("complete", True),
                     "seconds_per_sample": s["seconds_per_sample"],
                 }
             )
@@ -88,7 +103,7 @@ def by_task(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[
             first = ms[0]
             body.append(
                 [run, first["method"], first["models"], *(cells.get(m, "") for m in metrics)]
-                + [str(first["n"]), _fmt(first["seconds_per_sample"])]
+                + [f"{first['n']} (partial)" if first["partial"] else str(first["n"]), _fmt(first["seconds_per_sample"])]
             )
         out[task] = (["run", "method", "models", *metrics, "n", "s/sample"], body)
     return out
