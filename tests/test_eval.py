@@ -207,3 +207,35 @@ def test_task_generation_defaults_and_overrides():
     chosen = task_generation(nq, GenerationConfig(chat="chat", max_new_tokens=5), explicit={"chat", "max_new_tokens"})
     assert chosen.chat == "chat" and chosen.max_new_tokens == 5
     assert task_generation(get_task("flores-en-de"), GenerationConfig(), set()).chat == "auto"
+
+
+def test_report_overview_puts_each_setup_against_each_task():
+    from fuselm.eval.report import overview, to_markdown
+
+    def row(task, method, models, metric, mean, main, partial=False, ci=True):
+        return {
+            "run": f"{task}-{method}",
+            "task": task,
+            "method": method,
+            "models": models,
+            "metric": metric,
+            "main": main,
+            "mean": mean,
+            "ci_low": 0.0 if ci else None,
+            "ci_high": 1.0 if ci else None,
+            "n": 10,
+            "partial": partial,
+            "seconds_per_sample": 1.0,
+        }
+
+    rows = [
+        row("nq", "single", "a", "em", 0.25, True),
+        row("nq", "single", "a", "f1", 0.5, False),
+        row("nq", "adafuse", "a+b", "em", 0.125, True, partial=True),
+        row("flores-en-de", "single", "a", "chrf", 41.5, True, ci=False),
+    ]
+    header, body = overview(rows)
+    assert header == ["method", "models", "nq em", "flores-en-de chrf"]
+    assert body == [["single", "a", "25.0", "41.5"], ["adafuse", "a+b", "12.5*", ""]]
+    md = to_markdown(rows)
+    assert md.index("main metric by task") < md.index("### nq") < md.index("### flores-en-de")

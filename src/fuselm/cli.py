@@ -210,12 +210,15 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .eval.report import by_task, load_run, plot_quality_cost, report_rows, to_markdown
+    from .eval.report import by_task, load_run, overview, plot_quality_cost, report_rows, to_markdown
 
     runs = [load_run(p) for p in ns.runs]
     rows = report_rows(runs)
     console = Console(width=None if sys.stdout.isatty() else 160)
-    for task, (header, body) in by_task(rows).items():
+    tables = list(by_task(rows).items())
+    if len(tables) > 1:
+        tables.insert(0, ("main metric by task (* = partial run)", overview(rows)))
+    for task, (header, body) in tables:
         table = Table(title=task)
         for col in header:
             table.add_column(col)

@@ -67,6 +67,7 @@ def report_rows(runs: list[RunView]) -> list[dict[str, Any]]:
                     "method": s["method"],
                     "models": "+".join(s["models"]),
                     "metric": metric,
+                    "main": metric == s.get("main_metric"),
                     "mean": mean,
                     "ci_low": lo,
                     "ci_high": hi,
@@ -103,16 +104,41 @@ def by_task(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[
             first = ms[0]
             body.append(
                 [run, first["method"], first["models"], *(cells.get(m, "") for m in metrics)]
-                + [f"{first['n']} (partial)" if first["partial"] else str(first["n"]), _fmt(first["seconds_per_sample"])]
+                + [
+                    f"{first['n']} (partial)" if first["partial"] else str(first["n"]),
+                    _fmt(first["seconds_per_sample"]),
+                ]
             )
         out[task] = (["run", "method", "models", *metrics, "n", "s/sample"], body)
     return out
+
+
+def overview(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Each method-and-models setup against each task's main metric (mean; * = partial run)."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    setups: dict[tuple[str, str], dict[str, str]] = {}
+    metric_of: dict[str, str] = {}
+    for r in rows:
+        if not r["main"]:
+            continue
+        metric_of[r["task"]] = r["metric"]
+        scale = 100.0 if r["ci_low"] is not None else 1.0
+        mark = "*" if r["partial"] else ""
+        setups.setdefault((r["method"], r["models"]), {})[r["task"]] = _fmt(r["mean"], scale) + mark
+    header = ["method", "models", *(f"{t} {metric_of.get(t, '')}".strip() for t in tasks)]
+    body = [[m, models, *(cells.get(t, "") for t in tasks)] for (m, models), cells in setups.items()]
+    return header, body
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """One table per task: a row per run, a column per metric (mean and 95% bootstrap interval,
     in %; corpus metrics such as spBLEU as sacrebleu reports them)."""
     parts = ["Per-sample metrics in %: mean [95% bootstrap interval]; corpus metrics as reported."]
+    if len({r["task"] for r in rows}) > 1:
+        header, body = overview(rows)
+        lines = ["### main metric by task (* = partial run)", "", "| " + " | ".join(header) + " |"]
+        lines += ["|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
+        parts.append("\n".join(lines))
     for task, (header, body) in by_task(rows).items():
         lines = [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(b) + " |" for b in body]
