@@ -132,6 +132,7 @@ def test_split_token_append(tiny_backends, arch):
 
 def test_prompt_is_forwarded_once(tiny_backends):
     b = tiny_backends.get("qwen2") or next(iter(tiny_backends.values()))
+    b.new_cache()  # drops what an earlier test left warm
     s = DecodingSession(b, "A long prompt " * 20)
     s.next_logprobs()
     prompt_len = len(s.committed_ids())
@@ -305,3 +306,20 @@ def test_llamacpp_new_session_keeps_the_warm_prompt_prefix():
     for view, ref in zip(views, refs):
         assert torch.allclose(view["lp"], ref, atol=1e-4)
     assert b.cached_ids(b.new_cache()) == []  # a plain new cache is empty
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_transformers_new_session_keeps_the_warm_prompt_prefix(tiny_backends, arch):
+    if arch not in tiny_backends:
+        pytest.skip(f"tokenizer for {arch} not installed")
+    b = tiny_backends[arch]
+    shots = "Q: What is 2 + 2?\nA: 4\n\nQ: What is the capital of France?\nA: Paris\n\n"
+    prompts = [shots + "Q: Who wrote Hamlet?\nA:", shots + "Q: Which planet is largest?\nA:"]
+    refs = [full_logprobs(b, b.tokenize(p))[-1] for p in prompts]
+    b.new_cache()  # start without a warm cache
+    views = [_fresh_session_view(b, p) for p in prompts]
+    assert views[0]["cached"] == 0 and views[1]["cached"] >= len(b.tokenize(shots)) - 1
+    assert views[1]["forwarded"] == len(b.tokenize(prompts[1])) - views[1]["cached"]
+    for view, ref in zip(views, refs):
+        assert torch.allclose(view["lp"], ref, atol=1e-4)
+    assert b.cached_ids(b.new_cache()) == []

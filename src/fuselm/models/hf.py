@@ -102,7 +102,9 @@ class TransformersBackend(Backend):
         if self._warm is not None:
             layers, old_ids = self._warm
             self._warm = None
-            if warm:
+            # Every layer must hold exactly the tracked tokens (an interrupted forward may have
+            # filled only some of them).
+            if warm and all(layer.is_initialized and layer.get_seq_length() == len(old_ids) for layer in layers):
                 cache.layers, ids = layers, old_ids
         self._held[cache] = ids
         # The hook holds the cache's layers and ids, not the cache: they outlive it as the warm state.

@@ -149,7 +149,10 @@ class LlamaCppBackend(Backend):
         if self._warm is not None:
             seq, ids = self._warm
             self._warm = None
-            if not (warm and len(self._free_seqs) == MAX_SESSIONS - 1 and self._compact(seq)):
+            # Reused only when no other session is live and the sequence holds exactly `ids`
+            # (a decode interrupted between llama.cpp and the bookkeeping would break that).
+            consistent = bool(ids) and self._llama_cpp.llama_memory_seq_pos_max(self._mem, seq) + 1 == len(ids)
+            if not (warm and consistent and len(self._free_seqs) == MAX_SESSIONS - 1 and self._compact(seq)):
                 self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 ids = []
         elif not self._free_seqs:
@@ -189,6 +192,13 @@ class LlamaCppBackend(Backend):
 
     def _release(self, seq: int, ids: list[int]) -> None:
         if self._ctx.ctx is None:
+            return
+        others_live = MAX_SESSIONS - len(self._free_seqs) - (self._warm is not None) - 1
+        if others_live > 0:
+            # It could not be reused while they live, and its cells would sit among theirs
+            # (the layout llama.cpp 0.3.36 gets wrong, see _compact): free it now.
+            self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._free_seqs.append(seq)
             return
         if self._warm is not None:  # only the last released sequence stays warm
             old, _ = self._warm
