@@ -36,6 +36,9 @@ def test_lenient_qa_rules_and_distortions():
 
 def test_gsm8k_metrics_and_distortion():
     assert M.gsm8k_reference("so 5+5=10\n#### 1,010") == "1010"
+    # the AdaFuse data's format: the rationale's numbers come first, the answer last
+    assert M.gsm8k_reference("It takes 2/2=1 bolt\nSo 2+1=3 bolts\nTherefore, the answer is 3") == "3"
+    assert M.gsm8k_reference("He owes 10-25=-15\nTherefore, the answer is -15.") == "-15"
     assert M.gsm8k_extract("... The answer is \\boxed{42}.") == "42"
     assert M.gsm8k_extract("first 3 then 7.") == "7"
     assert M.gsm8k_exact("\\boxed{18}", "18") == 1.0

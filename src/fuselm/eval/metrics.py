@@ -105,10 +105,11 @@ def _to_number(s: str) -> float | None:
 
 
 def gsm8k_reference(answer: str) -> str:
-    """The final number of a GSM8K rationale ("#### N")."""
-    tail = answer.split("####")[-1]
-    m = _NUMBER.search(tail)
-    return m.group(0).replace(",", "") if m else tail.strip()
+    """The final number of a GSM8K rationale: after "#### " in the original format, else the
+    last number of the last line ("Therefore, the answer is N", the format of the AdaFuse data)."""
+    tail = answer.split("####")[-1] if "####" in answer else answer.strip().splitlines()[-1]
+    nums = _NUMBER.findall(tail)
+    return nums[-1].replace(",", "").rstrip(".") if nums else tail.strip()
 
 
 def gsm8k_extract(output: str) -> str:

@@ -1,4 +1,5 @@
-"""GSM8K, 4-shot chain of thought ending in \\boxed{N}; references end in "#### N"."""
+"""GSM8K, 4-shot chain of thought ending in \\boxed{N}; references end in "#### N" (original
+format) or "Therefore, the answer is N" (the AdaFuse data)."""
 
 from __future__ import annotations
 
