@@ -242,3 +242,14 @@ def test_report_overview_puts_each_setup_against_each_task():
     assert body == [["single", "a", "25.0", "41.5"], ["adafuse", "a+b", "12.5*", ""]]
     md = to_markdown(rows)
     assert md.index("main metric by task") < md.index("### nq") < md.index("### flores-en-de")
+
+
+def test_gsm8k_reference_text_follows_the_shots_format():
+    from fuselm.eval.task import reference_text
+
+    task = get_task("gsm8k")
+    shared_format = {"question": "q", "answer": "It takes 2/2=1 bolt\nSo 2+1=3 bolts\nTherefore, the answer is 3"}
+    text = reference_text(task, shared_format)
+    assert text == "Let's think step by step\nIt takes 2/2=1 bolt\nSo 2+1=3 bolts\nThe answer is \\boxed{3}\n"
+    original_format = {"question": "q", "answer": "5+5=10\n#### 10"}
+    assert reference_text(task, original_format).endswith("5+5=10\nThe answer is \\boxed{10}\n")

@@ -50,8 +50,13 @@ def reference_text(task: Task, row: dict[str, Any]) -> str:
     """The text a model should write after the task prompt for this row (a training target, and
     the reference that `oracle-route` follows)."""
     if task.name == "gsm8k":
-        lines = [ln for ln in str(row["answer"]).strip().split("\n") if not ln.startswith("####")]
-        return "\n".join(lines) + f"\nThe answer is \\boxed{{{task.reference(row)}}}\n"
+        # In the shots' format: "Let's think step by step", the rationale, "The answer is \boxed{N}"
+        # (the rationale's own closing line, "#### N" or "Therefore, the answer is N", is replaced).
+        lines = str(row["answer"]).strip().split("\n")
+        if lines and (lines[-1].startswith("####") or lines[-1].lower().startswith("therefore, the answer is")):
+            lines = lines[:-1]
+        body = "\n".join(["Let's think step by step", *lines])
+        return f"{body}\nThe answer is \\boxed{{{task.reference(row)}}}\n"
     ref = task.reference(row)
     first = ref[0] if isinstance(ref, list) and ref else ref
     if isinstance(first, dict) or first is None:
