@@ -44,21 +44,23 @@ METHODS: dict[str, list[str]] = {
     "fixed-span": ["--method", "fixed-span", "--models", ENSEMBLE],
     "adafuse": ["--method", "adafuse", "--models", ENSEMBLE],
     # FusionRoute needs a trained router: `fuselm train-router --config configs/router-qwen.yaml`.
-    "fusionroute": ["--method", "fusionroute", "--router", ROUTER, "--models", QWENS],
-    "expert-route": ["--method", "expert-route", "--router", ROUTER, "--models", QWENS],
+    "fusionroute": ["--method", "fusionroute", "--router", "{router}", "--models", QWENS],
+    "expert-route": ["--method", "expert-route", "--router", "{router}", "--models", QWENS],
 }
 # The FusionRoute issue's evaluation: its methods run on these tasks only.
 ONLY_ON = {m: {"nq", "triviaqa", "gsm8k", "humaneval"} for m in ("fusionroute", "expert-route")}
 
 
-def jobs(root: Path, tasks: list[str], methods: list[str]) -> list[tuple[str, list[str], int | None]]:
+def jobs(
+    root: Path, tasks: list[str], methods: list[str], router: str = ROUTER
+) -> list[tuple[str, list[str], int | None]]:
     out = []
     for task in tasks:
         for method in methods:
             if task not in ONLY_ON.get(method, {task}):
                 continue
             limit = TASKS[task]
-            args = ["fuselm", "eval", "--task", task, *METHODS[method]]
+            args = ["fuselm", "eval", "--task", task, *(a.format(router=router) for a in METHODS[method])]
             if limit is not None:
                 args += ["--limit", str(limit)]
             args += ["--out", str(root / f"{task}-{method}")]
@@ -76,6 +78,7 @@ def main() -> int:
     ap.add_argument("--root", default="runs/results", help="directory for the run directories")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks, in priority order")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods/models")
+    ap.add_argument("--router", default=ROUTER, help="trained router for fusionroute / expert-route")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
     ns = ap.parse_args()
@@ -85,7 +88,7 @@ def main() -> int:
         if bad:
             ap.error(f"unknown: {', '.join(bad)} (known: {', '.join(known)})")
     root = Path(ns.root)
-    todo = jobs(root, tasks, methods)
+    todo = jobs(root, tasks, methods, ns.router)
     if ns.list:
         for _, args, _ in todo:
             print(shlex.join(args))

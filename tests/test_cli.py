@@ -169,3 +169,26 @@ def test_smollm2_knows_paris(backend):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_results_matrix_lists_the_evaluation_commands(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "results_matrix.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--list", "--root", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    commands = [shlex.split(line) for line in run.stdout.splitlines()]
+    tasks = {c[c.index("--task") + 1] for c in commands}
+    assert tasks == {"nq", "triviaqa", "squad", "gsm8k", "flores-en-de", "flores-de-en", "flores-en-ro", "humaneval"}
+    routed = {c[c.index("--task") + 1] for c in commands if "fusionroute" in c}
+    assert routed == {"nq", "triviaqa", "gsm8k", "humaneval"}  # the FusionRoute issue's tasks
+    assert all(c[:2] == ["fuselm", "eval"] and c[c.index("--out") + 1].startswith(str(tmp_path)) for c in commands)
+    limits = {c[c.index("--task") + 1]: c[c.index("--limit") + 1] for c in commands if "--limit" in c}
+    assert limits["nq"] == "200" and limits["gsm8k"] == "100" and "humaneval" not in limits
+    bad = subprocess.run([sys.executable, str(script), "--list", "--tasks", "nq,gsmk"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown: gsmk" in bad.stderr
