@@ -50,6 +50,15 @@ def full_logprobs(backend, ids):
     return backend.extend(backend.new_cache(), ids, all_logits=True)
 
 
+def smollm_llamacpp():
+    """Real SmolLM2 on llama.cpp (the tests using it are marked integration and require the package)."""
+    from fuselm.models import assets, llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python not installed")
+    return llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
+
+
 def reference_score(backend, prefix: str, cand: str) -> tuple[float, int]:
     target = backend.tokenize(prefix)
     full = backend.tokenize(prefix + cand)
@@ -188,11 +197,7 @@ def test_committing_a_scored_candidate_costs_no_forward(tiny_backends, arch):
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
 def test_llamacpp_committing_a_scored_candidate_costs_no_forward():
-    from fuselm.models import assets, llamacpp
-
-    if not llamacpp.available():
-        pytest.skip("llama-cpp-python not installed")
-    r = _commit_scored_candidate(llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024))
+    r = _commit_scored_candidate(smollm_llamacpp())
     assert r["passes"] == 0 and r["adopted"] >= 3
     assert r["state_error"] <= 1e-4 and r["next_error"] <= 1e-4
 
@@ -221,14 +226,7 @@ def test_context_overflow_is_a_clear_error(tiny_backends):
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
 def test_llamacpp_incremental_matches_full_recomputation():
-    from fuselm.models import llamacpp
-
-    if not llamacpp.available():
-        pytest.skip("llama-cpp-python not installed")
-    from fuselm.models import assets
-
-    b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
-    assert_walks_agree(b, range(3), steps=10, atol=1e-4)
+    assert_walks_agree(smollm_llamacpp(), range(3), steps=10, atol=1e-4)
 
 
 def _branch_rollout_problems(b, prompt: str) -> list[str]:
@@ -267,13 +265,13 @@ def test_batched_branch_rollouts_equal_single_rollouts(tiny_backends, arch):
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
 def test_llamacpp_batched_branch_rollouts():
-    from fuselm.models import assets, llamacpp
-
-    if not llamacpp.available():
-        pytest.skip("llama-cpp-python not installed")
-    b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
+    b = smollm_llamacpp()
     problems = [p for prompt in PROMPTS for p in _branch_rollout_problems(b, prompt)]
     assert problems == []
+
+
+WARM_SHOTS = "Q: What is 2 + 2?\nA: 4\n\nQ: What is the capital of France?\nA: Paris\n\n"
+WARM_PROMPTS = [WARM_SHOTS + "Q: Who wrote Hamlet?\nA:", WARM_SHOTS + "Q: Which planet is largest?\nA:"]
 
 
 def _fresh_session_view(b, prompt: str) -> dict:
@@ -287,13 +285,8 @@ def _fresh_session_view(b, prompt: str) -> dict:
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
 def test_llamacpp_new_session_keeps_the_warm_prompt_prefix():
-    from fuselm.models import assets, llamacpp
-
-    if not llamacpp.available():
-        pytest.skip("llama-cpp-python not installed")
-    b = llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED["smollm2-135m"]), n_ctx=1024)
-    shots = "Q: What is 2 + 2?\nA: 4\n\nQ: What is the capital of France?\nA: Paris\n\n"
-    prompts = [shots + "Q: Who wrote Hamlet?\nA:", shots + "Q: Which planet is largest?\nA:"]
+    b = smollm_llamacpp()
+    shots, prompts = WARM_SHOTS, list(WARM_PROMPTS)
     prompts.append(prompts[-1])  # the same prompt again: everything but its last token is kept
     prompts.append("Completely different text")  # nothing in common
     refs = [full_logprobs(b, b.tokenize(p))[-1] for p in prompts]
@@ -313,8 +306,7 @@ def test_transformers_new_session_keeps_the_warm_prompt_prefix(tiny_backends, ar
     if arch not in tiny_backends:
         pytest.skip(f"tokenizer for {arch} not installed")
     b = tiny_backends[arch]
-    shots = "Q: What is 2 + 2?\nA: 4\n\nQ: What is the capital of France?\nA: Paris\n\n"
-    prompts = [shots + "Q: Who wrote Hamlet?\nA:", shots + "Q: Which planet is largest?\nA:"]
+    shots, prompts = WARM_SHOTS, WARM_PROMPTS
     refs = [full_logprobs(b, b.tokenize(p))[-1] for p in prompts]
     b.new_cache()  # start without a warm cache
     views = [_fresh_session_view(b, p) for p in prompts]
