@@ -23,7 +23,9 @@ register_task(
             "exact": lambda out, ans, row: gsm8k_exact(out, gsm8k_reference(row["answer"])),
             "paper_match": lambda out, ans, row: lenient_gsm8k(out, gsm8k_reference(row["answer"])),
         },
-        stop=("\n\nQuestion:", "\nQuestion:"),
+        # "\n\n\n": the shots are separated by one blank line, so two in a row only come from a
+        # model padding after its answer (SmolLM2 writes newlines up to the token limit).
+        stop=("\n\nQuestion:", "\nQuestion:", "\n\n\n"),
         max_new_tokens=256,
         data_file="gsm8k/test_0-499.jsonl",
         prompt_file="gsm8k/prompt.txt",
