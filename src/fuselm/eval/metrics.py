@@ -1,7 +1,8 @@
 """Metrics, strict and paper-compatible, side by side.
 
 Strict: SQuAD-standard normalised exact match and token F1; GSM8K final-number equality;
-sacrebleu spBLEU (tokenize="flores200") and chrF for translation; HumanEval pass@1.
+sacrebleu spBLEU (tokenize="flores200"; offline, the same with a rebuilt FLORES-200 model, reported
+apart as spbleu_rebuilt) and chrF for translation; HumanEval pass@1.
 
 Paper-compatible ("lenient"): the rules of the AdaFuse evaluation, so numbers can be set beside
 the paper's. QA: stop words removed, plurals and number words normalised, then containment in
@@ -147,3 +148,18 @@ def corpus_spbleu(hypotheses: list[str], references: list[str]) -> float | None:
         return float(sacrebleu.corpus_bleu(hypotheses, [references], tokenize="flores200").score)
     except Exception:  # noqa: BLE001 - offline: the tokenizer model cannot be fetched
         return None
+
+
+def corpus_spbleu_rebuilt(hypotheses: list[str], references: list[str]) -> float | None:
+    """spBLEU as sacrebleu computes it (SentencePiece pieces joined by spaces, then BLEU on them),
+    with the FLORES-200 model rebuilt from NLLB-200's tokenizer.json (see
+    :mod:`fuselm.eval.flores_spm`); None when it has not been built. Empty outputs count."""
+    import sacrebleu
+
+    from .flores_spm import load_rebuilt
+
+    sp = load_rebuilt()
+    if sp is None:
+        return None
+    split = lambda texts: [" ".join(sp.encode(t, out_type=str)) for t in texts]  # noqa: E731
+    return float(sacrebleu.corpus_bleu(split(hypotheses), [split(references)], tokenize="none").score)

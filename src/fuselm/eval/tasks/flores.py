@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..metrics import corpus_chrf, corpus_spbleu
+from ..metrics import corpus_chrf, corpus_spbleu, corpus_spbleu_rebuilt
 from ..task import Task, register_task
 
 
@@ -17,6 +17,10 @@ def _extract(output: str) -> str:
 CORPUS = {
     # sacrebleu spBLEU, tokenize="flores200"; None when the SentencePiece model is not available offline
     "spbleu": lambda outs, rows: corpus_spbleu([_extract(o) for o in outs], [r["answer"] for r in rows]),
+    # the same with the FLORES-200 model rebuilt from NLLB's tokenizer.json (eval/flores_spm.py)
+    "spbleu_rebuilt": lambda outs, rows: corpus_spbleu_rebuilt(
+        [_extract(o) for o in outs], [r["answer"] for r in rows]
+    ),
     "chrf": lambda outs, rows: corpus_chrf([_extract(o) for o in outs], [r["answer"] for r in rows]),
 }
 
