@@ -191,8 +191,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_dirs, qwen_experts, tm
     steps_done = json.loads(marker.read_text())["global_step"]
     total = json.loads((tmp_path / "whole" / "summary.json").read_text())["steps"]
     assert steps_done < total  # killed mid-run
+    # as if the kill had come between the two renames of a checkpoint swap
+    (cut / "checkpoint").rename(cut / "checkpoint.old")
     again = start(cut)
     assert again.wait(timeout=600) == 0
+    assert f"at step {steps_done}" in again.stderr.read().decode()
     a = load_file(str(tmp_path / "whole" / "router" / "router.safetensors"))
     b = load_file(str(cut / "router" / "router.safetensors"))
     assert a.keys() == b.keys()
@@ -212,3 +215,46 @@ def test_eval_harness_runs_router_methods(trained, qwen_experts, tmp_path):
         assert r.returncode == 0, r.stderr
         rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all("em" in row["metrics"] for row in rows)
+
+
+def test_long_rows_are_left_out_and_stale_data_is_refused(tiny_dirs, qwen_experts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fuselm.eval.task import get_task
+    from fuselm.router.data import few_shot_prefix, load_task_rows, sft_ids
+
+    out = tmp_path / "run"
+    _seed_pairs(out, qwen_experts, 2)
+    task, tok = get_task("nq"), AutoTokenizer.from_pretrained(str(tiny_dirs["qwen2"]))
+    rows = load_task_rows("nq", None, SHARED_DATA, 6)
+    prefix = few_shot_prefix(task, SHARED_DATA, 0)
+    lengths = [
+        sum(map(len, sft_ids(task, prefix, r, lambda t: tok(t, add_special_tokens=False)["input_ids"]))) for r in rows
+    ]
+    max_length = sorted(lengths)[3]  # the two longest rows do not fit
+    too_long = sum(n > max_length for n in lengths)
+    assert too_long >= 1
+
+    def train(**extra):
+        cfg = dict(
+            sft=[{"task": "nq", "limit": 6, "shots": 0}], schedule=[{"kind": "sft", "epochs": 1}], max_length=max_length
+        )
+        cfg.update(extra)
+        return run_cli(
+            "train-router", "--config", str(_config(tmp_path, tiny_dirs, qwen_experts, out, **cfg)), "--no-progress"
+        )
+
+    r = train()
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["sft_left_out_for_length"] == too_long
+    stored = [json.loads(line) for line in (out / "data" / "sft.jsonl").read_text().splitlines()]
+    assert sum(it["kind"] == "none" for it in stored) == too_long
+    assert all(len(it["prompt_ids"]) + len(it["target_ids"]) <= max_length for it in stored if it["kind"] == "sft")
+    # annotation kept from another prompt (one few-shot example) is refused, not mixed in; the
+    # checkpoint, which would refuse the config change first, is removed as if never made
+    import shutil
+
+    shutil.rmtree(out / "checkpoint")
+    r = train(sft=[{"task": "nq", "limit": 6, "shots": 1}])
+    assert r.returncode != 0 and "built from another prompt" in r.stderr

@@ -126,14 +126,20 @@ def test_sft_loss_parts_by_hand():
     lp = torch.log_softmax(lm_logits, dim=-1)
     lm = -(lp[0, 1, 2] + lp[0, 2, 0]) / 2
     w = torch.softmax(route_logits[0, 2], dim=-1)
-    expert = -torch.log((w * expert_lp[0, 2].exp()).sum())
+    expert = -torch.log((w * expert_lp[0, 2].exp()).sum()) / 2  # summed, over the 2 target tokens
     assert parts["informative"] == 1
     assert math.isclose(parts["lm"], float(lm), rel_tol=1e-5)
     assert math.isclose(parts["expert"], float(expert), rel_tol=1e-5)
     torch.testing.assert_close(loss, lm + 0.5 * expert)
 
-    _, parts = sft_loss(out, ids, target, expert_lp, torch.zeros(B, T, dtype=torch.bool))
+    # nothing informative: no expert term, and no gradient at all for the routing head
+    lm_leaf, route_leaf = lm_logits.clone().requires_grad_(), route_logits.clone().requires_grad_()
+    loss, parts = sft_loss(
+        RouterOutput(lm_leaf, route_leaf), ids, target, expert_lp, torch.zeros(B, T, dtype=torch.bool)
+    )
     assert parts["expert"] == 0.0 and parts["informative"] == 0
+    loss.backward()
+    assert lm_leaf.grad is not None and route_leaf.grad is None
 
 
 def test_routing_accuracy():
@@ -336,3 +342,21 @@ def test_vocab_fingerprint():
     assert len(same) == 64
     assert same != vocab_fingerprint(tokenizer({"<unk>": 0, "hello": 2, "world": 1}))
     assert same != vocab_fingerprint(tokenizer({**a, "again": 3}))
+
+
+def test_annotation_store_is_rewritten_only_to_drop_a_torn_line(tmp_path):
+    from fuselm.router.data import JsonlStore
+
+    path = tmp_path / "sft.jsonl"
+    store = JsonlStore(path)
+    store.append({"source": "nq:0"})
+    store.append({"source": "nq:1"})
+    before = path.stat()
+    assert [it["source"] for it in JsonlStore(path).items] == ["nq:0", "nq:1"]
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # left alone
+    with open(path, "a") as f:
+        f.write('{"source": "nq:2", "tar')  # a write cut by a kill
+    assert [it["source"] for it in JsonlStore(path).items] == ["nq:0", "nq:1"]
+    assert path.read_text().splitlines() == ['{"source": "nq:0"}', '{"source": "nq:1"}']
+    assert not list(tmp_path.glob(".*.tmp"))

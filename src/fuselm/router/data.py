@@ -110,17 +110,16 @@ class JsonlStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.items: list[dict] = []
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").split("\n")
-            good = []
+            lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
             for line in lines:
-                if not line.strip():
-                    continue
                 try:
                     self.items.append(json.loads(line))
-                    good.append(line)
                 except json.JSONDecodeError:
                     break  # torn write from an interrupted run: drop it and everything after
-            path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+            if len(self.items) < len(lines):  # rewritten only then, atomically: hours of work live here
+                partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                partial.write_text("".join(json.dumps(it) + "\n" for it in self.items), encoding="utf-8")
+                os.replace(partial, path)
 
     def append(self, item: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -131,14 +130,26 @@ class JsonlStore:
 
 
 def _rows_to_build(task_name: str, rows: list[dict[str, Any]], store: JsonlStore, progress) -> Iterable:
-    """(source key, row) for the rows not in `store` yet; every row ticks `progress` once."""
-    done = {it["source"] for it in store.items}
+    """(source key, row, stored item or None) for every row; every row ticks `progress` once."""
+    done = {it["source"]: it for it in store.items}
     for row in rows:
         key = f"{task_name}:{row['id']}"
-        if key not in done:
-            yield key, row
+        yield key, row, done.get(key)
         if progress:
             progress()
+
+
+def sft_ids(
+    task: Task, prefix: str, row: dict[str, Any], tokenize: Callable[[str], list[int]]
+) -> tuple[list[int], list[int]]:
+    """Prompt and answer token ids of one SFT example; the answer ids are those of the whole text
+    after the prompt's, so the prompt must tokenize the same alone and followed by the answer."""
+    prompt = task.build_prompt(prefix, row)
+    prompt_ids = tokenize(prompt)
+    full = tokenize(prompt + reference_text(task, row))
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise FuselmError(f"{task.name}:{row['id']}: the prompt's tokens change when the answer follows it")
+    return prompt_ids, full[len(prompt_ids) :]
 
 
 def build_sft(
@@ -151,16 +162,49 @@ def build_sft(
     max_length: int,
     progress: Callable[[], None] | None = None,
 ) -> None:
-    """Annotate (and store) one SFT example per row, skipping rows already in the store."""
+    """Annotate (and store) one SFT example per row not in the store yet. A row longer than
+    `max_length` is stored as left out ("kind": "none"), not cut: a cut answer teaches a wrong
+    ending."""
     task = get_task(task_name)
     caches = new_caches(experts)
-    for key, row in _rows_to_build(task_name, rows, store, progress):
-        prompt = task.build_prompt(prefix, row)
-        prompt_ids = tokenize(prompt)
-        target_ids = tokenize(prompt + reference_text(task, row))[len(prompt_ids) :]
-        target_ids = target_ids[: max(1, max_length - len(prompt_ids))]
+    for key, row, stored in _rows_to_build(task_name, rows, store, progress):
+        if stored is not None:
+            continue
+        prompt_ids, target_ids = sft_ids(task, prefix, row, tokenize)
+        if len(prompt_ids) + len(target_ids) > max_length:
+            store.append({"kind": "none", "source": key, "why": f"longer than max_length {max_length}"})
+            continue
         ex = annotate(experts, prompt_ids, target_ids, caches)
         store.append(asdict(SFTExample(**asdict(ex), source=key)))
+
+
+def check_stored_sft(
+    task_name: str,
+    rows: list[dict[str, Any]],
+    tokenize: Callable[[str], list[int]],
+    prefix: str,
+    store: JsonlStore,
+    max_length: int,
+) -> None:
+    """Refuse stored SFT examples that the current config and data would not build the same way
+    (another prompt, answer format or `max_length`), instead of training on a mix."""
+    task = get_task(task_name)
+    done = {it["source"]: it for it in store.items}
+    for row in rows:
+        key = f"{task_name}:{row['id']}"
+        stored = done.get(key)
+        if stored is None:
+            continue
+        prompt_ids, target_ids = sft_ids(task, prefix, row, tokenize)
+        if stored.get("kind") == "none":
+            same = len(prompt_ids) + len(target_ids) > max_length
+        else:
+            same = stored["prompt_ids"] == prompt_ids and stored["target_ids"] == target_ids
+        if not same:
+            raise FuselmError(
+                f"{store.path}: example {key} was built from another prompt, answer or max_length than "
+                f"the current config and data give; delete {store.path} to build it again"
+            )
 
 
 def build_preferences(
@@ -182,8 +226,9 @@ def build_preferences(
     task = get_task(task_name)
     backends = [m.backend for m in experts]
     caches = new_caches(backends)
-    rng = random.Random(seed)
-    for key, row in _rows_to_build(task_name, rows, store, progress):
+    for key, row, stored in _rows_to_build(task_name, rows, store, progress):
+        if stored is not None:
+            continue
         prompt = task.build_prompt(prefix, row)
         judged: list[tuple[str, float]] = []
         for i, m in enumerate(experts):
@@ -195,20 +240,24 @@ def build_preferences(
                     stop=list(task.stop),
                     chat="raw",
                 )
-                out = generate([m], prompt, "single", gen).text
+                result = generate([m], prompt, "single", gen)
+                out = result.text
                 score = task.metrics[task.main_metric](out, task.extract(out), row)
-                judged.append((out, score))
+                # the answer as the model ended it: with the stop text when it stopped there
+                ending = task.stop[0] if task.stop and result.finish_reason == "stop" else ""
+                judged.append((out + ending, score))
         good = [o for o, s in judged if s > 0]
         bad = [o for o, s in judged if s <= 0 and o.strip()]
+        prompt_ids = tokenize(prompt)
+        ids = {o: tokenize(prompt + o) for o in good + bad}
+        # an answer whose text changes how the prompt tokenizes cannot be scored after the prompt
+        good, bad = ([o for o in side if ids[o][: len(prompt_ids)] == prompt_ids] for side in (good, bad))
         if not good or not bad:
             store.append({"kind": "none", "source": key})  # remembered so a resume skips it
         else:
+            rng = random.Random(f"{seed}:{key}")  # per row: a resumed build picks what a whole one would
             chosen, rejected = rng.choice(good), rng.choice(bad)
-            prompt_ids = tokenize(prompt)
-            pair = []
-            for text in (chosen, rejected):
-                ids = tokenize(prompt + text + task.stop[0] if task.stop else prompt + text)[len(prompt_ids) :]
-                pair.append(annotate(backends, prompt_ids, ids, caches))
+            pair = [annotate(backends, prompt_ids, ids[text][len(prompt_ids) :], caches) for text in (chosen, rejected)]
             store.append(asdict(PreferencePair(pair[0], pair[1], source=key)))
 
 

@@ -64,9 +64,12 @@ def sft_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """FusionRoute's supervised objective: L_LM + lam * L_expert.
 
-    L_LM is the router LM's mean NLL over the target tokens. L_expert is the mean over informative
+    L_LM is the router LM's mean NLL over the target tokens. L_expert is the sum over informative
     target predictions of -log sum_i softmax(route_logits)_i * p_i(y), the likelihood of the gold
-    token under the routing mixture of the experts; it is 0 when no prediction is informative.
+    token under the routing mixture of the experts, divided by the same number of target tokens
+    as L_LM: an example whose experts disagree more often carries more routing signal, as in the
+    paper's sum, and lam weighs the two per target token. It is 0, with no gradient reaching the
+    routing head, when no prediction is informative.
     `expert_token_logprobs[b, t, i]` is log p_i(input_ids[b, t+1] | input_ids[b, :t+1]) ([B, T, E]),
     `informative[b, t]` ([B, T]) refers to that same prediction (see the module's convention).
 
@@ -87,10 +90,10 @@ def sft_loss(
     if count:
         route = torch.log_softmax(out.route_logits[:, :-1].float(), dim=-1)[chosen]  # [N, E]
         mixture = torch.logsumexp(route + expert_token_logprobs[:, :-1].float()[chosen], dim=-1)
-        expert = -mixture.mean()
+        expert = -mixture.sum() / targets.sum()
     else:
-        # Keeps the route head in the graph, so a step on a batch without informative positions still works.
-        expert = out.route_logits.sum() * 0.0
+        # No graph to the routing head: a zero gradient would still move it through AdamW's momentum.
+        expert = out.lm_logits.new_zeros((), dtype=torch.float32)
     loss = lm + lam * expert
     return loss, {"lm": float(lm.detach()), "expert": float(expert.detach()), "informative": float(count)}
 

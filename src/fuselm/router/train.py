@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -33,10 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..config import validation_message
 from ..errors import FuselmError
+from ..eval.task import get_task
 from .data import (
     JsonlStore,
     build_preferences,
     build_sft,
+    check_stored_sft,
     few_shot_prefix,
     load_task_rows,
     pref_items,
@@ -184,14 +187,19 @@ class RouterTrainer:
         for spec in cfg.preference:
             rows = load_task_rows(spec.task, spec.data, self.data_dir, spec.limit)
             jobs.append(("pref", spec, rows))
+
+        def tokenize(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        for kind, spec, rows in jobs:
+            if kind == "sft":
+                prefix = few_shot_prefix(get_task(spec.task), self.data_dir, spec.shots)
+                check_stored_sft(spec.task, rows, tokenize, prefix, sft, cfg.max_length)
         have = {"sft": {it["source"] for it in sft.items}, "pref": {it["source"] for it in pref.items}}
         todo = sum(1 for kind, spec, rows in jobs for r in rows if f"{spec.task}:{r['id']}" not in have[kind])
         if todo == 0:
             return sft, pref
         experts = [load_model(n, backend=cfg.expert_backend) for n in cfg.experts]
-
-        def tokenize(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
 
         probe = "Hello, world! 123 \n\tcafé 東京"
         for m in experts:
@@ -202,8 +210,6 @@ class RouterTrainer:
                 raise FuselmError(f"experts {experts[0].name!r} and {m.name!r} have different vocabularies")
         with _progress(self.show_progress) as progress:
             for kind, spec, rows in jobs:
-                from ..eval.task import get_task
-
                 task = get_task(spec.task)
                 prefix = few_shot_prefix(task, self.data_dir, spec.shots)
                 bar = progress.add_task(f"annotate {kind} {spec.task}", total=len(rows))
@@ -252,11 +258,12 @@ class RouterTrainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
-        ckpt = self.out / "checkpoint"
+        ckpt = self._recover_checkpoint()
         saved = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
         if saved is not None and saved.get("fingerprint") != cfg.fingerprint():
             raise FuselmError(f"{ckpt} was made with a different config; use another --out or delete the checkpoint")
         if saved is not None:
+            print(f"resuming from {ckpt} at step {saved['global_step']}", file=sys.stderr, flush=True)
             backbone, tokenizer = self._base()
             router, _ = load_router(ckpt, backbone)
         else:
@@ -335,6 +342,7 @@ class RouterTrainer:
         summary.update(
             steps=state["global_step"],
             sft_examples=len(train_sft),
+            sft_left_out_for_length=sum(1 for it in sft_store.items if it.get("kind") == "none"),
             held_out=len(val),
             preference_pairs=len(pairs),
             seconds=round(time.perf_counter() - t0, 1),
@@ -447,6 +455,18 @@ class RouterTrainer:
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+
+    def _recover_checkpoint(self) -> Path:
+        """The checkpoint directory; after a crash between the two renames of :meth:`_checkpoint`
+        only `checkpoint.tmp` (complete once it has trainer.json, written last) or
+        `checkpoint.old` is there: the newer complete one becomes the checkpoint again."""
+        final = self.out / "checkpoint"
+        if not final.exists():
+            for leftover in (self.out / "checkpoint.tmp", self.out / "checkpoint.old"):
+                if (leftover / "trainer.json").is_file():
+                    os.replace(leftover, final)
+                    break
+        return final
 
     def _optimizer(self, router: RouterModel) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
