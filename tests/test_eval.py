@@ -253,3 +253,25 @@ def test_gsm8k_reference_text_follows_the_shots_format():
     assert text == "Let's think step by step\nIt takes 2/2=1 bolt\nSo 2+1=3 bolts\nThe answer is \\boxed{3}\n"
     original_format = {"question": "q", "answer": "5+5=10\n#### 10"}
     assert reference_text(task, original_format).endswith("5+5=10\nThe answer is \\boxed{10}\n")
+
+
+def test_plot_names_each_setup_once_across_tasks(tmp_path):
+    from fuselm.eval.report import RunView, _setup_labels, plot_quality_cost
+
+    def run(task, method, models, em, complete=True):
+        summary = {"task": task, "method": method, "models": models, "main_metric": "em", "complete": complete,
+                   "metrics": {"em": em}, "seconds_per_sample": 1.5}  # fmt: skip
+        return RunView(f"{task}-{method}", summary, [{"metrics": {"em": em}}])
+
+    runs = [
+        run("nq", "single", ["a"], 0.2),
+        run("nq", "adafuse", ["a", "b"], 0.3),
+        run("squad", "adafuse", ["a", "c"], 0.4, complete=False),
+        run("squad", "unite", ["a", "b"], 0.1),
+    ]
+    labels = _setup_labels(runs)
+    # a setup is the model alone, or the method, with its models only where they differ between runs
+    assert [labels[id(r)] for r in runs] == ["a", "adafuse (a+b)", "adafuse (a+c)", "unite"]
+    png = tmp_path / "p.png"
+    plot_quality_cost(runs, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

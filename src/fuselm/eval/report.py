@@ -146,17 +146,39 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _setup_labels(runs: list[RunView]) -> dict[int, str]:
+    """A short name per run's setup: the model for a single model, else the method, with its
+    models only where the same method runs on several model sets."""
+    sets: dict[str, set[str]] = {}
+    for run in runs:
+        sets.setdefault(run.summary.get("method", "?"), set()).add("+".join(run.summary.get("models", [])))
+    labels = {}
+    for run in runs:
+        method, models = run.summary.get("method", "?"), "+".join(run.summary.get("models", []))
+        if method == "single":
+            labels[id(run)] = models
+        else:
+            labels[id(run)] = f"{method} ({models})" if len(sets[method]) > 1 else method
+    return labels
+
+
 def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
-    """One panel per task: each run's main metric against its seconds per sample."""
+    """One panel per task: each run's main metric against its seconds per sample. A setup (a
+    model alone, or a method) keeps one colour and marker in every panel, named in one legend;
+    a run still in progress is drawn hollow."""
     import math
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    panels: dict[str, list[tuple[str, float, float]]] = {}
+    panels: dict[str, list[tuple[str, float, float, bool]]] = {}
     metric_of: dict[str, str] = {}
+    setups: list[str] = []  # in order of first appearance: colours follow it
+    label_of = _setup_labels(runs)
+    singles = {label_of[id(r)] for r in runs if r.summary.get("method") == "single"}
     for run in runs:
         s = run.summary
         main = s.get("main_metric")
@@ -167,28 +189,55 @@ def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
         if per_sample:  # in %, like the tables
             y *= 100
         metric_of[s["task"]] = f"{main} (%)" if per_sample else main
-        panels.setdefault(s["task"], []).append((run.name, s["seconds_per_sample"], y))
+        setup = label_of[id(run)]
+        if setup not in setups:
+            setups.append(setup)
+        panels.setdefault(s["task"], []).append((setup, s["seconds_per_sample"], y, not s.get("complete", True)))
     if not panels:
         raise FuselmError("no run has both a main metric and a cost to plot")
+    colours = plt.get_cmap("tab10" if len(setups) <= 10 else "tab20")
+    style = {
+        name: {"color": colours(i % colours.N), "marker": "o" if name in singles else "s"}
+        for i, name in enumerate(setups)
+    }
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    spare = rows * cols - len(panels)  # an empty panel holds the legend; else it goes below
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows + (0 if spare else 1.0)), squeeze=False)
     for ax, (task, points) in zip(axes.flat, panels.items()):
-        for name, x, y in points:
-            ax.scatter(x, y, s=36)
-            label = name[len(task) + 1 :] if name.startswith(task + "-") else name
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        xs = [x for _, x, _ in points]
+        for setup, x, y, partial in points:
+            st = style[setup]
+            ax.scatter(x, y, s=42, marker=st["marker"], edgecolors=st["color"],
+                       facecolors="none" if partial else st["color"], linewidths=1.5)  # fmt: skip
+        xs = [p[1] for p in points]
         if min(xs) > 0 and max(xs) / min(xs) > 10:
             ax.set_xscale("log")
-        ax.margins(x=0.3, y=0.2)  # room for the labels
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.15, y=0.15)
         ax.set_title(task)
         ax.set_xlabel("seconds per sample")
         ax.set_ylabel(metric_of[task])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    order = sorted(setups, key=lambda n: (n not in singles, n))  # the models alone, then the methods
+    handles = [
+        plt.Line2D([], [], linestyle="", marker=style[n]["marker"], color=style[n]["color"], markersize=7)
+        for n in order
+    ]
+    labels = list(order)
+    if any(p[3] for points in panels.values() for p in points):
+        handles.append(plt.Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey"))
+        labels.append("hollow: run in progress")
     fig.suptitle("quality against cost")
-    fig.tight_layout()
+    if spare:
+        list(axes.flat)[len(panels)].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+        fig.tight_layout()
+    else:
+        ncol = min(5, len(labels))
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.25 * math.ceil(len(labels) / ncol) / (4.0 * rows + 1.0), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
