@@ -275,3 +275,21 @@ def test_plot_names_each_setup_once_across_tasks(tmp_path):
     png = tmp_path / "p.png"
     plot_quality_cost(runs, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corpus_metrics_of_a_partial_run_score_its_rows_against_their_references():
+    from fuselm.eval.runner import EvalSpec, summarize
+
+    task = get_task("flores-en-de")
+    spec = EvalSpec(task="flores-en-de", method="single", models=[{"name": "smollm2-135m"}])
+    done = [
+        {"id": 0, "output": "Das ist ein Haus.", "answer": "Das ist ein Haus.", "reference": "Das ist ein Haus."},
+        {"id": 1, "output": "Ich mag Katzen.", "answer": "Ich mag Katzen.", "reference": "Ich liebe Hunde sehr."},
+    ]
+    for r in done:
+        r.update(metrics={}, seconds=1.0, new_tokens=5)
+    selected = [{"id": 0}, {"id": 1}, {"id": 2}]  # the third row is not done yet
+    summary = summarize(task, spec, done, selected)
+    assert not summary["complete"] and summary["n"] == 2
+    expected = M.corpus_chrf([r["output"] for r in done], [r["reference"] for r in done])
+    assert summary["metrics"]["chrf"] == pytest.approx(expected) and expected < 100.0

@@ -222,10 +222,9 @@ def summarize(task: Task, spec: EvalSpec, done: list[dict[str, Any]], selected: 
     for name in task.metrics:
         vals = [r["metrics"][name] for r in ordered if r["metrics"].get(name) is not None]
         metrics[name] = sum(vals) / len(vals) if vals else None
-    if n == len(selected):
-        src = [r for r in selected]
+    if n:  # over the rows so far when the run is partial ("complete" says which)
         for name, fn in task.corpus_metrics.items():
-            metrics[name] = fn([by_id[r["id"]]["output"] for r in src], src)
+            metrics[name] = fn([r["output"] for r in ordered], [r["reference"] for r in ordered])
     return {
         "task": task.name,
         "method": spec.method,

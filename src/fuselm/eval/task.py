@@ -14,7 +14,7 @@ from ..errors import FuselmError, UnknownNameError
 
 # Per-sample metric: (output, extracted answer, row) -> score. Corpus metric: (outputs, rows) -> score.
 SampleMetric = Callable[[str, str, dict[str, Any]], float]
-CorpusMetric = Callable[[list[str], list[dict[str, Any]]], float | None]
+CorpusMetric = Callable[[list[str], list[Any]], float | None]  # (outputs, references) -> score
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,10 @@ def _extract(output: str) -> str:
 
 CORPUS = {
     # sacrebleu spBLEU, tokenize="flores200"; None when the SentencePiece model is not available offline
-    "spbleu": lambda outs, rows: corpus_spbleu([_extract(o) for o in outs], [r["answer"] for r in rows]),
+    "spbleu": lambda outs, refs: corpus_spbleu([_extract(o) for o in outs], refs),
     # the same with the FLORES-200 model rebuilt from NLLB's tokenizer.json (eval/flores_spm.py)
-    "spbleu_rebuilt": lambda outs, rows: corpus_spbleu_rebuilt(
-        [_extract(o) for o in outs], [r["answer"] for r in rows]
-    ),
-    "chrf": lambda outs, rows: corpus_chrf([_extract(o) for o in outs], [r["answer"] for r in rows]),
+    "spbleu_rebuilt": lambda outs, refs: corpus_spbleu_rebuilt([_extract(o) for o in outs], refs),
+    "chrf": lambda outs, refs: corpus_chrf([_extract(o) for o in outs], refs),
 }
 
 for name, pair, prompt in [
