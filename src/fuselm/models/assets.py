@@ -56,14 +56,18 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
             f"reinstall its package or delete the file and run again"
         )
     try:
-        _atomic_write_text(marker, f"{expected} {_stamp(path)}\n")
+        atomic_write(marker, f"{expected} {_stamp(path)}\n")
     except OSError:  # read-only site-packages: verification is simply redone next time
         pass
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `path` whole or not at all (a temporary file beside it, then a rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -119,7 +123,7 @@ def ensure_gguf(model: BundledModel) -> Path:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _atomic_write_text(target.with_name(target.name + ".verified"), f"{model.sha256} {_stamp(target)}\n")
+    atomic_write(target.with_name(target.name + ".verified"), f"{model.sha256} {_stamp(target)}\n")
     return target
 
 

@@ -27,6 +27,7 @@ import torch
 from ..config import GenerationConfig
 from ..errors import FuselmError
 from ..eval.task import Task, get_task, load_rows, reference_text
+from ..models.assets import atomic_write
 from ..models.backend import Backend
 
 TRAIN_FILES = {"gsm8k": "gsm8k/train_300.jsonl", "nq": "nq/train_1600.jsonl"}
@@ -117,9 +118,7 @@ class JsonlStore:
                 except json.JSONDecodeError:
                     break  # torn write from an interrupted run: drop it and everything after
             if len(self.items) < len(lines):  # rewritten only then, atomically: hours of work live here
-                partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                partial.write_text("".join(json.dumps(it) + "\n" for it in self.items), encoding="utf-8")
-                os.replace(partial, path)
+                atomic_write(path, "".join(json.dumps(it) + "\n" for it in self.items))
 
     def append(self, item: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -130,7 +129,7 @@ class JsonlStore:
 
 
 def _rows_to_build(task_name: str, rows: list[dict[str, Any]], store: JsonlStore, progress) -> Iterable:
-    """(source key, row, stored item or None) for every row; every row ticks `progress` once."""
+    """(source key, row, stored item or None) for every row; every row ticks `progress` (if any) once."""
     done = {it["source"]: it for it in store.items}
     for row in rows:
         key = f"{task_name}:{row['id']}"
@@ -189,10 +188,7 @@ def check_stored_sft(
     """Refuse stored SFT examples that the current config and data would not build the same way
     (another prompt, answer format or `max_length`), instead of training on a mix."""
     task = get_task(task_name)
-    done = {it["source"]: it for it in store.items}
-    for row in rows:
-        key = f"{task_name}:{row['id']}"
-        stored = done.get(key)
+    for key, row, stored in _rows_to_build(task_name, rows, store, None):
         if stored is None:
             continue
         prompt_ids, target_ids = sft_ids(task, prefix, row, tokenize)
