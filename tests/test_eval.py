@@ -48,9 +48,26 @@ def test_gsm8k_metrics_and_distortion():
 
 
 def test_chrf_counts_empty_outputs():
-    full = M.corpus_chrf(["Hallo Welt", "gut"], ["Hallo Welt", "gut"])
-    with_empty = M.corpus_chrf(["Hallo Welt", ""], ["Hallo Welt", "gut"])
+    chrf = M.corpus_chrf()
+    full = chrf(["Hallo Welt", "gut"], ["Hallo Welt", "gut"])
+    with_empty = chrf(["Hallo Welt", ""], ["Hallo Welt", "gut"])
     assert full > with_empty
+
+
+def test_corpus_metric_interval_resamples_sentences():
+    import sacrebleu
+
+    chrf = M.corpus_chrf(extract=lambda o: o.strip().split("\n")[0])
+    refs = ["Das Haus ist rot.", "Ich mag Katzen.", "Der Hund schläft.", "Es regnet heute.", "Wir gehen nach Hause."]
+    outs = ["Das Haus ist rot.\nmore", "Ich liebe Hunde.", "Der Hund schläft.", "", "Wir gehen heim."]
+    score = chrf(outs, refs)
+    # the same score as sacrebleu's corpus chrF on the extracted outputs
+    assert score == pytest.approx(sacrebleu.corpus_chrf([o.split("\n")[0] for o in outs], [refs]).score)
+    lo, hi = chrf.interval(outs, refs)
+    assert lo < score < hi and hi - lo > 10  # mixed sentences: a wide interval
+    assert chrf.interval(outs, refs) == (lo, hi)  # seeded
+    assert chrf.interval(refs, refs) == (pytest.approx(100.0), pytest.approx(100.0))
+    assert chrf.interval([], []) is None
 
 
 def test_humaneval_execution_limits():
@@ -215,7 +232,7 @@ def test_task_generation_defaults_and_overrides():
 def test_report_overview_puts_each_setup_against_each_task():
     from fuselm.eval.report import overview, to_markdown
 
-    def row(task, method, models, metric, mean, main, partial=False, ci=True):
+    def row(task, method, models, metric, mean, main, partial=False, corpus=False):
         return {
             "run": f"{task}-{method}",
             "task": task,
@@ -223,9 +240,10 @@ def test_report_overview_puts_each_setup_against_each_task():
             "models": models,
             "metric": metric,
             "main": main,
+            "corpus": corpus,
             "mean": mean,
-            "ci_low": 0.0 if ci else None,
-            "ci_high": 1.0 if ci else None,
+            "ci_low": 30.0 if corpus else 0.0,
+            "ci_high": 50.0 if corpus else 1.0,
             "n": 10,
             "partial": partial,
             "seconds_per_sample": 1.0,
@@ -235,13 +253,15 @@ def test_report_overview_puts_each_setup_against_each_task():
         row("nq", "single", "a", "em", 0.25, True),
         row("nq", "single", "a", "f1", 0.5, False),
         row("nq", "adafuse", "a+b", "em", 0.125, True, partial=True),
-        row("flores-en-de", "single", "a", "chrf", 41.5, True, ci=False),
+        row("flores-en-de", "single", "a", "chrf", 41.5, True, corpus=True),
     ]
     header, body = overview(rows)
     assert header == ["method", "models", "nq em", "flores-en-de chrf"]
     assert body == [["single", "a", "25.0", "41.5"], ["adafuse", "a+b", "12.5*", ""]]
     md = to_markdown(rows)
     assert md.index("main metric by task") < md.index("### nq") < md.index("### flores-en-de")
+    # per-sample metrics in %, corpus metrics on their own scale, each with its interval
+    assert "| 25.0 [0.0, 100.0] |" in md and "| 41.5 [30.0, 50.0] |" in md
 
 
 def test_gsm8k_reference_text_follows_the_shots_format():
@@ -291,5 +311,5 @@ def test_corpus_metrics_of_a_partial_run_score_its_rows_against_their_references
     selected = [{"id": 0}, {"id": 1}, {"id": 2}]  # the third row is not done yet
     summary = summarize(task, spec, done, selected)
     assert not summary["complete"] and summary["n"] == 2
-    expected = M.corpus_chrf([r["output"] for r in done], [r["reference"] for r in done])
+    expected = M.corpus_chrf()([r["output"] for r in done], [r["reference"] for r in done])
     assert summary["metrics"]["chrf"] == pytest.approx(expected) and expected < 100.0

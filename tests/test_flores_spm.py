@@ -59,13 +59,14 @@ def test_not_a_bpe_tokenizer_is_refused(tmp_path):
 def test_spbleu_rebuilt_uses_the_rebuilt_model(nllb_like_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("FUSELM_CACHE", str(tmp_path))
     refs = ["the quick brown fox jumps over the lazy dog"]
-    assert M.corpus_spbleu_rebuilt(refs, refs) is None  # not built yet
+    spbleu_rebuilt = M.corpus_spbleu_rebuilt()
+    assert spbleu_rebuilt(refs, refs) is None  # not built yet
     rebuilt_model_path().write_bytes(build_from_tokenizer_json(nllb_like_tokenizer[0]))
-    assert M.corpus_spbleu_rebuilt(refs, refs) == pytest.approx(100.0)
+    assert spbleu_rebuilt(refs, refs) == pytest.approx(100.0)
     # scored on the model's pieces, not on words: ▁jump er and ▁dog g y share pieces with the reference
     hyp = ["the quick brown fox jumper over the lazy doggy"]
     import sacrebleu
 
-    score = M.corpus_spbleu_rebuilt(hyp, refs)
+    score = spbleu_rebuilt(hyp, refs)
     assert 0 < score < 100 and score != pytest.approx(sacrebleu.corpus_bleu(hyp, [refs]).score)
-    assert M.corpus_spbleu_rebuilt([""], refs) == 0.0  # an empty output counts
+    assert spbleu_rebuilt([""], refs) == 0.0  # an empty output counts

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fuselm.sampling
 import fuselm.text.words
-from fuselm.eval import flores_spm
+from fuselm.eval import flores_spm, metrics
 from fuselm.sampling import Sampler, Temperature, TopK, TopP
 from fuselm.text.words import earliest_stop, first_word_end, split_words, take_words
 
@@ -51,7 +51,7 @@ def test_earliest_stop():
 
 
 def test_doctests():
-    for mod in (fuselm.text.words, fuselm.sampling, flores_spm):
+    for mod in (fuselm.text.words, fuselm.sampling, flores_spm, metrics):
         assert doctest.testmod(mod).failed == 0
 
 

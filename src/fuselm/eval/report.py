@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FuselmError
+from .metrics import bootstrap_indices
 from .runner import _read_rows
 
 
@@ -48,9 +49,20 @@ def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0) -> tupl
     if not values:
         return (float("nan"), float("nan"))
     arr = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, len(arr), size=(n_boot, len(arr)))].mean(axis=1)
+    means = arr[bootstrap_indices(len(arr), n_boot, seed)].mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _interval(run: RunView, metric: str) -> tuple[tuple[float, float] | None, bool]:
+    """A metric's 95% bootstrap interval over the run's rows, and whether it is a corpus metric
+    (scored over all rows at once, on its own scale) rather than a per-sample mean (a fraction)."""
+    from .task import get_task
+
+    corpus = get_task(run.summary["task"]).corpus_metrics.get(metric)
+    if corpus is not None:
+        return corpus.interval([r["output"] for r in run.rows], [r["reference"] for r in run.rows]), True
+    values = [r["metrics"][metric] for r in run.rows if r["metrics"].get(metric) is not None]
+    return (bootstrap_ci(values) if values else None), False
 
 
 def report_rows(runs: list[RunView]) -> list[dict[str, Any]]:
@@ -58,8 +70,7 @@ def report_rows(runs: list[RunView]) -> list[dict[str, Any]]:
     for run in runs:
         s = run.summary
         for metric, mean in s["metrics"].items():
-            values = [r["metrics"][metric] for r in run.rows if r["metrics"].get(metric) is not None]
-            lo, hi = bootstrap_ci(values) if values else (None, None)
+            ci, corpus = _interval(run, metric) if mean is not None else (None, False)
             out.append(
                 {
                     "run": run.name,
@@ -68,9 +79,10 @@ def report_rows(runs: list[RunView]) -> list[dict[str, Any]]:
                     "models": "+".join(s["models"]),
                     "metric": metric,
                     "main": metric == s.get("main_metric"),
+                    "corpus": corpus,
                     "mean": mean,
-                    "ci_low": lo,
-                    "ci_high": hi,
+                    "ci_low": ci[0] if ci else None,
+                    "ci_high": ci[1] if ci else None,
                     "n": s["n"],
                     "partial": not s.get("complete", True),
                     "seconds_per_sample": s["seconds_per_sample"],
@@ -84,10 +96,12 @@ def _fmt(x: float | None, scale: float = 1.0) -> str:
 
 
 def _cell(r: dict[str, Any]) -> str:
-    """A metric's mean with its interval (per-sample metrics, in %) or as reported (corpus metrics)."""
+    """A metric's mean and 95% interval: per-sample metrics in %, corpus metrics (chrF, spBLEU) on
+    their own 0-100 scale."""
+    scale = 1.0 if r["corpus"] else 100.0
     if r["ci_low"] is None:
-        return f"{_fmt(r['mean'])} (corpus)"
-    return f"{_fmt(r['mean'], 100)} [{_fmt(r['ci_low'], 100)}, {_fmt(r['ci_high'], 100)}]"
+        return _fmt(r["mean"], scale)
+    return f"{_fmt(r['mean'], scale)} [{_fmt(r['ci_low'], scale)}, {_fmt(r['ci_high'], scale)}]"
 
 
 def by_task(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
@@ -122,7 +136,7 @@ def overview(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         if not r["main"]:
             continue
         metric_of[r["task"]] = r["metric"]
-        scale = 100.0 if r["ci_low"] is not None else 1.0
+        scale = 1.0 if r["corpus"] else 100.0
         mark = "*" if r["partial"] else ""
         setups.setdefault((r["method"], r["models"]), {})[r["task"]] = _fmt(r["mean"], scale) + mark
     header = ["method", "models", *(f"{t} {metric_of.get(t, '')}".strip() for t in tasks)]
@@ -131,9 +145,12 @@ def overview(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """One table per task: a row per run, a column per metric (mean and 95% bootstrap interval,
-    in %; corpus metrics such as spBLEU as sacrebleu reports them)."""
-    parts = ["Per-sample metrics in %: mean [95% bootstrap interval]; corpus metrics as reported."]
+    """One table per task: a row per run, a column per metric (mean and 95% bootstrap interval;
+    per-sample metrics in %, corpus metrics such as chrF and spBLEU as sacrebleu scores them)."""
+    parts = [
+        "Each cell: score [95% bootstrap interval over rows]. Per-sample metrics in %; corpus metrics"
+        " (chrF, spBLEU) on sacrebleu's 0-100 scale, their interval from resampled sentences."
+    ]
     if len({r["task"] for r in rows}) > 1:
         header, body = overview(rows)
         lines = ["### main metric by task (* = partial run)", "", "| " + " | ".join(header) + " |"]

@@ -8,13 +8,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import FuselmError, UnknownNameError
 
-# Per-sample metric: (output, extracted answer, row) -> score. Corpus metric: (outputs, rows) -> score.
+# Per-sample metric: (output, extracted answer, row) -> score.
 SampleMetric = Callable[[str, str, dict[str, Any]], float]
-CorpusMetric = Callable[[list[str], list[Any]], float | None]  # (outputs, references) -> score
+
+
+class CorpusMetric(Protocol):
+    """Scored over all rows at once (chrF, BLEU), so its interval resamples rows and rescores."""
+
+    def __call__(self, outputs: list[str], references: list[Any]) -> float | None: ...
+
+    def interval(self, outputs: list[str], references: list[Any]) -> tuple[float, float] | None: ...
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ def _extract(output: str) -> str:
 
 CORPUS = {
     # sacrebleu spBLEU, tokenize="flores200"; None when the SentencePiece model is not available offline
-    "spbleu": lambda outs, refs: corpus_spbleu([_extract(o) for o in outs], refs),
+    "spbleu": corpus_spbleu(_extract),
     # the same with the FLORES-200 model rebuilt from NLLB's tokenizer.json (eval/flores_spm.py)
-    "spbleu_rebuilt": lambda outs, refs: corpus_spbleu_rebuilt([_extract(o) for o in outs], refs),
-    "chrf": lambda outs, refs: corpus_chrf([_extract(o) for o in outs], refs),
+    "spbleu_rebuilt": corpus_spbleu_rebuilt(_extract),
+    "chrf": corpus_chrf(_extract),
 }
 
 for name, pair, prompt in [
