@@ -244,6 +244,7 @@ def test_report_overview_puts_each_setup_against_each_task():
             "mean": mean,
             "ci_low": 30.0 if corpus else 0.0,
             "ci_high": 50.0 if corpus else 1.0,
+            "versus": {},
             "n": 10,
             "partial": partial,
             "seconds_per_sample": 1.0,
@@ -313,3 +314,44 @@ def test_corpus_metrics_of_a_partial_run_score_its_rows_against_their_references
     assert not summary["complete"] and summary["n"] == 2
     expected = M.corpus_chrf()([r["output"] for r in done], [r["reference"] for r in done])
     assert summary["metrics"]["chrf"] == pytest.approx(expected) and expected < 100.0
+
+
+def _view(task, method, models, rows, main):
+    from fuselm.eval.report import RunView
+
+    summary = {"task": task, "method": method, "models": models, "main_metric": main, "n": len(rows)}
+    summary["seconds_per_sample"] = 1.0
+    return RunView(f"{task}-{method}-{'+'.join(models)}", summary, rows)
+
+
+def test_paired_difference_cancels_what_two_runs_share():
+    from fuselm.eval.report import by_task, interval, paired_difference, report_rows
+
+    # per-sample: the fused run is right wherever the model is, and on 5 more of 40 rows
+    base = [{"id": i, "metrics": {"em": float(i % 2)}} for i in range(40)]
+    fused = [{"id": i, "metrics": {"em": float(i % 2 or i < 10)}} for i in reversed(range(40))]  # any row order
+    a, b = _view("nq", "unite", ["m", "n"], fused, "em"), _view("nq", "single", ["m"], base, "em")
+    a.summary["metrics"], b.summary["metrics"] = {"em": 25 / 40}, {"em": 0.5}
+    delta, lo, hi = paired_difference(a, b, "em")
+    assert delta == pytest.approx(5 / 40) and 0 < lo < delta < hi
+    # the separate intervals overlap, the paired one is clear of zero
+    assert interval(a, "em")[0] < interval(b, "em")[1]
+    assert paired_difference(b, b, "em") == (0.0, 0.0, 0.0)
+    rows = report_rows([a, b], baselines=["m"])
+    assert rows[0]["versus"]["m"] == (delta, lo, hi) and rows[1]["versus"] == {}
+    header, body = by_task(rows)["nq"]
+    col = header.index("em - m")
+    assert body[0][col] == f"+12.5 [+{lo * 100:.1f}, +{hi * 100:.1f}]" and body[1][col] == ""
+
+    # corpus metric: resampled sentences rescored for both runs; identical outputs differ by 0
+    refs = ["Das Haus ist rot.", "Ich mag Katzen.", "Der Hund schläft.", "Es regnet heute."]
+    good = [{"id": i, "output": r, "reference": r, "metrics": {}} for i, r in enumerate(refs)]
+    poor = [dict(r, output=r["output"].split()[0]) for r in good]
+    g, p = (
+        _view("flores-en-de", "unite", ["m", "n"], good, "chrf"),
+        _view("flores-en-de", "single", ["m"], poor, "chrf"),
+    )
+    delta, lo, hi = paired_difference(g, p, "chrf")
+    assert delta > 30 and 0 < lo <= hi
+    assert paired_difference(p, p, "chrf") == (0.0, 0.0, 0.0)
+    assert paired_difference(g, _view("flores-en-de", "single", ["m"], [], "chrf"), "chrf") is None

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("--md", metavar="OUT.md", help="also write the table as Markdown")
     r.add_argument("--plot", metavar="OUT.png", help="also plot quality against cost")
+    r.add_argument(
+        "--baseline",
+        metavar="MODEL[,MODEL]",
+        help="add each run's main metric minus this model's single-model run on the same task,"
+        " with a 95%% paired bootstrap interval (same resampled rows for both)",
+    )
     return parser
 
 
@@ -213,7 +219,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from .eval.report import by_task, load_run, overview, plot_quality_cost, report_rows, to_markdown
 
     runs = [load_run(p) for p in ns.runs]
-    rows = report_rows(runs)
+    rows = report_rows(runs, [b for b in (ns.baseline or "").split(",") if b])
     console = Console(width=None if sys.stdout.isatty() else 160)
     tables = list(by_task(rows).items())
     if len(tables) > 1:

@@ -144,7 +144,7 @@ def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0):
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def _percentile_interval(scores) -> tuple[float, float]:
+def percentile_interval(scores) -> tuple[float, float]:
     import numpy as np
 
     return float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))
@@ -195,16 +195,23 @@ class SacrebleuCorpusMetric:
         metric, stats = got
         return float(metric._compute_score_from_stats(stats.sum(axis=0)).score)
 
+    def resampled(self, outputs: list[str], references: list[str], indices: Any) -> Any | None:
+        """The corpus score of each resample: ``indices`` is (resamples, rows), row positions.
+        Paired comparisons pass two runs the same indices."""
+        import numpy as np
+
+        got = self._statistics(outputs, references) if len(outputs) else None
+        if got is None:
+            return None
+        metric, stats = got
+        return np.array([metric._compute_score_from_stats(stats[i].sum(axis=0)).score for i in indices])
+
     def interval(
         self, outputs: list[str], references: list[str], n_boot: int = 1000, seed: int = 0
     ) -> tuple[float, float] | None:
         """95% percentile bootstrap interval of the corpus score, resampling sentences."""
-        got = self._statistics(outputs, references) if outputs else None
-        if got is None:
-            return None
-        metric, stats = got
-        idx = bootstrap_indices(len(stats), n_boot, seed)
-        return _percentile_interval([metric._compute_score_from_stats(stats[i].sum(axis=0)).score for i in idx])
+        scores = self.resampled(outputs, references, bootstrap_indices(len(outputs), n_boot, seed))
+        return None if scores is None else percentile_interval(scores)
 
 
 def _chrf():

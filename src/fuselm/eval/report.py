@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FuselmError
-from .metrics import bootstrap_indices
+from .metrics import bootstrap_indices, percentile_interval
 from .runner import _read_rows
 
 
@@ -49,28 +49,72 @@ def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0) -> tupl
     if not values:
         return (float("nan"), float("nan"))
     arr = np.asarray(values, dtype=float)
-    means = arr[bootstrap_indices(len(arr), n_boot, seed)].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return percentile_interval(arr[bootstrap_indices(len(arr), n_boot, seed)].mean(axis=1))
 
 
-def _interval(run: RunView, metric: str) -> tuple[tuple[float, float] | None, bool]:
-    """A metric's 95% bootstrap interval over the run's rows, and whether it is a corpus metric
-    (scored over all rows at once, on its own scale) rather than a per-sample mean (a fraction)."""
+def _resampled(run: RunView, rows: list[dict[str, Any]], metric: str, indices: np.ndarray) -> np.ndarray | None:
+    """The metric on each resample of ``rows`` (a run's rows): the mean of a per-sample metric,
+    or the corpus metric (chrF, spBLEU) rescored on the resampled sentences."""
     from .task import get_task
 
     corpus = get_task(run.summary["task"]).corpus_metrics.get(metric)
     if corpus is not None:
-        return corpus.interval([r["output"] for r in run.rows], [r["reference"] for r in run.rows]), True
-    values = [r["metrics"][metric] for r in run.rows if r["metrics"].get(metric) is not None]
-    return (bootstrap_ci(values) if values else None), False
+        return corpus.resampled([r["output"] for r in rows], [r["reference"] for r in rows], indices)
+    values = np.asarray([r["metrics"].get(metric) for r in rows], dtype=float)
+    return None if np.isnan(values).any() or not len(values) else values[indices].mean(axis=1)
 
 
-def report_rows(runs: list[RunView]) -> list[dict[str, Any]]:
+def _is_corpus(run: RunView, metric: str) -> bool:
+    from .task import get_task
+
+    return metric in get_task(run.summary["task"]).corpus_metrics
+
+
+def interval(run: RunView, metric: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """95% bootstrap interval of a run's metric, resampling its rows."""
+    rows = [r for r in run.rows if _is_corpus(run, metric) or r["metrics"].get(metric) is not None]
+    if not rows:
+        return None
+    scores = _resampled(run, rows, metric, bootstrap_indices(len(rows), n_boot, seed))
+    return None if scores is None else percentile_interval(scores)
+
+
+def paired_difference(
+    run: RunView, baseline: RunView, metric: str, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float] | None:
+    """``run`` minus ``baseline`` on the rows both have, with a 95% paired bootstrap interval:
+    each resample draws the same rows for both runs, so the row-to-row variation they share
+    cancels (two runs' separate intervals can overlap while one is above the other on almost
+    every resample). None when they share no row."""
+    by_id = {r["id"]: r for r in baseline.rows}
+    pairs = [(r, by_id[r["id"]]) for r in run.rows if r["id"] in by_id]
+    if not pairs:
+        return None
+    mine, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
+    whole = np.arange(len(pairs))[None, :]
+    idx = np.concatenate([whole, bootstrap_indices(len(pairs), n_boot, seed)])
+    a, b = _resampled(run, mine, metric, idx), _resampled(baseline, theirs, metric, idx)
+    if a is None or b is None:
+        return None
+    diffs = a - b
+    return (float(diffs[0]), *percentile_interval(diffs[1:]))
+
+
+def report_rows(runs: list[RunView], baselines: list[str] = ()) -> list[dict[str, Any]]:
+    """One record per run and metric. For each model named in ``baselines``, the main metric also
+    gets its paired difference against that model's single-model run on the same task."""
+    single = {(r.summary["task"], "+".join(r.summary["models"])): r for r in runs if r.summary["method"] == "single"}
     out = []
     for run in runs:
         s = run.summary
         for metric, mean in s["metrics"].items():
-            ci, corpus = _interval(run, metric) if mean is not None else (None, False)
+            main = metric == s.get("main_metric")
+            ci = interval(run, metric) if mean is not None else None
+            versus = {}
+            for name in baselines if main and mean is not None else ():
+                base = single.get((s["task"], name))
+                if base is not None and base is not run:
+                    versus[name] = paired_difference(run, base, metric)
             out.append(
                 {
                     "run": run.name,
@@ -78,11 +122,12 @@ def report_rows(runs: list[RunView]) -> list[dict[str, Any]]:
                     "method": s["method"],
                     "models": "+".join(s["models"]),
                     "metric": metric,
-                    "main": metric == s.get("main_metric"),
-                    "corpus": corpus,
+                    "main": main,
+                    "corpus": _is_corpus(run, metric),
                     "mean": mean,
                     "ci_low": ci[0] if ci else None,
                     "ci_high": ci[1] if ci else None,
+                    "versus": versus,
                     "n": s["n"],
                     "partial": not s.get("complete", True),
                     "seconds_per_sample": s["seconds_per_sample"],
@@ -104,26 +149,41 @@ def _cell(r: dict[str, Any]) -> str:
     return f"{_fmt(r['mean'], scale)} [{_fmt(r['ci_low'], scale)}, {_fmt(r['ci_high'], scale)}]"
 
 
+def _delta_cell(r: dict[str, Any], name: str) -> str:
+    d = r["versus"].get(name)
+    if d is None:
+        return ""
+    scale = 1.0 if r["corpus"] else 100.0
+    return f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
+
+
 def by_task(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Per task: a header and one line per run (run, method, models, each metric, n, s/sample)."""
+    """Per task: a header and one line per run (run, method, models, each metric, the main
+    metric's paired difference against each baseline, n, s/sample)."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
         runs.setdefault(r["task"], {}).setdefault(r["run"], []).append(r)
     out = {}
     for task, per_run in runs.items():
         metrics = list(dict.fromkeys(m["metric"] for ms in per_run.values() for m in ms))
+        mains = [m for ms in per_run.values() for m in ms if m["main"]]
+        against = list(dict.fromkeys(name for m in mains for name in m["versus"]))
         body = []
         for run, ms in per_run.items():
             cells = {m["metric"]: _cell(m) for m in ms}
+            main = next((m for m in ms if m["main"]), None)
             first = ms[0]
             body.append(
                 [run, first["method"], first["models"], *(cells.get(m, "") for m in metrics)]
+                + [_delta_cell(main, name) if main else "" for name in against]
                 + [
                     f"{first['n']} (partial)" if first["partial"] else str(first["n"]),
                     _fmt(first["seconds_per_sample"]),
                 ]
             )
-        out[task] = (["run", "method", "models", *metrics, "n", "s/sample"], body)
+        main_metric = mains[0]["metric"] if mains else ""
+        deltas = [f"{main_metric} - {name}" for name in against]
+        out[task] = (["run", "method", "models", *metrics, *deltas, "n", "s/sample"], body)
     return out
 
 

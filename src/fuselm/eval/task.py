@@ -21,7 +21,9 @@ class CorpusMetric(Protocol):
 
     def __call__(self, outputs: list[str], references: list[Any]) -> float | None: ...
 
-    def interval(self, outputs: list[str], references: list[Any]) -> tuple[float, float] | None: ...
+    def resampled(self, outputs: list[str], references: list[Any], indices: Any) -> Any | None:
+        """One score per row of ``indices`` (resamples x row positions); None if it cannot run."""
+        ...
 
 
 @dataclass(frozen=True)
