@@ -46,7 +46,7 @@ def commands(runs: list[Path], root: Path) -> str:
     for run in runs:
         task, method = next((t, m) for t in TASKS for m in METHODS if run.name == f"{t}-{m}")
         router = json.loads((run / "config.json").read_text())["spec"]["method_options"].get("router")
-        for name, args, _ in jobs(root, [task], [method], **({"router": router} if router else {})):
+        for _name, args, _ in jobs(root, [task], [method], **({"router": router} if router else {})):
             lines.append(" ".join(args))
     return "```bash\n" + "\n".join(lines) + "\n```\n"
 
