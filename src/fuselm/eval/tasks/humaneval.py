@@ -67,7 +67,10 @@ register_task(
         extract=_extract,
         reference=lambda row: row["entry_point"],
         metrics={"pass@1": _passes},
-        stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```"),
+        # The Codex stops (a new top-level statement ends the function), plus a closing code fence
+        # and three blank lines in a row: PEP 8 code has at most two, and a weak model that has
+        # nothing to write pads with newlines up to max_new_tokens (SmolLM2 on most problems).
+        stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```", "\n\n\n\n"),
         max_new_tokens=384,
         data_file=_data_file(),
         hub=("openai_humaneval", None, "test"),
