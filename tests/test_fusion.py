@@ -150,6 +150,19 @@ def test_constant_model_distribution(smol_tokenizer_dir):
     assert float(top.values[0].exp()) == pytest.approx(torch.softmax(torch.tensor([5.0, 3.0]), 0)[0].item(), abs=1e-3)
 
 
+def test_a_stop_string_across_steps_is_cut_where_it_begins(smol_tokenizer_dir):
+    """A stop that begins in text committed by earlier steps is removed with them (HumanEval's
+    "\\ndef " arrives as "\\n", "def", " name": none of "def" may stay in the output)."""
+    m = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "sure")  # greedy: " a a a ..."
+    streamed: list[str] = []
+    gen = GenerationConfig(max_new_tokens=8, chat="raw", stop=["a a"])
+    res = generate([m], "start", "single", gen, on_text=streamed.append)
+    assert res.text == " " and res.finish_reason == "stop"
+    assert "".join(streamed) == res.text
+    res = generate([m], "start", "single", GenerationConfig(max_new_tokens=8, chat="raw", stop=["b"]))
+    assert res.text == " a" * 8 and res.finish_reason == "length"
+
+
 def adafuse(models, prompt="start", max_new_tokens=6, **opts):
     return generate(models, prompt, "adafuse", GenerationConfig(max_new_tokens=max_new_tokens, chat="raw"), opts)
 

@@ -70,7 +70,10 @@ def generate(
         cut = earliest_stop(generated + text, gen.stop, start=len(generated)) if gen.stop else None
         stopped = cut is not None
         if stopped:
-            text = (generated + text)[len(generated) : cut]
+            if cut < len(generated):  # the stop began in text committed by earlier steps ("\n" "def" " f")
+                generated, text = generated[:cut], ""
+            else:
+                text = text[: cut - len(generated)]
         if step.trace is not None:
             trace.append(step.trace)
         if text:
