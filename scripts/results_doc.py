@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from results_matrix import METHODS, TASKS, jobs  # noqa: E402
 
-from fuselm.eval.report import load_run, overview, plot_quality_cost, report_rows, to_markdown  # noqa: E402
+from fuselm.eval.report import by_task, load_run, markdown_table, overview, plot_quality_cost, report_rows  # noqa: E402
 
 BASELINES = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]  # the better member of each ensemble
 BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- /generated -->)", re.S)
@@ -55,16 +55,13 @@ def blocks(root: Path, plot: Path | None) -> dict[str, str]:
     dirs = run_dirs(root)
     runs = [load_run(d) for d in dirs]
     rows = report_rows(runs, BASELINES)
-    header, body = overview(rows)
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
-    tables = to_markdown(rows).split("\n### ", 1)[1].split("\n### ")  # drop the intro line
-    tables = [t for t in tables if not t.startswith("main metric by task")]
+    tables = by_task(rows)
     if plot is not None:
         plot_quality_cost(runs, plot)
     return {
-        "overview": "\n".join(table) + "\n",
+        "overview": markdown_table(*overview(rows)) + "\n",
         "commands": commands(dirs, root.resolve().relative_to(ROOT) if root.resolve().is_relative_to(ROOT) else root),
-        "tables": "\n".join("## " + t.rstrip() + "\n" for t in tables),
+        "tables": "\n".join(f"## {task}\n\n{markdown_table(*table)}\n" for task, table in tables.items()),
     }
 
 

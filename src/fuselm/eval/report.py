@@ -44,14 +44,6 @@ def load_run(path: str | Path) -> RunView:
     return RunView(path.name, summary, rows)
 
 
-def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean (seeded: the same rows give the same interval)."""
-    if not values:
-        return (float("nan"), float("nan"))
-    arr = np.asarray(values, dtype=float)
-    return percentile_interval(arr[bootstrap_indices(len(arr), n_boot, seed)].mean(axis=1))
-
-
 def _resampled(run: RunView, rows: list[dict[str, Any]], metric: str, indices: np.ndarray) -> np.ndarray | None:
     """The metric on each resample of ``rows`` (a run's rows): the mean of a per-sample metric,
     or the corpus metric (chrF, spBLEU) rescored on the resampled sentences."""
@@ -140,10 +132,14 @@ def _fmt(x: float | None, scale: float = 1.0) -> str:
     return "n/a" if x is None else f"{x * scale:.1f}"
 
 
+def _scale(r: dict[str, Any]) -> float:
+    """Per-sample metrics (fractions) are shown in %, corpus metrics (chrF, spBLEU) on their own 0-100 scale."""
+    return 1.0 if r["corpus"] else 100.0
+
+
 def _cell(r: dict[str, Any]) -> str:
-    """A metric's mean and 95% interval: per-sample metrics in %, corpus metrics (chrF, spBLEU) on
-    their own 0-100 scale."""
-    scale = 1.0 if r["corpus"] else 100.0
+    """A metric's mean and 95% interval."""
+    scale = _scale(r)
     if r["ci_low"] is None:
         return _fmt(r["mean"], scale)
     return f"{_fmt(r['mean'], scale)} [{_fmt(r['ci_low'], scale)}, {_fmt(r['ci_high'], scale)}]"
@@ -153,7 +149,7 @@ def _delta_cell(r: dict[str, Any], name: str) -> str:
     d = r["versus"].get(name)
     if d is None:
         return ""
-    scale = 1.0 if r["corpus"] else 100.0
+    scale = _scale(r)
     return f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
 
 
@@ -196,12 +192,17 @@ def overview(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         if not r["main"]:
             continue
         metric_of[r["task"]] = r["metric"]
-        scale = 1.0 if r["corpus"] else 100.0
+        scale = _scale(r)
         mark = "*" if r["partial"] else ""
         setups.setdefault((r["method"], r["models"]), {})[r["task"]] = _fmt(r["mean"], scale) + mark
     header = ["method", "models", *(f"{t} {metric_of.get(t, '')}".strip() for t in tasks)]
     body = [[m, models, *(cells.get(t, "") for t in tasks)] for (m, models), cells in setups.items()]
     return header, body
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
@@ -212,14 +213,9 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         " (chrF, spBLEU) on sacrebleu's 0-100 scale, their interval from resampled sentences."
     ]
     if len({r["task"] for r in rows}) > 1:
-        header, body = overview(rows)
-        lines = ["### main metric by task (* = partial run)", "", "| " + " | ".join(header) + " |"]
-        lines += ["|" + "---|" * len(header)] + ["| " + " | ".join(b) + " |" for b in body]
-        parts.append("\n".join(lines))
+        parts.append("### main metric by task (* = partial run)\n\n" + markdown_table(*overview(rows)))
     for task, (header, body) in by_task(rows).items():
-        lines = [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        parts.append("\n".join(lines))
+        parts.append(f"### {task}\n\n" + markdown_table(header, body))
     return "\n\n".join(parts) + "\n"
 
 
@@ -262,7 +258,7 @@ def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
         y = s["metrics"].get(main)
         if y is None or s["seconds_per_sample"] is None:
             continue
-        per_sample = any(r["metrics"].get(main) is not None for r in run.rows)
+        per_sample = not _is_corpus(run, main)
         if per_sample:  # in %, like the tables
             y *= 100
         metric_of[s["task"]] = f"{main} (%)" if per_sample else main
