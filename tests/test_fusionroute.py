@@ -142,6 +142,24 @@ def test_fusionroute_equals_the_formula(trained, qwen_experts):
     assert res.text == ("" if want in expert.info.eos_token_ids else expert.decode([want]))
 
 
+def test_router_prefill_keeps_only_the_last_lm_logits_but_every_route(trained):
+    """A prefill computes the LM head for its last position only; the result and every position's
+    routing logits are the same as from a pass that computes all positions."""
+    from fuselm.router.backend import RouterBackend
+
+    router = RouterBackend.load(trained)
+    ids = router.tokenize("Question: who wrote hamlet\nAnswer: William")
+    last_cache, all_cache = router.new_cache(), router.new_cache()
+    last = router.extend(last_cache, ids)
+    routes_last = [router.route_logits(last_cache, p) for p in range(1, len(ids) + 1)]
+    every = router.extend(all_cache, ids, all_logits=True)
+    routes_all = [router.route_logits(all_cache, p) for p in range(1, len(ids) + 1)]
+    assert last.shape == every[-1].shape and every.shape[0] == len(ids)
+    torch.testing.assert_close(last, every[-1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(routes_last, routes_all, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_clear_errors(trained, qwen_experts, tiny_dirs):
     from fuselm.errors import FuselmError
     from fuselm.fusion.loop import generate

@@ -62,13 +62,16 @@ class RouterBackend(TransformersBackend):
         self._branch_memo = None
         start = cache.get_seq_length()
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        out = self.router(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        # A prefill needs the LM logits of its last position only; over a 1000-token few-shot
+        # prompt the full [T, 151k] LM head would be most of the pass.
+        out = self.router(
+            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+        )
         self._ids(cache).extend(ids)
         routes = out.route_logits[0].float().cpu()
         for i in range(len(ids)):  # the hidden state at position p routes the token at p + 1
             self._routes[(id(cache), start + i + 1)] = routes[i]
-        logits = out.lm_logits[0]
-        return log_softmax_f32(logits if all_logits else logits[-1]).cpu()
+        return log_softmax_f32(out.lm_logits[0] if all_logits else out.lm_logits[0, -1]).cpu()
 
     def route_logits(self, cache, position: int) -> torch.Tensor:
         """Routing logits [E] for the token at `position` (computed by the pass that ran position - 1)."""

@@ -79,13 +79,17 @@ class RouterModel(nn.Module):
         attention_mask: Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> RouterOutput:
+        """`logits_to_keep=n` computes LM logits for the last n positions only (0: all); routing
+        logits are always computed for every position (they are cheap: one row per expert)."""
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=True,
+            logits_to_keep=logits_to_keep,
         )
         # The last entry is the final (normed) hidden state that the LM head also reads.
         hidden = out.hidden_states[-1]
