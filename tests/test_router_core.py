@@ -142,6 +142,44 @@ def test_sft_loss_parts_by_hand():
     assert lm_leaf.grad is not None and route_leaf.grad is None
 
 
+def test_sft_loss_on_the_answer_window_equals_the_full_sequence_loss():
+    """Training computes logits from the position predicting the first answer token on only; the
+    loss, the parts and the gradients are those of the whole sequence with the prompt masked."""
+    from fuselm.router.train import _answer_window, _sft_tensors
+
+    torch.manual_seed(0)
+    router = RouterModel(tiny_backbone(), 2)
+    prompt, target = [5, 9, 2, 7, 11, 3], [8, 1, 4]
+    item = {
+        "prompt_ids": prompt,
+        "target_ids": target,
+        "expert_logprobs": torch.log_softmax(torch.randn(3, 2), -1).tolist(),
+        "expert_greedy": [[8, 6, 4], [8, 1, 5]],  # disagree at the 2nd and 3rd answer tokens
+    }
+    x = _sft_tensors(item)
+    out = _answer_window(router, x["ids"], x["start"])
+    loss, parts = sft_loss(out, x["window_ids"], x["target_mask"], x["expert_lp"], x["informative"])
+    window_grads = torch.autograd.grad(loss, [router.route_head.weight, *router.backbone.parameters()])
+
+    # The same example over the whole sequence, tensors built by hand.
+    T, s = len(prompt) + len(target), len(prompt) - 1
+    full = router(input_ids=torch.tensor([prompt + target]))
+    mask = torch.zeros(1, T, dtype=torch.bool)
+    mask[0, len(prompt) :] = True
+    expert_lp = torch.zeros(1, T, 2)
+    expert_lp[0, s : s + 3] = torch.tensor(item["expert_logprobs"])
+    informative = torch.zeros(1, T, dtype=torch.bool)
+    informative[0, s + 1 : s + 3] = True
+    loss_full, parts_full = sft_loss(full, torch.tensor([prompt + target]), mask, expert_lp, informative)
+    full_grads = torch.autograd.grad(loss_full, [router.route_head.weight, *router.backbone.parameters()])
+
+    assert parts["informative"] == parts_full["informative"] == 2
+    torch.testing.assert_close(out.lm_logits, full.lm_logits[:, s:])
+    torch.testing.assert_close(loss, loss_full)
+    for a, b in zip(window_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_routing_accuracy():
     route = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 5.0]]])
     best = torch.tensor([[0, 0, 0, 1]])

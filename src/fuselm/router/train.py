@@ -46,7 +46,7 @@ from .data import (
     sft_items,
 )
 from .losses import cdpo_loss, informative_mask, routing_accuracy, sequence_logprob, sft_loss
-from .model import RouterMeta, RouterModel, add_lora, load_router, save_router, vocab_fingerprint
+from .model import RouterMeta, RouterModel, RouterOutput, add_lora, load_router, save_router, vocab_fingerprint
 
 
 class _Strict(BaseModel):
@@ -131,33 +131,50 @@ class RouterTrainConfig(_Strict):
 
 
 # --- tensors for one example ---------------------------------------------------------------------
+def _answer_window(router: RouterModel, ids: torch.Tensor, start: int) -> RouterOutput:
+    """The router over all of `ids` [1, T], with LM and routing logits for positions `start`..T-1
+    only: `start` is the position that predicts the first answer token, and no earlier position
+    is ever trained on. Over a prompt of a few hundred tokens the LM head and its log-softmax at
+    every position ([T, 151k] for Qwen) would be a large part of the step for nothing."""
+    out = router(input_ids=ids, logits_to_keep=ids.shape[1] - start)
+    return RouterOutput(out.lm_logits, out.route_logits[:, start:])
+
+
 def _sft_tensors(item: dict) -> dict[str, torch.Tensor]:
+    """One SFT example: `ids` [1, T] for the model and `start` for :func:`_answer_window`; every
+    other tensor covers that window only (index 0 is position `start`, predicting the first answer
+    token), in the convention of :mod:`.losses`."""
     p, t = item["prompt_ids"], item["target_ids"]
     ids = torch.tensor([p + t])
-    T, E = ids.shape[1], len(item["expert_greedy"])
-    target_mask = torch.zeros(1, T, dtype=torch.bool)
-    target_mask[0, len(p) :] = True
-    expert_lp = torch.zeros(1, T, E)
-    greedy = torch.zeros(E, 1, T, dtype=torch.long)
-    s = len(p) - 1  # position predicting the first answer token
-    expert_lp[0, s : s + len(t)] = torch.tensor(item["expert_logprobs"])
-    greedy[:, 0, s : s + len(t)] = torch.tensor(item["expert_greedy"])
-    informative = informative_mask(greedy)
-    informative[0, :s] = False
-    best = torch.zeros(1, T, dtype=torch.long)
-    best[0, s : s + len(t)] = torch.tensor(item["expert_logprobs"]).argmax(-1)
-    return {"ids": ids, "target_mask": target_mask, "expert_lp": expert_lp, "informative": informative, "best": best}
+    start, width, E = len(p) - 1, len(t) + 1, len(item["expert_greedy"])
+    target_mask = torch.zeros(1, width, dtype=torch.bool)
+    target_mask[0, 1:] = True
+    expert_lp = torch.zeros(1, width, E)
+    expert_lp[0, : len(t)] = torch.tensor(item["expert_logprobs"])
+    greedy = torch.zeros(E, 1, width, dtype=torch.long)  # the last position predicts nothing: all agree
+    greedy[:, 0, : len(t)] = torch.tensor(item["expert_greedy"])
+    best = torch.zeros(1, width, dtype=torch.long)
+    best[0, : len(t)] = torch.tensor(item["expert_logprobs"]).argmax(-1)
+    return {
+        "ids": ids,
+        "start": start,
+        "window_ids": ids[:, start:],
+        "target_mask": target_mask,
+        "expert_lp": expert_lp,
+        "informative": informative_mask(greedy),
+        "best": best,
+    }
 
 
 def _answer_logprob(router: RouterModel, ann: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(router LM log-likelihood of the answer, routing argmax at each answer position)."""
     p, t = ann["prompt_ids"], ann["target_ids"]
     ids = torch.tensor([p + t])
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[0, len(p) :] = True
-    out = router(input_ids=ids)
-    routes = out.route_logits[0, len(p) - 1 : len(p) - 1 + len(t)].argmax(-1)
-    return sequence_logprob(out.lm_logits, ids, mask)[0], routes
+    out = _answer_window(router, ids, len(p) - 1)
+    mask = torch.ones(1, len(t) + 1, dtype=torch.bool)
+    mask[0, 0] = False  # the window's first token is the prompt's last
+    routes = out.route_logits[0, : len(t)].argmax(-1)
+    return sequence_logprob(out.lm_logits, ids[:, len(p) - 1 :], mask)[0], routes
 
 
 def _selected_expert_logprob(ann: dict, routes: torch.Tensor) -> float:
@@ -355,8 +372,10 @@ class RouterTrainer:
     def _loss(self, router: RouterModel, item: dict, refs: dict) -> tuple[torch.Tensor, dict[str, float], int]:
         if item.get("kind") == "sft":
             x = _sft_tensors(item)
-            out = router(input_ids=x["ids"])
-            loss, parts = sft_loss(out, x["ids"], x["target_mask"], x["expert_lp"], x["informative"], self.cfg.lam)
+            out = _answer_window(router, x["ids"], x["start"])
+            loss, parts = sft_loss(
+                out, x["window_ids"], x["target_mask"], x["expert_lp"], x["informative"], self.cfg.lam
+            )
             return (
                 loss,
                 {"loss": float(loss.detach()), **{k: v for k, v in parts.items() if k != "informative"}},
@@ -408,7 +427,7 @@ class RouterTrainer:
         count = 0
         for item in items:
             x = _sft_tensors(item)
-            out = router(input_ids=x["ids"])
+            out = _answer_window(router, x["ids"], x["start"])
             acc = routing_accuracy(out.route_logits, x["best"], x["informative"])
             n_inf = int(x["informative"].sum())
             for e in range(len(self.cfg.experts)):
@@ -416,11 +435,10 @@ class RouterTrainer:
             if n_inf:
                 hits += acc * n_inf
                 total += n_inf
-            s = len(item["prompt_ids"]) - 1
             t = len(item["target_ids"])
-            lm = torch.log_softmax(out.lm_logits[0, s : s + t].float(), -1)
+            lm = torch.log_softmax(out.lm_logits[0, :t].float(), -1)
             gold = torch.tensor(item["target_ids"])
-            routes = out.route_logits[0, s : s + t].argmax(-1)
+            routes = out.route_logits[0, :t].argmax(-1)
             elp = torch.tensor(item["expert_logprobs"])  # [t, E]
             nll["router_lm"] -= float(lm.gather(1, gold[:, None]).sum())
             nll["routed_expert"] -= float(elp.gather(1, routes[:, None]).sum())
