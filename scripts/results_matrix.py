@@ -36,14 +36,14 @@ TASKS = {
 SINGLES = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 ENSEMBLE = "smollm2-135m,qwen2.5-coder-0.5b"  # the default ensemble (README)
 QWENS = "qwen2.5-coder-1.5b,qwen2.5-coder-0.5b"  # one vocabulary: token-level methods
-ROUTER = "runs/router-qwen/router"
+ROUTER = "runs/router-qwen-long/router"  # docs/results.md: the router of configs/router-qwen-long.yaml
 METHODS: dict[str, list[str]] = {
     **{name: ["--model", name] for name in SINGLES},
     "token-average": ["--method", "token-average", "--models", QWENS],
     "unite": ["--method", "unite", "--models", ENSEMBLE],
     "fixed-span": ["--method", "fixed-span", "--models", ENSEMBLE],
     "adafuse": ["--method", "adafuse", "--models", ENSEMBLE],
-    # FusionRoute needs a trained router: `fuselm train-router --config configs/router-qwen.yaml`.
+    # FusionRoute needs a trained router: `fuselm train-router --config configs/router-qwen-long.yaml`.
     "fusionroute": ["--method", "fusionroute", "--router", "{router}", "--models", QWENS],
     "expert-route": ["--method", "expert-route", "--router", "{router}", "--models", QWENS],
 }
