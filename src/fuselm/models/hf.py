@@ -132,12 +132,16 @@ class TransformersBackend(Backend):
     def extend(self, cache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         self._branch_memo = None
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
-        )
+        logits = self._forward(cache, input_ids, logits_to_keep=0 if all_logits else 1)
         self._ids(cache).extend(ids)
-        logits = out.logits[0]
         return log_softmax_f32(logits if all_logits else logits[-1]).cpu()
+
+    def _forward(self, cache, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """One pass of `input_ids` [1, T] on top of `cache`: logits [T or logits_to_keep, V]. A
+        prefill needs only its last position's logits (0 keeps all)."""
+        return self.model(
+            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep
+        ).logits[0]
 
     @torch.inference_mode()
     def _branch_logits(self, cache, keep: int, branches: Sequence[Sequence[int]]):

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from ..errors import FuselmError
-from ..models.backend import log_softmax_f32
 from ..models.hf import TransformersBackend
 from .model import RouterMeta, RouterModel, load_router
 
@@ -57,21 +56,14 @@ class RouterBackend(TransformersBackend):
         for k in [k for k in self._routes if k[0] == key and k[1] > length]:
             del self._routes[k]
 
-    @torch.inference_mode()
-    def extend(self, cache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
-        self._branch_memo = None
+    def _forward(self, cache, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        # The shared extend() with the router's pass, which also records every position's routes.
         start = cache.get_seq_length()
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        # A prefill needs the LM logits of its last position only; over a 1000-token few-shot
-        # prompt the full [T, 151k] LM head would be most of the pass.
-        out = self.router(
-            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
-        )
-        self._ids(cache).extend(ids)
+        out = self.router(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
         routes = out.route_logits[0].float().cpu()
-        for i in range(len(ids)):  # the hidden state at position p routes the token at p + 1
+        for i in range(input_ids.shape[1]):  # the hidden state at position p routes the token at p + 1
             self._routes[(id(cache), start + i + 1)] = routes[i]
-        return log_softmax_f32(out.lm_logits[0] if all_logits else out.lm_logits[0, -1]).cpu()
+        return out.lm_logits[0]
 
     def route_logits(self, cache, position: int) -> torch.Tensor:
         """Routing logits [E] for the token at `position` (computed by the pass that ran position - 1)."""
