@@ -84,13 +84,13 @@ class AdaFuse(EnsembleMethod):
             branch_rolls = s.rollout_branches(firsts, word_tokens, until=lambda r: first_word_end(r.text))
             rolls.append(branch_rolls[0])
             for r in branch_rolls[1:]:
-                tokens = {m: max(len(r.token_ids), 1)}
+                tokens = {m: max(r.text_tokens, 1)}
                 add_candidate(
                     pool, Candidate(r.text, eos=r.finished and not r.text, proposers=[m], kind="branch", tokens=tokens)
                 )
         proposals = []
         for m, r in enumerate(rolls):
-            c = Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(len(r.token_ids), 1)})
+            c = Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)})
             proposals.append(c)
         # proposals come before branches: ties favour a model's own greedy choice
         merged: list[Candidate] = []

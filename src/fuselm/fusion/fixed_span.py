@@ -28,7 +28,7 @@ class FixedSpan(EnsembleMethod):
             rolls.append(r)
             add_candidate(
                 pool,
-                Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(len(r.token_ids), 1)}),
+                Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)}),
             )
         decision = ensemble_decide(ctx.sessions, pool, self.weights, o.normalize) if len(pool) > 1 else None
         winner = decision.winner if decision else 0

@@ -20,7 +20,7 @@ class SequenceSelect(EnsembleMethod):
         pool: list[Candidate] = []
         for m, s in enumerate(ctx.sessions):
             r = s.rollout(ctx.budget, until=until, choose=self.sampler, margins=False)
-            add_candidate(pool, Candidate(r.text, eos=not r.text, proposers=[m], tokens={m: max(len(r.token_ids), 1)}))
+            add_candidate(pool, Candidate(r.text, eos=not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)}))
         decision = ensemble_decide(ctx.sessions, pool, self.weights, self.options.normalize) if len(pool) > 1 else None
         winner = decision.winner if decision else 0
         w = pool[winner]

@@ -64,6 +64,12 @@ class Rollout:
     def logprob(self) -> float:
         return float(sum(self.token_logprobs))
 
+    @property
+    def text_tokens(self) -> int:
+        """Tokens whose text starts inside `text`: what the rollout's text costs. A rollout cut at
+        a word end has run one token past it (the token that starts the next word) to see it."""
+        return sum(1 for start in self.token_offsets if start < len(self.text))
+
 
 @dataclass(frozen=True)
 class Score:
