@@ -55,6 +55,10 @@ def test_identical_models_reproduce_single_greedy(smollm_llamacpp, method, optio
         n = min(len(single.text), len(fused.text))
         assert fused.text[:n] == single.text[:n], (method, single.text, fused.text)
         assert n >= min(len(single.text), 40)
+        if method != "token-average" and method != "unite" and single.finish_reason == fused.finish_reason == "eos":
+            # A word-level step charges the tokens of its text against max_new_tokens, not the
+            # lookahead token that showed the word's end (token-level methods also count the EOS).
+            assert fused.stats["new_tokens"] == single.stats["new_tokens"]
 
 
 @pytest.mark.integration
@@ -270,29 +274,35 @@ SHOTS = "Q: What is 2 + 2?\nA: 4\n\nQ: Who painted the Mona Lisa?\nA: Leonardo d
 QUESTIONS = ["Q: What is the capital of Italy?\nA:", "Q: How many legs has a spider?\nA:", "Q: Who wrote Hamlet?\nA:"]
 
 
-def _llamacpp_pair() -> list[Model]:
-    names = ["smollm2-135m", "qwen2.5-coder-0.5b"]
-    if not llamacpp.available() or not all(BUNDLED[n].installed() for n in names):
-        pytest.skip("needs llama-cpp-python and the smollm2 and qwen 0.5b packages")
-    return [as_model(llamacpp.LlamaCppBackend(assets.ensure_gguf(BUNDLED[n]), name=n, n_ctx=1024)) for n in names]
+def _tiny_pair(tiny_dirs) -> list[Model]:
+    from fuselm.models.hf import TransformersBackend
+
+    if not {"llama", "qwen2"} <= tiny_dirs.keys():
+        pytest.skip("needs the smollm2 and qwen tokenizers")
+    return [as_model(TransformersBackend.from_directory(tiny_dirs[a], name=f"tiny-{a}")) for a in ("llama", "qwen2")]
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("method", ["single", "adafuse", "unite"])
-def test_warm_prompt_prefix_gives_the_texts_of_cold_starts(method):
+def test_warm_prompt_prefix_gives_the_texts_of_cold_starts(method, tiny_dirs):
     """Prompts sharing a few-shot prefix, one after the other on the same loaded models (each
-    session keeps the last one's prefix) give exactly the texts of fresh models per prompt."""
-    gen = GenerationConfig(max_new_tokens=12, stop=["\n"])
-    warm_models = _llamacpp_pair()
+    session keeps the last one's prefix) give exactly the texts of fresh models per prompt.
+
+    On transformers, where a kept prefix computes what a fresh prefill does (to float32
+    rounding). llama.cpp 0.3.36's logits depend slightly on what its cache held before (seen
+    here: a prompt run after truncating a longer one came out up to 0.77 nats from a fresh
+    prefill on single tokens of SmolLM2's vocabulary), so exact texts are not promised there."""
+    gen = GenerationConfig(max_new_tokens=12, stop=["\n"], chat="raw")
+    warm_models = _tiny_pair(tiny_dirs)
     if method == "single":
         warm_models = warm_models[:1]
     warm = [generate(warm_models, SHOTS + q, method, gen) for q in QUESTIONS]
     cold = []
     for q in QUESTIONS:
-        fresh = _llamacpp_pair()[: len(warm_models)]
+        fresh = _tiny_pair(tiny_dirs)[: len(warm_models)]
         cold.append(generate(fresh, SHOTS + q, method, gen))
     assert [r.text for r in warm] == [r.text for r in cold]
-    n_shots = len(warm_models[0].backend.tokenize(SHOTS))
+    assert all(r.text for r in warm)
     for r in warm[1:]:
-        assert all(n >= n_shots - 1 for n in r.stats["cached_prompt_tokens"].values())
+        for m in warm_models:  # each model kept (about) the shots in its own tokens
+            assert r.stats["cached_prompt_tokens"][m.name] >= len(m.backend.tokenize(SHOTS)) - 1
     assert all(n == 0 for r in cold for n in r.stats["cached_prompt_tokens"].values())
