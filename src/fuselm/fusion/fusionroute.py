@@ -19,6 +19,7 @@ Methods:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,18 +41,20 @@ def _require_one_vocabulary(method: str, sessions_or_models) -> None:
             )
 
 
-_ROUTERS: dict[tuple[str, float], object] = {}
+_ROUTERS: dict[tuple[str, float, str], object] = {}
 
 
-def _load_router(path: Path):
+def _load_router(path: Path, engine: str):
     """A loaded router, reused across generations (an evaluation constructs the method per row)."""
-    from ..router.backend import RouterBackend
+    from ..router.backend import load_router_backend
 
     weights = path / "router.safetensors"
-    key = (str(path.resolve()), weights.stat().st_mtime if weights.is_file() else 0.0)
+    key = (str(path.resolve()), weights.stat().st_mtime if weights.is_file() else 0.0, engine)
     if key not in _ROUTERS:
-        _ROUTERS.clear()  # one router at a time: each holds a whole backbone
-        _ROUTERS[key] = RouterBackend.load(path)
+        for old in _ROUTERS.values():  # one router at a time: each holds a whole backbone
+            old.close()
+        _ROUTERS.clear()
+        _ROUTERS[key] = load_router_backend(path, engine)
     return _ROUTERS[key]
 
 
@@ -59,6 +62,11 @@ class FusionRouteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     router: str = Field(..., description="directory of a router trained by `fuselm train-router`")
+    router_backend: Literal["auto", "transformers", "llamacpp"] = Field(
+        "auto",
+        description="engine that runs the router: llama.cpp (LoRA router over a GGUF backbone, faster on CPU), "
+        "transformers (float32, as trained), or auto (llama.cpp when it can)",
+    )
 
 
 def take_token(expert: DecodingSession, first_token: int, more, budget: int) -> tuple[str, int, bool]:
@@ -96,7 +104,7 @@ class FusionRoute(_ExpertMethod):
     def __init__(self, models, generation, options=None):
         super().__init__(models, generation, options)
         path = Path(self.options.router).expanduser()
-        self.router = _load_router(path)
+        self.router = _load_router(path, self.options.router_backend)
         meta = self.router.meta
         names = [m.name for m in models]
         if self.router.n_experts != len(models):

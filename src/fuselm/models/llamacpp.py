@@ -45,7 +45,16 @@ class LlamaCppCache:
 
 
 class LlamaCppBackend(Backend):
-    def __init__(self, gguf_path: str | Path, name: str | None = None, n_ctx: int = 4096, n_threads: int | None = None):
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        name: str | None = None,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        embeddings: bool = False,
+    ):
+        """`embeddings` also keeps the final hidden state of every position that returns logits
+        (``llama_get_embeddings_ith``), as a router's head needs."""
         if not available():
             raise FuselmError(
                 "the llama.cpp backend needs llama-cpp-python: `pip install 'fuselm[llamacpp]'` "
@@ -75,6 +84,9 @@ class LlamaCppBackend(Backend):
         params.swa_full = True  # sliding-window layers keep every cell, so any tail can be rolled back
         params.n_threads = threads
         params.n_threads_batch = threads
+        if embeddings:
+            params.embeddings = True
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # per position, not pooled
         self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
