@@ -52,14 +52,14 @@ ONLY_ON = {m: {"nq", "triviaqa", "gsm8k", "humaneval"} for m in ("fusionroute", 
 
 
 def jobs(
-    root: Path, tasks: list[str], methods: list[str], router: str = ROUTER
+    root: Path, tasks: list[str], methods: list[str], router: str = ROUTER, limits: dict[str, int] | None = None
 ) -> list[tuple[str, list[str], int | None]]:
     out = []
     for task in tasks:
         for method in methods:
             if task not in ONLY_ON.get(method, {task}):
                 continue
-            limit = TASKS[task]
+            limit = (limits or {}).get(task, TASKS[task])
             args = ["fuselm", "eval", "--task", task, *(a.format(router=router) for a in METHODS[method])]
             if limit is not None:
                 args += ["--limit", str(limit)]
@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks, in priority order")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods/models")
     ap.add_argument("--router", default=ROUTER, help="trained router for fusionroute / expert-route")
+    ap.add_argument("--limits", default="", help="rows per task instead of the defaults, e.g. gsm8k=50,humaneval=82")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
     ns = ap.parse_args()
@@ -87,8 +88,14 @@ def main() -> int:
         bad = [x for x in name if x not in known]
         if bad:
             ap.error(f"unknown: {', '.join(bad)} (known: {', '.join(known)})")
+    limits = {}
+    for item in filter(None, ns.limits.split(",")):
+        task, _, n = item.partition("=")
+        if task not in TASKS or not n.isdigit() or int(n) < 1:
+            ap.error(f"--limits takes TASK=N pairs with known tasks, got {item!r}")
+        limits[task] = int(n)
     root = Path(ns.root)
-    todo = jobs(root, tasks, methods, ns.router)
+    todo = jobs(root, tasks, methods, ns.router, limits)
     if ns.list:
         for _, args, _ in todo:
             print(shlex.join(args))
