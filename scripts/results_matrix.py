@@ -68,9 +68,12 @@ def jobs(
     return out
 
 
-def finished(run: Path) -> bool:
-    summary = run / "summary.json"
-    return summary.is_file() and bool(json.loads(summary.read_text()).get("complete"))
+def finished(run: Path, limit: int | None) -> bool:
+    """Complete at this limit (a run made with a smaller one is extended: `fuselm eval` keeps its rows)."""
+    summary, config = run / "summary.json", run / "config.json"
+    if not (summary.is_file() and config.is_file() and json.loads(summary.read_text()).get("complete")):
+        return False
+    return json.loads(config.read_text())["spec"].get("limit") == limit
 
 
 def main() -> int:
@@ -101,7 +104,7 @@ def main() -> int:
             print(shlex.join(args))
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    pending = [j for j in todo if not finished(root / j[0])]
+    pending = [j for j in todo if not finished(root / j[0], j[2])]
     print(f"{len(todo) - len(pending)} of {len(todo)} runs finished; {len(pending)} to go", flush=True)
     lock = threading.Lock()
     failures: list[str] = []

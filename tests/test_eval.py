@@ -182,6 +182,27 @@ def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
 
 
 @needs_data
+def test_a_larger_limit_extends_a_run(tiny_dirs, nq_sample, tmp_path):
+    model = tiny_dirs.get("llama") or next(iter(tiny_dirs.values()))
+    out = tmp_path / "run"
+    first = run_cli(*_eval_args(model, nq_sample, out, limit=2))
+    assert first.returncode == 0, first.stderr
+    kept = (out / "rows.jsonl").read_text().splitlines()
+    more = run_cli(*_eval_args(model, nq_sample, out, limit=4))
+    assert more.returncode == 0, more.stderr
+    rows = (out / "rows.jsonl").read_text().splitlines()
+    assert rows[:2] == kept and [json.loads(r)["id"] for r in rows] == [0, 1, 2, 3]  # kept, not re-run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 4 and summary["complete"]
+    assert json.loads((out / "config.json").read_text())["spec"]["limit"] == 4
+    # A smaller limit, or other rows (another offset), would mix runs: refused.
+    fewer = run_cli(*_eval_args(model, nq_sample, out, limit=3))
+    assert fewer.returncode == 1 and "different config" in fewer.stderr
+    shifted = run_cli(*_eval_args(model, nq_sample, out, limit=5), "--offset", "1")
+    assert shifted.returncode == 1 and "different config" in shifted.stderr
+
+
+@needs_data
 def test_eval_and_report_end_to_end(tiny_dirs, nq_sample, tmp_path):
     dirs = list(tiny_dirs.values())
     a = run_cli(*_eval_args(dirs[0], nq_sample, tmp_path / "a", limit=3))

@@ -7,7 +7,8 @@ A run directory holds:
   summary.json  per-metric means, cost per sample, corpus metrics (written at the end)
 
 Interrupting a run (Ctrl-C, kill, crash) loses at most the sample in progress; running the same
-command again continues after the last complete row, never duplicating one.
+command again continues after the last complete row, never duplicating one. The same command
+with a larger --limit (over the same rows: same data, offset and seed) extends a run.
 """
 
 from __future__ import annotations
@@ -104,12 +105,42 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str) -> None:
+def _selection_digest(rows: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps([r["id"] for r in rows], default=str).encode()).hexdigest()
+
+
+def _extends(old: dict[str, Any], spec: EvalSpec, all_rows: list[dict[str, Any]] | None) -> bool:
+    """Whether `spec` only raises the row limit of the run recorded in `old` (same rows first):
+    its rows are kept and the run goes on to the new limit."""
+    old_spec = old.get("spec") or {}
+    new_spec = spec.model_dump(mode="json")
+    if all_rows is None or {k: v for k, v in old_spec.items() if k != "limit"} != {
+        k: v for k, v in new_spec.items() if k != "limit"
+    }:
+        return False
+    before, after = old_spec.get("limit"), spec.limit
+    if before is None or (after is not None and after <= before):
+        return False
+    try:
+        earlier = select_rows(all_rows, EvalSpec.model_validate(old_spec))
+    except ValueError:
+        return False
+    return _selection_digest(earlier) == old.get("data_sha256")
+
+
+def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[dict[str, Any]] | None = None) -> None:
+    """Record the run's config in `out`, or check that `out` holds this same run. A larger
+    --limit over the same rows (given `all_rows`, the task's rows before selection) extends it."""
     record = {"spec": spec.model_dump(mode="json"), "data_sha256": data_digest}
     cfg = out / "config.json"
     if cfg.is_file():
         old = json.loads(cfg.read_text())
         mine = {"spec": old.get("spec"), "data_sha256": old.get("data_sha256")}
+        if mine != record and _extends(old, spec, all_rows):
+            tmp = cfg.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**old, **record, "extended_from_limit": old["spec"]["limit"]}, indent=2))
+            os.replace(tmp, cfg)
+            return
         if mine != record:
             diff = [k for k in record["spec"] if record["spec"].get(k) != (old.get("spec") or {}).get(k)]
             if old.get("data_sha256") != data_digest:
@@ -137,12 +168,12 @@ def run_eval(
 
     task = get_task(spec.task)
     data_dir = data_dir or default_data_dir()
-    rows = select_rows(load_rows(task, spec.data, data_dir), spec)
+    all_rows = load_rows(task, spec.data, data_dir)
+    rows = select_rows(all_rows, spec)
     if not rows:
         raise FuselmError(f"task {task.name}: no rows selected (check --offset/--limit)")
-    digest = hashlib.sha256(json.dumps([r["id"] for r in rows], default=str).encode()).hexdigest()
     out = Path(out)
-    prepare_run_dir(out, spec, digest)
+    prepare_run_dir(out, spec, _selection_digest(rows), all_rows)
     rows_path = out / "rows.jsonl"
     done = _read_rows(rows_path)
     done_ids = {r["id"] for r in done}
