@@ -167,6 +167,15 @@ class LlamaCppRouterBackend(RouteRecorder, LlamaCppBackend):
         )
 
     def extend(self, cache: LlamaCppCache, ids, all_logits: bool = False) -> torch.Tensor:
+        ids = list(ids)
+        # With embeddings on, llama.cpp outputs every token of a batch (LM head and logits copy
+        # included): a 700-token prompt cost 700 LM-head rows. Only the last position is read,
+        # so the rest of a prefill runs with embeddings off.
+        if len(ids) > 1 and not all_logits:
+            self._llama_cpp.llama_set_embeddings(self._ctx.ctx, False)
+            super().extend(cache, ids[:-1])
+            ids = ids[-1:]
+        self._llama_cpp.llama_set_embeddings(self._ctx.ctx, True)
         out = super().extend(cache, ids, all_logits)
         # The hidden state of the last position run routes the token after it.
         ptr = self._llama_cpp.llama_get_embeddings_ith(self._ctx.ctx, -1)
