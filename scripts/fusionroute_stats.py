@@ -59,8 +59,8 @@ def main() -> int:
         shares = ", ".join(f"{name} {c / total:.1%}" for name, c in chars.items())
         same = sum(rows[i]["output"] == base[i]["output"] for i in common)
 
-        def right(row) -> bool:
-            return bool(row["metrics"].get(main_metric))
+        def right(row, metric: str = main_metric) -> bool:
+            return bool(row["metrics"].get(metric))
 
         gained = sum(right(rows[i]) and not right(base[i]) for i in common)
         lost = sum(right(base[i]) and not right(rows[i]) for i in common)
