@@ -376,3 +376,31 @@ def test_paired_difference_cancels_what_two_runs_share():
     assert delta > 30 and 0 < lo <= hi
     assert paired_difference(p, p, "chrf") == (0.0, 0.0, 0.0)
     assert paired_difference(g, _view("flores-en-de", "single", ["m"], [], "chrf"), "chrf") is None
+
+
+def test_report_baseline_is_a_model_or_a_method():
+    from fuselm.errors import FuselmError
+    from fuselm.eval.report import report_rows
+
+    def run(method, models, right):  # right: the ids of the 20 rows this run gets right
+        rows = [{"id": i, "metrics": {"em": float(i in right)}} for i in range(20)]
+        view = _view("nq", method, models, rows, "em")
+        view.summary["metrics"] = {"em": len(right) / 20}
+        return view
+
+    single = run("single", ["m"], range(4))
+    average = run("token-average", ["m", "n"], range(6))
+    routed = run("fusionroute", ["m", "n"], range(1, 9))
+    rows = report_rows([single, average, routed], baselines=["m", "token-average"])
+    by_run = {r["run"]: r["versus"] for r in rows}
+    assert by_run[routed.name]["m"][0] == pytest.approx(4 / 20)
+    assert by_run[routed.name]["token-average"][0] == pytest.approx(2 / 20)
+    assert by_run[single.name]["token-average"][0] == pytest.approx(-2 / 20)
+    assert "token-average" not in by_run[average.name]  # not against itself
+
+    with pytest.raises(FuselmError, match="Did you mean 'token-average'"):
+        report_rows([single, average], baselines=["token-averge"])
+    other = run("token-average", ["m", "k"], range(3))
+    other.name = "nq-token-average-2"
+    with pytest.raises(FuselmError, match="ambiguous on nq"):
+        report_rows([single, average, other], baselines=["token-average"])

@@ -115,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="OUT.png", help="also plot quality against cost")
     r.add_argument(
         "--baseline",
-        metavar="MODEL[,MODEL]",
-        help="add each run's main metric minus this model's single-model run on the same task,"
-        " with a 95%% paired bootstrap interval (same resampled rows for both)",
+        metavar="NAME[,NAME]",
+        help="add each run's main metric minus a baseline run's on the same task, with a 95%% paired"
+        " bootstrap interval (same resampled rows for both); NAME is a model (its single-model run)"
+        " or a method (e.g. token-average)",
     )
     return parser
 

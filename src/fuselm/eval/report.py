@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FuselmError
+from ..errors import FuselmError, did_you_mean
 from .metrics import bootstrap_indices, percentile_interval
 from .runner import _read_rows
 
@@ -92,10 +92,41 @@ def paired_difference(
     return (float(diffs[0]), *percentile_interval(diffs[1:]))
 
 
+def _baselines_by_task(runs: list[RunView], names: list[str]) -> dict[tuple[str, str], RunView]:
+    """(task, name) -> the run each baseline name stands for on that task: the single-model run of
+    the model of that name or, failing that, the one run of the method of that name (e.g.
+    ``token-average``). A name that matches no run at all, or two runs of one task, is an error."""
+    found: dict[tuple[str, str], RunView] = {}
+    for name in names:
+        for task in dict.fromkeys(r.summary["task"] for r in runs):
+            on_task = [r for r in runs if r.summary["task"] == task]
+            single = [r for r in on_task if r.summary["method"] == "single" and "+".join(r.summary["models"]) == name]
+            method = [r for r in on_task if r.summary["method"] == name]
+            match = single or method
+            if len(match) > 1:
+                raise FuselmError(
+                    f"baseline {name!r} is ambiguous on {task}: runs {', '.join(r.name for r in match)};"
+                    " pass only one of them to `fuselm report`"
+                )
+            if match:
+                found[task, name] = match[0]
+        if not any(key[1] == name for key in found):
+            known = {"+".join(r.summary["models"]) for r in runs if r.summary["method"] == "single"}
+            known |= {r.summary["method"] for r in runs if r.summary["method"] != "single"}
+            close = did_you_mean(name, known)
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise FuselmError(
+                f"baseline {name!r} matches no run given (a model with a single-model run, or a method).{hint}"
+                f" Known: {', '.join(sorted(known))}."
+            )
+    return found
+
+
 def report_rows(runs: list[RunView], baselines: list[str] = ()) -> list[dict[str, Any]]:
-    """One record per run and metric. For each model named in ``baselines``, the main metric also
-    gets its paired difference against that model's single-model run on the same task."""
-    single = {(r.summary["task"], "+".join(r.summary["models"])): r for r in runs if r.summary["method"] == "single"}
+    """One record per run and metric. For each name in ``baselines`` (a model, meaning its
+    single-model run, or a method such as ``token-average``), the main metric also gets its
+    paired difference against that run on the same task."""
+    base_runs = _baselines_by_task(runs, list(baselines))
     out = []
     for run in runs:
         s = run.summary
@@ -104,7 +135,7 @@ def report_rows(runs: list[RunView], baselines: list[str] = ()) -> list[dict[str
             ci = interval(run, metric) if mean is not None else None
             versus = {}
             for name in baselines if main and mean is not None else ():
-                base = single.get((s["task"], name))
+                base = base_runs.get((s["task"], name))
                 if base is not None and base is not run:
                     versus[name] = paired_difference(run, base, metric)
             out.append(
