@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FuselmError, did_you_mean
+from ..errors import FuselmError, UnknownNameError
 from .metrics import bootstrap_indices, percentile_interval
 from .runner import _read_rows
 
@@ -113,12 +113,7 @@ def _baselines_by_task(runs: list[RunView], names: list[str]) -> dict[tuple[str,
         if not any(key[1] == name for key in found):
             known = {"+".join(r.summary["models"]) for r in runs if r.summary["method"] == "single"}
             known |= {r.summary["method"] for r in runs if r.summary["method"] != "single"}
-            close = did_you_mean(name, known)
-            hint = f" Did you mean {close!r}?" if close else ""
-            raise FuselmError(
-                f"baseline {name!r} matches no run given (a model with a single-model run, or a method).{hint}"
-                f" Known: {', '.join(sorted(known))}."
-            )
+            raise UnknownNameError("baseline (a model with a single-model run, or a method)", name, known)
     return found
 
 
