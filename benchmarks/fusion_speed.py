@@ -28,7 +28,7 @@ ENSEMBLES = [["smollm2-135m", "qwen2.5-coder-0.5b"], ["smollm2-135m", "qwen2.5-c
 
 
 def per_token(result) -> float:
-    return result.stats["seconds"] / max(result.stats["new_tokens"], 1)
+    return result.stats.seconds / max(result.stats.new_tokens, 1)
 
 
 def main() -> int:
@@ -52,7 +52,7 @@ def main() -> int:
                 single_sum += per_token(generate([m], prompt, "single", gen))
             res = generate(models, prompt, "adafuse", gen)
             fused += per_token(res)
-            passes += sum(res.stats["forward_passes"].values())
+            passes += sum(res.stats.forward_passes.values())
             words += max(len(split_words(res.text)), 1)
             print(f"{'+'.join(names)}: {res.text[:80]!r}", file=sys.stderr)
         k = len(prompts)

@@ -18,7 +18,8 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from fuselm.config import GenerationConfig  # noqa: E402
-from fuselm.fusion.loop import generate  # noqa: E402
+from fuselm.fusion.loop import decode, generate  # noqa: E402
+from fuselm.fusion.methods import build_method  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 
 PROMPTS = [
@@ -31,7 +32,7 @@ PROMPTS = [
 
 
 def per_token(result) -> float:
-    return result.stats["seconds"] / max(result.stats["new_tokens"], 1)
+    return result.stats.seconds / max(result.stats.new_tokens, 1)
 
 
 def main() -> int:
@@ -45,18 +46,21 @@ def main() -> int:
     experts = [load_model(n, backend=a.backend) for n in meta["experts"]]
     engines = a.engines.split(",")
     gen = GenerationConfig(max_new_tokens=a.tokens)
+    methods = {}
+    for engine in engines:  # each router loaded once per method, as a run does
+        opts = {"router": a.router, "router_backend": engine}
+        methods[engine] = {m: build_method(m, experts, opts) for m in ("fusionroute", "expert-route")}
+        decode(methods[engine]["fusionroute"], PROMPTS[0], GenerationConfig(max_new_tokens=2))  # first touch
     rows = []
     for prompt in PROMPTS:
         alone = [per_token(generate([m], prompt, "single", gen)) for m in experts]
         per_engine = {}
         for engine in engines:
-            opts = {"router": a.router, "router_backend": engine}
-            generate(experts, PROMPTS[0], "fusionroute", GenerationConfig(max_new_tokens=2), opts)  # load it
-            fused = generate(experts, prompt, "fusionroute", gen, opts)
-            routed = generate(experts, prompt, "expert-route", gen, opts)
-            picks = [sum(t["expert"] == m.name for t in fused.trace) for m in experts]
+            fused = decode(methods[engine]["fusionroute"], prompt, gen)
+            routed = decode(methods[engine]["expert-route"], prompt, gen)
+            picks = [sum(t.source == m.name for t in fused.trace) for m in experts]
             base = sum(p * s for p, s in zip(picks, alone)) / max(sum(picks), 1)
-            changed = sum(t["changed"] for t in fused.trace) / max(len(fused.trace), 1)
+            changed = sum(bool(t.changed) for t in fused.trace) / max(len(fused.trace), 1)
             per_engine[engine] = (base, per_token(fused), per_token(routed), picks, changed)
             print(f"{engine} {prompt[:40]!r}: {fused.text[:70]!r}", file=sys.stderr)
         rows.append((alone, per_engine))

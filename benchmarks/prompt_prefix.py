@@ -16,7 +16,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from fuselm.config import GenerationConfig  # noqa: E402
 from fuselm.eval.runner import task_generation  # noqa: E402
-from fuselm.eval.task import default_data_dir, get_task, load_rows  # noqa: E402
+from fuselm.eval.task import default_data_dir, load_rows  # noqa: E402
+from fuselm.eval.tasks import get_task  # noqa: E402
 from fuselm.fusion.loop import generate  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 
@@ -77,7 +78,7 @@ def main() -> int:
         # Pairs: prompt i from an empty cache, then prompt i + 1 right after it (warm, as in an eval).
         for i in range(len(prompts) - 1):
             for m in models:
-                m.backend.new_cache()  # takes and empties the warm cache: the next run starts cold
+                m.prefix_cache.clear()  # the next run starts cold
             t = time.perf_counter()
             cold_texts[i] = generate(models, prompts[i], method, gen).text
             cold += time.perf_counter() - t
@@ -85,8 +86,8 @@ def main() -> int:
             w = generate(models, prompts[i + 1], method, gen)
             warm += time.perf_counter() - t
             warm_texts[i + 1] = w.text
-            kept += sum(w.stats["cached_prompt_tokens"].values())
-            total += sum(w.stats["prompt_tokens"].values())
+            kept += sum(w.stats.cached_prompt_tokens.values())
+            total += sum(w.stats.prompt_tokens.values())
         same = all(warm_texts[i] == cold_texts[i] for i in warm_texts if i in cold_texts)
         n = len(prompts) - 1
         print(

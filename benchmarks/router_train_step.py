@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 from fuselm.router.losses import sft_loss  # noqa: E402
 from fuselm.router.model import RouterModel, RouterOutput, add_lora  # noqa: E402
-from fuselm.router.train import _answer_window, _sft_tensors  # noqa: E402
+from fuselm.training.router_train import _answer_window, _sft_tensors  # noqa: E402
 
 
 def every_position(router: RouterModel, ids: torch.Tensor, start: int) -> RouterOutput:

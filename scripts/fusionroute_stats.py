@@ -11,22 +11,15 @@ the reverse (lost), on the task's main metric. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from fuselm.eval.task import get_task
+from fuselm.eval import runner
+from fuselm.eval.tasks import get_task
 
 
 def read_rows(run: Path) -> dict:
-    rows = {}
-    for line in (run / "rows.jsonl").read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of an interrupted run
-            continue
-        rows[row["id"]] = row
-    return rows
+    return {row.id: row for row in runner.read_rows(run / "rows.jsonl")}
 
 
 def main() -> int:
@@ -52,15 +45,15 @@ def main() -> int:
             continue
         chars: dict[str, float] = {}
         for i in common:
-            out_len = len(rows[i]["output"])
-            for name, share in rows[i]["text_share"].items():
+            out_len = len(rows[i].output)
+            for name, share in rows[i].text_share.items():
                 chars[name] = chars.get(name, 0.0) + share * out_len
         total = sum(chars.values()) or 1.0
         shares = ", ".join(f"{name} {c / total:.1%}" for name, c in chars.items())
-        same = sum(rows[i]["output"] == base[i]["output"] for i in common)
+        same = sum(rows[i].output == base[i].output for i in common)
 
         def right(row, metric: str = main_metric) -> bool:
-            return bool(row["metrics"].get(metric))
+            return bool(row.metrics.get(metric))
 
         gained = sum(right(rows[i]) and not right(base[i]) for i in common)
         lost = sum(right(base[i]) and not right(rows[i]) for i in common)

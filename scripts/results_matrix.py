@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -83,6 +84,12 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods/models")
     ap.add_argument("--router", default=ROUTER, help="trained router for fusionroute / expert-route")
     ap.add_argument("--limits", default="", help="rows per task instead of the defaults, e.g. gsm8k=50,humaneval=82")
+    ap.add_argument(
+        "--data-dir",
+        default=os.environ.get("FUSELM_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+        help="benchmark files, passed to the runs as $FUSELM_DATA (default: $FUSELM_DATA, else ../shared/data "
+        "beside the checkout)",
+    )
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
     ns = ap.parse_args()
@@ -104,6 +111,7 @@ def main() -> int:
             print(shlex.join(args))
         return 0
     root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FUSELM_DATA": ns.data_dir}
     pending = [j for j in todo if not finished(root / j[0], j[2])]
     print(f"{len(todo) - len(pending)} of {len(todo)} runs finished; {len(pending)} to go", flush=True)
     lock = threading.Lock()
@@ -119,7 +127,7 @@ def main() -> int:
             cmd = (["taskset", "-c", str(cpu)] if pin else []) + args + ["--no-progress"]
             print(f"[cpu {cpu}] start {name}\n", end="", flush=True)
             with open(root / f"{name}.log", "a") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             print(f"[cpu {cpu}] {'done' if rc == 0 else f'FAILED ({rc})'} {name}\n", end="", flush=True)
             if rc != 0:
                 failures.append(name)

@@ -65,14 +65,12 @@ def test_bundled_model_not_installed_names_the_extra():
 
     ghost = BundledModel(
         name="ghost",
-        description="",
         architecture="llama",
         vocab_size=1,
         chat_template=False,
         extra="models",
         gguf_name="ghost-never-assembled.gguf",
         sha256="0" * 64,
-        size=0,
         parts=(
             ("fuselm_no_such_package_part1", "data/part01.bin"),
             ("fuselm_no_such_package_part2", "data/part02.bin"),

@@ -12,7 +12,8 @@ import pytest
 
 from fuselm.errors import FuselmError
 from fuselm.eval import metrics as M
-from fuselm.eval.task import get_task, load_rows, task_names
+from fuselm.eval.task import load_rows
+from fuselm.eval.tasks import get_task, task_names
 
 from .conftest import SHARED_DATA, run_cli
 
@@ -182,6 +183,37 @@ def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
 
 
 @needs_data
+def test_a_second_run_on_the_same_directory_is_refused(tiny_dirs, tmp_path):
+    model = tiny_dirs.get("llama") or next(iter(tiny_dirs.values()))
+    lines = (SHARED_DATA / "nq" / "test_0-999.jsonl").read_text().splitlines()[:60]
+    data = tmp_path / "nq60.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    args = _eval_args(model, data, out, limit=60)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fuselm.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "rows.jsonl").exists():
+            time.sleep(0.05)
+        second = run_cli(*args)
+        still_running = first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)  # leaves its lock behind, as a crash would
+        first.wait()
+    assert still_running, "the first run ended before the second started"
+    assert second.returncode == 1 and f"in use by another fuselm eval (pid {first.pid})" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert (out / ".lock").read_text().strip() == str(first.pid)
+    # The lock of the killed run is taken over; the run goes on and leaves each row once.
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(r)["id"] for r in (out / "rows.jsonl").read_text().splitlines()] == list(range(60))
+    assert not (out / ".lock").exists()
+
+
+@needs_data
 def test_a_larger_limit_extends_a_run(tiny_dirs, nq_sample, tmp_path):
     model = tiny_dirs.get("llama") or next(iter(tiny_dirs.values()))
     out = tmp_path / "run"
@@ -251,25 +283,25 @@ def test_task_generation_defaults_and_overrides():
 
 
 def test_report_overview_puts_each_setup_against_each_task():
-    from fuselm.eval.report import overview, to_markdown
+    from fuselm.eval.report import ReportLine, overview, to_markdown
 
     def row(task, method, models, metric, mean, main, partial=False, corpus=False):
-        return {
-            "run": f"{task}-{method}",
-            "task": task,
-            "method": method,
-            "models": models,
-            "metric": metric,
-            "main": main,
-            "corpus": corpus,
-            "mean": mean,
-            "ci_low": 30.0 if corpus else 0.0,
-            "ci_high": 50.0 if corpus else 1.0,
-            "versus": {},
-            "n": 10,
-            "partial": partial,
-            "seconds_per_sample": 1.0,
-        }
+        return ReportLine(
+            run=f"{task}-{method}",
+            task=task,
+            method=method,
+            models=models,
+            metric=metric,
+            main=main,
+            corpus=corpus,
+            mean=mean,
+            ci_low=30.0 if corpus else 0.0,
+            ci_high=50.0 if corpus else 1.0,
+            versus={},
+            n=10,
+            partial=partial,
+            seconds_per_sample=1.0,
+        )
 
     rows = [
         row("nq", "single", "a", "em", 0.25, True),
@@ -287,14 +319,12 @@ def test_report_overview_puts_each_setup_against_each_task():
 
 
 def test_gsm8k_reference_text_follows_the_shots_format():
-    from fuselm.eval.task import reference_text
-
     task = get_task("gsm8k")
     shared_format = {"question": "q", "answer": "It takes 2/2=1 bolt\nSo 2+1=3 bolts\nTherefore, the answer is 3"}
-    text = reference_text(task, shared_format)
+    text = task.reference_text(shared_format)
     assert text == "Let's think step by step\nIt takes 2/2=1 bolt\nSo 2+1=3 bolts\nThe answer is \\boxed{3}\n"
     original_format = {"question": "q", "answer": "5+5=10\n#### 10"}
-    assert reference_text(task, original_format).endswith("5+5=10\nThe answer is \\boxed{10}\n")
+    assert task.reference_text(original_format).endswith("5+5=10\nThe answer is \\boxed{10}\n")
 
 
 def test_plot_names_each_setup_once_across_tasks(tmp_path):
@@ -303,7 +333,7 @@ def test_plot_names_each_setup_once_across_tasks(tmp_path):
     def run(task, method, models, em, complete=True):
         summary = {"task": task, "method": method, "models": models, "main_metric": "em", "complete": complete,
                    "metrics": {"em": em}, "seconds_per_sample": 1.5}  # fmt: skip
-        return RunView(f"{task}-{method}", summary, [{"metrics": {"em": em}}])
+        return RunView(f"{task}-{method}", summary, [{"id": 0, "metrics": {"em": em}}])
 
     runs = [
         run("nq", "single", ["a"], 0.2),
@@ -320,7 +350,7 @@ def test_plot_names_each_setup_once_across_tasks(tmp_path):
 
 
 def test_corpus_metrics_of_a_partial_run_score_its_rows_against_their_references():
-    from fuselm.eval.runner import EvalSpec, summarize
+    from fuselm.eval.runner import EvalRow, EvalSpec, summarize
 
     task = get_task("flores-en-de")
     spec = EvalSpec(task="flores-en-de", method="single", models=[{"name": "smollm2-135m"}])
@@ -331,17 +361,17 @@ def test_corpus_metrics_of_a_partial_run_score_its_rows_against_their_references
     for r in done:
         r.update(metrics={}, seconds=1.0, new_tokens=5)
     selected = [{"id": 0}, {"id": 1}, {"id": 2}]  # the third row is not done yet
-    summary = summarize(task, spec, done, selected)
-    assert not summary["complete"] and summary["n"] == 2
+    summary = summarize(task, spec, [EvalRow.model_validate(r) for r in done], selected)
+    assert not summary.complete and summary.n == 2
     expected = M.corpus_chrf()([r["output"] for r in done], [r["reference"] for r in done])
-    assert summary["metrics"]["chrf"] == pytest.approx(expected) and expected < 100.0
+    assert summary.metrics["chrf"] == pytest.approx(expected) and expected < 100.0
 
 
 def _view(task, method, models, rows, main):
     from fuselm.eval.report import RunView
 
     summary = {"task": task, "method": method, "models": models, "main_metric": main, "n": len(rows)}
-    summary["seconds_per_sample"] = 1.0
+    summary.update(seconds_per_sample=1.0, metrics={})
     return RunView(f"{task}-{method}-{'+'.join(models)}", summary, rows)
 
 
@@ -352,14 +382,14 @@ def test_paired_difference_cancels_what_two_runs_share():
     base = [{"id": i, "metrics": {"em": float(i % 2)}} for i in range(40)]
     fused = [{"id": i, "metrics": {"em": float(i % 2 or i < 10)}} for i in reversed(range(40))]  # any row order
     a, b = _view("nq", "unite", ["m", "n"], fused, "em"), _view("nq", "single", ["m"], base, "em")
-    a.summary["metrics"], b.summary["metrics"] = {"em": 25 / 40}, {"em": 0.5}
+    a.summary.metrics, b.summary.metrics = {"em": 25 / 40}, {"em": 0.5}
     delta, lo, hi = paired_difference(a, b, "em")
     assert delta == pytest.approx(5 / 40) and 0 < lo < delta < hi
     # the separate intervals overlap, the paired one is clear of zero
     assert interval(a, "em")[0] < interval(b, "em")[1]
     assert paired_difference(b, b, "em") == (0.0, 0.0, 0.0)
     rows = report_rows([a, b], baselines=["m"])
-    assert rows[0]["versus"]["m"] == (delta, lo, hi) and rows[1]["versus"] == {}
+    assert rows[0].versus["m"] == (delta, lo, hi) and rows[1].versus == {}
     header, body = by_task(rows)["nq"]
     col = header.index("em - m")
     assert body[0][col] == f"+12.5 [+{lo * 100:.1f}, +{hi * 100:.1f}]" and body[1][col] == ""
@@ -385,14 +415,14 @@ def test_report_baseline_is_a_model_or_a_method():
     def run(method, models, right):  # right: the ids of the 20 rows this run gets right
         rows = [{"id": i, "metrics": {"em": float(i in right)}} for i in range(20)]
         view = _view("nq", method, models, rows, "em")
-        view.summary["metrics"] = {"em": len(right) / 20}
+        view.summary.metrics = {"em": len(right) / 20}
         return view
 
     single = run("single", ["m"], range(4))
     average = run("token-average", ["m", "n"], range(6))
     routed = run("fusionroute", ["m", "n"], range(1, 9))
     rows = report_rows([single, average, routed], baselines=["m", "token-average"])
-    by_run = {r["run"]: r["versus"] for r in rows}
+    by_run = {r.run: r.versus for r in rows}
     assert by_run[routed.name]["m"][0] == pytest.approx(4 / 20)
     assert by_run[routed.name]["token-average"][0] == pytest.approx(2 / 20)
     assert by_run[single.name]["token-average"][0] == pytest.approx(-2 / 20)

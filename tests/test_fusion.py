@@ -3,7 +3,9 @@ AdaFuse's confident/uncertain branching and tie-breaking on models with construc
 
 from __future__ import annotations
 
+import html as html_lib
 import json
+import re
 
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_identical_models_reproduce_single_greedy(smollm_llamacpp, method, optio
         if method != "token-average" and method != "unite" and single.finish_reason == fused.finish_reason == "eos":
             # A word-level step charges the tokens of its text against max_new_tokens, not the
             # lookahead token that showed the word's end (token-level methods also count the EOS).
-            assert fused.stats["new_tokens"] == single.stats["new_tokens"]
+            assert fused.stats.new_tokens == single.stats.new_tokens
 
 
 @pytest.mark.integration
@@ -71,8 +73,8 @@ def test_identical_models_adafuse_default_confident_rounds_follow_greedy(smollm_
         GenerationConfig(max_new_tokens=24),
     )
     for t in res.trace:
-        if t["confident"]:
-            assert len(t["candidates"]) == 1 and t["candidates"][0]["kind"] == "proposal"
+        if t.confident:
+            assert len(t.candidates) == 1 and t.candidates[0].kind == "proposal"
 
 
 # --- cross-tokenizer scoring --------------------------------------------------------------------------
@@ -175,29 +177,29 @@ def test_confident_model_commits_long_spans_without_scoring(smol_tokenizer_dir):
     m = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "sure")  # margin ~0.999
     res = adafuse([m], max_new_tokens=9)
     first = res.trace[0]
-    assert first["confident"] and first["text"] == " a a a"  # max_words = 3
-    assert len(first["candidates"]) == 1 and "nll" not in first["candidates"][0]
+    assert first.confident and first.text == " a a a"  # max_words = 3
+    assert len(first.candidates) == 1 and first.candidates[0].nll is None
     res2 = adafuse([m], max_new_tokens=9, max_words=2)
-    assert res2.trace[0]["text"] == " a a"
+    assert res2.trace[0].text == " a a"
 
 
 def test_uncertain_model_branches_on_top_b(smol_tokenizer_dir):
     m = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9, " c": 1.8, " d": 1.0}, "unsure")
     res = adafuse([m], max_new_tokens=4)
     first = res.trace[0]
-    assert not first["confident"]
-    kinds = [c["kind"] for c in first["candidates"]]
+    assert not first.confident
+    kinds = [c.kind for c in first.candidates]
     assert kinds == ["proposal", "branch", "branch"]  # B = 3: the proposal and two alternatives
-    assert [c["text"] for c in first["candidates"]] == [" a", " b", " c"]
-    assert first["text"] == " a"  # one word only when uncertain
-    assert len(adafuse([m], branches=4).trace[0]["candidates"]) == 4
-    assert adafuse([m], branches=1).trace[0]["confident"]  # a single candidate needs no scoring
+    assert [c.text for c in first.candidates] == [" a", " b", " c"]
+    assert first.text == " a"  # one word only when uncertain
+    assert len(adafuse([m], branches=4).trace[0].candidates) == 4
+    assert adafuse([m], branches=1).trace[0].confident  # a single candidate needs no scoring
 
 
 def test_threshold_decides_confidence(smol_tokenizer_dir):
     m = constant_model(smol_tokenizer_dir, {" a": 3.0, " b": 1.0}, "mid")  # margin ~0.75
-    assert adafuse([m], theta=0.7).trace[0]["confident"]
-    assert not adafuse([m], theta=0.8).trace[0]["confident"]
+    assert adafuse([m], theta=0.7).trace[0].confident
+    assert not adafuse([m], theta=0.8).trace[0].confident
 
 
 def test_ties_go_to_the_earlier_candidate(smol_tokenizer_dir):
@@ -205,17 +207,17 @@ def test_ties_go_to_the_earlier_candidate(smol_tokenizer_dir):
     y = constant_model(smol_tokenizer_dir, {" b": 2.0, " a": 1.0}, "y")
     res = adafuse([x, y], max_new_tokens=2, branches=1)
     first = res.trace[0]
-    scores = [c["score"] for c in first["candidates"]]
+    scores = [c.score for c in first.candidates]
     assert scores[0] == scores[1]  # symmetric models: an exact tie
-    assert first["winner"] == 0 and first["text"] == " a"
+    assert first.winner == 0 and first.text == " a"
     res = adafuse([y, x], max_new_tokens=2, branches=1)
-    assert res.trace[0]["text"] == " b"
+    assert res.trace[0].text == " b"
 
 
 def test_weights_break_the_symmetry(smol_tokenizer_dir):
     x = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "x")
     y = constant_model(smol_tokenizer_dir, {" b": 2.0, " a": 1.0}, "y")
-    assert adafuse([x, y], max_new_tokens=2, branches=1, weights=[1, 3]).trace[0]["text"] == " b"
+    assert adafuse([x, y], max_new_tokens=2, branches=1, weights=[1, 3]).trace[0].text == " b"
     with pytest.raises(FuselmError, match="weights"):
         adafuse([x, y], weights=[1])
 
@@ -268,6 +270,30 @@ def test_cross_tokenizer_adafuse_cli_trace_and_html(tiny_dirs, tmp_path):
     assert "hover" in page
 
 
+@pytest.mark.parametrize("method", ["single", "adafuse", "fixed-span", "sequence-select", "token-average", "unite"])
+def test_every_method_traces_each_step_and_renders_coloured(method, tiny_dirs):
+    """Every step of every method is in the trace with its text and source, and the HTML view
+    colours all of the answer by the model that won each span."""
+    from fuselm.models.hf import TransformersBackend
+    from fuselm.viz import PALETTE, render_html
+
+    if "llama" not in tiny_dirs:
+        pytest.skip("needs the smollm2 tokenizer")
+    # two models with one vocabulary, so that every method can run them (token-average needs it)
+    models = [as_model(TransformersBackend.from_directory(tiny_dirs["llama"], name=f"tiny-{k}")) for k in "ab"]
+    if method == "single":
+        models = models[:1]
+    res = generate(models, "The weather is", method, GenerationConfig(max_new_tokens=10, chat="raw"))
+    assert res.text and res.trace and res.stats.rounds == len(res.trace)
+    assert [t.round for t in res.trace] == list(range(1, len(res.trace) + 1))
+    assert all(t.source in res.stats.text_share for t in res.trace)
+    assert "".join(t.text for t in res.trace).startswith(res.text)
+    page = render_html(res)
+    coloured = re.findall(r'<span class="s" style="background:(#\w+)" title="[^"]*">([^<]*)</span>', page)
+    assert coloured and all(c in PALETTE for c, _ in coloured)
+    assert "".join(text for _, text in coloured) == html_lib.escape(res.text)
+
+
 # --- a warm prompt prefix changes nothing ------------------------------------------------------------
 
 SHOTS = "Q: What is 2 + 2?\nA: 4\n\nQ: Who painted the Mona Lisa?\nA: Leonardo da Vinci\n\n"
@@ -304,5 +330,5 @@ def test_warm_prompt_prefix_gives_the_texts_of_cold_starts(method, tiny_dirs):
     assert all(r.text for r in warm)
     for r in warm[1:]:
         for m in warm_models:  # each model kept (about) the shots in its own tokens
-            assert r.stats["cached_prompt_tokens"][m.name] >= len(m.backend.tokenize(SHOTS)) - 1
-    assert all(n == 0 for r in cold for n in r.stats["cached_prompt_tokens"].values())
+            assert r.stats.cached_prompt_tokens[m.name] >= len(m.backend.tokenize(SHOTS)) - 1
+    assert all(n == 0 for r in cold for n in r.stats.cached_prompt_tokens.values())

@@ -35,16 +35,16 @@ def _seed_pairs(out: Path, experts: list[Path], rows: int) -> None:
     """Preference pairs for the first NQ training rows (chosen: the reference; rejected: a wrong
     answer), annotated by the real experts. Random tiny experts never answer correctly, so the
     sampling step would find no pairs; the trainer treats stored pairs as already built."""
-    from fuselm.eval.task import get_task
+    from fuselm.eval.tasks import get_task
     from fuselm.models.hf import TransformersBackend
-    from fuselm.router.data import JsonlStore, PreferencePair, annotate, few_shot_prefix, load_task_rows, new_caches
+    from fuselm.training.router_data import JsonlStore, PreferencePair, annotate, load_task_rows, new_caches
 
     task = get_task("nq")
     backends = [TransformersBackend.from_directory(d) for d in experts]
     caches = new_caches(backends)
     tok = backends[0].tokenizer
     store = JsonlStore(out / "data" / "preference.jsonl")
-    prefix = few_shot_prefix(task, SHARED_DATA, 0)
+    prefix = task.prompt_prefix(SHARED_DATA, shots=0)
     for row in load_task_rows("nq", None, SHARED_DATA, rows):
         prompt = task.build_prompt(prefix, row)
         p = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -109,14 +109,19 @@ def test_generate_with_router_traces_each_token(trained, qwen_experts):
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout)
         steps = res["trace"]
-        assert steps and all(s["expert"] in {e.name for e in qwen_experts} for s in steps)
-        assert "".join(s["token"] for s in steps) == res["text"]
+        assert steps and all(s["source"] in {e.name for e in qwen_experts} for s in steps)
+        assert all(set(s["route"]) == {e.name for e in qwen_experts} for s in steps)
+        assert "".join(s["text"] for s in steps) == res["text"]
         if method == "expert-route":  # no complementary logits: always the expert's own argmax
             assert not any(s["changed"] for s in steps)
         # Lazy catch-up: an expert runs one pass per token it is selected for, never per token it missed.
         for e in qwen_experts:
-            picked = sum(s["expert"] == e.name for s in steps)
+            picked = sum(s["source"] == e.name for s in steps)
             assert res["stats"]["forward_passes"][e.name] == picked
+        # The router is one of the generation's sessions: its passes are counted like the experts'
+        # (one prefill, then one per token but the last).
+        router = [n for n in res["stats"]["forward_passes"] if n.startswith("router:")]
+        assert len(router) == 1 and res["stats"]["forward_passes"][router[0]] == len(steps)
 
 
 def test_fusionroute_equals_the_formula(trained, qwen_experts):
@@ -124,6 +129,7 @@ def test_fusionroute_equals_the_formula(trained, qwen_experts):
     from fuselm.config import GenerationConfig
     from fuselm.fusion.loop import generate
     from fuselm.models.loading import load_model
+    from fuselm.models.session import DecodingSession
     from fuselm.router.backend import RouterBackend
 
     models = [load_model(str(e)) for e in qwen_experts]
@@ -132,13 +138,13 @@ def test_fusionroute_equals_the_formula(trained, qwen_experts):
     res = generate(models, prompt, "fusionroute", gen, {"router": str(trained)})
     router = RouterBackend.load(trained)
     ids = router.tokenize(prompt)
-    cache = router.new_cache()
-    lp_r = router.extend(cache, ids)
-    e = int(torch.argmax(router.route_logits(cache, len(ids))))
+    session = DecodingSession(router, prompt)
+    lp_r = session.next_logprobs()
+    e = int(torch.argmax(router.route_logits(session.cache, len(ids))))
     expert = models[e].backend
     lp_e = expert.extend(expert.new_cache(), expert.tokenize(prompt))
     want = int(torch.argmax(lp_r + lp_e))
-    assert res.trace[0]["expert"] == models[e].name
+    assert res.trace[0].source == models[e].name
     assert res.text == ("" if want in expert.info.eos_token_ids else expert.decode([want]))
 
 
@@ -238,14 +244,14 @@ def test_eval_harness_runs_router_methods(trained, qwen_experts, tmp_path):
 def test_long_rows_are_left_out_and_stale_data_is_refused(tiny_dirs, qwen_experts, tmp_path):
     from transformers import AutoTokenizer
 
-    from fuselm.eval.task import get_task
-    from fuselm.router.data import few_shot_prefix, load_task_rows, sft_ids
+    from fuselm.eval.tasks import get_task
+    from fuselm.training.router_data import load_task_rows, sft_ids
 
     out = tmp_path / "run"
     _seed_pairs(out, qwen_experts, 2)
     task, tok = get_task("nq"), AutoTokenizer.from_pretrained(str(tiny_dirs["qwen2"]))
     rows = load_task_rows("nq", None, SHARED_DATA, 6)
-    prefix = few_shot_prefix(task, SHARED_DATA, 0)
+    prefix = task.prompt_prefix(SHARED_DATA, shots=0)
     lengths = [
         sum(map(len, sft_ids(task, prefix, r, lambda t: tok(t, add_special_tokens=False)["input_ids"]))) for r in rows
     ]

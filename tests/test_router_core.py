@@ -29,7 +29,6 @@ from fuselm.router.model import (
     add_lora,
     load_router,
     save_router,
-    vocab_fingerprint,
 )
 
 VOCAB = 64
@@ -145,7 +144,7 @@ def test_sft_loss_parts_by_hand():
 def test_sft_loss_on_the_answer_window_equals_the_full_sequence_loss():
     """Training computes logits from the position predicting the first answer token on only; the
     loss, the parts and the gradients are those of the whole sequence with the prompt masked."""
-    from fuselm.router.train import _answer_window, _sft_tensors
+    from fuselm.training.router_train import _answer_window, _sft_tensors
 
     torch.manual_seed(0)
     router = RouterModel(tiny_backbone(), 2)
@@ -366,24 +365,21 @@ def test_load_errors(tmp_path):
         load_router(tmp_path / "r", tiny_backbone())
 
 
-def test_vocab_fingerprint():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+def test_vocab_fingerprint(tiny_backends, tiny_dirs):
+    """A vocabulary's fingerprint (stored with a router, checked against its experts) tells
+    vocabularies apart and is the same for the same vocabulary loaded again."""
+    from fuselm.models.backend import vocab_fingerprint
+    from fuselm.models.hf import TransformersBackend
 
-    def tokenizer(vocab: dict[str, int]):
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")))
-
-    a = {"<unk>": 0, "hello": 1, "world": 2}
-    same = vocab_fingerprint(tokenizer(a))
-    assert same == vocab_fingerprint(tokenizer(dict(reversed(a.items()))))
-    assert len(same) == 64
-    assert same != vocab_fingerprint(tokenizer({"<unk>": 0, "hello": 2, "world": 1}))
-    assert same != vocab_fingerprint(tokenizer({**a, "again": 3}))
+    fps = {arch: vocab_fingerprint(b) for arch, b in tiny_backends.items()}
+    assert all(fp.startswith("probe:") for fp in fps.values())
+    assert len(set(fps.values())) == len(fps)  # llama, qwen2, gemma3: three vocabularies
+    for arch, d in tiny_dirs.items():
+        assert vocab_fingerprint(TransformersBackend.from_directory(d, name="again")) == fps[arch]
 
 
 def test_annotation_store_is_rewritten_only_to_drop_a_torn_line(tmp_path):
-    from fuselm.router.data import JsonlStore
+    from fuselm.training.router_data import JsonlStore
 
     path = tmp_path / "sft.jsonl"
     store = JsonlStore(path)

@@ -11,11 +11,12 @@ import torch
 
 from fuselm.errors import FuselmError
 from fuselm.models import assets, llamacpp
+from fuselm.models.backend import vocab_fingerprint
 from fuselm.models.catalog import BUNDLED
 from fuselm.models.loading import load_model
 from fuselm.models.session import DecodingSession
-from fuselm.router.backend import RouterBackend, load_router_backend
-from fuselm.router.model import RouterMeta, RouterModel, add_lora, save_router, vocab_fingerprint
+from fuselm.router.backend import RouterBackend, llamacpp_unavailable_reason, load_router_backend
+from fuselm.router.model import RouterMeta, RouterModel, add_lora, save_router
 
 from .conftest import requires_bundled, run_cli
 
@@ -38,7 +39,7 @@ def make_router(backbone: str, directory, lora_std: float, experts=("a", "b"), w
         backbone=backbone,
         experts=list(experts),
         vocab_size=router.vocab_size,
-        vocab_fingerprint=vocab_fingerprint(base.tokenizer),
+        vocab_fingerprint=vocab_fingerprint(base),
     )
     save_router(router, directory, meta)
     return directory
@@ -128,6 +129,25 @@ def test_router_engine_choice_and_errors(tmp_path, tiny_dirs):
         load_router_backend(tiny, "llamacpp")
     with pytest.raises(FuselmError, match="unknown router engine"):
         load_router_backend(lora, "vllm")
+    # The fingerprint stored with a router is the same whichever engine runs the vocabulary.
+    engines = [load_model("smollm2-135m", backend=k).backend for k in ("llamacpp", "transformers")]
+    assert vocab_fingerprint(engines[0]) == vocab_fingerprint(engines[1])
+
+
+@needs_llamacpp
+@requires_bundled("gemma3-270m")
+def test_auto_router_engine_falls_back_where_the_lora_cannot_be_exported():
+    """A LoRA router over gemma3 (a GGUF layout the exporter does not know) runs on transformers
+    under `auto`, and `llamacpp` says why it cannot (before any weights are read)."""
+    meta = RouterMeta(
+        backbone="gemma3-270m",
+        experts=["a", "b"],
+        vocab_size=262144,
+        vocab_fingerprint="probe:x",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]},
+    )
+    reason = llamacpp_unavailable_reason(meta)
+    assert reason is not None and "gemma3" in reason
 
 
 @pytest.mark.integration
@@ -149,9 +169,9 @@ def test_cli_fusionroute_with_router_on_llamacpp(tmp_path):
         runs[engine] = json.loads(r.stdout)
         trace = runs[engine]["trace"]
         assert runs[engine]["method"] == "fusionroute" and trace
-        assert all(t["expert"] in experts and set(t["weights"]) == set(experts) for t in trace)
+        assert all(t["source"] in experts and set(t["route"]) == set(experts) for t in trace)
     # The two engines run the same router: same first token, routed to the same expert.
     first = [runs[e]["trace"][0] for e in ("llamacpp", "transformers")]
-    assert first[0]["expert"] == first[1]["expert"] and first[0]["token"] == first[1]["token"]
+    assert first[0]["source"] == first[1]["source"] and first[0]["text"] == first[1]["text"]
     r = run_cli(*args, "-O", "router_backend=vllm")
     assert r.returncode != 0 and "router_backend" in r.stderr

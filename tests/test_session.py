@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from fuselm.models.prefix import PrefixCache
 from fuselm.models.session import DecodingSession, common_prefix_len
 from fuselm.text.words import first_word_end
 
@@ -141,8 +142,7 @@ def test_split_token_append(tiny_backends, arch):
 
 def test_prompt_is_forwarded_once(tiny_backends):
     b = tiny_backends.get("qwen2") or next(iter(tiny_backends.values()))
-    b.new_cache()  # drops what an earlier test left warm
-    s = DecodingSession(b, "A long prompt " * 20)
+    s = DecodingSession(b, "A long prompt " * 20)  # no prefix cache: it starts empty
     s.next_logprobs()
     prompt_len = len(s.committed_ids())
     assert s.stats.tokens_forwarded == prompt_len
@@ -160,8 +160,9 @@ def test_committing_own_rollout_costs_no_forward(tiny_backends):
         passes = s.stats.forward_passes
         s.append(roll.text)
         s.next_logprobs()
-        s.score([roll.text[:0] or " x"])  # scoring an unrelated candidate is one batched pass
-        assert s.stats.forward_passes <= passes + 1
+        assert s.stats.forward_passes == passes, b.info.name  # the rollout's own tokens are kept
+        s.score([" x", " y z"])  # scoring candidates that are not in the cache is one batched pass
+        assert s.stats.forward_passes == passes + 1, b.info.name
         s2 = DecodingSession(b, "Once upon a time")
         roll2 = s2.rollout(6, until=lambda r: first_word_end(r.text))
         before = s2.stats.forward_passes
@@ -274,11 +275,11 @@ WARM_SHOTS = "Q: What is 2 + 2?\nA: 4\n\nQ: What is the capital of France?\nA: P
 WARM_PROMPTS = [WARM_SHOTS + "Q: Who wrote Hamlet?\nA:", WARM_SHOTS + "Q: Which planet is largest?\nA:"]
 
 
-def _fresh_session_view(b, prompt: str) -> dict:
-    """Open a session on `prompt`, read its first next-token log-probs, and drop it (its
-    sequence becomes the backend's warm one)."""
-    s = DecodingSession(b, prompt)
-    lp = s.next_logprobs()
+def _fresh_session_view(b, prompt: str, prefix: PrefixCache) -> dict:
+    """Open a session on `prompt` with the prefix cache, read its first next-token log-probs, and
+    close it (its cache becomes the prefix cache's)."""
+    with DecodingSession(b, prompt, prefix) as s:
+        lp = s.next_logprobs()
     return {"lp": lp, "cached": s.stats.cached_prompt_tokens, "forwarded": s.stats.tokens_forwarded}
 
 
@@ -290,7 +291,8 @@ def test_llamacpp_new_session_keeps_the_warm_prompt_prefix():
     prompts.append(prompts[-1])  # the same prompt again: everything but its last token is kept
     prompts.append("Completely different text")  # nothing in common
     refs = [full_logprobs(b, b.tokenize(p))[-1] for p in prompts]
-    views = [_fresh_session_view(b, p) for p in prompts]
+    prefix = PrefixCache(b)
+    views = [_fresh_session_view(b, p, prefix) for p in prompts]
     n_shots = len(b.tokenize(shots))
     assert views[0]["cached"] == 0
     assert views[1]["cached"] >= n_shots - 1
@@ -308,10 +310,75 @@ def test_transformers_new_session_keeps_the_warm_prompt_prefix(tiny_backends, ar
     b = tiny_backends[arch]
     shots, prompts = WARM_SHOTS, WARM_PROMPTS
     refs = [full_logprobs(b, b.tokenize(p))[-1] for p in prompts]
-    b.new_cache()  # start without a warm cache
-    views = [_fresh_session_view(b, p) for p in prompts]
+    prefix = PrefixCache(b)
+    views = [_fresh_session_view(b, p, prefix) for p in prompts]
     assert views[0]["cached"] == 0 and views[1]["cached"] >= len(b.tokenize(shots)) - 1
     assert views[1]["forwarded"] == len(b.tokenize(prompts[1])) - views[1]["cached"]
     for view, ref in zip(views, refs):
         assert torch.allclose(view["lp"], ref, atol=1e-4)
     assert b.cached_ids(b.new_cache()) == []
+
+
+def _walk(s: DecodingSession) -> list:
+    """A few steps of what methods do with a session, returning what each step saw."""
+    seen = []
+    for _ in range(3):
+        lp = s.next_logprobs()
+        firsts = torch.topk(lp, 2).indices.tolist()
+        branches = s.rollout_branches(firsts, 3, until=lambda r: first_word_end(r.text))
+        scores = s.score([b.text for b in branches if b.text] or [" x"])
+        seen.append(([b.text for b in branches], [round(x.logprob, 3) for x in scores]))
+        s.append(branches[0].text or " x")
+    return seen
+
+
+def _interleaved_sessions_problems(b) -> list[str]:
+    """Two sessions on one backend and one prefix cache, stepped in turn, see what each sees alone."""
+    alone = []
+    for prompt in WARM_PROMPTS:
+        with DecodingSession(b, prompt) as s:
+            alone.append(_walk(s))
+    prefix = PrefixCache(b)
+    with DecodingSession(b, WARM_PROMPTS[0], prefix) as s:  # leaves a warm cache behind
+        s.next_logprobs()
+    a, c = DecodingSession(b, WARM_PROMPTS[0], prefix), DecodingSession(b, WARM_PROMPTS[1], prefix)
+    problems = []
+    if a.stats.cached_prompt_tokens or c.stats.cached_prompt_tokens:
+        problems.append("a session opened before the first sync reports cached tokens")
+    together: list[list] = [[], []]
+    for _ in range(3):  # one step each, in turn, on the same backend
+        for k, s in enumerate((a, c)):
+            lp = s.next_logprobs()
+            firsts = torch.topk(lp, 2).indices.tolist()
+            branches = s.rollout_branches(firsts, 3, until=lambda r: first_word_end(r.text))
+            scores = s.score([x.text for x in branches if x.text] or [" x"])
+            together[k].append(([x.text for x in branches], [round(x.logprob, 3) for x in scores]))
+            s.append(branches[0].text or " x")
+    if a.stats.cached_prompt_tokens == 0:
+        problems.append("the first session did not start from the warm prefix")
+    if c.stats.cached_prompt_tokens != 0:
+        problems.append("the second session shared the warm cache the first one took")
+    a.close(), c.close()
+    for k in range(2):
+        if together[k] != alone[k]:
+            problems.append(f"session {k}: {together[k]} != {alone[k]}")
+    return problems
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_two_sessions_on_one_backend_do_not_disturb_each_other(tiny_backends, arch):
+    if arch not in tiny_backends:
+        pytest.skip(f"tokenizer for {arch} not installed")
+    assert _interleaved_sessions_problems(tiny_backends[arch]) == []
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_two_llamacpp_sessions_on_one_model_do_not_disturb_each_other():
+    b = smollm_llamacpp()
+    assert _interleaved_sessions_problems(b) == []
+    # closed sessions give their sequences back: as many live sessions as before, again
+    sessions = [DecodingSession(b, "x") for _ in range(4)]
+    for s in sessions:
+        s.close()
+    assert len([DecodingSession(b, "y") for _ in range(4)]) == 4

@@ -1,33 +1,46 @@
-"""fuselm: fuse several language models at inference time."""
+"""fuselm: fuse several language models at inference time.
+
+The package's face: the few names most users need. Everything here is defined in a layer below
+(config, models, fusion, results) and only gathered here.
+"""
 
 from __future__ import annotations
 
+from ._version import __version__
 from .config import GenerationConfig, ModelConfig, RunConfig
 from .errors import FuselmError
+from .fusion.loop import decode
+from .fusion.methods import METHODS, build_method, check_method
 from .models.catalog import BUNDLED
 from .models.loading import Model, load_model
 from .models.session import DecodingSession
-from .result import GenerationResult
+from .result import GenerationResult, GenerationStats, TraceStep
 
-__version__ = "0.1.0"
+
+def _models(models) -> list[Model]:
+    if isinstance(models, (str, Model)):
+        models = [models]
+    return [m if isinstance(m, Model) else load_model(m) for m in models]
 
 
 def generate(models, prompt: str, method: str = "single", method_options=None, on_text=None, **generation):
-    """Generate with one model or fuse several.
+    """Generate with one model or fuse several (for many prompts, build an :class:`Ensemble` once).
 
     `models` are loaded :class:`Model` objects or names; `generation` takes the fields of
     :class:`GenerationConfig` (max_new_tokens, temperature, top_p, top_k, seed, stop, chat, system).
-    """
-    from .fusion.loop import generate as _generate
 
-    if isinstance(models, (str, Model)):
-        models = [models]
-    loaded = [m if isinstance(m, Model) else load_model(m) for m in models]
-    return _generate(loaded, prompt, method, GenerationConfig(**generation), method_options, on_text)
+    >>> fuselm.generate("smollm2-135m", "What is the capital of France?", max_new_tokens=20).text  # doctest: +SKIP
+    'The capital of France is Paris.'
+    """
+    built = build_method(method, _models(models), method_options)
+    try:
+        return decode(built, prompt, GenerationConfig(**generation), on_text)
+    finally:
+        built.close()
 
 
 class Ensemble:
-    """Several models decoded together by one method.
+    """Several models decoded together by one method, built once and used for any number of prompts.
 
     >>> ens = Ensemble(["smollm2-135m", "qwen2.5-coder-0.5b"], method="adafuse", theta=0.7)  # doctest: +SKIP
     >>> ens.generate("What is the capital of France?", max_new_tokens=30).text  # doctest: +SKIP
@@ -35,31 +48,38 @@ class Ensemble:
     """
 
     def __init__(self, models, method: str = "adafuse", **method_options):
-        from .fusion.registry import get_method
-
-        cls = get_method(method)
-        cls.validate_models(len(models))
-        cls.Options(**method_options)  # fail early on a bad option
-        self.models = [m if isinstance(m, Model) else load_model(m) for m in models]
-        self.method = method
-        self.method_options = method_options
+        if not isinstance(models, (str, Model)):
+            check_method(method, len(models), method_options)  # before loading any model
+        self.models = _models(models)
+        self.method = build_method(method, self.models, method_options)
 
     def generate(self, prompt: str, on_text=None, **generation) -> GenerationResult:
-        from .fusion.loop import generate as _generate
+        return decode(self.method, prompt, GenerationConfig(**generation), on_text)
 
-        return _generate(self.models, prompt, self.method, GenerationConfig(**generation), self.method_options, on_text)
+    def close(self) -> None:
+        self.method.close()
+
+    def __enter__(self) -> Ensemble:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 __all__ = [
-    "Ensemble",
     "BUNDLED",
+    "METHODS",
     "DecodingSession",
+    "Ensemble",
     "FuselmError",
     "GenerationConfig",
     "GenerationResult",
+    "GenerationStats",
     "Model",
     "ModelConfig",
     "RunConfig",
+    "TraceStep",
+    "__version__",
     "generate",
     "load_model",
 ]

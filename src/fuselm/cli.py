@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .config import GenerationConfig, ModelConfig, RunConfig, load_yaml, validation_message
+from .config import GenerationConfig, ModelConfig, RunConfig, validation_message
 from .errors import FuselmError
+from .files import load_yaml
 
 # Flags whose CLI spelling differs from a plain --field-name.
 _SPECIAL_FIELDS = {"chat", "name", "weight", "trust_remote_code"}
@@ -53,7 +54,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAMES",
         help="model (or comma-separated models): bundled name, directory or .gguf",
     )
-    p.add_argument("--method", default=argparse.SUPPRESS, help="decoding method (default: single)")
+    p.add_argument("--method", default=argparse.SUPPRESS, help=f"decoding method (default: single): {_method_list()}")
     p.add_argument("--config", metavar="FILE.yaml", help="run config; flags override its values")
     p.add_argument(
         "--option",
@@ -80,6 +81,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     _add_model_flags(p, ModelConfig, skip=_SPECIAL_FIELDS)
 
 
+def _method_list() -> str:
+    from .fusion.methods import METHODS
+
+    return ", ".join(METHODS.names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuselm", description="Fuse several language models at inference time.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     _add_run_flags(e)
     e.add_argument("--data", help="local JSONL file for the task, or hub:NAME[:CONFIG]:SPLIT when online")
-    e.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA or ../shared/data)")
+    e.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     e.add_argument("--limit", type=int, help="number of rows")
     e.add_argument("--offset", type=int, default=0, help="first row")
     e.add_argument("--out", required=False, help="run directory (several tasks/methods: one subdirectory each)")
@@ -148,9 +155,13 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> R
         opts["router"] = ns.router
     data["method_options"] = opts
     try:
-        return RunConfig(**data)
+        cfg = RunConfig(**data)
     except ValidationError as e:
         raise FuselmError(validation_message(e, ns.config or "options")) from None
+    from .fusion.methods import check_method
+
+    check_method(cfg.method, len(cfg.models), cfg.method_options)  # before any model is loaded
+    return cfg
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -160,12 +171,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .eval.runner import EvalSpec, run_eval
-    from .eval.task import get_task, task_names
+    from .eval.tasks import TASKS, get_task
 
     console = Console(stderr=True)
     if ns.list_tasks:
-        for name in task_names():
-            print(f"{name:14} {get_task(name).description}")
+        for name, description in TASKS.describe(lambda t: t.description):
+            print(f"{name:14} {description}")
         return 0
     data = load_yaml(ns.config) if ns.config else {}
     tasks = ns.tasks or data.pop("tasks", None) or ([data.pop("task")] if "task" in data else [])
@@ -204,12 +215,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     for col in ("task", "method", "models", "n", "metrics", "s/sample"):
         table.add_column(col)
     for s in summaries:
-        shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} n/a" for k, v in s["metrics"].items())
-        table.add_row(
-            s["task"], s["method"], "+".join(s["models"]), str(s["n"]), shown, f"{s['seconds_per_sample']:.2f}"
-        )
+        shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} n/a" for k, v in s.metrics.items())
+        cost = f"{s.seconds_per_sample:.2f}" if s.seconds_per_sample is not None else "n/a"
+        table.add_row(s.task, s.method, s.setup, str(s.n), shown, cost)
     console.print(table)
-    print(json.dumps(summaries if len(summaries) > 1 else summaries[0], ensure_ascii=False))
+    dumped = [s.model_dump(mode="json") for s in summaries]
+    print(json.dumps(dumped if len(dumped) > 1 else dumped[0], ensure_ascii=False))
     return 0
 
 
@@ -242,7 +253,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per scalar field of the router training config (lists and sections come from YAML)."""
-    from .router.train import RouterTrainConfig
+    from .training.router_train import RouterTrainConfig
 
     for name, f in RouterTrainConfig.model_fields.items():
         ann = f.annotation
@@ -258,7 +269,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_router(ns: argparse.Namespace) -> int:
-    from .router.train import RouterTrainConfig, RouterTrainer
+    from .training.router_train import RouterTrainConfig, RouterTrainer
 
     fields = RouterTrainConfig.model_fields
     overrides = {k: v for k, v in vars(ns).items() if k in fields}
@@ -312,7 +323,8 @@ def cmd_models(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from .fusion.loop import generate
+    from .fusion.loop import decode
+    from .fusion.methods import build_method
     from .models.loading import load_model
 
     prompt = ns.prompt
@@ -323,7 +335,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     cfg = _run_config(ns)
     models = [load_model(m) for m in cfg.models]
     stream = None if ns.json else _stdout_stream
-    result = generate(models, prompt, cfg.method, cfg.generation, cfg.method_options, on_text=stream)
+    method = build_method(cfg.method, models, cfg.method_options)
+    try:
+        result = decode(method, prompt, cfg.generation, on_text=stream)
+    finally:
+        method.close()
     if ns.html:
         from .viz import render_html
 

@@ -1,4 +1,6 @@
-"""Configuration: pydantic models loaded from YAML, with CLI flags derived from the fields.
+"""Configuration: pydantic schemas (loaded from YAML by the CLI, flags derived from the fields).
+
+A pure schema: names (methods, models) are checked where a run is built, not here.
 
 A config file looks like::
 
@@ -14,24 +16,22 @@ A config file looks like::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from .errors import FuselmError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # SmolLM2's own default system prompt makes the 135M model answer "What is the capital of
 # France?" in broken French; this neutral one is what the bundled instruct models answer best with.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys and wrong types are errors, also on assignment."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictModel):
     max_new_tokens: int = Field(256, ge=1, le=1_000_000, description="maximum number of new tokens")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="sampling temperature; 0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
@@ -51,7 +51,7 @@ class GenerationConfig(_Strict):
         return v
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     name: str = Field(description="bundled model name, transformers directory, or .gguf file")
     backend: Literal["auto", "transformers", "llamacpp"] = Field(
         "auto", description="inference engine (auto: llama.cpp for GGUF when installed)"
@@ -63,33 +63,11 @@ class ModelConfig(_Strict):
     weight: float = Field(1.0, gt=0.0, description="model weight in ensemble scoring")
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     models: list[ModelConfig] = Field(min_length=1)
-    method: str = "single"
+    method: str = Field("single", description="decoding method (see `fuselm generate --help`)")
     method_options: dict[str, Any] = Field(default_factory=dict)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-
-    @model_validator(mode="after")
-    def _check_method(self) -> "RunConfig":
-        from .fusion.registry import get_method
-
-        cls = get_method(self.method)
-        cls.validate_models(len(self.models))
-        cls.Options(**self.method_options)
-        return self
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FuselmError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FuselmError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise FuselmError(f"{path}: expected a mapping at the top level")
-    return data
 
 
 def validation_message(e: ValidationError, where: str = "") -> str:

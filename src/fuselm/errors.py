@@ -19,11 +19,8 @@ class UnknownNameError(FuselmError, KeyError):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         super().__init__(f"unknown {kind} {name!r}.{hint} Known: {', '.join(known)}.")
         self.name = name
+        self.kind = kind
+        self.suggestion = close[0] if close else None
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-def did_you_mean(name: str, known: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return close[0] if close else None

@@ -1,22 +1,91 @@
-"""The result of a generation: text, who made it, what it cost, and how it was decided."""
+"""Typed results: what a generation made, what it cost and how each step was decided.
+
+The same types are what `generate --json` prints, what the eval runner stores per row, what the
+HTML view renders and what the server returns, so a field read anywhere is a field defined here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["eos", "stop", "length", "stalled"]
 
 
-@dataclass
-class GenerationResult:
+def unique_names(names: list[str]) -> list[str]:
+    """Model names made unique for per-model entries (a model used twice becomes NAME#2)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CandidateTrace(_Record):
+    """One candidate of a round, as the ensemble methods saw it."""
+
+    text: str
+    eos: bool = False
+    kind: Literal["proposal", "branch", "token"] = "proposal"
+    proposers: list[str] = Field(default_factory=list)
+    nll: dict[str, float | None] | None = None  # each model's mean NLL (when scored)
+    score: float | None = None  # the combined score (lower wins)
+    p: float | None = None  # unite: the weighted average probability (higher wins)
+
+
+class StepDetail(_Record):
+    """What a method says about one of its steps beyond the text (every field optional: each
+    method fills what it knows)."""
+
+    confident: bool | None = None  # committed without cross-model scoring
+    margins: dict[str, float] | None = None  # each model's top-1 minus top-2 probability
+    candidates: list[CandidateTrace] = Field(default_factory=list)
+    winner: int | None = None  # index into candidates
+    token_probs: dict[str, float] | None = None  # token-average: each model's probability of the token
+    p_eos: float | None = None  # unite: the ensemble's end-of-sequence probability
+    route: dict[str, float] | None = None  # fusionroute: routing weight per expert
+    expert_token: str | None = None  # fusionroute: the selected expert's own argmax token
+    changed: bool | None = None  # fusionroute: the router's logits moved the token off it
+    reference_token: str | None = None  # oracle-route: the reference token that chose the expert
+
+
+class TraceStep(StepDetail):
+    """One step of the decoding loop: the detail plus what every step has."""
+
+    round: int  # 1-based
+    text: str  # the text the step proposed (a stop string may cut what was committed)
+    source: str | None  # the model whose proposal won
+    new_tokens: int
+
+
+class GenerationStats(_Record):
+    """Per generation; per-model entries are keyed by model name (a name used twice gets #2),
+    and include every session the method ran (a FusionRoute router among them)."""
+
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float | None
+    forward_passes: dict[str, int]
+    tokens_forwarded: dict[str, int]
+    prompt_tokens: dict[str, int]
+    cached_prompt_tokens: dict[str, int]
+    text_share: dict[str, float]
+    rounds: int
+
+
+class GenerationResult(_Record):
     text: str
     models: list[str]
     method: str
-    finish_reason: str  # "eos", "stop", "length" or "stalled"
-    stats: dict[str, Any]
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: FinishReason
+    stats: GenerationStats
+    trace: list[TraceStep] = Field(default_factory=list)
 
     def to_dict(self, with_trace: bool = True) -> dict[str, Any]:
-        d = asdict(self)
-        if not with_trace:
-            d.pop("trace")
-        return d
+        return self.model_dump(mode="json", exclude=None if with_trace else {"trace"})

@@ -98,6 +98,11 @@ class Sampler:
         else:
             self.generator.seed()
 
+    @classmethod
+    def from_config(cls, gen) -> Sampler:
+        """The sampler of one generation (a GenerationConfig): its own generator, seeded by `gen.seed`."""
+        return cls(gen.temperature, gen.top_k, gen.top_p, gen.seed)
+
     def __call__(self, logprobs: torch.Tensor) -> int:
         if self.greedy:
             return int(torch.argmax(logprobs))

@@ -5,52 +5,61 @@ from __future__ import annotations
 import html
 import json
 
-from .result import GenerationResult
+from .result import GenerationResult, TraceStep, unique_names
 
 PALETTE = ["#cfe8ff", "#ffd9c2", "#d7f5d0", "#f3d4f7", "#fff3b0", "#d0f0f0"]
 
 
-def _tooltip(entry: dict) -> str:
-    lines = []
-    if "margins" in entry:
-        lines.append("margins: " + ", ".join(f"{k} {v:.2f}" for k, v in entry["margins"].items()))
-    lines.append("confident round" if entry.get("confident") else "ensemble decision")
-    for i, c in enumerate(entry.get("candidates", [])):
-        mark = "*" if i == entry.get("winner") else " "
-        score = c.get("score", c.get("p"))
-        label = "<eos>" if c.get("eos") else json.dumps(c["text"], ensure_ascii=False)
-        by = ", ".join(c.get("proposers", []))
-        lines.append(f"{mark} {label}  score={score}  by {by}")
+def _tooltip(step: TraceStep) -> str:
+    """What decided one step, as lines (whatever the method recorded)."""
+    lines = [f"round {step.round} · {step.source or '?'} · {step.new_tokens} token(s)"]
+    if step.margins:
+        lines.append("margins: " + ", ".join(f"{k} {v:.2f}" for k, v in step.margins.items()))
+    if step.confident is not None:
+        lines.append("confident round" if step.confident else "ensemble decision")
+    if step.route:
+        lines.append("route: " + ", ".join(f"{k} {v:.2f}" for k, v in step.route.items()))
+    if step.expert_token is not None:
+        moved = " (moved by the router)" if step.changed else ""
+        lines.append(f"expert's own token: {json.dumps(step.expert_token, ensure_ascii=False)}{moved}")
+    if step.token_probs:
+        lines.append("p(token): " + ", ".join(f"{k} {v:.2f}" for k, v in step.token_probs.items()))
+    if step.reference_token is not None:
+        lines.append(f"reference token: {json.dumps(step.reference_token, ensure_ascii=False)}")
+    if step.p_eos is not None:
+        lines.append(f"p(end): {step.p_eos:.3f}")
+    for i, c in enumerate(step.candidates):
+        mark = "*" if i == step.winner else " "
+        score = c.score if c.score is not None else c.p
+        label = "<eos>" if c.eos else json.dumps(c.text, ensure_ascii=False)
+        lines.append(f"{mark} {label}  score={score}  by {', '.join(c.proposers)}")
     return "\n".join(lines)
 
 
 def render_html(result: GenerationResult, prompt: str | None = None) -> str:
-    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(result.models))}
+    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(unique_names(result.models))}
     spans = []
     shown = 0
-    if result.trace and all("text" in t for t in result.trace):
-        for entry in result.trace:
-            text = entry["text"][: max(0, len(result.text) - shown)]
-            if not text:
-                continue
-            shown += len(text)
-            colour = colours.get(entry.get("source", ""), "#eeeeee")
-            spans.append(
-                f'<span class="s" style="background:{colour}" title="{html.escape(_tooltip(entry))}">'
-                f"{html.escape(text)}</span>"
-            )
+    for step in result.trace:
+        text = step.text[: max(0, len(result.text) - shown)]
+        if not text:
+            continue
+        shown += len(text)
+        colour = colours.get(step.source or "", "#eeeeee")
+        spans.append(
+            f'<span class="s" style="background:{colour}" title="{html.escape(_tooltip(step))}">'
+            f"{html.escape(text)}</span>"
+        )
     if shown < len(result.text):
         colour = colours[result.models[0]] if len(result.models) == 1 else "#eeeeee"
         spans.append(f'<span class="s" style="background:{colour}">{html.escape(result.text[shown:])}</span>')
     legend = " ".join(
-        f'<span class="s" style="background:{c}">{html.escape(n)} '
-        f"{100 * result.stats.get('text_share', {}).get(n, 0):.0f}%</span>"
+        f'<span class="s" style="background:{c}">{html.escape(n)} {100 * result.stats.text_share.get(n, 0):.0f}%</span>'
         for n, c in colours.items()
     )
     st = result.stats
     meta = html.escape(
-        f"method {result.method} · {st.get('new_tokens')} tokens · {st.get('seconds')} s · "
-        f"finish: {result.finish_reason}"
+        f"method {result.method} · {st.new_tokens} tokens · {st.seconds} s · finish: {result.finish_reason}"
     )
     prompt_html = f"<p class='prompt'>{html.escape(prompt)}</p>" if prompt else ""
     return f"""<!doctype html>

@@ -4,22 +4,49 @@ as a terminal table, Markdown, and a PNG of quality against cost."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import FuselmError, UnknownNameError
 from .metrics import bootstrap_indices, percentile_interval
-from .runner import _read_rows
+from .records import EvalRow, EvalSpec, EvalSummary
+from .runner import read_rows, summarize
+from .tasks import get_task
 
 
 @dataclass
 class RunView:
+    """A run as the report sees it (summary and rows may be given as dicts: they are validated)."""
+
     name: str
-    summary: dict[str, Any]
-    rows: list[dict[str, Any]]
+    summary: EvalSummary
+    rows: list[EvalRow]
+
+    def __post_init__(self) -> None:
+        self.summary = EvalSummary.model_validate(self.summary)
+        self.rows = [EvalRow.model_validate(r) for r in self.rows]
+
+
+@dataclass
+class ReportLine:
+    """One run and metric of a report: the mean, its interval, and paired differences."""
+
+    run: str
+    task: str
+    method: str
+    models: str
+    metric: str
+    main: bool
+    corpus: bool
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    partial: bool
+    seconds_per_sample: float | None
+    versus: dict[str, tuple[float, float, float] | None] = field(default_factory=dict)
 
 
 def load_run(path: str | Path) -> RunView:
@@ -27,44 +54,37 @@ def load_run(path: str | Path) -> RunView:
     and marked partial."""
     path = Path(path)
     summary_path = path / "summary.json"
-    rows = _read_rows(path / "rows.jsonl")
+    rows = read_rows(path / "rows.jsonl")
     if summary_path.is_file():
-        return RunView(path.name, json.loads(summary_path.read_text()), rows)
+        return RunView(path.name, EvalSummary.model_validate_json(summary_path.read_text()), rows)
     config = path / "config.json"
     if not config.is_file():
         raise FuselmError(f"{path} is not a run directory (no config.json); see `fuselm eval --out`")
     if not rows:
         raise FuselmError(f"{path} has no finished rows yet")
-    from .runner import EvalSpec, summarize
-    from .task import get_task
-
     spec = EvalSpec(**json.loads(config.read_text())["spec"])
-    summary = summarize(get_task(spec.task), spec, rows, rows)
-    summary["complete"] = False
+    summary = summarize(get_task(spec.task), spec, rows, [{"id": r.id} for r in rows])
+    summary.complete = False
     return RunView(path.name, summary, rows)
 
 
-def _resampled(run: RunView, rows: list[dict[str, Any]], metric: str, indices: np.ndarray) -> np.ndarray | None:
+def _resampled(run: RunView, rows: list[EvalRow], metric: str, indices: np.ndarray) -> np.ndarray | None:
     """The metric on each resample of ``rows`` (a run's rows): the mean of a per-sample metric,
     or the corpus metric (chrF, spBLEU) rescored on the resampled sentences."""
-    from .task import get_task
-
-    corpus = get_task(run.summary["task"]).corpus_metrics.get(metric)
+    corpus = get_task(run.summary.task).corpus_metrics.get(metric)
     if corpus is not None:
-        return corpus.resampled([r["output"] for r in rows], [r["reference"] for r in rows], indices)
-    values = np.asarray([r["metrics"].get(metric) for r in rows], dtype=float)
+        return corpus.resampled([r.output for r in rows], [r.reference for r in rows], indices)
+    values = np.asarray([r.metrics.get(metric) for r in rows], dtype=float)
     return None if np.isnan(values).any() or not len(values) else values[indices].mean(axis=1)
 
 
 def _is_corpus(run: RunView, metric: str) -> bool:
-    from .task import get_task
-
-    return metric in get_task(run.summary["task"]).corpus_metrics
+    return metric in get_task(run.summary.task).corpus_metrics
 
 
 def interval(run: RunView, metric: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float] | None:
     """95% bootstrap interval of a run's metric, resampling its rows."""
-    rows = [r for r in run.rows if _is_corpus(run, metric) or r["metrics"].get(metric) is not None]
+    rows = [r for r in run.rows if _is_corpus(run, metric) or r.metrics.get(metric) is not None]
     if not rows:
         return None
     scores = _resampled(run, rows, metric, bootstrap_indices(len(rows), n_boot, seed))
@@ -78,8 +98,8 @@ def paired_difference(
     each resample draws the same rows for both runs, so the row-to-row variation they share
     cancels (two runs' separate intervals can overlap while one is above the other on almost
     every resample). None when they share no row."""
-    by_id = {r["id"]: r for r in baseline.rows}
-    pairs = [(r, by_id[r["id"]]) for r in run.rows if r["id"] in by_id]
+    by_id = {r.id: r for r in baseline.rows}
+    pairs = [(r, by_id[r.id]) for r in run.rows if r.id in by_id]
     if not pairs:
         return None
     mine, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -98,10 +118,10 @@ def _baselines_by_task(runs: list[RunView], names: list[str]) -> dict[tuple[str,
     ``token-average``). A name that matches no run at all, or two runs of one task, is an error."""
     found: dict[tuple[str, str], RunView] = {}
     for name in names:
-        for task in dict.fromkeys(r.summary["task"] for r in runs):
-            on_task = [r for r in runs if r.summary["task"] == task]
-            single = [r for r in on_task if r.summary["method"] == "single" and "+".join(r.summary["models"]) == name]
-            method = [r for r in on_task if r.summary["method"] == name]
+        for task in dict.fromkeys(r.summary.task for r in runs):
+            on_task = [r for r in runs if r.summary.task == task]
+            single = [r for r in on_task if r.summary.method == "single" and r.summary.setup == name]
+            method = [r for r in on_task if r.summary.method == name]
             match = single or method
             if len(match) > 1:
                 raise FuselmError(
@@ -111,45 +131,45 @@ def _baselines_by_task(runs: list[RunView], names: list[str]) -> dict[tuple[str,
             if match:
                 found[task, name] = match[0]
         if not any(key[1] == name for key in found):
-            known = {"+".join(r.summary["models"]) for r in runs if r.summary["method"] == "single"}
-            known |= {r.summary["method"] for r in runs if r.summary["method"] != "single"}
+            known = {r.summary.setup for r in runs if r.summary.method == "single"}
+            known |= {r.summary.method for r in runs if r.summary.method != "single"}
             raise UnknownNameError("baseline (a model with a single-model run, or a method)", name, known)
     return found
 
 
-def report_rows(runs: list[RunView], baselines: list[str] = ()) -> list[dict[str, Any]]:
-    """One record per run and metric. For each name in ``baselines`` (a model, meaning its
+def report_rows(runs: list[RunView], baselines: list[str] = ()) -> list[ReportLine]:
+    """One line per run and metric. For each name in ``baselines`` (a model, meaning its
     single-model run, or a method such as ``token-average``), the main metric also gets its
     paired difference against that run on the same task."""
     base_runs = _baselines_by_task(runs, list(baselines))
     out = []
     for run in runs:
         s = run.summary
-        for metric, mean in s["metrics"].items():
-            main = metric == s.get("main_metric")
+        for metric, mean in s.metrics.items():
+            main = metric == s.main_metric
             ci = interval(run, metric) if mean is not None else None
             versus = {}
             for name in baselines if main and mean is not None else ():
-                base = base_runs.get((s["task"], name))
+                base = base_runs.get((s.task, name))
                 if base is not None and base is not run:
                     versus[name] = paired_difference(run, base, metric)
             out.append(
-                {
-                    "run": run.name,
-                    "task": s["task"],
-                    "method": s["method"],
-                    "models": "+".join(s["models"]),
-                    "metric": metric,
-                    "main": main,
-                    "corpus": _is_corpus(run, metric),
-                    "mean": mean,
-                    "ci_low": ci[0] if ci else None,
-                    "ci_high": ci[1] if ci else None,
-                    "versus": versus,
-                    "n": s["n"],
-                    "partial": not s.get("complete", True),
-                    "seconds_per_sample": s["seconds_per_sample"],
-                }
+                ReportLine(
+                    run=run.name,
+                    task=s.task,
+                    method=s.method,
+                    models=s.setup,
+                    metric=metric,
+                    main=main,
+                    corpus=_is_corpus(run, metric),
+                    mean=mean,
+                    ci_low=ci[0] if ci else None,
+                    ci_high=ci[1] if ci else None,
+                    versus=versus,
+                    n=s.n,
+                    partial=not s.complete,
+                    seconds_per_sample=s.seconds_per_sample,
+                )
             )
     return out
 
@@ -158,69 +178,69 @@ def _fmt(x: float | None, scale: float = 1.0) -> str:
     return "n/a" if x is None else f"{x * scale:.1f}"
 
 
-def _scale(r: dict[str, Any]) -> float:
+def _scale(r: ReportLine) -> float:
     """Per-sample metrics (fractions) are shown in %, corpus metrics (chrF, spBLEU) on their own 0-100 scale."""
-    return 1.0 if r["corpus"] else 100.0
+    return 1.0 if r.corpus else 100.0
 
 
-def _cell(r: dict[str, Any]) -> str:
+def _cell(r: ReportLine) -> str:
     """A metric's mean and 95% interval."""
     scale = _scale(r)
-    if r["ci_low"] is None:
-        return _fmt(r["mean"], scale)
-    return f"{_fmt(r['mean'], scale)} [{_fmt(r['ci_low'], scale)}, {_fmt(r['ci_high'], scale)}]"
+    if r.ci_low is None:
+        return _fmt(r.mean, scale)
+    return f"{_fmt(r.mean, scale)} [{_fmt(r.ci_low, scale)}, {_fmt(r.ci_high, scale)}]"
 
 
-def _delta_cell(r: dict[str, Any], name: str) -> str:
-    d = r["versus"].get(name)
+def _delta_cell(r: ReportLine, name: str) -> str:
+    d = r.versus.get(name)
     if d is None:
         return ""
     scale = _scale(r)
     return f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
 
 
-def by_task(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
+def by_task(rows: list[ReportLine]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Per task: a header and one line per run (run, method, models, each metric, the main
     metric's paired difference against each baseline, n, s/sample)."""
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    runs: dict[str, dict[str, list[ReportLine]]] = {}
     for r in rows:
-        runs.setdefault(r["task"], {}).setdefault(r["run"], []).append(r)
+        runs.setdefault(r.task, {}).setdefault(r.run, []).append(r)
     out = {}
     for task, per_run in runs.items():
-        metrics = list(dict.fromkeys(m["metric"] for ms in per_run.values() for m in ms))
-        mains = [m for ms in per_run.values() for m in ms if m["main"]]
-        against = list(dict.fromkeys(name for m in mains for name in m["versus"]))
+        metrics = list(dict.fromkeys(m.metric for ms in per_run.values() for m in ms))
+        mains = [m for ms in per_run.values() for m in ms if m.main]
+        against = list(dict.fromkeys(name for m in mains for name in m.versus))
         body = []
         for run, ms in per_run.items():
-            cells = {m["metric"]: _cell(m) for m in ms}
-            main = next((m for m in ms if m["main"]), None)
+            cells = {m.metric: _cell(m) for m in ms}
+            main = next((m for m in ms if m.main), None)
             first = ms[0]
             body.append(
-                [run, first["method"], first["models"], *(cells.get(m, "") for m in metrics)]
+                [run, first.method, first.models, *(cells.get(m, "") for m in metrics)]
                 + [_delta_cell(main, name) if main else "" for name in against]
                 + [
-                    f"{first['n']} (partial)" if first["partial"] else str(first["n"]),
-                    _fmt(first["seconds_per_sample"]),
+                    f"{first.n} (partial)" if first.partial else str(first.n),
+                    _fmt(first.seconds_per_sample),
                 ]
             )
-        main_metric = mains[0]["metric"] if mains else ""
+        main_metric = mains[0].metric if mains else ""
         deltas = [f"{main_metric} - {name}" for name in against]
         out[task] = (["run", "method", "models", *metrics, *deltas, "n", "s/sample"], body)
     return out
 
 
-def overview(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def overview(rows: list[ReportLine]) -> tuple[list[str], list[list[str]]]:
     """Each method-and-models setup against each task's main metric (mean; * = partial run)."""
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    tasks = list(dict.fromkeys(r.task for r in rows))
     setups: dict[tuple[str, str], dict[str, str]] = {}
     metric_of: dict[str, str] = {}
     for r in rows:
-        if not r["main"]:
+        if not r.main:
             continue
-        metric_of[r["task"]] = r["metric"]
+        metric_of[r.task] = r.metric
         scale = _scale(r)
-        mark = "*" if r["partial"] else ""
-        setups.setdefault((r["method"], r["models"]), {})[r["task"]] = _fmt(r["mean"], scale) + mark
+        mark = "*" if r.partial else ""
+        setups.setdefault((r.method, r.models), {})[r.task] = _fmt(r.mean, scale) + mark
     header = ["method", "models", *(f"{t} {metric_of.get(t, '')}".strip() for t in tasks)]
     body = [[m, models, *(cells.get(t, "") for t in tasks)] for (m, models), cells in setups.items()]
     return header, body
@@ -231,14 +251,14 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
+def to_markdown(rows: list[ReportLine]) -> str:
     """One table per task: a row per run, a column per metric (mean and 95% bootstrap interval;
     per-sample metrics in %, corpus metrics such as chrF and spBLEU as sacrebleu scores them)."""
     parts = [
         "Each cell: score [95% bootstrap interval over rows]. Per-sample metrics in %; corpus metrics"
         " (chrF, spBLEU) on sacrebleu's 0-100 scale, their interval from resampled sentences."
     ]
-    if len({r["task"] for r in rows}) > 1:
+    if len({r.task for r in rows}) > 1:
         parts.append("### main metric by task (* = partial run)\n\n" + markdown_table(*overview(rows)))
     for task, (header, body) in by_task(rows).items():
         parts.append(f"### {task}\n\n" + markdown_table(header, body))
@@ -250,10 +270,10 @@ def _setup_labels(runs: list[RunView]) -> dict[int, str]:
     models only where the same method runs on several model sets."""
     sets: dict[str, set[str]] = {}
     for run in runs:
-        sets.setdefault(run.summary.get("method", "?"), set()).add("+".join(run.summary.get("models", [])))
+        sets.setdefault(run.summary.method, set()).add(run.summary.setup)
     labels = {}
     for run in runs:
-        method, models = run.summary.get("method", "?"), "+".join(run.summary.get("models", []))
+        method, models = run.summary.method, run.summary.setup
         if method == "single":
             labels[id(run)] = models
         else:
@@ -277,21 +297,21 @@ def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
     metric_of: dict[str, str] = {}
     setups: list[str] = []  # in order of first appearance: colours follow it
     label_of = _setup_labels(runs)
-    singles = {label_of[id(r)] for r in runs if r.summary.get("method") == "single"}
+    singles = {label_of[id(r)] for r in runs if r.summary.method == "single"}
     for run in runs:
         s = run.summary
-        main = s.get("main_metric")
-        y = s["metrics"].get(main)
-        if y is None or s["seconds_per_sample"] is None:
+        main = s.main_metric
+        y = s.main
+        if y is None or s.seconds_per_sample is None:
             continue
         per_sample = not _is_corpus(run, main)
         if per_sample:  # in %, like the tables
             y *= 100
-        metric_of[s["task"]] = f"{main} (%)" if per_sample else main
+        metric_of[s.task] = f"{main} (%)" if per_sample else main
         setup = label_of[id(run)]
         if setup not in setups:
             setups.append(setup)
-        panels.setdefault(s["task"], []).append((setup, s["seconds_per_sample"], y, not s.get("complete", True)))
+        panels.setdefault(s.task, []).append((setup, s.seconds_per_sample, y, not s.complete))
     if not panels:
         raise FuselmError("no run has both a main metric and a cost to plot")
     colours = plt.get_cmap("tab10" if len(setups) <= 10 else "tab20")

@@ -8,47 +8,30 @@ A run directory holds:
 
 Interrupting a run (Ctrl-C, kill, crash) loses at most the sample in progress; running the same
 command again continues after the last complete row, never duplicating one. The same command
-with a larger --limit (over the same rows: same data, offset and seed) extends a run.
+with a larger --limit (over the same rows: same data, offset and seed) extends a run. A run
+directory is locked while a run works in it (`.lock`, holding the pid): a second `fuselm eval`
+on it is refused, and the lock of a killed run is taken over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from ..config import GenerationConfig, ModelConfig
+from ..config import GenerationConfig
 from ..errors import FuselmError
-from ..fusion.registry import get_method
-from .task import Task, default_data_dir, get_task, load_rows, reference_text
+from ..files import DirLock, append_jsonl, atomic_write_json, read_jsonl
+from ..fusion.loop import decode
+from ..fusion.methods import build_method
+from ..models.loading import load_model
+from .records import EvalRow, EvalSpec, EvalSummary
+from .task import Task, default_data_dir, load_rows
+from .tasks import get_task
 
-
-class EvalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str
-    method: str = "single"
-    models: list[ModelConfig] = Field(min_length=1)
-    method_options: dict[str, Any] = Field(default_factory=dict)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    data: str | None = None
-    limit: int | None = Field(None, ge=1)
-    offset: int = Field(0, ge=0)
-    seed: int | None = None  # shuffle the rows with this seed before offset/limit
-
-
-def select_rows(rows: list[dict[str, Any]], spec: EvalSpec) -> list[dict[str, Any]]:
-    rows = list(rows)
-    if spec.seed is not None:
-        random.Random(spec.seed).shuffle(rows)
-    end = None if spec.limit is None else spec.offset + spec.limit
-    return rows[spec.offset : end]
+__all__ = ["EvalRow", "EvalSpec", "EvalSummary", "run_eval", "summarize", "task_generation"]
 
 
 def task_generation(task: Task, gen: GenerationConfig, explicit: set[str]) -> GenerationConfig:
@@ -65,7 +48,7 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     out = {"fuselm": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     try:
@@ -77,32 +60,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Complete rows of rows.jsonl; a torn last line (crash mid-write) is cut off the file."""
-    if not path.is_file():
-        return []
-    good: list[dict[str, Any]] = []
-    keep_bytes = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                good.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            keep_bytes += len(line)
-    if keep_bytes != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(keep_bytes)
-    return good
-
-
-def _append_row(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def read_rows(path: Path) -> list[EvalRow]:
+    """The complete rows of a rows.jsonl (a torn last line is cut off the file)."""
+    return [EvalRow.model_validate(r) for r in read_jsonl(path)]
 
 
 def _selection_digest(rows: list[dict[str, Any]]) -> str:
@@ -122,7 +82,7 @@ def _extends(old: dict[str, Any], spec: EvalSpec, all_rows: list[dict[str, Any]]
     if before is None or (after is not None and after <= before):
         return False
     try:
-        earlier = select_rows(all_rows, EvalSpec.model_validate(old_spec))
+        earlier = EvalSpec.model_validate(old_spec).select(all_rows)
     except ValueError:
         return False
     return _selection_digest(earlier) == old.get("data_sha256")
@@ -137,9 +97,7 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
         old = json.loads(cfg.read_text())
         mine = {"spec": old.get("spec"), "data_sha256": old.get("data_sha256")}
         if mine != record and _extends(old, spec, all_rows):
-            tmp = cfg.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**old, **record, "extended_from_limit": old["spec"]["limit"]}, indent=2))
-            os.replace(tmp, cfg)
+            atomic_write_json(cfg, {**old, **record, "extended_from_limit": old["spec"]["limit"]})
             return
         if mine != record:
             diff = [k for k in record["spec"] if record["spec"].get(k) != (old.get("spec") or {}).get(k)]
@@ -151,9 +109,7 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**record, "versions": _versions()}, indent=2, ensure_ascii=False))
-    os.replace(tmp, cfg)
+    atomic_write_json(cfg, {**record, "versions": _versions()})
 
 
 def run_eval(
@@ -162,28 +118,42 @@ def run_eval(
     data_dir: Path | None = None,
     explicit_generation: set[str] | None = None,
     show_progress: bool = True,
-) -> dict[str, Any]:
-    from ..fusion.loop import generate
-    from ..models.loading import load_model
+) -> EvalSummary:
+    """Run (or resume) `spec` in the run directory `out`, locked for the time of the run."""
+    out = Path(out)
+    with DirLock(out, "eval"):
+        return _run_locked(spec, out, data_dir, explicit_generation or set(), show_progress)
 
+
+def _run_locked(spec: EvalSpec, out: Path, data_dir: Path | None, explicit: set[str], show_progress: bool):
     task = get_task(spec.task)
     data_dir = data_dir or default_data_dir()
     all_rows = load_rows(task, spec.data, data_dir)
-    rows = select_rows(all_rows, spec)
+    rows = spec.select(all_rows)
     if not rows:
         raise FuselmError(f"task {task.name}: no rows selected (check --offset/--limit)")
-    out = Path(out)
     prepare_run_dir(out, spec, _selection_digest(rows), all_rows)
     rows_path = out / "rows.jsonl"
-    done = _read_rows(rows_path)
-    done_ids = {r["id"] for r in done}
+    done = read_rows(rows_path)
+    done_ids = {r.id for r in done}
     todo = [r for r in rows if r["id"] not in done_ids]
-    prefix = task.prompt_prefix(data_dir)
-    gen = task_generation(task, spec.generation, explicit_generation or set())
-    models = [load_model(m) for m in spec.models] if todo else []
-    main = task.main_metric
-    scores = [r["metrics"].get(main) for r in done if r["metrics"].get(main) is not None]
+    if todo:
+        prefix = task.prompt_prefix(data_dir)
+        gen = task_generation(task, spec.generation, explicit)
+        models = [load_model(m) for m in spec.models]
+        method = build_method(spec.method, models, spec.method_options)  # once for the run
+        try:
+            _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress)
+        finally:
+            method.close()
+            for m in models:
+                m.close()
+    summary = summarize(task, spec, read_rows(rows_path), rows)
+    atomic_write_json(out / "summary.json", summary.model_dump(mode="json"))
+    return summary
 
+
+def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -193,6 +163,8 @@ def run_eval(
         TimeRemainingColumn,
     )
 
+    main = task.main_metric
+    scores = [r.metrics[main] for r in done if r.metrics.get(main) is not None]
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -204,39 +176,29 @@ def run_eval(
         transient=False,
     ) as progress:
         bar = progress.add_task(_label(task.name, main, scores), total=len(rows), completed=len(done))
-        needs_reference = getattr(get_method(spec.method), "needs_reference", False)
         for row in todo:
             prompt = task.build_prompt(prefix, row)
             t0 = time.perf_counter()
-            options = spec.method_options
-            if needs_reference:  # oracle-route follows each row's reference
-                options = {**options, "reference": reference_text(task, row)}
-            result = generate(models, prompt, spec.method, gen, options)
+            reference = task.reference_text(row) if method.needs_reference else None  # oracle-route follows it
+            result = decode(method, prompt, gen, reference=reference)
             seconds = time.perf_counter() - t0
-            answer = task.extract(result.text)
-            metrics = {name: fn(result.text, answer, row) for name, fn in task.metrics.items()}
-            record = {
-                "id": row["id"],
-                "prompt": prompt,
-                "output": result.text,
-                "answer": answer,
-                "reference": task.reference(row),
-                "metrics": metrics,
-                "seconds": round(seconds, 4),
-                "new_tokens": result.stats["new_tokens"],
-                "forward_passes": result.stats["forward_passes"],
-                "text_share": result.stats["text_share"],
-                "finish_reason": result.finish_reason,
-            }
-            _append_row(rows_path, record)
-            if metrics.get(main) is not None:
-                scores.append(metrics[main])
+            record = EvalRow(
+                id=row["id"],
+                prompt=prompt,
+                output=result.text,
+                answer=task.extract(result.text),
+                reference=task.reference(row),
+                metrics=task.score(result.text, row),
+                seconds=round(seconds, 4),
+                new_tokens=result.stats.new_tokens,
+                forward_passes=result.stats.forward_passes,
+                text_share=result.stats.text_share,
+                finish_reason=result.finish_reason,
+            )
+            append_jsonl(rows_path, record.model_dump(mode="json"))
+            if record.metrics.get(main) is not None:
+                scores.append(record.metrics[main])
             progress.update(bar, advance=1, description=_label(task.name, main, scores))
-    summary = summarize(task, spec, _read_rows(rows_path), rows)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    os.replace(tmp, out / "summary.json")
-    return summary
 
 
 def _label(task: str, metric: str, scores: list[float]) -> str:
@@ -245,25 +207,25 @@ def _label(task: str, metric: str, scores: list[float]) -> str:
     return f"{task} {metric}={sum(scores) / len(scores):.3f}"
 
 
-def summarize(task: Task, spec: EvalSpec, done: list[dict[str, Any]], selected: list[dict[str, Any]]) -> dict[str, Any]:
-    by_id = {r["id"]: r for r in done}
+def summarize(task: Task, spec: EvalSpec, done: list[EvalRow], selected: list[dict[str, Any]]) -> EvalSummary:
+    by_id = {r.id: r for r in done}
     ordered = [by_id[r["id"]] for r in selected if r["id"] in by_id]
     n = len(ordered)
     metrics: dict[str, float | None] = {}
     for name in task.metrics:
-        vals = [r["metrics"][name] for r in ordered if r["metrics"].get(name) is not None]
+        vals = [r.metrics[name] for r in ordered if r.metrics.get(name) is not None]
         metrics[name] = sum(vals) / len(vals) if vals else None
     if n:  # over the rows so far when the run is partial ("complete" says which)
         for name, fn in task.corpus_metrics.items():
-            metrics[name] = fn([r["output"] for r in ordered], [r["reference"] for r in ordered])
-    return {
-        "task": task.name,
-        "method": spec.method,
-        "models": [m.name for m in spec.models],
-        "n": n,
-        "complete": n == len(selected),
-        "metrics": metrics,
-        "main_metric": task.main_metric,
-        "seconds_per_sample": sum(r["seconds"] for r in ordered) / n if n else None,
-        "tokens_per_sample": sum(r["new_tokens"] for r in ordered) / n if n else None,
-    }
+            metrics[name] = fn([r.output for r in ordered], [r.reference for r in ordered])
+    return EvalSummary(
+        task=task.name,
+        method=spec.method,
+        models=[m.name for m in spec.models],
+        n=n,
+        complete=n == len(selected),
+        metrics=metrics,
+        main_metric=task.main_metric,
+        seconds_per_sample=sum(r.seconds for r in ordered) / n if n else None,
+        tokens_per_sample=sum(r.new_tokens for r in ordered) / n if n else None,
+    )

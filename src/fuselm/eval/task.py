@@ -1,4 +1,5 @@
-"""A task is a small declarative definition; adding a task is adding one file under `tasks/`."""
+"""A task is a small declarative definition; adding a task is adding one file under `tasks/` (and
+its name to the registry in `tasks/__init__.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import FuselmError, UnknownNameError
+from ..errors import FuselmError
 
 # Per-sample metric: (output, extracted answer, row) -> score.
 SampleMetric = Callable[[str, str, dict[str, Any]], float]
@@ -40,74 +41,67 @@ class Task:
     max_new_tokens: int = 64
     data_file: str | None = None  # default file, relative to the data directory
     prompt_file: str | None = None  # few-shot / instruction file, relative to the data directory
+    train_file: str | None = None  # rows for training (router data), disjoint from data_file
     hub: tuple[str, str | None, str] | None = None  # (dataset, config, split) when online
     main_metric: str = ""
     # Few-shot and completion prompts are fed as raw text: wrapped in a chat template, instruct
     # models answer the examples instead of the last question. Overridden by --chat/--raw.
     chat: str = "raw"
+    # How each example of the prompt file starts (after a blank line): lets a prefix keep fewer shots.
+    shot_marker: str = "Question:"
+    # The text a model should write after the prompt, where it is not the first reference with a
+    # newline (GSM8K: a rationale in the shots' format).
+    target: Callable[[dict[str, Any]], str] | None = None
 
-    def prompt_prefix(self, data_dir: Path | None) -> str:
+    def prompt_prefix(self, data_dir: Path | None = None, shots: int | None = None) -> str:
+        """The task's prompt file (few-shot examples or an instruction), with only its last `shots`
+        examples when `shots` is given."""
         if not self.prompt_file:
             return ""
         path = (data_dir or default_data_dir()) / self.prompt_file
         if not path.is_file():
             raise FuselmError(f"task {self.name}: prompt file not found: {path} (set --data-dir or FUSELM_DATA)")
-        return path.read_text(encoding="utf-8").rstrip()
+        prefix = path.read_text(encoding="utf-8").rstrip()
+        return prefix if shots is None else self._keep_shots(prefix, shots)
+
+    def _keep_shots(self, prefix: str, shots: int) -> str:
+        marker = self.shot_marker
+        parts = prefix.split("\n\n" + marker)
+        head, examples = parts[0], parts[1:]
+        if not examples:
+            return prefix
+        if head.startswith(marker):  # the file starts with an example, not an instruction
+            examples = [head[len(marker) :], *examples]
+            kept = examples[-shots:] if shots > 0 else []
+            return "\n\n".join(marker + e for e in kept)
+        kept = examples[-shots:] if shots > 0 else []
+        return "\n\n".join([head, *(marker + e for e in kept)])
+
+    def reference_text(self, row: dict[str, Any]) -> str:
+        """The text a model should write after the task prompt for this row (a training target,
+        and the reference that `oracle-route` follows)."""
+        if self.target is not None:
+            return self.target(row)
+        ref = self.reference(row)
+        first = ref[0] if isinstance(ref, list) and ref else ref
+        if isinstance(first, dict) or first is None:
+            raise FuselmError(f"task {self.name} has no reference text for row {row.get('id')}")
+        sep = "" if str(first).startswith((" ", "\n")) or self.build_prompt("", row).endswith((" ", "\n")) else " "
+        return f"{sep}{first}\n"
+
+    def score(self, output: str, row: dict[str, Any]) -> dict[str, float]:
+        """Every per-sample metric of an output."""
+        answer = self.extract(output)
+        return {name: fn(output, answer, row) for name, fn in self.metrics.items()}
 
 
-def reference_text(task: Task, row: dict[str, Any]) -> str:
-    """The text a model should write after the task prompt for this row (a training target, and
-    the reference that `oracle-route` follows)."""
-    if task.name == "gsm8k":
-        # In the shots' format: "Let's think step by step", the rationale, "The answer is \boxed{N}"
-        # (the rationale's own closing line, "#### N" or "Therefore, the answer is N", is replaced).
-        lines = str(row["answer"]).strip().split("\n")
-        if lines and (lines[-1].startswith("####") or lines[-1].lower().startswith("therefore, the answer is")):
-            lines = lines[:-1]
-        body = "\n".join(["Let's think step by step", *lines])
-        return f"{body}\nThe answer is \\boxed{{{task.reference(row)}}}\n"
-    ref = task.reference(row)
-    first = ref[0] if isinstance(ref, list) and ref else ref
-    if isinstance(first, dict) or first is None:
-        raise FuselmError(f"task {task.name} has no reference text for row {row.get('id')}")
-    sep = "" if str(first).startswith((" ", "\n")) or task.build_prompt("", row).endswith((" ", "\n")) else " "
-    return f"{sep}{first}\n"
-
-
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> Task:
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} registered twice")
-    TASKS[task.name] = task
-    return task
-
-
-def get_task(name: str) -> Task:
-    from . import tasks  # noqa: F401  (registers the built-in tasks)
-
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise UnknownNameError("task", name, TASKS) from None
-
-
-def task_names() -> list[str]:
-    from . import tasks  # noqa: F401
-
-    return sorted(TASKS)
+DATA_ENV = "FUSELM_DATA"
 
 
 def default_data_dir() -> Path:
-    """`$FUSELM_DATA`, else `../shared/data` next to the working directory's project, else ./data."""
-    env = os.environ.get("FUSELM_DATA")
-    if env:
-        return Path(env)
-    for candidate in (Path.cwd().parent / "shared" / "data", Path.cwd() / "data"):
-        if candidate.is_dir():
-            return candidate
-    return Path.cwd() / "data"
+    """Where benchmark files are looked for without --data-dir: `$FUSELM_DATA`, else ./data."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else Path.cwd() / "data"
 
 
 def load_rows(task: Task, data: str | None, data_dir: Path | None = None) -> list[dict[str, Any]]:

@@ -28,12 +28,11 @@ from .ensemble import (
     Candidate,
     EnsembleMethod,
     add_candidate,
-    candidate_trace,
+    decided_step,
     ensemble_decide,
     token_at,
 )
 from .options import EnsembleOptions
-from .registry import register
 
 
 class AdaFuseOptions(EnsembleOptions):
@@ -45,8 +44,9 @@ class AdaFuseOptions(EnsembleOptions):
     )
 
 
-@register("adafuse")
 class AdaFuse(EnsembleMethod):
+    name = "adafuse"
+    description = "adaptive word-level fusion across tokenizers (confident spans, diverse branches)"
     Options = AdaFuseOptions
 
     def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
@@ -65,7 +65,6 @@ class AdaFuse(EnsembleMethod):
 
     def step(self, ctx: StepContext) -> Step:
         o = self.options
-        self.round += 1
         sessions = ctx.sessions
         span_tokens = min(ctx.budget, o.max_words * o.max_word_tokens)
         word_tokens = min(ctx.budget, o.max_word_tokens)
@@ -105,22 +104,12 @@ class AdaFuse(EnsembleMethod):
             direct = next(i for i, c in enumerate(merged) if best in c.proposers and c.kind == "proposal")
         elif len(merged) == 1:
             direct = 0  # nothing to choose between: no scoring
-        decision = None
-        if direct is None:
-            decision = ensemble_decide(sessions, merged, self.weights, o.normalize)
-            winner = decision.winner
-        else:
-            winner = direct
+        decision = ensemble_decide(sessions, merged, self.weights, o.normalize) if direct is None else None
+        winner = decision.winner if decision is not None else direct
         w = merged[winner]
         source = w.proposers[0]
         finished = w.eos or (rolls[source].finished and w.text == rolls[source].text and w.kind == "proposal")
-        trace = {
-            "round": self.round,
-            "confident": direct is not None,
-            "margins": {n: round(x, 5) for n, x in zip(self.names, margins)},
-            "candidates": candidate_trace(merged, self.names, decision),
-            "winner": winner,
-            "text": w.text,
-            "source": self.names[source],
-        }
-        return Step(text=w.text, new_tokens=w.tokens.get(source, 1), source=source, finished=finished, trace=trace)
+        margins_trace = {n: round(x, 5) for n, x in zip(self.names, margins)}
+        return decided_step(
+            merged, winner, decision, self.names, finished, confident=direct is not None, margins=margins_trace
+        )

@@ -1,17 +1,26 @@
-"""What a decoding method is: one step over the models' sessions, repeated by the shared loop."""
+"""What a decoding method is: built once per run over its models, then one `step` at a time over
+a generation's sessions, repeated by the shared loop (`fusion.loop`).
+
+A method object holds only what a run fixes (models, options, a loaded router): many
+generations may use one method object, one after another or at once, so everything that belongs
+to one generation (sessions, sampler, round counter, the method's own per-generation state)
+comes in the :class:`StepContext`.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from ..config import GenerationConfig
 from ..errors import FuselmError
+from ..models.backend import require_same_vocabulary
 from ..models.loading import Model
 from ..models.session import DecodingSession
+from ..result import StepDetail
 from ..sampling import Sampler
 
 
@@ -27,31 +36,41 @@ class Step:
     new_tokens: int  # tokens generated for it (counts against max_new_tokens)
     source: int | None = None  # index of the model whose proposal won
     finished: bool = False  # end of sequence chosen
-    trace: dict[str, Any] | None = None
+    detail: StepDetail | None = None  # how it was decided (the trace adds text, source, round)
 
 
 @dataclass
 class StepContext:
-    sessions: list[DecodingSession]
+    """One generation as a method's step sees it."""
+
+    sessions: list[DecodingSession]  # one per model, then any the method opened (see open_sessions)
     budget: int  # tokens left
     generated: str  # text committed so far (after the prompt)
-    extras: dict[str, Any] = field(default_factory=dict)
+    round: int  # 1-based number of this step
+    generation: GenerationConfig
+    sampler: Sampler
+    reference: str | None = None  # the row's reference text, for methods that follow one
+    state: Any = None  # what the method's `start` returned for this generation
 
 
 class FusionMethod(ABC):
     """A decoding method. Subclasses implement `step`; the loop in `fusion.loop` does the rest."""
 
     name: ClassVar[str] = "?"
+    description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    same_vocabulary: ClassVar[bool] = False  # the method mixes token ids across models
+    needs_reference: ClassVar[bool] = False  # the method follows each prompt's reference text
 
-    def __init__(self, models: list[Model], generation: GenerationConfig, options: BaseModel | None = None):
+    def __init__(self, models: list[Model], options: BaseModel | None = None):
         self.validate_models(len(models))
+        if self.same_vocabulary:
+            require_same_vocabulary(self.name, [m.backend for m in models])
         self.models = models
-        self.generation = generation
+        self.names = [m.name for m in models]
         self.options = options if options is not None else self.Options()
-        self.sampler = Sampler(generation.temperature, generation.top_k, generation.top_p, generation.seed)
 
     @classmethod
     def validate_models(cls, n: int) -> None:
@@ -61,6 +80,18 @@ class FusionMethod(ABC):
                 want = f"{cls.min_models} to {cls.max_models}"
             raise FuselmError(f"method {cls.name!r} takes {want} model(s), got {n}")
 
+    def open_sessions(self, prompt_texts: list[str]) -> list[DecodingSession]:
+        """The generation's sessions: one per model (each on its own prompt rendering), in model
+        order; a method that runs a model of its own (FusionRoute's router) appends its session."""
+        return [m.session(text) for m, text in zip(self.models, prompt_texts)]
+
+    def start(self, ctx: StepContext) -> Any:
+        """Per-generation state, made before the first step (stored as `ctx.state`)."""
+        return None
+
     @abstractmethod
     def step(self, ctx: StepContext) -> Step:
         """Decide the next span of text."""
+
+    def close(self) -> None:
+        """Release what the method loaded itself (the models belong to the caller)."""

@@ -9,24 +9,24 @@ from typing import Any, Literal
 import torch
 
 from ..models.session import DecodingSession, Rollout, Score
+from ..result import CandidateTrace, StepDetail
 from ..text.words import word_ends
-from .base import FusionMethod
+from .base import FusionMethod, Step
 from .options import EnsembleOptions
 
 NormUnit = Literal["token", "char", "byte"]
 
 
 class EnsembleMethod(FusionMethod):
-    """Base of the methods that fuse several models: weights, names and a round counter."""
+    """Base of the methods that fuse several models: per-model weights (the `weights` option, else
+    each model config's `weight`)."""
 
     Options = EnsembleOptions
     min_models = 1
 
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
-        self.weights = self.options.model_weights(len(models))
-        self.names = [m.name for m in models]
-        self.round = 0
+    def __init__(self, models, options=None):
+        super().__init__(models, options)
+        self.weights = self.options.model_weights([m.config.weight for m in models])
 
 
 @dataclass
@@ -116,20 +116,28 @@ def ensemble_decide(
     return Decision(winner, nll, combined)
 
 
-def candidate_trace(candidates: list[Candidate], names: list[str], decision: Decision | None) -> list[dict[str, Any]]:
-    out = []
-    for i, c in enumerate(candidates):
-        entry: dict[str, Any] = {
-            "text": c.text,
-            "eos": c.eos,
-            "kind": c.kind,
-            "proposers": [names[p] for p in c.proposers],
-        }
-        if decision is not None:
-            entry["nll"] = {n: _round(x) for n, x in zip(names, decision.nll[i])}
-            entry["score"] = _round(decision.combined[i])
-        out.append(entry)
-    return out
+def candidate_trace(candidates: list[Candidate], names: list[str], decision: Decision | None) -> list[CandidateTrace]:
+    return [
+        CandidateTrace(
+            text=c.text,
+            eos=c.eos,
+            kind=c.kind,
+            proposers=[names[p] for p in c.proposers],
+            nll={n: _round(x) for n, x in zip(names, decision.nll[i])} if decision is not None else None,
+            score=_round(decision.combined[i]) if decision is not None else None,
+        )
+        for i, c in enumerate(candidates)
+    ]
+
+
+def decided_step(
+    pool: list[Candidate], winner: int, decision: Decision | None, names: list[str], finished: bool, **detail
+) -> Step:
+    """The step that commits candidate `winner` of `pool`, with the round's candidates as its trace."""
+    w = pool[winner]
+    src = w.proposers[0]
+    trace = StepDetail(candidates=candidate_trace(pool, names, decision), winner=winner, **detail)
+    return Step(text=w.text, new_tokens=w.tokens.get(src, 1), source=src, finished=finished, detail=trace)
 
 
 def _round(x: float) -> float | None:

@@ -5,22 +5,21 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import Step, StepContext
-from .ensemble import Candidate, EnsembleMethod, add_candidate, candidate_trace, ensemble_decide, roll_words
+from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide, roll_words
 from .options import EnsembleOptions
-from .registry import register
 
 
 class FixedSpanOptions(EnsembleOptions):
     n_words: int = Field(1, ge=1, description="words each model proposes per round")
 
 
-@register("fixed-span")
 class FixedSpan(EnsembleMethod):
+    name = "fixed-span"
+    description = "fusion at a fixed span of n words per round, ensemble-scored"
     Options = FixedSpanOptions
 
     def step(self, ctx: StepContext) -> Step:
         o = self.options
-        self.round += 1
         pool: list[Candidate] = []
         rolls = []
         for m, s in enumerate(ctx.sessions):
@@ -34,13 +33,5 @@ class FixedSpan(EnsembleMethod):
         winner = decision.winner if decision else 0
         w = pool[winner]
         src = w.proposers[0]
-        trace = {
-            "round": self.round,
-            "confident": decision is None,
-            "candidates": candidate_trace(pool, self.names, decision),
-            "winner": winner,
-            "text": w.text,
-            "source": self.names[src],
-        }
         finished = w.eos or (rolls[src].finished and rolls[src].text == w.text)
-        return Step(text=w.text, new_tokens=w.tokens[src], source=src, finished=finished, trace=trace)
+        return decided_step(pool, winner, decision, self.names, finished, confident=decision is None)

@@ -18,6 +18,7 @@ Methods:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,37 +26,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import FuselmError
-from ..models.backend import same_vocabulary
+from ..models.backend import require_same_vocabulary, vocab_fingerprint
+from ..models.prefix import PrefixCache
 from ..models.session import DecodingSession
+from ..result import StepDetail
+from ..router.backend import load_router_backend
 from ..router.losses import combine_logprobs
 from .base import FusionMethod, Step, StepContext
-from .registry import register
-
-
-def _require_one_vocabulary(method: str, sessions_or_models) -> None:
-    first = sessions_or_models[0].backend
-    for m in sessions_or_models[1:]:
-        if not same_vocabulary(first, m.backend):
-            raise FuselmError(
-                f"{method} needs experts with one vocabulary; {first.info.name!r} and {m.backend.info.name!r} differ"
-            )
-
-
-_ROUTERS: dict[tuple[str, float, str], object] = {}
-
-
-def _load_router(path: Path, engine: str):
-    """A loaded router, reused across generations (an evaluation constructs the method per row)."""
-    from ..router.backend import load_router_backend
-
-    weights = path / "router.safetensors"
-    key = (str(path.resolve()), weights.stat().st_mtime if weights.is_file() else 0.0, engine)
-    if key not in _ROUTERS:
-        for old in _ROUTERS.values():  # one router at a time: each holds a whole backbone
-            old.close()
-        _ROUTERS.clear()
-        _ROUTERS[key] = load_router_backend(path, engine)
-    return _ROUTERS[key]
 
 
 class FusionRouteOptions(BaseModel):
@@ -89,45 +66,49 @@ class _ExpertMethod(FusionMethod):
     """Per-token choice between experts that share one vocabulary."""
 
     min_models = 2
-
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
-        _require_one_vocabulary(self.name, models)
-        self.names = [m.name for m in models]
+    same_vocabulary = True
 
 
-@register("fusionroute")
 class FusionRoute(_ExpertMethod):
+    name = "fusionroute"
+    description = "a trained router picks an expert per token and adds its complementary logits"
     Options = FusionRouteOptions
     complementary = True
 
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
+    def __init__(self, models, options=None):
+        super().__init__(models, options)
         path = Path(self.options.router).expanduser()
-        self.router = _load_router(path, self.options.router_backend)
-        meta = self.router.meta
-        names = [m.name for m in models]
-        if self.router.n_experts != len(models):
-            raise FuselmError(
-                f"router {path} routes between {self.router.n_experts} experts, got {len(models)} models ({names})"
-            )
-        if list(meta.experts) != names:
-            raise FuselmError(f"router {path} was trained for experts {list(meta.experts)}, got {names}")
-        if not same_vocabulary(self.router, models[0].backend):
-            raise FuselmError(f"router {path} and expert {names[0]!r} have different vocabularies")
-        self._session: DecodingSession | None = None
+        # The router is loaded once per method (a run), closed with it.
+        self.router = load_router_backend(path, self.options.router_backend)
+        try:
+            self._check_router(path)
+        except FuselmError:
+            self.router.close()
+            raise
+        self._router_prefix = PrefixCache(self.router)
 
-    def _router_session(self, ctx: StepContext) -> DecodingSession:
-        # The router reads the same prompt text as the experts (one tokenizer, one template) and
-        # follows the committed text like any other session.
-        if self._session is None:
-            self._session = DecodingSession(self.router, ctx.sessions[0].prompt)
-        s = self._session
-        s.append(ctx.generated[len(s.text) :])
-        return s
+    def _check_router(self, path: Path) -> None:
+        meta = self.router.meta
+        if self.router.n_experts != len(self.models):
+            raise FuselmError(
+                f"router {path} routes between {self.router.n_experts} experts, "
+                f"got {len(self.models)} models ({self.names})"
+            )
+        if list(meta.experts) != self.names:
+            raise FuselmError(f"router {path} was trained for experts {list(meta.experts)}, got {self.names}")
+        if meta.vocab_fingerprint.startswith("probe:"):
+            if vocab_fingerprint(self.models[0].backend) != meta.vocab_fingerprint:
+                raise FuselmError(f"router {path} was trained on another vocabulary than {self.names[0]!r}'s")
+        require_same_vocabulary(f"router {path} with its experts", [self.router, self.models[0].backend])
+
+    def open_sessions(self, prompt_texts: list[str]) -> list[DecodingSession]:
+        # The router reads the experts' prompt text (one tokenizer, one template) and follows the
+        # committed text like any other session: the last of the generation's sessions.
+        router = DecodingSession(self.router, prompt_texts[0], self._router_prefix)
+        return [*super().open_sessions(prompt_texts), router]
 
     def step(self, ctx: StepContext) -> Step:
-        r = self._router_session(ctx)
+        r = ctx.sessions[-1]
         lp_r = r.next_logprobs()
         route = self.router.route_logits(r.cache, len(r.committed_ids()))
         weights = torch.softmax(route, dim=-1)
@@ -135,30 +116,33 @@ class FusionRoute(_ExpertMethod):
         expert = ctx.sessions[e]
         lp_e = expert.next_logprobs()
         final = combine_logprobs(lp_r, lp_e) if self.complementary else lp_e
-        tok = self.sampler(final)
+        tok = ctx.sampler(final)
 
         def more(toks: list[int]) -> int:
             r.replay(toks)
             expert.replay(toks)
             lp = expert.tail_logprobs(len(toks))
-            return self.sampler(combine_logprobs(r.tail_logprobs(len(toks)), lp) if self.complementary else lp)
+            return ctx.sampler(combine_logprobs(r.tail_logprobs(len(toks)), lp) if self.complementary else lp)
 
         text, used, eos = take_token(expert, tok, more, ctx.budget)
         own = int(torch.argmax(lp_e))
-        trace = {
-            "expert": self.names[e],
-            "weights": {n: round(float(w), 4) for n, w in zip(self.names, weights)},
-            "token": text,
-            "expert_token": expert.continuation_text([own]) if not expert.is_eos(own) else "<eos>",
-            "changed": own != tok,  # the complementary logits moved the choice off the expert's argmax
-        }
-        return Step(text=text, new_tokens=used, source=e, finished=eos, trace=trace)
+        detail = StepDetail(
+            route={n: round(float(w), 4) for n, w in zip(self.names, weights)},
+            expert_token=expert.continuation_text([own]) if not expert.is_eos(own) else "<eos>",
+            changed=own != tok,  # the complementary logits moved the choice off the expert's argmax
+        )
+        return Step(text=text, new_tokens=used, source=e, finished=eos, detail=detail)
+
+    def close(self) -> None:
+        self._router_prefix.clear()
+        self.router.close()
 
 
-@register("expert-route")
 class ExpertRoute(FusionRoute):
     """FusionRoute's routing without the complementary logits (ablation)."""
 
+    name = "expert-route"
+    description = "FusionRoute's routing alone, the selected expert's own distribution (ablation)"
     complementary = False
 
 
@@ -170,38 +154,43 @@ class OracleRouteOptions(BaseModel):
     )
 
 
-@register("oracle-route")
+@dataclass
+class _OracleState:
+    ref_ids: list[int]
+    tokens: int = 0  # generated so far: the index of the reference token that picks the next expert
+
+
 class OracleRoute(_ExpertMethod):
     """Analysis only: per token, the expert that gives the reference's next token the highest
     probability (past the reference's end, the first expert); decoding with that expert alone."""
 
+    name = "oracle-route"
+    description = "analysis: per token the expert most likely to write the reference's next token"
     Options = OracleRouteOptions
     needs_reference = True
 
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
-        if self.options.reference is None:
+    def start(self, ctx: StepContext) -> _OracleState:
+        """The reference's token ids after the prompt, and the tokens generated so far."""
+        reference = ctx.reference if ctx.reference is not None else self.options.reference
+        if reference is None:
             raise FuselmError("oracle-route needs the reference answer: -O reference=TEXT (fuselm eval passes it)")
-        self._ref_ids: list[int] | None = None
-        self._tokens = 0
+        s0 = ctx.sessions[0]
+        prompt_ids = s0.backend.tokenize(s0.prompt)
+        return _OracleState(s0.backend.tokenize(s0.prompt + reference)[len(prompt_ids) :])
 
     def step(self, ctx: StepContext) -> Step:
-        s0 = ctx.sessions[0]
-        if self._ref_ids is None:
-            prompt_ids = s0.backend.tokenize(s0.prompt)
-            full = s0.backend.tokenize(s0.prompt + self.options.reference)
-            self._ref_ids = full[len(prompt_ids) :]
+        state: _OracleState = ctx.state
         lps = [s.next_logprobs() for s in ctx.sessions]
-        ref = self._ref_ids[self._tokens] if self._tokens < len(self._ref_ids) else None
+        ref = state.ref_ids[state.tokens] if state.tokens < len(state.ref_ids) else None
         e = 0 if ref is None else max(range(len(lps)), key=lambda m: (float(lps[m][ref]), -m))
         expert = ctx.sessions[e]
-        tok = self.sampler(lps[e])
+        tok = ctx.sampler(lps[e])
 
         def more(toks: list[int]) -> int:
             expert.replay(toks)
-            return self.sampler(expert.tail_logprobs(len(toks)))
+            return ctx.sampler(expert.tail_logprobs(len(toks)))
 
         text, used, eos = take_token(expert, tok, more, ctx.budget)
-        self._tokens += used
-        trace = {"expert": self.names[e], "reference_token": None if ref is None else s0.backend.decode([ref])}
-        return Step(text=text, new_tokens=used, source=e, finished=eos, trace=trace)
+        state.tokens += used
+        ref_text = None if ref is None else ctx.sessions[0].backend.decode([ref])
+        return Step(text=text, new_tokens=used, source=e, finished=eos, detail=StepDetail(reference_token=ref_text))

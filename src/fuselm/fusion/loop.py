@@ -6,16 +6,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
-
-from ..config import GenerationConfig, validation_message
-from ..errors import FuselmError
+from ..config import GenerationConfig
 from ..models.loading import Model
-from ..models.session import DecodingSession
-from ..result import GenerationResult
+from ..result import GenerationResult, GenerationStats, TraceStep, unique_names
+from ..sampling import Sampler
 from ..text.words import earliest_stop
-from .base import StepContext
-from .registry import get_method
+from .base import FusionMethod, StepContext
+from .methods import build_method
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:
@@ -29,42 +26,40 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     return best
 
 
-def unique_names(names: list[str]) -> list[str]:
-    """Model names made unique for per-model stats (a model used twice becomes NAME#2)."""
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    return out
-
-
-def generate(
-    models: list[Model],
+def decode(
+    method: FusionMethod,
     prompt: str,
-    method: str = "single",
     generation: GenerationConfig | None = None,
-    method_options: dict[str, Any] | None = None,
     on_text: Callable[[str], None] | None = None,
+    reference: str | None = None,
 ) -> GenerationResult:
-    """Run `method` over `models` for one prompt; `on_text` receives committed text as it is decided."""
+    """Run a built method for one prompt; `on_text` receives committed text as it is decided.
+    `reference` is the prompt's reference text, for methods that follow one (oracle-route)."""
     gen = generation or GenerationConfig()
-    cls = get_method(method)
+    models = method.models
+    sessions = method.open_sessions([m.prompt_text(prompt, gen) for m in models])
     try:
-        options = cls.Options(**(method_options or {}))
-    except ValidationError as e:
-        raise FuselmError(validation_message(e, f"options of method {method!r}")) from None
-    runner = cls(models, gen, options)
-    sessions = [DecodingSession(m.backend, m.prompt_text(prompt, gen)) for m in models]
+        return _run(method, sessions, gen, on_text, reference)
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def _run(method, sessions, gen: GenerationConfig, on_text, reference) -> GenerationResult:
+    models = method.models
+    names = unique_names([s.name for s in sessions])
+    ctx = StepContext(sessions, gen.max_new_tokens, "", 0, gen, Sampler.from_config(gen), reference)
+    ctx.state = method.start(ctx)
     generated = ""
     streamed = 0
     new_tokens = 0
-    trace: list[dict[str, Any]] = []
-    shares = [0] * len(models)
+    trace: list[TraceStep] = []
+    shares = [0] * len(sessions)
     finish = "length"
     t0 = time.perf_counter()
     while new_tokens < gen.max_new_tokens:
-        step = runner.step(StepContext(sessions, gen.max_new_tokens - new_tokens, generated))
+        ctx.budget, ctx.generated, ctx.round = gen.max_new_tokens - new_tokens, generated, ctx.round + 1
+        step = method.step(ctx)
         new_tokens += step.new_tokens
         text = step.text
         cut = earliest_stop(generated + text, gen.stop, start=len(generated)) if gen.stop else None
@@ -74,8 +69,9 @@ def generate(
                 generated, text = generated[:cut], ""
             else:
                 text = text[: cut - len(generated)]
-        if step.trace is not None:
-            trace.append(step.trace)
+        detail: dict[str, Any] = dict(step.detail) if step.detail is not None else {}
+        source = names[step.source] if step.source is not None else None
+        trace.append(TraceStep(round=ctx.round, text=step.text, source=source, new_tokens=step.new_tokens, **detail))
         if text:
             generated += text
             if step.source is not None:
@@ -100,23 +96,40 @@ def generate(
         on_text(generated[streamed:])
     seconds = time.perf_counter() - t0
     total = sum(shares) or 1
-    names = unique_names([m.name for m in models])
-    stats = {
-        "new_tokens": new_tokens,
-        "seconds": round(seconds, 4),
-        "tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None,
-        "forward_passes": {n: s.stats.forward_passes for n, s in zip(names, sessions)},
-        "tokens_forwarded": {n: s.stats.tokens_forwarded for n, s in zip(names, sessions)},
-        "prompt_tokens": {n: s.stats.prompt_tokens for n, s in zip(names, sessions)},
-        "cached_prompt_tokens": {n: s.stats.cached_prompt_tokens for n, s in zip(names, sessions)},
-        "text_share": {n: round(c / total, 4) for n, c in zip(names, shares)},
-        "rounds": len(trace) if trace else None,
-    }
+    stats = GenerationStats(
+        new_tokens=new_tokens,
+        seconds=round(seconds, 4),
+        tokens_per_second=round(new_tokens / seconds, 2) if seconds > 0 else None,
+        forward_passes={n: s.stats.forward_passes for n, s in zip(names, sessions)},
+        tokens_forwarded={n: s.stats.tokens_forwarded for n, s in zip(names, sessions)},
+        prompt_tokens={n: s.stats.prompt_tokens for n, s in zip(names, sessions)},
+        cached_prompt_tokens={n: s.stats.cached_prompt_tokens for n, s in zip(names, sessions)},
+        text_share={n: round(c / total, 4) for n, c in zip(names[: len(models)], shares)},
+        rounds=len(trace),
+    )
     return GenerationResult(
         text=generated,
         models=[m.name for m in models],
-        method=method,
+        method=method.name,
         finish_reason=finish,
         stats=stats,
         trace=trace,
     )
+
+
+def generate(
+    models: list[Model],
+    prompt: str,
+    method: str = "single",
+    generation: GenerationConfig | None = None,
+    method_options: dict[str, Any] | None = None,
+    on_text: Callable[[str], None] | None = None,
+    reference: str | None = None,
+) -> GenerationResult:
+    """Build `method` over `models` and run it for one prompt (for many prompts, build the method
+    once with :func:`fuselm.fusion.methods.build_method` and call :func:`decode`)."""
+    built = build_method(method, models, method_options)
+    try:
+        return decode(built, prompt, generation, on_text, reference)
+    finally:
+        built.close()

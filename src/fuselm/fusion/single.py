@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .base import FusionMethod, Step, StepContext
-from .registry import register
 
 
 def complete_text(roll) -> int | None:
@@ -11,11 +10,12 @@ def complete_text(roll) -> int | None:
     return len(roll.text) if roll.text else None
 
 
-@register("single")
 class Single(FusionMethod):
+    name = "single"
+    description = "one model decoding on its own (greedy or sampled)"
     min_models = 1
     max_models = 1
 
     def step(self, ctx: StepContext) -> Step:
-        roll = ctx.sessions[0].rollout(ctx.budget, until=complete_text, choose=self.sampler, margins=False)
+        roll = ctx.sessions[0].rollout(ctx.budget, until=complete_text, choose=ctx.sampler, margins=False)
         return Step(text=roll.text, new_tokens=len(roll.token_ids), source=0, finished=roll.finished)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import FuselmError
-from ..models.backend import same_vocabulary
+from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
 from .ensemble import EnsembleMethod
-from .registry import register
 
 
 def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -18,17 +16,10 @@ def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return torch.logsumexp(stacked, 0)
 
 
-@register("token-average")
 class TokenAverage(EnsembleMethod):
-    def __init__(self, models, generation, options=None):
-        super().__init__(models, generation, options)
-        first = models[0].backend
-        for m in models[1:]:
-            if not same_vocabulary(first, m.backend):
-                raise FuselmError(
-                    f"token-average needs models with one vocabulary; {first.info.name!r} and {m.name!r} differ "
-                    "(use adafuse, unite or fixed-span across tokenizers)"
-                )
+    name = "token-average"
+    description = "weighted average of next-token probabilities (models sharing one vocabulary)"
+    same_vocabulary = True
 
     def step(self, ctx: StepContext) -> Step:
         sessions = ctx.sessions
@@ -38,7 +29,7 @@ class TokenAverage(EnsembleMethod):
         # one token, or a few when a token is half a UTF-8 character
         for _ in range(min(8, ctx.budget)):
             lps = [s.tail_logprobs(len(toks)) for s in sessions] if toks else first
-            tok = self.sampler(mix(lps, self.weights))
+            tok = ctx.sampler(mix(lps, self.weights))
             if sessions[0].is_eos(tok):
                 return Step(text=text, new_tokens=max(len(toks), 1), source=0, finished=True)
             toks.append(tok)
@@ -48,4 +39,9 @@ class TokenAverage(EnsembleMethod):
                 break
         # credit the model that gave the chosen token the highest probability
         source = max(range(len(sessions)), key=lambda m: (float(first[m][toks[0]]), -m))
-        return Step(text=text, new_tokens=len(toks), source=source)
+        detail = StepDetail(
+            candidates=[CandidateTrace(text=text, kind="token", proposers=[self.names[source]])],
+            winner=0,
+            token_probs={n: round(float(lp[toks[0]].exp()), 5) for n, lp in zip(self.names, first)},
+        )
+        return Step(text=text, new_tokens=len(toks), source=source, detail=detail)

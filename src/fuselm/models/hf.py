@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import FuselmError
 from .backend import END_OF_TURN_TOKENS, Backend, Forks, ModelInfo, log_softmax_f32
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -31,9 +29,7 @@ class TransformersBackend(Backend):
         self.device = torch.device(device)
         config = model.config.get_text_config(decoder=True)
         self._add_bos = _tokenizer_adds_bos(tokenizer)
-        self._branch_memo = None  # (cache key, branch -> row, batch cache) of the last branch step
         self._held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its token ids
-        self._warm: tuple[list, list[int]] | None = None  # the last dropped cache's layers and ids
         self.info = ModelInfo(
             name=name,
             backend="transformers",
@@ -92,37 +88,33 @@ class TransformersBackend(Backend):
         return text
 
     # --- forward passes -------------------------------------------------------------------------
-    def new_cache(self, warm: bool = False):
-        """A DynamicCache; with `warm`, possibly holding the last dropped cache's key/values
-        (see :meth:`cached_ids`), so that a prompt sharing its prefix does not run it again."""
+    def new_cache(self):
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        ids: list[int] = []
-        if self._warm is not None:
-            layers, old_ids = self._warm
-            self._warm = None
-            # Every layer must hold exactly the tracked tokens (an interrupted forward may have
-            # filled only some of them).
-            if warm and all(layer.is_initialized and layer.get_seq_length() == len(old_ids) for layer in layers):
-                cache.layers, ids = layers, old_ids
-        self._held[cache] = ids
-        # The hook holds the cache's layers and ids, not the cache: they outlive it as the warm state.
-        weakref.finalize(cache, self._release, cache.layers, ids)
+        self._held[cache] = []
         return cache
 
     def cached_ids(self, cache) -> list[int]:
         return list(self._held.get(cache, ()))
 
-    def _release(self, layers: list, ids: list[int]) -> None:
-        self._warm = (layers, ids) if ids else None
+    def release(self, cache) -> None:
+        self._held.pop(cache, None)  # the tensors go with the last reference to the cache
+
+    def can_keep(self, cache) -> bool:
+        return bool(self._held.get(cache))
+
+    def revive(self, cache) -> bool:
+        # Every layer must hold exactly the tracked tokens (an interrupted forward may have
+        # filled only some of them).
+        ids = self._held.get(cache)
+        return bool(ids) and all(layer.is_initialized and layer.get_seq_length() == len(ids) for layer in cache.layers)
 
     def _ids(self, cache) -> list[int]:
         """Token ids held by `cache` (caches made elsewhere are not tracked: a throwaway list)."""
         return self._held.get(cache, [])
 
     def truncate(self, cache, length: int) -> None:
-        self._branch_memo = None
         current = cache.get_seq_length()
         if length < current:
             cache.crop(length - current)
@@ -130,7 +122,6 @@ class TransformersBackend(Backend):
 
     @torch.inference_mode()
     def extend(self, cache, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
-        self._branch_memo = None
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         logits = self._forward(cache, input_ids, logits_to_keep=0 if all_logits else 1)
         self._ids(cache).extend(ids)
@@ -201,7 +192,6 @@ class TransformersBackend(Backend):
         return scores, Forks(keep, lengths, [list(b) for b in branches], nexts, tails)
 
     def adopt(self, cache, forks: Forks, j: int) -> torch.Tensor | None:
-        self._branch_memo = None
         if not forks.available(j) or len(forks.state) != len(cache.layers) or None in forks.state:
             return None
         self.truncate(cache, forks.keep)
@@ -218,22 +208,21 @@ class TransformersBackend(Backend):
         return forks.next_logprobs[j]
 
     @torch.inference_mode()
-    def branch_next_logprobs(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def branch_next_logprobs(self, cache, keep: int, branches: Sequence[Sequence[int]], batch=None):
         if not branches:
-            return []
+            return [], None
         # A rollout calls this once per step with every branch one token longer: the batch's cache
-        # is kept between calls, so a step runs one token per branch.
-        memo, self._branch_memo = self._branch_memo, None
+        # (`batch`, owned by the caller) carries over, so a step runs one token per branch.
         parents = [tuple(b[:-1]) for b in branches]
         lengths = {len(b) for b in branches}
         if (
-            memo is not None
-            and memo[0] == (id(cache), cache.get_seq_length(), keep)
+            batch is not None
+            and batch.key == (id(cache), cache.get_seq_length(), keep)
             and len(lengths) == 1
-            and all(p in memo[1] for p in parents)
+            and all(p in batch.rows for p in parents)
         ):
-            branch_cache = memo[2]
-            rows = torch.tensor([memo[1][p] for p in parents], device=self.device)
+            branch_cache = batch.cache
+            rows = torch.tensor([batch.rows[p] for p in parents], device=self.device)
             for layer in branch_cache.layers:
                 if layer.is_initialized and layer.keys.numel():
                     layer.keys, layer.values = layer.keys[rows], layer.values[rows]
@@ -243,13 +232,21 @@ class TransformersBackend(Backend):
         else:
             logits, _, branch_cache = self._branch_logits(cache, keep, branches)
             last = torch.stack([logits[j, len(b) - 1] for j, b in enumerate(branches)])
+        state = None
         if len(lengths) == 1:  # no padding in the batch's cache: it can go on
-            self._branch_memo = (
-                (id(cache), cache.get_seq_length(), keep),
-                {tuple(b): j for j, b in enumerate(branches)},
-                branch_cache,
+            state = _BranchBatch(
+                (id(cache), cache.get_seq_length(), keep), {tuple(b): j for j, b in enumerate(branches)}, branch_cache
             )
-        return list(log_softmax_f32(last).cpu())
+        return list(log_softmax_f32(last).cpu()), state
+
+
+@dataclass
+class _BranchBatch:
+    """The key/values of a batch of branches after one step (see branch_next_logprobs)."""
+
+    key: tuple[int, int, int]  # (cache, its length, keep) the branches continue
+    rows: dict[tuple[int, ...], int]  # branch tokens -> row of the batch
+    cache: object
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

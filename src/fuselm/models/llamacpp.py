@@ -37,7 +37,8 @@ def available() -> bool:
 @dataclass(eq=False)
 class LlamaCppCache:
     seq: int
-    ids: list[int]  # tokens held by the sequence; mutated in place (the release hook shares it)
+    ids: list[int]  # tokens held by the sequence
+    free: Callable[[], None] | None = None  # frees the sequence, once (also when garbage-collected)
 
     @property
     def length(self) -> int:
@@ -93,10 +94,8 @@ class LlamaCppBackend(Backend):
         self._vocab = self._model.vocab
         self.n_vocab = self._model.n_vocab()
         self._free_seqs = list(range(MAX_SESSIONS))
-        self._warm: tuple[int, list[int]] | None = None  # a released sequence still holding its tokens
-        self._branch_epoch = 0  # bumped by every branch run; forks from older runs are stale
+        self._branch_epoch = 0  # bumped by every branch run; forks and branch batches from older runs are stale
         self._kept_slots: list[int] = []  # branch sequences left in place for adoption or the next step
-        self._branch_memo: tuple[tuple[int, int, int], dict[tuple[int, ...], int]] | None = None
         meta = self._model.metadata()
         self._template = meta.get("tokenizer.chat_template")
         self._add_bos = bool(self._model.add_bos_token())
@@ -151,30 +150,39 @@ class LlamaCppBackend(Backend):
         return text
 
     # --- forward passes -------------------------------------------------------------------------
-    def new_cache(self, warm: bool = False) -> LlamaCppCache:
-        """A cache is one llama.cpp sequence; it is freed when the cache object is dropped.
-
-        With `warm`, the cache may come holding the tokens of the last released session (see
-        :meth:`cached_ids`): a caller whose prompt starts the same way (few-shot evaluation)
-        keeps that prefix instead of running it again.
-        """
-        if self._warm is not None:
-            seq, ids = self._warm
-            self._warm = None
-            # Reused only when no other session is live and the sequence holds exactly `ids`
-            # (a decode interrupted between llama.cpp and the bookkeeping would break that).
-            consistent = bool(ids) and self._llama_cpp.llama_memory_seq_pos_max(self._mem, seq) + 1 == len(ids)
-            if not (warm and consistent and len(self._free_seqs) == MAX_SESSIONS - 1 and self._compact(seq)):
-                self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
-                ids = []
-        elif not self._free_seqs:
+    def new_cache(self) -> LlamaCppCache:
+        """A cache is one llama.cpp sequence, freed by :meth:`release` (or when the cache object
+        is garbage-collected)."""
+        if not self._free_seqs:
             raise FuselmError(f"at most {MAX_SESSIONS} live sessions per llama.cpp model")
-        else:
-            seq, ids = self._free_seqs.pop(0), []
-            self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        cache = LlamaCppCache(seq, ids)
-        weakref.finalize(cache, self._release, seq, ids)
+        seq = self._free_seqs.pop(0)
+        self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        cache = LlamaCppCache(seq, [])
+        cache.free = weakref.finalize(cache, self._free_seq, seq)
         return cache
+
+    def _free_seq(self, seq: int) -> None:
+        if self._ctx.ctx is None:
+            return
+        self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._free_seqs.append(seq)
+
+    def release(self, cache: LlamaCppCache) -> None:
+        if cache.free is not None:
+            cache.free()
+
+    def can_keep(self, cache: LlamaCppCache) -> bool:
+        # Kept only when no other session is live: its cells would otherwise sit among theirs
+        # (the layout llama.cpp 0.3.36 gets wrong, see _compact).
+        return bool(cache.ids) and len(self._free_seqs) == MAX_SESSIONS - 1
+
+    def revive(self, cache: LlamaCppCache) -> bool:
+        # Reused only when no other session is live and the sequence holds exactly its ids (a
+        # decode interrupted between llama.cpp and the bookkeeping would break that).
+        consistent = bool(cache.ids) and (
+            self._llama_cpp.llama_memory_seq_pos_max(self._mem, cache.seq) + 1 == len(cache.ids)
+        )
+        return consistent and len(self._free_seqs) == MAX_SESSIONS - 1 and self._compact(cache.seq)
 
     def _compact(self, seq: int) -> bool:
         """Rewrite the cache so that `seq` (the only sequence left) holds the first cells in order.
@@ -193,7 +201,6 @@ class LlamaCppBackend(Backend):
         lc.llama_memory_clear(self._mem, True)
         self._kept_slots = []
         self._branch_epoch += 1
-        self._branch_memo = None
         if n == 0 or lc.llama_state_seq_set_data(self._ctx.ctx, buf, n, seq) == 0:
             lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
             return False
@@ -201,22 +208,6 @@ class LlamaCppBackend(Backend):
 
     def cached_ids(self, cache: LlamaCppCache) -> list[int]:
         return list(cache.ids)
-
-    def _release(self, seq: int, ids: list[int]) -> None:
-        if self._ctx.ctx is None:
-            return
-        others_live = MAX_SESSIONS - len(self._free_seqs) - (self._warm is not None) - 1
-        if others_live > 0:
-            # It could not be reused while they live, and its cells would sit among theirs
-            # (the layout llama.cpp 0.3.36 gets wrong, see _compact): free it now.
-            self._llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            self._free_seqs.append(seq)
-            return
-        if self._warm is not None:  # only the last released sequence stays warm
-            old, _ = self._warm
-            self._llama_cpp.llama_memory_seq_rm(self._mem, old, -1, -1)
-            self._free_seqs.append(old)
-        self._warm = (seq, ids)
 
     def truncate(self, cache: LlamaCppCache, length: int) -> None:
         if length < cache.length:
@@ -363,19 +354,19 @@ class LlamaCppBackend(Backend):
         return forks.next_logprobs[j]
 
     def branch_next_logprobs(
-        self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]]
-    ) -> list[torch.Tensor]:
+        self, cache: LlamaCppCache, keep: int, branches: Sequence[Sequence[int]], batch=None
+    ) -> tuple[list[torch.Tensor], object]:
         # A rollout calls this once per step with every branch one token longer: the branches'
-        # sequences are kept between calls, so a step decodes one token per branch.
-        memo = self._branch_memo
+        # sequences are kept between calls (`batch` says which holds which), so a step decodes
+        # one token per branch. A batch from before another branch run is stale (its epoch).
         parents = [tuple(b[:-1]) for b in branches]
         if (
-            memo is not None
-            and memo[0] == (self._branch_epoch, cache.seq, keep)
-            and all(len(b) > 1 and p in memo[1] for b, p in zip(branches, parents))
+            batch is not None
+            and batch[0] == (self._branch_epoch, cache.seq, keep)
+            and all(len(b) > 1 and p in batch[1] for b, p in zip(branches, parents))
             and len(set(parents)) == len(parents)
         ):
-            slots = [memo[1][p] for p in parents]
+            slots = [batch[1][p] for p in parents]
             # Finished branches stay in place until the next clear: removing their cells between
             # two steps made llama.cpp 0.3.36 compute wrong logits for the remaining branches.
             self._decode(
@@ -390,10 +381,9 @@ class LlamaCppBackend(Backend):
             out = [rs[0] for rs in rows]
             if len(kept) != len(branches):
                 self._clear_kept()
-                return out
+                return out, None
             slots = [kept[j] for j in range(len(branches))]
-        self._branch_memo = ((self._branch_epoch, cache.seq, keep), {tuple(b): s for b, s in zip(branches, slots)})
-        return out
+        return out, ((self._branch_epoch, cache.seq, keep), {tuple(b): s for b, s in zip(branches, slots)})
 
     def close(self) -> None:
         self._ctx.close()

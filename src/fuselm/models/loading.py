@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from ..config import GenerationConfig, ModelConfig
@@ -10,17 +9,18 @@ from ..errors import FuselmError, UnknownNameError
 from . import assets, llamacpp
 from .backend import Backend, ModelInfo
 from .catalog import BUNDLED
+from .prefix import PrefixCache
 from .session import DecodingSession
-
-log = logging.getLogger(__name__)
 
 
 class Model:
     """A loaded model: a backend plus how to turn a user prompt into its prompt text."""
 
-    def __init__(self, backend: Backend, config: ModelConfig):
+    def __init__(self, backend: Backend, config: ModelConfig | None = None):
         self.backend = backend
-        self.config = config
+        self.config = config or ModelConfig(name=backend.info.name)
+        # The warm prompt prefix of this model's sessions (see fuselm.models.prefix).
+        self.prefix_cache = PrefixCache(backend)
 
     @property
     def name(self) -> str:
@@ -41,13 +41,12 @@ class Model:
         return self.backend.render_chat(messages)
 
     def session(self, prompt_text: str) -> DecodingSession:
-        return DecodingSession(self.backend, prompt_text)
+        """A session on this model that starts from (and leaves) its warm prompt prefix."""
+        return DecodingSession(self.backend, prompt_text, self.prefix_cache)
 
-    def generate(self, prompt: str, **options):
-        """Generate with this model alone; options are :class:`GenerationConfig` fields."""
-        from ..fusion.loop import generate
-
-        return generate([self], prompt, method="single", generation=GenerationConfig(**options))
+    def close(self) -> None:
+        self.prefix_cache.clear()
+        self.backend.close()
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, backend={self.info.backend!r})"
@@ -63,7 +62,7 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
     """Load a bundled model by short name, a transformers directory, or a GGUF file.
 
     >>> m = load_model("smollm2-135m")  # doctest: +SKIP
-    >>> m.generate("What is the capital of France?", max_new_tokens=20).text  # doctest: +SKIP
+    >>> fuselm.generate(m, "What is the capital of France?", max_new_tokens=20).text  # doctest: +SKIP
     'The capital of France is Paris.'
     """
     cfg = name if isinstance(name, ModelConfig) else ModelConfig(name=name, **overrides)

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import FuselmError
 from .backend import Backend, Forks
+from .prefix import PrefixCache
 
 TokenChooser = Callable[[torch.Tensor], int]
 
@@ -98,13 +99,19 @@ class SessionStats:
 
 @dataclass
 class DecodingSession:
+    """One model's state over one generation's text. It owns its KV cache: with a `prefix_cache`
+    it starts from the cache that the last finished session on the backend left there, and
+    gives its own back on :meth:`close`; without one it starts empty and frees it on close."""
+
     backend: Backend
     prompt: str
+    prefix_cache: PrefixCache | None = None
     stats: SessionStats = field(default_factory=SessionStats)
 
     def __post_init__(self) -> None:
         self.text = ""
-        self._cache = self.backend.new_cache(warm=True)
+        self._cache = self.prefix_cache.take() if self.prefix_cache is not None else self.backend.new_cache()
+        self._closed = False
         # Tokens in the cache: committed prefix + speculative tail. A warm cache starts with an
         # earlier session's tokens; _sync keeps their common prefix with the prompt.
         self._ids: list[int] = self.backend.cached_ids(self._cache)
@@ -112,6 +119,23 @@ class DecodingSession:
         self._target: list[int] | None = None  # tokenize(prompt + text), cached until append
         self._synced = False
         self._forks: tuple[Forks, list[list[int]]] | None = None  # last scoring pass's candidate states
+
+    def close(self) -> None:
+        """End the session: its cache goes to the prefix cache (or is freed). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._forks = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.give(self._cache)
+        else:
+            self.backend.release(self._cache)
+
+    def __enter__(self) -> DecodingSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- committed text -------------------------------------------------------------------------
     @property
@@ -199,12 +223,13 @@ class DecodingSession:
         active = [
             j for j, (r, t) in enumerate(zip(rolls, first_tokens)) if grow.push(r, t, first_lp) and not grow.done(r)
         ]
+        batch = None  # the branches' key/values between steps: this call's own
         while active:
             active = [j for j in active if len(rolls[j].token_ids) < max_tokens]
             if not active:
                 break
             branches = [rolls[j].token_ids for j in active]
-            lps = self.backend.branch_next_logprobs(self._cache, n, branches)
+            lps, batch = self.backend.branch_next_logprobs(self._cache, n, branches, batch)
             self.stats.forward_passes += 1
             # Both backends keep the branches' states between steps: one new token per branch.
             self.stats.tokens_forwarded += len(branches)
@@ -307,6 +332,8 @@ class DecodingSession:
     def _sync(self) -> None:
         if self._synced:
             return
+        if self._closed:
+            raise FuselmError(f"the session on {self.name!r} is closed")
         target = self.committed_ids()
         n = len(target)
         if n == 0:

@@ -4,7 +4,7 @@ next-token distribution with the expert's."""
 from __future__ import annotations
 
 from .losses import cdpo_loss, combine_logprobs, informative_mask, routing_accuracy, sequence_logprob, sft_loss
-from .model import RouterMeta, RouterModel, RouterOutput, add_lora, load_router, save_router, vocab_fingerprint
+from .model import RouterMeta, RouterModel, RouterOutput, add_lora, load_router, read_meta, save_router
 
 __all__ = [
     "RouterMeta",
@@ -16,8 +16,8 @@ __all__ = [
     "informative_mask",
     "load_router",
     "routing_accuracy",
+    "read_meta",
     "save_router",
     "sequence_logprob",
     "sft_loss",
-    "vocab_fingerprint",
 ]

@@ -9,9 +9,7 @@ hidden state). :func:`load_router_backend` picks one.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -19,57 +17,13 @@ import torch
 
 from ..errors import FuselmError
 from ..models.hf import TransformersBackend
-from .model import META_FILE, RouterMeta, RouterModel, load_router
+from .llamacpp import PERMUTED_QK, LlamaCppRouterBackend, backbone_gguf, gguf_architecture
+from .model import RouterMeta, RouterModel, load_router, read_meta
+from .routes import RouteRecorder
 
 log = logging.getLogger(__name__)
 
 RouterEngine = Literal["auto", "transformers", "llamacpp"]
-
-
-class RouteRecorder:
-    """What both router backends add to a plain backend: routing logits recorded per (cache,
-    position), dropped with the positions they belong to; no candidate scoring or branching."""
-
-    meta: RouterMeta
-
-    def _init_routes(self) -> None:
-        # (cache identity, position) -> routing logits [E] for the token at that position
-        self._routes: dict[tuple[int, int], torch.Tensor] = {}
-
-    @property
-    def n_experts(self) -> int:
-        return len(self.meta.experts)
-
-    def _record_route(self, cache, position: int, route: torch.Tensor) -> None:
-        self._routes[(id(cache), position)] = route
-
-    def new_cache(self, warm: bool = False):
-        # A router follows one generation at a time: routes of earlier caches are dropped (their
-        # ids could be reused by the new cache).
-        self._routes.clear()
-        return super().new_cache(warm)
-
-    def truncate(self, cache, length: int) -> None:
-        super().truncate(cache, length)
-        key = id(cache)
-        for k in [k for k in self._routes if k[0] == key and k[1] > length]:
-            del self._routes[k]
-
-    def route_logits(self, cache, position: int) -> torch.Tensor:
-        """Routing logits [E] for the token at `position` (computed by the pass that ran position - 1)."""
-        try:
-            return self._routes[(id(cache), position)]
-        except KeyError:
-            raise FuselmError(f"no routing logits for position {position}: the router has not run there") from None
-
-    def score_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        raise FuselmError("the router does not score candidates")
-
-    def branch_next_logprobs(self, cache, keep: int, branches: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        raise FuselmError("the router does not branch")
-
-    def fork_branches(self, cache, keep: int, branches: Sequence[Sequence[int]]):
-        raise FuselmError("the router does not branch")
 
 
 class RouterBackend(RouteRecorder, TransformersBackend):
@@ -102,27 +56,20 @@ class RouterBackend(RouteRecorder, TransformersBackend):
         return out.lm_logits[0]
 
 
-def read_meta(path: Path) -> RouterMeta:
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        raise FuselmError(f"not a router directory (no {META_FILE}): {path}")
-    try:
-        return RouterMeta.from_dict(json.loads(meta_file.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError) as e:
-        raise FuselmError(f"cannot read {meta_file}: {e}") from e
-
-
 def llamacpp_unavailable_reason(meta: RouterMeta) -> str | None:
     """Why this router cannot run on llama.cpp here (None when it can)."""
     from ..models import llamacpp
-    from .llamacpp import backbone_gguf
 
     if not llamacpp.available():
         return "llama-cpp-python is not installed"
     if meta.lora is None:
         return "the router's whole backbone was trained (no LoRA adapters to put on the base GGUF)"
-    if backbone_gguf(meta.backbone) is None:
+    gguf = backbone_gguf(meta.backbone)
+    if gguf is None:
         return f"its backbone {meta.backbone!r} is neither a bundled model nor a .gguf file"
+    arch = gguf_architecture(gguf)
+    if arch not in PERMUTED_QK:
+        return f"its LoRA cannot be exported for a {arch!r} GGUF (supported: {', '.join(sorted(PERMUTED_QK))})"
     return None
 
 
@@ -139,8 +86,6 @@ def load_router_backend(path: str | Path, engine: RouterEngine = "auto"):
     if engine != "transformers":
         reason = llamacpp_unavailable_reason(meta)
         if reason is None:
-            from .llamacpp import LlamaCppRouterBackend
-
             return LlamaCppRouterBackend.load(path)
         if engine == "llamacpp":
             raise FuselmError(f"router {path} cannot run on llama.cpp: {reason}")

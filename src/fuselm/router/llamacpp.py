@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from ..errors import FuselmError
+from ..files import atomic_path
 from ..models import assets
 from ..models.catalog import BUNDLED
 from ..models.llamacpp import LlamaCppBackend, LlamaCppCache
-from .backend import RouteRecorder, read_meta
-from .model import WEIGHTS_FILE, RouterMeta
+from .model import WEIGHTS_FILE, RouterMeta, read_meta
+from .routes import RouteRecorder
 
 # PEFT module name -> llama.cpp tensor name (per block)
 GGUF_TENSORS = {
@@ -50,6 +51,13 @@ def backbone_gguf(ref: str) -> Path | None:
         return assets.ensure_gguf(BUNDLED[ref])
     path = Path(ref).expanduser()
     return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file (its metadata only)."""
+    from gguf import GGUFReader
+
+    return str(_field(GGUFReader(str(path)), "general.architecture"))
 
 
 def _permute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
@@ -87,22 +95,20 @@ def export_lora_gguf(
         pairs.setdefault(f"blk.{block}.{GGUF_TENSORS[module]}.weight", {})[ab] = np.ascontiguousarray(arr)
     if not pairs:
         raise FuselmError("no LoRA tensors found in the router's weights")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(meta.lora["alpha"]))
-    for name, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise FuselmError(f"LoRA pair for {name} is missing a half")
-        writer.add_tensor(f"{name}.lora_a", ab["A"])
-        writer.add_tensor(f"{name}.lora_b", ab["B"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_string("general.type", "adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(meta.lora["alpha"]))
+        for name, ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                raise FuselmError(f"LoRA pair for {name} is missing a half")
+            writer.add_tensor(f"{name}.lora_a", ab["A"])
+            writer.add_tensor(f"{name}.lora_b", ab["B"])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
 
 
 class LlamaCppRouterBackend(RouteRecorder, LlamaCppBackend):

@@ -12,12 +12,7 @@ rebuilds the backbone from `RouterMeta.backbone` and passes it to :func:`load_ro
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FuselmError
+from ..files import atomic_path
 
 WEIGHTS_FILE = "router.safetensors"
 META_FILE = "router.json"
@@ -178,12 +174,6 @@ class RouterMeta:
             raise FuselmError(f"invalid router metadata ({type(e).__name__}: {e})") from e
 
 
-def vocab_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's token -> id map (added tokens included), independent of its order."""
-    items = sorted((str(token), int(i)) for token, i in tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 def trainable_state(router: RouterModel) -> dict[str, Tensor]:
     """The tensors that `save_router` stores, keyed by their names in the router; values share storage
     with the router's parameters.
@@ -221,10 +211,21 @@ def save_router(router: RouterModel, directory: str | Path, meta: RouterMeta) ->
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(router).items()}
-    with _atomic_path(directory / WEIGHTS_FILE) as tmp:
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "fuselm": "router"})
-    with _atomic_path(directory / META_FILE) as tmp:
+    with atomic_path(directory / META_FILE) as tmp:
         tmp.write_text(meta.to_json() + "\n", encoding="utf-8")
+
+
+def read_meta(directory: str | Path) -> RouterMeta:
+    """The `router.json` of a router directory."""
+    meta_file = Path(directory) / META_FILE
+    if not meta_file.is_file():
+        raise FuselmError(f"not a router directory (no {META_FILE}): {directory}")
+    try:
+        return RouterMeta.from_dict(json.loads(meta_file.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as e:
+        raise FuselmError(f"cannot read {meta_file}: {e}") from e
 
 
 def load_router(directory: str | Path, backbone: nn.Module) -> tuple[RouterModel, RouterMeta]:
@@ -243,10 +244,7 @@ def load_router(directory: str | Path, backbone: nn.Module) -> tuple[RouterModel
     for path in (meta_path, weights_path):
         if not path.is_file():
             raise FuselmError(f"{directory} is not a saved router (no {path.name})")
-    try:
-        meta = RouterMeta.from_dict(json.loads(meta_path.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError) as e:
-        raise FuselmError(f"cannot read {meta_path}: {e}") from e
+    meta = read_meta(directory)
     if _is_peft(backbone):
         raise FuselmError("load_router needs the base backbone; this one already has LoRA adapters")
     vocab = _vocab_size(backbone)
@@ -301,17 +299,3 @@ def _backbone_device(model: nn.Module) -> torch.device | None:
 
 def _first(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "none"
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to `path` that replaces it on success and is removed on failure, so a
-    crash never leaves a half-written file under the real name."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..metrics import corpus_chrf, corpus_spbleu, corpus_spbleu_rebuilt
-from ..task import Task, register_task
+from ..task import Task
 
 
 def _prompt(prefix: str, row) -> str:
@@ -22,12 +22,14 @@ CORPUS = {
     "chrf": corpus_chrf(_extract),
 }
 
+TASKS: list[Task] = []
+
 for name, pair, prompt in [
     ("flores-en-de", "eng2deu", "flores_en2deu_prompt.txt"),
     ("flores-de-en", "deu2eng", "flores_deu2en_prompt.txt"),
     ("flores-en-ro", "eng2ron", "flores_en2ron_prompt.txt"),
 ]:
-    register_task(
+    TASKS.append(
         Task(
             name=name,
             description=f"FLORES-200 devtest {pair}, zero-shot",

@@ -4,14 +4,24 @@ format) or "Therefore, the answer is N" (the AdaFuse data)."""
 from __future__ import annotations
 
 from ..metrics import gsm8k_exact, gsm8k_extract, gsm8k_reference, lenient_gsm8k
-from ..task import Task, register_task
+from ..task import Task
 
 
 def _prompt(prefix: str, row) -> str:
     return f"{prefix}\n\nQuestion: {row['question']}\n"
 
 
-register_task(
+def _target(row) -> str:
+    """The answer in the shots' format: "Let's think step by step", the rationale, "The answer is
+    \\boxed{N}" (the rationale's own closing line, "#### N" or "Therefore, the answer is N", is replaced)."""
+    lines = str(row["answer"]).strip().split("\n")
+    if lines and (lines[-1].startswith("####") or lines[-1].lower().startswith("therefore, the answer is")):
+        lines = lines[:-1]
+    body = "\n".join(["Let's think step by step", *lines])
+    return f"{body}\nThe answer is \\boxed{{{gsm8k_reference(row['answer'])}}}\n"
+
+
+TASKS = [
     Task(
         name="gsm8k",
         description="GSM8K grade-school math, 4-shot chain of thought",
@@ -28,8 +38,10 @@ register_task(
         stop=("\n\nQuestion:", "\nQuestion:", "\n\n\n"),
         max_new_tokens=256,
         data_file="gsm8k/test_0-499.jsonl",
+        train_file="gsm8k/train_300.jsonl",
         prompt_file="gsm8k/prompt.txt",
         hub=("gsm8k", "main", "test"),
         main_metric="exact",
+        target=_target,
     )
-)
+]

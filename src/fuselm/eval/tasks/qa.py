@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..metrics import lenient_qa, squad_em, squad_f1
-from ..task import Task, register_task
+from ..task import Task
 
 
 def _answers(row) -> list[str]:
@@ -30,16 +30,25 @@ def _block(prefix: str, row) -> str:
     return f"{prefix}\n\nQuestion:\n{row['question']}\nAnswer:\n"
 
 
-for name, desc, data, hub in [
-    ("nq", "Natural Questions, open-domain, 5-shot", "nq/test_0-999.jsonl", ("nq_open", None, "validation")),
+TASKS: list[Task] = []
+
+for name, desc, data, train, hub in [
+    (
+        "nq",
+        "Natural Questions, open-domain, 5-shot",
+        "nq/test_0-999.jsonl",
+        "nq/train_1600.jsonl",
+        ("nq_open", None, "validation"),
+    ),
     (
         "triviaqa",
         "TriviaQA (wikipedia), 5-shot",
         "triviaqa/test_0-999.jsonl",
+        None,
         ("trivia_qa", "rc.wikipedia.nocontext", "validation"),
     ),
 ]:
-    register_task(
+    TASKS.append(
         Task(
             name=name,
             description=desc,
@@ -51,13 +60,14 @@ for name, desc, data, hub in [
             stop=("\n",),
             max_new_tokens=32,
             data_file=data,
+            train_file=train,
             prompt_file=f"{name}/prompt.txt",
             hub=hub,
             main_metric="em",
         )
     )
 
-register_task(
+TASKS.append(
     Task(
         name="squad",
         description="SQuAD extractive QA (context + question), 5-shot",

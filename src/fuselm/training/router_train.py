@@ -30,30 +30,27 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from ..config import validation_message
+from ..config import StrictModel, validation_message
 from ..errors import FuselmError
-from ..eval.task import get_task
-from .data import (
+from ..eval.tasks import get_task
+from ..files import DirLock, atomic_write, load_yaml
+from ..models.backend import require_same_vocabulary, vocab_fingerprint
+from ..router.losses import cdpo_loss, informative_mask, routing_accuracy, sequence_logprob, sft_loss
+from ..router.model import RouterMeta, RouterModel, RouterOutput, add_lora, load_router, save_router
+from .router_data import (
     JsonlStore,
     build_preferences,
     build_sft,
     check_stored_sft,
-    few_shot_prefix,
     load_task_rows,
     pref_items,
     sft_items,
 )
-from .losses import cdpo_loss, informative_mask, routing_accuracy, sequence_logprob, sft_loss
-from .model import RouterMeta, RouterModel, RouterOutput, add_lora, load_router, save_router, vocab_fingerprint
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TrainTask(_Strict):
+class TrainTask(StrictModel):
     task: str = Field(..., description="task name (its prompt format and answer)")
     data: str | None = Field(None, description="JSONL file (default: the task's training file in the data directory)")
     limit: int | None = Field(None, ge=1, description="first rows only")
@@ -65,18 +62,18 @@ class PreferenceData(TrainTask):
     temperature: float = Field(0.8, gt=0)
 
 
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
-class Phase(_Strict):
+class Phase(StrictModel):
     kind: Literal["sft", "cdpo", "mix"]
     epochs: float = Field(1.0, gt=0)
 
 
-class RouterTrainConfig(_Strict):
+class RouterTrainConfig(StrictModel):
     backbone: str = Field("qwen2.5-coder-0.5b", description="router backbone (model reference, transformers)")
     experts: list[str] = Field(["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"], min_length=2)
     expert_backend: Literal["auto", "llamacpp", "transformers"] = "auto"
@@ -110,14 +107,7 @@ class RouterTrainConfig(_Strict):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RouterTrainConfig:
         p = Path(path)
-        if not p.is_file():
-            raise FuselmError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise FuselmError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise FuselmError(f"{p}: expected a mapping at the top level")
+        data = load_yaml(p)
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**data)
@@ -191,7 +181,6 @@ class RouterTrainer:
 
     # data ------------------------------------------------------------------------------------
     def build_data(self, tokenizer) -> tuple[JsonlStore, JsonlStore]:
-        from ..models.backend import same_vocabulary
         from ..models.loading import load_model
 
         cfg = self.cfg
@@ -210,7 +199,7 @@ class RouterTrainer:
 
         for kind, spec, rows in jobs:
             if kind == "sft":
-                prefix = few_shot_prefix(get_task(spec.task), self.data_dir, spec.shots)
+                prefix = get_task(spec.task).prompt_prefix(self.data_dir, spec.shots)
                 check_stored_sft(spec.task, rows, tokenize, prefix, sft, cfg.max_length)
         have = {"sft": {it["source"] for it in sft.items}, "pref": {it["source"] for it in pref.items}}
         todo = sum(1 for kind, spec, rows in jobs for r in rows if f"{spec.task}:{r['id']}" not in have[kind])
@@ -218,17 +207,10 @@ class RouterTrainer:
             return sft, pref
         experts = [load_model(n, backend=cfg.expert_backend) for n in cfg.experts]
 
-        probe = "Hello, world! 123 \n\tcafé 東京"
-        for m in experts:
-            if m.backend.tokenize(probe) != tokenize(probe):
-                raise FuselmError(f"expert {m.name!r} and the router backbone {cfg.backbone!r} tokenize differently")
-        for m in experts[1:]:
-            if not same_vocabulary(experts[0].backend, m.backend):
-                raise FuselmError(f"experts {experts[0].name!r} and {m.name!r} have different vocabularies")
+        require_same_vocabulary("router training", [self.backbone, *(m.backend for m in experts)])
         with _progress(self.show_progress) as progress:
             for kind, spec, rows in jobs:
-                task = get_task(spec.task)
-                prefix = few_shot_prefix(task, self.data_dir, spec.shots)
+                prefix = get_task(spec.task).prompt_prefix(self.data_dir, spec.shots)
                 bar = progress.add_task(f"annotate {kind} {spec.task}", total=len(rows))
 
                 def tick(bar=bar):
@@ -251,6 +233,7 @@ class RouterTrainer:
         from ..models.loading import load_model
 
         base = load_model(self.cfg.backbone, backend="transformers").backend
+        self.backbone = base  # the vocabulary the router is trained on (checked against the experts')
         return base.model, base.tokenizer
 
     def new_router(self) -> tuple[RouterModel, Any]:
@@ -266,15 +249,19 @@ class RouterTrainer:
             backbone=self.cfg.backbone,
             experts=[expert_name(e) for e in self.cfg.experts],
             vocab_size=router.vocab_size,
-            vocab_fingerprint=vocab_fingerprint(tokenizer),
+            vocab_fingerprint=vocab_fingerprint(self.backbone),
             extra=extra or {},
         )
 
     # training --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train (or resume) with the output directory locked against a second trainer."""
+        with DirLock(self.out, "train-router"):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+        atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         ckpt = self._recover_checkpoint()
         saved = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
         if saved is not None and saved.get("fingerprint") != cfg.fingerprint():

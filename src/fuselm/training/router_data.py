@@ -13,8 +13,6 @@ at a time, so building a large set can be interrupted and resumed.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import zlib
 from collections.abc import Callable, Iterable
@@ -26,11 +24,12 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import FuselmError
-from ..eval.task import Task, get_task, load_rows, reference_text
-from ..models.assets import atomic_write
+from ..eval.task import Task, default_data_dir, load_rows
+from ..eval.tasks import get_task
+from ..files import append_jsonl, read_jsonl
+from ..fusion.loop import decode
+from ..fusion.methods import build_method
 from ..models.backend import Backend
-
-TRAIN_FILES = {"gsm8k": "gsm8k/train_300.jsonl", "nq": "nq/train_1600.jsonl"}
 
 
 @dataclass
@@ -55,23 +54,6 @@ class PreferencePair:
     rejected: Annotated
     kind: str = "pref"
     source: str = ""
-
-
-def few_shot_prefix(task: Task, data_dir: Path | None, shots: int | None) -> str:
-    """The task's prompt file, keeping only its last `shots` examples (None: all)."""
-    prefix = task.prompt_prefix(data_dir)
-    if shots is None:
-        return prefix
-    parts = prefix.split("\n\nQuestion:")
-    head, examples = parts[0], parts[1:]
-    if not examples:
-        return prefix
-    kept = examples[-shots:] if shots > 0 else []
-    if head.startswith("Question:"):  # the file starts with an example, not an instruction
-        examples = [head[len("Question:") :], *examples]
-        kept = examples[-shots:] if shots > 0 else []
-        return "\n\n".join("Question:" + e for e in kept)
-    return "\n\n".join([head, *("Question:" + e for e in kept)])
 
 
 def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int], caches: list) -> Annotated:
@@ -109,22 +91,10 @@ class JsonlStore:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.items: list[dict] = []
-        if path.is_file():
-            lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-            for line in lines:
-                try:
-                    self.items.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # torn write from an interrupted run: drop it and everything after
-            if len(self.items) < len(lines):  # rewritten only then, atomically: hours of work live here
-                atomic_write(path, "".join(json.dumps(it) + "\n" for it in self.items))
+        self.items: list[dict] = read_jsonl(path)
 
     def append(self, item: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(item) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, item)
         self.items.append(item)
 
 
@@ -145,7 +115,7 @@ def sft_ids(
     after the prompt's, so the prompt must tokenize the same alone and followed by the answer."""
     prompt = task.build_prompt(prefix, row)
     prompt_ids = tokenize(prompt)
-    full = tokenize(prompt + reference_text(task, row))
+    full = tokenize(prompt + task.reference_text(row))
     if full[: len(prompt_ids)] != prompt_ids:
         raise FuselmError(f"{task.name}:{row['id']}: the prompt's tokens change when the answer follows it")
     return prompt_ids, full[len(prompt_ids) :]
@@ -217,17 +187,16 @@ def build_preferences(
 ) -> None:
     """Sample answers from every expert, judge them against the reference, store one
     (correct, incorrect) pair per prompt that has both."""
-    from ..fusion.loop import generate
-
     task = get_task(task_name)
     backends = [m.backend for m in experts]
+    samplers = [build_method("single", [m]) for m in experts]
     caches = new_caches(backends)
     for key, row, stored in _rows_to_build(task_name, rows, store, progress):
         if stored is not None:
             continue
         prompt = task.build_prompt(prefix, row)
         judged: list[tuple[str, float]] = []
-        for i, m in enumerate(experts):
+        for i in range(len(experts)):
             for k in range(samples):
                 gen = GenerationConfig(
                     max_new_tokens=task.max_new_tokens,
@@ -236,9 +205,9 @@ def build_preferences(
                     stop=list(task.stop),
                     chat="raw",
                 )
-                result = generate([m], prompt, "single", gen)
+                result = decode(samplers[i], prompt, gen)
                 out = result.text
-                score = task.metrics[task.main_metric](out, task.extract(out), row)
+                score = task.score(out, row)[task.main_metric]
                 # the answer as the model ended it: with the stop text when it stopped there
                 ending = task.stop[0] if task.stop and result.finish_reason == "stop" else ""
                 judged.append((out + ending, score))
@@ -260,17 +229,11 @@ def build_preferences(
 def load_task_rows(task_name: str, data: str | None, data_dir: Path | None, limit: int | None) -> list[dict]:
     task = get_task(task_name)
     if data is None:
-        if task_name not in TRAIN_FILES:
+        if task.train_file is None:
             raise FuselmError(f"no default training file for task {task_name!r}; give `data: PATH`")
-        data = str((data_dir or _default_dir()) / TRAIN_FILES[task_name])
+        data = str((data_dir or default_data_dir()) / task.train_file)
     rows = load_rows(task, data, data_dir)
     return rows[:limit] if limit else rows
-
-
-def _default_dir() -> Path:
-    from ..eval.task import default_data_dir
-
-    return default_data_dir()
 
 
 def sft_items(store: JsonlStore) -> Iterable[dict]:

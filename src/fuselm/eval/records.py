@@ -1,0 +1,74 @@
+"""What an evaluation run stores, as types: its spec (config.json), one row per sample
+(rows.jsonl) and its summary (summary.json). The runner writes them, the report reads them."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import GenerationConfig, ModelConfig
+
+
+class EvalSpec(BaseModel):
+    """What a run is: the selection of rows and how each is generated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    method: str = "single"
+    models: list[ModelConfig] = Field(min_length=1)
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    data: str | None = None
+    limit: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+    seed: int | None = None  # shuffle the rows with this seed before offset/limit
+
+    def select(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """This run's rows of the task's data."""
+        rows = list(rows)
+        if self.seed is not None:
+            random.Random(self.seed).shuffle(rows)
+        end = None if self.limit is None else self.offset + self.limit
+        return rows[self.offset : end]
+
+
+class EvalRow(BaseModel):
+    """One sample of a run, as appended to rows.jsonl. (Unknown keys in rows written by other
+    versions are ignored on reading.)"""
+
+    id: int | str
+    metrics: dict[str, float | None]
+    prompt: str = ""
+    output: str = ""
+    answer: str = ""
+    reference: Any = None
+    seconds: float = 0.0
+    new_tokens: int = 0
+    forward_passes: dict[str, int] = Field(default_factory=dict)
+    text_share: dict[str, float] = Field(default_factory=dict)
+    finish_reason: str = ""
+
+
+class EvalSummary(BaseModel):
+    """A run's scores: per-metric means (corpus metrics over all its rows) and cost per sample."""
+
+    task: str
+    method: str
+    models: list[str]
+    metrics: dict[str, float | None]
+    main_metric: str = ""
+    n: int = 0
+    complete: bool = True  # every selected row is done
+    seconds_per_sample: float | None = None
+    tokens_per_sample: float | None = None
+
+    @property
+    def main(self) -> float | None:
+        return self.metrics.get(self.main_metric)
+
+    @property
+    def setup(self) -> str:
+        return "+".join(self.models)

@@ -1,0 +1,191 @@
+"""Files written so that a crash never loses or tears what was done: the one place for atomic
+whole-file writes, fsynced JSONL appends, YAML loading and the lock of a working directory.
+
+A bottom-layer module: it imports nothing of fuselm but errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import FuselmError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` that replaces it on success and is removed on failure, for
+    writers that want a file name (safetensors, GGUF): a half-written file never has the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write `path` whole or not at all."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory beside `path` that replaces it (whole) once the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_jsonl(path: str | Path, item: Any) -> None:
+    """Append one JSON line and fsync it: once this returns, the line survives a crash."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The complete lines of an append-only JSONL file. A torn tail (a crash mid-append: a line
+    without its newline or not valid JSON, and everything after it) is cut off the file, so the
+    next append starts on a clean line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    good: list[Any] = []
+    keep_bytes = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            if line.strip():
+                try:
+                    good.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+            keep_bytes += len(line)
+    if keep_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(keep_bytes)
+    return good
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FuselmError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise FuselmError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise FuselmError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+class DirLock:
+    """An exclusive lock on a working directory (an evaluation run, a training run): a lock file
+    created with O_EXCL that holds the owner's pid. A second process is refused with a one-line
+    error naming the holder; a lock left by a process that no longer runs (killed) is taken over.
+
+    >>> with DirLock(run_dir):  # doctest: +SKIP
+    ...     work()
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str | Path, what: str = "run"):
+        self.path = Path(directory) / self.NAME
+        self.what = what
+        self._held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a stale lock removed by someone else between our tries is fine
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(self.path)
+                if holder is None and _age_s(self.path) < 10:  # being created: its pid is not written yet
+                    holder = -1
+                if holder is not None and (holder == -1 or _pid_alive(holder)):
+                    raise FuselmError(
+                        f"{self.path.parent} is in use by another fuselm {self.what} (pid {holder}); "
+                        "wait for it to finish or stop it"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self._held = True
+            return
+        raise FuselmError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if _lock_holder(self.path) == os.getpid():
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> DirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or "x")
+    except (OSError, ValueError):
+        return None  # empty (a holder between create and write) or unreadable: see _pid_alive
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
