@@ -185,11 +185,13 @@ def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
 @needs_data
 def test_a_second_run_on_the_same_directory_is_refused(tiny_dirs, tmp_path):
     model = tiny_dirs.get("llama") or next(iter(tiny_dirs.values()))
-    lines = (SHARED_DATA / "nq" / "test_0-999.jsonl").read_text().splitlines()[:60]
-    data = tmp_path / "nq60.jsonl"
+    lines = (SHARED_DATA / "nq" / "test_0-999.jsonl").read_text().splitlines()[:120]
+    data = tmp_path / "nq120.jsonl"
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    args = _eval_args(model, data, out, limit=60)
+    # Long enough (about a minute) that the first run is still going when the second one,
+    # which takes seconds to start, reaches the lock.
+    args = [*_eval_args(model, data, out, limit=120), "--max-new-tokens", "24"]
     first = subprocess.Popen(
         [sys.executable, "-m", "fuselm.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -209,7 +211,7 @@ def test_a_second_run_on_the_same_directory_is_refused(tiny_dirs, tmp_path):
     # The lock of the killed run is taken over; the run goes on and leaves each row once.
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
-    assert [json.loads(r)["id"] for r in (out / "rows.jsonl").read_text().splitlines()] == list(range(60))
+    assert [json.loads(r)["id"] for r in (out / "rows.jsonl").read_text().splitlines()] == list(range(120))
     assert not (out / ".lock").exists()
 
 
