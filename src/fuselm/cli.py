@@ -87,6 +87,12 @@ def _method_list() -> str:
     return ", ".join(METHODS.names())
 
 
+def _task_list() -> str:
+    from .eval.tasks import TASKS
+
+    return ", ".join(TASKS.names()) + " (descriptions: --list-tasks)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuselm", description="Fuse several language models at inference time.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--html", metavar="OUT.html", help="also write the answer as HTML, spans coloured by model")
 
     e = sub.add_parser("eval", help="evaluate a method on benchmark tasks (resumable)")
-    e.add_argument("--task", action="append", dest="tasks", metavar="TASK", help="task (repeatable); see --list-tasks")
+    e.add_argument("--task", action="append", dest="tasks", metavar="TASK", help=f"task (repeatable): {_task_list()}")
     e.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     _add_run_flags(e)
     e.add_argument("--data", help="local JSONL file for the task, or hub:NAME[:CONFIG]:SPLIT when online")

@@ -55,13 +55,16 @@ class StepDetail(_Record):
     reference_token: str | None = None  # oracle-route: the reference token that chose the expert
 
 
-class TraceStep(StepDetail):
-    """One step of the decoding loop: the detail plus what every step has."""
-
+class _StepCore(_Record):
     round: int  # 1-based
     text: str  # the text the step proposed (a stop string may cut what was committed)
     source: str | None  # the model whose proposal won
     new_tokens: int
+
+
+class TraceStep(StepDetail, _StepCore):
+    """One step of the decoding loop: what every step has (round, text, source, tokens), then
+    the method's detail."""
 
 
 class GenerationStats(_Record):
@@ -88,4 +91,5 @@ class GenerationResult(_Record):
     trace: list[TraceStep] = Field(default_factory=list)
 
     def to_dict(self, with_trace: bool = True) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude=None if with_trace else {"trace"})
+        """As JSON data (`generate --json`); detail fields a method did not fill are left out."""
+        return self.model_dump(mode="json", exclude=None if with_trace else {"trace"}, exclude_none=True)

@@ -3,10 +3,10 @@
 The high-level ``Llama`` object keeps one sequence and (in 0.3.36) copies logits only with
 ``logits_all=True``, a [n_ctx, vocab] float array (2 GB for Gemma's 262k vocabulary at 2k
 context). Here one context holds each session in its own sequence and scores candidate
-branches in further sequences, which share the prefix's KV cells (``llama_memory_seq_cp`` on a unified cache),
-so all branches of a scoring call go through one ``llama_decode``. Up to four sessions can
-share one loaded model, each in its own sequence. Logits are read only for the
-positions that need them.
+branches in further sequences, which share the prefix's KV cells (``llama_memory_seq_cp`` on a
+unified cache), in groups of at most 12 branches and 512 tokens, one ``llama_decode`` per group.
+Up to four sessions can share one loaded model, each in its own sequence (its cache, owned by
+the session). Logits are read only for the positions that need them.
 """
 
 from __future__ import annotations
