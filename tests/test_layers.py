@@ -25,8 +25,8 @@ LAYERS = [
     ["fusion"],
     ["eval"],
     ["training"],
-    ["serve"],
     ["viz"],
+    ["serve"],
     ["cli"],
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -45,8 +46,8 @@ def _pick(ns: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
     return {k: getattr(ns, k) for k in model.model_fields if hasattr(ns, k)}
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `generate` and `eval`: models, method, config, and the config fields."""
+def _add_run_flags(p: argparse.ArgumentParser, config_help: str = "run config; flags override its values") -> None:
+    """Flags shared by `generate`, `eval` and `serve`: models, method, config, and the config fields."""
     p.add_argument(
         "--model",
         "--models",
@@ -55,7 +56,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="model (or comma-separated models): bundled name, directory or .gguf",
     )
     p.add_argument("--method", default=argparse.SUPPRESS, help=f"decoding method (default: single): {_method_list()}")
-    p.add_argument("--config", metavar="FILE.yaml", help="run config; flags override its values")
+    p.add_argument("--config", metavar="FILE.yaml", help=config_help)
     p.add_argument(
         "--option",
         "-O",
@@ -117,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=False, help="run directory (several tasks/methods: one subdirectory each)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    v = sub.add_parser("serve", help="serve setups as OpenAI-compatible models over HTTP (see docs/serving.md)")
+    _add_run_flags(v, config_help="serve config: setups, limits, host, port (see docs/serving.md)")
+    v.add_argument("--id", help="model id of the setup given by --models/--method (default: the method, or the model)")
+    v.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (default 8000)")
+    v.add_argument(
+        "--api-key", default=argparse.SUPPRESS, help="require `Authorization: Bearer KEY` (or FUSELM_API_KEY)"
+    )
+    _add_limit_flags(v)
+
     t = sub.add_parser("train-router", help="train a FusionRoute router for a set of experts (resumable)")
     t.add_argument("--config", metavar="FILE.yaml", help="training config (see docs/fusionroute.md)")
     _add_train_flags(t)
@@ -171,8 +182,6 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> R
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
     from rich.table import Table
 
@@ -298,6 +307,58 @@ def cmd_train_router(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per server limit (`request_timeout_s` is `--request-timeout SECONDS`)."""
+    from .serve.config import Limits
+
+    g = p.add_argument_group("limits")
+    for name, f in Limits.model_fields.items():
+        seconds = name.endswith("_s")
+        flag = "--" + (name[:-2] if seconds else name).replace("_", "-")
+        kind = f.annotation if f.annotation in (int, float) else str
+        g.add_argument(flag, dest=f"limit_{name}", type=kind, default=argparse.SUPPRESS, metavar="S" if seconds else "N",
+                       help=f"{f.description} (default {f.default})")  # fmt: skip
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from .serve.config import ServeConfig
+
+    data = load_yaml(ns.config) if ns.config else {}
+    if ns.models:  # one setup from the flags
+        run = _run_config(ns, data={})
+        default_id = run.models[0].name if run.method == "single" and len(run.models) == 1 else run.method
+        setup = {"id": ns.id or Path(default_id).name, **run.model_dump(mode="json")}
+        data["setups"] = [*(data.get("setups") or []), setup]
+    elif not data.get("setups"):
+        raise FuselmError("nothing to serve: give --models NAMES (and --method) or a --config with setups")
+    for key in ("host", "port", "api_key"):
+        if hasattr(ns, key):
+            data[key] = getattr(ns, key)
+    data.setdefault("api_key", os.environ.get("FUSELM_API_KEY") or None)
+    limits = {k[len("limit_") :]: v for k, v in vars(ns).items() if k.startswith("limit_")}
+    if limits:
+        data["limits"] = {**(data.get("limits") or {}), **limits}
+    try:
+        cfg = ServeConfig(**data)
+    except ValidationError as e:
+        raise FuselmError(validation_message(e, ns.config or "options")) from None
+    from .fusion.methods import check_method
+
+    for s in cfg.setups:  # before the server starts: a bad method or option is a one-line error here
+        check_method(s.method, len(s.models), s.method_options)
+    import uvicorn
+
+    from .serve.app import create_app
+
+    app = create_app(cfg)
+    where = f"http://{cfg.host}:{cfg.port}"
+    print(f"fuselm: serving {', '.join(s.id for s in cfg.setups)} on {where} (loading models: {where}/ready "
+          "says when they answer)", file=sys.stderr, flush=True)  # fmt: skip
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if ns.debug else "warning",
+                timeout_graceful_shutdown=10)  # fmt: skip
+    return 0
+
+
 def cmd_models(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -398,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "report": cmd_report,
         "train-router": cmd_train_router,
+        "serve": cmd_serve,
     }
     try:
         return handlers[ns.command](ns)

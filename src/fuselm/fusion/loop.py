@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import GenerationConfig
-from ..models.loading import Model
+from ..models.loading import Model, Prompt
 from ..result import GenerationResult, GenerationStats, TraceStep, unique_names
 from ..sampling import Sampler
 from ..text.words import earliest_stop
@@ -26,26 +26,33 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     return best
 
 
+class GenerationCancelled(Exception):
+    """A generation stopped by its caller's `cancel` (a client that went away, a deadline)."""
+
+
 def decode(
     method: FusionMethod,
-    prompt: str,
+    prompt: Prompt,
     generation: GenerationConfig | None = None,
     on_text: Callable[[str], None] | None = None,
     reference: str | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> GenerationResult:
-    """Run a built method for one prompt; `on_text` receives committed text as it is decided.
-    `reference` is the prompt's reference text, for methods that follow one (oracle-route)."""
+    """Run a built method for one prompt (a text, or a conversation of role/content messages);
+    `on_text` receives committed text as it is decided. `reference` is the prompt's reference
+    text, for methods that follow one (oracle-route). `cancel` is asked before every step: when
+    it says yes, the generation stops there with :class:`GenerationCancelled`."""
     gen = generation or GenerationConfig()
     models = method.models
     sessions = method.open_sessions([m.prompt_text(prompt, gen) for m in models])
     try:
-        return _run(method, sessions, gen, on_text, reference)
+        return _run(method, sessions, gen, on_text, reference, cancel)
     finally:
         for s in sessions:
             s.close()
 
 
-def _run(method, sessions, gen: GenerationConfig, on_text, reference) -> GenerationResult:
+def _run(method, sessions, gen: GenerationConfig, on_text, reference, cancel) -> GenerationResult:
     models = method.models
     names = unique_names([s.name for s in sessions])
     ctx = StepContext(sessions, gen.max_new_tokens, "", 0, gen, Sampler.from_config(gen), reference)
@@ -58,6 +65,8 @@ def _run(method, sessions, gen: GenerationConfig, on_text, reference) -> Generat
     finish = "length"
     t0 = time.perf_counter()
     while new_tokens < gen.max_new_tokens:
+        if cancel is not None and cancel():
+            raise GenerationCancelled(f"cancelled after {new_tokens} tokens")
         ctx.budget, ctx.generated, ctx.round = gen.max_new_tokens - new_tokens, generated, ctx.round + 1
         step = method.step(ctx)
         new_tokens += step.new_tokens
@@ -119,7 +128,7 @@ def _run(method, sessions, gen: GenerationConfig, on_text, reference) -> Generat
 
 def generate(
     models: list[Model],
-    prompt: str,
+    prompt: Prompt,
     method: str = "single",
     generation: GenerationConfig | None = None,
     method_options: dict[str, Any] | None = None,

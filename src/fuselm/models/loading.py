@@ -12,15 +12,21 @@ from .catalog import BUNDLED
 from .prefix import PrefixCache
 from .session import DecodingSession
 
+# A prompt: a text, or a conversation as role/content messages (rendered with the chat template).
+Prompt = str | list[dict[str, str]]
+
 
 class Model:
-    """A loaded model: a backend plus how to turn a user prompt into its prompt text."""
+    """A loaded model: a backend plus how to turn a user prompt into its prompt text.
 
-    def __init__(self, backend: Backend, config: ModelConfig | None = None):
+    Several Model objects may share one backend (and its prefix cache) with other configs, e.g.
+    other ensemble weights: pass `prefix_cache` of the first."""
+
+    def __init__(self, backend: Backend, config: ModelConfig | None = None, prefix_cache: PrefixCache | None = None):
         self.backend = backend
         self.config = config or ModelConfig(name=backend.info.name)
         # The warm prompt prefix of this model's sessions (see fuselm.models.prefix).
-        self.prefix_cache = PrefixCache(backend)
+        self.prefix_cache = prefix_cache or PrefixCache(backend)
 
     @property
     def name(self) -> str:
@@ -30,14 +36,22 @@ class Model:
     def info(self) -> ModelInfo:
         return self.backend.info
 
-    def prompt_text(self, prompt: str, gen: GenerationConfig | None = None) -> str:
-        """The text the model is conditioned on: chat-templated or raw, per `gen.chat`."""
+    def prompt_text(self, prompt: Prompt, gen: GenerationConfig | None = None) -> str:
+        """The text the model is conditioned on: chat-templated or raw, per `gen.chat`. A
+        conversation always goes through the chat template (with `gen.system` first when it has
+        no system message of its own)."""
         gen = gen or GenerationConfig()
-        use_chat = gen.chat == "chat" or (gen.chat == "auto" and self.info.has_chat_template)
-        if not use_chat:
-            return prompt
-        messages = [{"role": "system", "content": gen.system}] if gen.system else []
-        messages.append({"role": "user", "content": prompt})
+        if isinstance(prompt, list):
+            if gen.chat == "raw":
+                raise FuselmError("a conversation needs the chat template; it cannot be fed as raw text")
+            messages = list(prompt)
+        else:
+            use_chat = gen.chat == "chat" or (gen.chat == "auto" and self.info.has_chat_template)
+            if not use_chat:
+                return prompt
+            messages = [{"role": "user", "content": prompt}]
+        if gen.system and not any(m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": gen.system})
         return self.backend.render_chat(messages)
 
     def session(self, prompt_text: str) -> DecodingSession:

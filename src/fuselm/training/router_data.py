@@ -63,17 +63,16 @@ def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int
     start = len(prompt_ids) - 1  # position whose output predicts target_ids[0]
     logprobs_by_expert, greedy = [], []
     for backend, cache in zip(experts, caches):
-        held = cache.setdefault("ids", [])
+        held = backend.cached_ids(cache)
         k = 0
         while k < min(len(held), start) and held[k] == ids[k]:
             k += 1
-        backend.truncate(cache["cache"], k)
+        backend.truncate(cache, k)
         # Output rows only where they are needed: a full-vocabulary row costs about as much as
         # the rest of the pass for these small models.
         if k < start:
-            backend.extend(cache["cache"], ids[k:start])
-        rows = backend.extend(cache["cache"], ids[start:], all_logits=True)  # rows for positions start..
-        cache["ids"] = list(ids)
+            backend.extend(cache, ids[k:start])
+        rows = backend.extend(cache, ids[start:], all_logits=True)  # rows for positions start..
         rows = rows[: len(target_ids)]
         logprobs_by_expert.append(rows.gather(1, torch.tensor(target_ids)[:, None]).squeeze(1).tolist())
         greedy.append(rows.argmax(-1).tolist())
@@ -81,8 +80,9 @@ def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int
     return Annotated(list(prompt_ids), list(target_ids), per_token, greedy)
 
 
-def new_caches(experts: list[Backend]) -> list[dict]:
-    return [{"cache": b.new_cache(), "ids": []} for b in experts]
+def new_caches(experts: list[Backend]) -> list:
+    """One empty cache per expert, kept across `annotate` calls (the backend tracks what it holds)."""
+    return [b.new_cache() for b in experts]
 
 
 class JsonlStore:

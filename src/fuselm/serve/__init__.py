@@ -1,0 +1,1 @@
+"""`fuselm serve`: fused setups as OpenAI-compatible models over HTTP."""

@@ -1,0 +1,273 @@
+"""The OpenAI API as fuselm serves it: typed requests, responses and errors.
+
+Field names and shapes follow the OpenAI API as vLLM and llama.cpp's server implement it.
+Fields a client library sends by default with neutral values (penalties of 0, an empty
+logit_bias, `logprobs: false`) are accepted; a non-neutral value of a feature fuselm does not
+implement is a 400 naming the field. Unknown fields are ignored, as vLLM does.
+
+The `fuselm` object of a request is fuselm's extension (plain clients never send it): another
+method or other options for this request, and whether to return the fusion trace.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..result import GenerationStats, TraceStep
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class FuselmExtension(BaseModel):
+    """Per-request fuselm settings, under the request's `fuselm` key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str | None = Field(None, description="another decoding method over the setup's models")
+    options: dict[str, Any] | None = Field(None, description="method options (replace the setup's)")
+    trace: bool = Field(False, description="return the fusion trace and stats (as `generate --json`)")
+
+
+class _Sampling(_Request):
+    """What completions and chat completions share. None means: the setup's default."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Sent with neutral values by common clients; anything else is refused (see _neutral).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    fuselm: FuselmExtension | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        if len(stops) > 8:
+            raise ValueError("at most 8 stop strings")
+        return v
+
+    def stop_list(self) -> list[str] | None:
+        if self.stop is None:
+            return None
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) of the first field set to something fuselm does not implement."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                return name, f"{name} is not supported by fuselm"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported by fuselm"
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of is not supported by fuselm"
+        return None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("fuselm takes one prompt per request")
+        return v
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported by fuselm"
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported by fuselm"
+        if self.suffix:
+            return "suffix", "suffix is not supported by fuselm"
+        return super().unsupported()
+
+
+class ContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_max(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ; give one")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def conversation(self) -> list[dict[str, str]]:
+        # "developer" is the newer name of the system role
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs are not supported by fuselm"
+        if self.tools:
+            return "tools", "tool calls are not supported by fuselm"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool calls are not supported by fuselm"
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format", "only response_format {'type': 'text'} is supported by fuselm"
+        return super().unsupported()
+
+
+# --- responses -------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class FuselmInfo(BaseModel):
+    """The `fuselm` object of a response: what `generate --json` shows (asked for with trace)."""
+
+    method: str
+    models: list[str]
+    stats: GenerationStats
+    trace: list[TraceStep]
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+    fuselm: FuselmInfo | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+    fuselm: FuselmInfo | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    fuselm: FuselmInfo | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fuselm"
+    # fuselm's extension: what the model id stands for
+    method: str
+    models: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

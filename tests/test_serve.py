@@ -1,0 +1,287 @@
+"""`fuselm serve`: the real server as a subprocess on 127.0.0.1, driven by the real `openai`
+client and by plain HTTP (httpx), with tiny local models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("sse_starlette")
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, config: dict, tmp: Path, env: dict | None = None):
+        self.port = free_port()
+        path = tmp / "serve.yaml"
+        path.write_text(yaml.safe_dump({**config, "port": self.port}))
+        self.log = open(tmp / "serve.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fuselm.cli", "serve", "--config", str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmp = tmp
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(tmp / 'serve.log').read_text()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready in 300 s")
+
+    def client(self, key: str | None = KEY):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+    def post(self, path: str, body, key: str | None = KEY, **kw):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if isinstance(body, (bytes, str)):
+            return httpx.post(self.url + path, content=body, headers={**headers, "content-type": "application/json"},
+                              timeout=120, **kw)  # fmt: skip
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=120, **kw)
+
+    def metric(self, name: str, **labels) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
+            if m and all(part in (m.group(1) or "") for part in want.split(",") if part):
+                total += float(m.group(2))
+        return total
+
+    def stop(self) -> None:
+        """SIGTERM: uvicorn finishes in-flight requests, shuts down, and exits by the signal."""
+        self.proc.terminate()
+        try:
+            rc = self.proc.wait(timeout=60)
+        finally:
+            self.log.close()
+        log = (self.tmp / "serve.log").read_text()
+        assert rc in (0, -signal.SIGTERM), log
+        assert "Traceback" not in log and "never retrieved" not in log, log
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dirs, tmp_path_factory):
+    if not {"llama", "qwen2"} <= tiny_dirs.keys():
+        pytest.skip("needs the smollm2 and qwen tokenizers")
+    llama, qwen = str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])
+    config = {
+        "api_key": KEY,
+        "limits": {
+            "max_concurrent": 1,
+            "max_queue": 1,
+            "max_tokens": 600,
+            "max_n": 2,
+            "max_prompt_tokens": 200,
+            "max_body_bytes": 65536,
+        },  # fmt: skip
+        "setups": [
+            {"id": "tiny", "models": [{"name": llama}], "generation": {"max_new_tokens": 12}},
+            {
+                "id": "fused",
+                "models": [{"name": llama}, {"name": qwen}],
+                "method": "adafuse",
+                "generation": {"max_new_tokens": 12},
+            },  # fmt: skip
+        ],
+    }
+    s = Server(config, tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()
+
+
+def test_models_health_ready(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready["status"] == "ready" and set(ready["models"]) == {"tiny", "fused"}
+    models = server.client().models.list()
+    assert {m.id for m in models.data} == {"tiny", "fused"}
+
+
+@pytest.mark.parametrize("model", ["tiny", "fused"])
+def test_streamed_answers_concatenate_to_the_plain_ones(server, model):
+    c = server.client()
+    plain = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me a story"}])
+    assert plain.choices[0].finish_reason in {"stop", "length"}
+    text = plain.choices[0].message.content
+    assert text
+    chunks = list(
+        c.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Tell me a story"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == plain.choices[0].finish_reason
+
+    done = c.completions.create(model=model, prompt="The weather is", max_tokens=7)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=model, prompt="The weather is", max_tokens=7, stream=True) if ch.choices)  # fmt: skip
+    assert streamed == done.choices[0].text and done.usage.completion_tokens <= 7
+
+
+def test_usage_counts_the_tokens(server, tiny_dirs):
+    from fuselm.models.hf import TransformersBackend
+
+    c = server.client()
+    r = c.completions.create(model="tiny", prompt="The weather is", max_tokens=5)
+    backend = TransformersBackend.from_directory(tiny_dirs["llama"])
+    assert r.usage.prompt_tokens == len(backend.tokenize("The weather is"))  # a completion's prompt is raw text
+    assert r.usage.completion_tokens == 5 or r.choices[0].finish_reason == "stop"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    raw = server.post("/v1/completions", {"model": "tiny", "prompt": "The weather is", "max_tokens": 5,
+                                          "fuselm": {"trace": True}}).json()  # fmt: skip
+    info = raw["choices"][0]["fuselm"]
+    assert raw["choices"][0]["text"] == r.choices[0].text  # greedy: the same answer
+    assert info["stats"]["new_tokens"] == r.usage.completion_tokens
+    assert "".join(t["text"] for t in info["trace"]).startswith(r.choices[0].text)
+
+
+def test_the_fuselm_extension_picks_another_method(server):
+    body = {"model": "fused", "prompt": "The weather is", "max_tokens": 6, "fuselm": {"method": "fixed-span",
+            "options": {"n_words": 2}, "trace": True}}  # fmt: skip
+    r = server.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    info = r.json()["choices"][0]["fuselm"]
+    assert info["method"] == "fixed-span" and info["trace"]
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 601}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "n": 3}, 400, "n"),
+        ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "word " * 300}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 500, "stop": [""]}, 400, "stop"),
+        ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+        ({"model": "tiny", "messages": []}, 400, None),
+        ({"model": "fused", "prompt": "x", "fuselm": {"method": "adafsue"}}, 400, "fuselm.method"),
+        ({"model": "fused", "prompt": "x", "fuselm": {"options": {"theta": 7}}}, 400, "fuselm.options"),
+        ({"model": "fused", "prompt": "x", "fuselm": {"method": "token-average"}}, 400, "fuselm.method"),
+        ({"model": "tiny", "prompt": "x", "fuselm": {"nope": 1}}, 400, "fuselm.nope"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = server.post("/v1/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    assert "Traceback" not in r.text
+
+
+def test_bad_json_body_size_and_key(server):
+    r = server.post("/v1/chat/completions", b'{"model": "tiny", "messages": [')
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = server.post("/v1/completions", {"model": "tiny", "prompt": "x" * 70000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    for key in (None, "wrong-key"):
+        r = server.post("/v1/completions", {"model": "tiny", "prompt": "x"}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong-key").models.list()
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+def _stream_lines(server, body):
+    """Open a streaming request and return (response, its line iterator) (the caller closes it)."""
+    client = httpx.Client(timeout=120)
+    req = client.build_request("POST", server.url + "/v1/completions", json=body,
+                               headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    resp = client.send(req, stream=True)
+    return client, resp, resp.iter_lines()
+
+
+def test_over_capacity_is_429_and_a_disconnect_frees_the_slot(server):
+    # AdaFuse over two tiny models: slow enough (several seconds for 480 tokens) to be mid-stream
+    long = {"model": "fused", "prompt": "Once upon a time", "max_tokens": 480, "stream": True}
+    cancelled_before = server.metric("fuselm_requests_total", status="499")
+    c1, r1, lines1 = _stream_lines(server, long)  # takes the one slot
+    assert r1.status_code == 200
+    first = next(line for line in lines1 if line.startswith("data:"))
+    assert json.loads(first[5:])["choices"]
+    c2, r2, _ = _stream_lines(server, long)  # waits in the one queue place
+    time.sleep(0.5)
+    third = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert third.status_code == 429, third.text
+    assert third.headers["retry-after"] == "1" and third.json()["error"]["type"] == "rate_limit_error"
+    # Both clients go away mid-stream: their generations stop and free the slot.
+    r1.close(), c1.close(), r2.close(), c2.close()
+    deadline = time.time() + 60
+    while time.time() < deadline and server.metric("fuselm_requests_running") > 0:
+        time.sleep(0.2)
+    assert server.metric("fuselm_requests_running") == 0
+    ok = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    deadline = time.time() + 30
+    while time.time() < deadline and server.metric("fuselm_requests_total", status="499") < cancelled_before + 1:
+        time.sleep(0.2)
+    assert server.metric("fuselm_requests_total", status="499") >= cancelled_before + 1  # stopped, not finished
+
+
+def test_metrics_and_playground(server):
+    server.client().completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert server.metric("fuselm_generated_tokens_total", model="tiny") >= 2
+    assert server.metric("fuselm_forward_passes_total", model="tiny") >= 1
+    assert server.metric("fuselm_request_seconds_count", endpoint="completions", model="tiny") >= 1
+    page = httpx.get(server.url + "/").text
+    assert "fuselm playground" in page and "/v1/chat/completions" in page
+
+
+def test_sigterm_stops_the_server_cleanly(tiny_dirs, tmp_path):
+    config = {"setups": [{"id": "tiny", "models": [{"name": str(tiny_dirs["llama"])}]}]}
+    s = Server(config, tmp_path)
+    assert s.client().completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    s.stop()
+
+
+def test_bad_configs_are_one_line_errors(tmp_path):
+    from .conftest import run_cli
+
+    r = run_cli("serve", "--models", "smollm2-135m", "--method", "adafsue")
+    assert r.returncode == 1 and "did you mean 'adafuse'" in r.stderr.lower()
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({"setups": [{"id": "a", "models": [{"name": "x"}]}, {"id": "a", "models": [{"name": "y"}]}]})
+    )
+    r = run_cli("serve", "--config", str(path))
+    assert r.returncode == 1 and "unique" in r.stderr and len(r.stderr.strip().splitlines()) == 1
