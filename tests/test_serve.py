@@ -115,7 +115,13 @@ def server(tiny_dirs, tmp_path_factory):
     }
     s = Server(config, tmp_path_factory.mktemp("serve"))
     yield s
+    # SIGTERM while a stream is generating: the stream ends and the server exits cleanly.
+    client, resp, lines = _stream_lines(s, {"model": "fused", "prompt": "Once", "max_tokens": 480, "stream": True})
+    assert next(line for line in lines if line.startswith("data:"))
     s.stop()
+    rest = [line[5:].strip() for line in lines if line.startswith("data:")]  # the stream ended
+    client.close()
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["code"] == "shutting_down", rest[-3:]
 
 
 def test_models_health_ready(server):
@@ -222,11 +228,11 @@ def test_bad_json_body_size_and_key(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
 
 
-def _stream_lines(server, body):
-    """Open a streaming request and return (response, its line iterator) (the caller closes it)."""
+def _stream_lines(server, body, key: str | None = KEY):
+    """Open a streaming request and return (client, response, its line iterator); the caller closes them."""
     client = httpx.Client(timeout=120)
-    req = client.build_request("POST", server.url + "/v1/completions", json=body,
-                               headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = client.build_request("POST", server.url + "/v1/completions", json=body, headers=headers)
     resp = client.send(req, stream=True)
     return client, resp, resp.iter_lines()
 
@@ -267,10 +273,20 @@ def test_metrics_and_playground(server):
     assert "fuselm playground" in page and "/v1/chat/completions" in page
 
 
-def test_sigterm_stops_the_server_cleanly(tiny_dirs, tmp_path):
-    config = {"setups": [{"id": "tiny", "models": [{"name": str(tiny_dirs["llama"])}]}]}
+def test_deadline_and_sigterm_with_a_request_in_flight(tiny_dirs, tmp_path):
+    if not {"llama", "qwen2"} <= tiny_dirs.keys():
+        pytest.skip("needs the smollm2 and qwen tokenizers")
+    models = [{"name": str(tiny_dirs["llama"])}, {"name": str(tiny_dirs["qwen2"])}]
+    config = {"limits": {"request_timeout_s": 1.0}, "setups": [{"id": "fused", "models": models, "method": "adafuse"}]}
     s = Server(config, tmp_path)
-    assert s.client().completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    long = {"model": "fused", "prompt": "Once upon a time", "max_tokens": 480}
+    r = s.post("/v1/completions", long, key=None)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    # A stream past its deadline ends with an error event, then [DONE].
+    client, resp, lines = _stream_lines(s, {**long, "stream": True}, key=None)
+    events = [line[5:].strip() for line in lines if line.startswith("data:")]
+    client.close()
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "deadline_exceeded"
     s.stop()
 
 

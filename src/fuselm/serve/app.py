@@ -17,6 +17,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -56,6 +57,10 @@ from .protocol import (
 log = logging.getLogger("fuselm.serve")
 
 FINISH = {"eos": "stop", "stop": "stop", "stalled": "stop", "length": "length"}
+
+
+class ServerStopping(Exception):
+    """The server is shutting down under a stream."""
 
 
 class APIError(Exception):
@@ -236,7 +241,9 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             prepared = await prepare(body, chat)
             if body.stream:
                 engine.scheduler.admit()  # 429 now, before the stream's 200
-                return EventSourceResponse(stream(request, body, chat, prepared, t0), ping=15)
+                shutdown = anyio.Event()  # set by sse-starlette when the server is stopping
+                events = stream(request, body, chat, prepared, t0, shutdown)
+                return EventSourceResponse(events, ping=15, shutdown_event=shutdown, shutdown_grace_period=5)
             response = await complete(request, body, chat, prepared)
             metrics.requests.labels(endpoint, body.model, "200").inc()
             metrics.latency.labels(endpoint, body.model).observe(time.perf_counter() - t0)
@@ -375,8 +382,9 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     def _job(setup: ServedSetup, method, prompt, gen, on_text, cancel):
         return lambda: setup.generate(method, prompt, gen, on_text, cancel)
 
-    async def stream(request: Request, body, chat: bool, p: dict[str, Any], t0: float):
-        """The server-sent events of one request: a chunk per committed span, then `[DONE]`."""
+    async def stream(request: Request, body, chat: bool, p: dict[str, Any], t0: float, shutdown: anyio.Event):
+        """The server-sent events of one request: a chunk per committed span, then `[DONE]`. On
+        server shutdown the generation stops and the stream ends with an error event."""
         setup, gen, cancel = p["setup"], p["gen"], threading.Event()
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         loop = asyncio.get_running_loop()
@@ -410,10 +418,16 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
                             yield chunk(i, role=True, text="")
                         job = _job(setup, p["method"], p["prompt"], seeded(gen, i), on_text, cancel_check(cancel))
                         task = asyncio.ensure_future(engine.scheduler.run(job, cancel))
+                        stopping = asyncio.ensure_future(shutdown.wait())
                         try:
                             while True:
                                 getter = asyncio.ensure_future(queue.get())
-                                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                                done, _ = await asyncio.wait(
+                                    {getter, task, stopping}, return_when=asyncio.FIRST_COMPLETED
+                                )
+                                if stopping in done:
+                                    getter.cancel()
+                                    raise ServerStopping()
                                 if getter not in done:
                                     getter.cancel()
                                     break
@@ -425,6 +439,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
                                 yield chunk(i, text=queue.get_nowait())
                             result: GenerationResult = task.result()
                         finally:
+                            stopping.cancel()
                             if not task.done():
                                 cancel.set()
                                 await wait_quietly(task)
@@ -449,6 +464,9 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             status = "408"
             yield _error_event(APIError(408, f"the request took longer than its deadline of "
                                         f"{limits.request_timeout_s:g} s", type="timeout", code="deadline_exceeded"))  # fmt: skip
+        except ServerStopping:
+            status = "503"
+            yield _error_event(APIError(503, "the server is shutting down", type="unavailable", code="shutting_down"))
         except (GenerationCancelled, asyncio.CancelledError):
             status = "499"  # the client went away (or the server is stopping): nobody reads the rest
             raise
