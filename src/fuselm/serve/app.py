@@ -484,5 +484,31 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         body = ErrorResponse(error=ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code))
         return {"data": json.dumps(body.model_dump())}
 
+    def openapi() -> dict[str, Any]:
+        """The schema, with what this server accepts: its model ids and its limits."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            from .._version import __version__
+
+            schema = get_openapi(title=app.title, version=__version__, summary=app.summary, routes=app.routes)
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                props = schema["components"]["schemas"][name]["properties"]
+                props["model"]["enum"] = [s.id for s in config.setups]
+                for field in ("max_tokens", "max_completion_tokens"):
+                    if field in props:
+                        _set_maximum(props[field], limits.max_tokens)
+                _set_maximum(props["n"], limits.max_n)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     return app
+
+
+def _set_maximum(prop: dict[str, Any], maximum: int) -> None:
+    """Put a maximum on an integer property (which pydantic may have written as anyOf [int, null])."""
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") == "integer":
+            option["maximum"] = maximum
