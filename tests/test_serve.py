@@ -331,7 +331,7 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
             @settings(max_examples=260, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))  # fmt: skip
             @given(case=strategy)
-            def call(case):
+            def call(case, path=path):
                 r = case.call(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
                 seen[r.status_code] = seen.get(r.status_code, 0) + 1
                 if r.status_code >= 500:
@@ -341,3 +341,60 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
     assert sum(seen.values()) >= 1000, seen
     assert failures == [], failures[:3]
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0, seen  # both kinds were really generated
+
+
+def test_playground_streams_a_coloured_answer_in_headless_chromium(tiny_dirs, tmp_path):
+    """The page at / in a real headless Chromium: pick the fused model, generate, and the
+    answer streams in and ends coloured by the model that won each span; a screenshot is kept."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from fuselm.viz import PALETTE
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("Chromium and chromedriver not installed (apt-get install chromium chromium-driver; .ci/run does)")
+    if not {"llama", "qwen2"} <= tiny_dirs.keys():
+        pytest.skip("needs the smollm2 and qwen tokenizers")
+    models = [{"name": str(tiny_dirs["llama"])}, {"name": str(tiny_dirs["qwen2"])}]
+    s = Server({"setups": [{"id": "fused", "models": models, "method": "adafuse"}]}, tmp_path)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1000,800"):  # fmt: skip
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        browser.get(s.url + "/")
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))
+        Select(browser.find_element(By.ID, "model")).select_by_value("fused")
+        max_tokens = browser.find_element(By.ID, "max")
+        max_tokens.clear()
+        max_tokens.send_keys("16")
+        browser.find_element(By.ID, "go").click()
+        wait.until(
+            lambda b: (
+                b.find_element(By.ID, "status").text in ("done",) or "error" in b.find_element(By.ID, "status").text
+            )
+        )
+        assert browser.find_element(By.ID, "status").text == "done"
+        spans = browser.find_elements(By.CSS_SELECTOR, "#answer span.s")
+        assert spans and browser.find_element(By.ID, "answer").text.strip()
+        palette = {_rgb(c) for c in PALETTE}
+        assert all(sp.value_of_css_property("background-color") in palette for sp in spans)
+        shot = tmp_path / "playground.png"
+        assert browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+    finally:
+        browser.quit()
+        s.stop()
+
+
+def _rgb(hex_colour: str) -> str:
+    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r}, {g}, {b}, 1)"
