@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .conftest import requires_bundled
+
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -84,7 +86,7 @@ class Server:
         finally:
             self.log.close()
         log = (self.tmp / "serve.log").read_text()
-        assert rc in (0, -signal.SIGTERM), log
+        assert rc in (0, -signal.SIGTERM), f"exit status {rc}\n{log}"
         assert "Traceback" not in log and "never retrieved" not in log, log
 
 
@@ -174,6 +176,15 @@ def test_usage_counts_the_tokens(server, tiny_dirs):
     assert raw["choices"][0]["text"] == r.choices[0].text  # greedy: the same answer
     assert info["stats"]["new_tokens"] == r.usage.completion_tokens
     assert "".join(t["text"] for t in info["trace"]).startswith(r.choices[0].text)
+
+
+def test_n_choices_and_models_loaded_once(server):
+    r = server.client().completions.create(model="tiny", prompt="The weather is", max_tokens=4, n=2, temperature=1.0,
+                                           seed=7)  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens <= 8 and all(c.text for c in r.choices)
+    # two setups share the tiny llama model: it is loaded once (llama + qwen = 2 models)
+    assert server.metric("fuselm_models_loaded") == 2
 
 
 def test_the_fuselm_extension_picks_another_method(server):
@@ -324,20 +335,22 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
     seen: dict[int, int] = {}
     failures = []
+
+    def fuzz(path: str, strategy):
+        @settings(max_examples=260, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(case=strategy)
+        def call(case):
+            r = case.call(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            if r.status_code >= 500:
+                failures.append((path, case.body, r.status_code, r.text[:300]))
+
+        call()
+
     for path in ("/v1/completions", "/v1/chat/completions"):
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            strategy = schema[path]["POST"].as_strategy(generation_mode=mode)
-
-            @settings(max_examples=260, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
-            @given(case=strategy)
-            def call(case, path=path):
-                r = case.call(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-                seen[r.status_code] = seen.get(r.status_code, 0) + 1
-                if r.status_code >= 500:
-                    failures.append((path, case.body, r.status_code, r.text[:300]))
-
-            call()
+            fuzz(path, schema[path]["POST"].as_strategy(generation_mode=mode))
     assert sum(seen.values()) >= 1000, seen
     assert failures == [], failures[:3]
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0, seen  # both kinds were really generated
@@ -398,3 +411,27 @@ def test_playground_streams_a_coloured_answer_in_headless_chromium(tiny_dirs, tm
 def _rgb(hex_colour: str) -> str:
     r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r}, {g}, {b}, 1)"
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_smollm2_on_llamacpp_answers_through_the_server(tmp_path):
+    from fuselm.models import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("needs llama-cpp-python")
+    s = Server({"setups": [{"id": "smol", "models": [{"name": "smollm2-135m", "backend": "llamacpp"}]}]}, tmp_path)
+    try:
+        c = s.client(key=None)
+        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                      max_tokens=30)  # fmt: skip
+        assert "Paris" in r.choices[0].message.content
+        streamed = "".join(
+            ch.choices[0].delta.content or ""
+            for ch in c.chat.completions.create(model="smol", stream=True, max_tokens=30,
+                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
+            if ch.choices
+        )  # fmt: skip
+        assert streamed == r.choices[0].message.content
+    finally:
+        s.stop()

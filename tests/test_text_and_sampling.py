@@ -75,3 +75,14 @@ def test_sampler_seeded_and_restricted():
     assert {s(lp) for _ in range(200)} <= top5
     nucleus = Sampler(1.0, top_p=1e-6, seed=0)
     assert {nucleus(lp) for _ in range(20)} == {int(lp.argmax())}
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    """Found by fuzzing the server: 1e-300 overflowed the scores to nan and crashed sampling."""
+    import torch
+
+    from fuselm.sampling import Sampler
+
+    lp = torch.log_softmax(torch.tensor([0.1, 2.0, 1.9, -3.0]), -1)
+    for t in (1e-300, 5e-324, 1e-30):
+        assert all(Sampler(temperature=t, seed=s)(lp) == 1 for s in range(5))

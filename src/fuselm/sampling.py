@@ -21,10 +21,13 @@ class LogitsProcessor:
 
 
 class Temperature(LogitsProcessor):
-    """Divide scores by a temperature > 0.
+    """Divide scores by a temperature > 0, shifted so that the best is 0 first: a tiny
+    temperature then gives 0 and -inf (the argmax), never an overflow to nan.
 
     >>> Temperature(2.0)(torch.tensor([2.0, 0.0])).tolist()
-    [1.0, 0.0]
+    [0.0, -1.0]
+    >>> Temperature(1e-300)(torch.tensor([2.0, 0.0])).tolist()
+    [0.0, -inf]
     """
 
     def __init__(self, temperature: float):
@@ -33,7 +36,9 @@ class Temperature(LogitsProcessor):
         self.temperature = float(temperature)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperature
+        shifted = scores - scores.max()
+        # where(): a temperature that underflows float32 makes 0 / t a nan, not the best score's 0
+        return torch.where(shifted == 0, shifted, shifted / self.temperature)
 
 
 class TopK(LogitsProcessor):

@@ -205,6 +205,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        metrics.models_loaded.set(len(engine.pool.models()))
         metrics.running.set(engine.scheduler.running)
         metrics.queued.set(engine.scheduler.waiting)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -473,6 +474,10 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         except FuselmError as e:
             status = "400"
             yield _error_event(APIError(400, str(e)))
+        except Exception:  # a fault of fuselm's own: the stream still ends as a stream
+            log.exception("internal error in a stream")
+            status = "500"
+            yield _error_event(APIError(500, "internal error in fuselm (see the server log)", type="internal_error"))
         finally:
             if p["method"] is not setup.method:
                 p["method"].close()

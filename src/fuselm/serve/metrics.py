@@ -20,6 +20,7 @@ class Metrics:
         self.forward_passes = Counter(
             "fuselm_forward_passes", "Forward passes per session model.", ["model", "session"], registry=r
         )
+        self.models_loaded = Gauge("fuselm_models_loaded", "Distinct models loaded (shared by setups).", registry=r)
         self.running = Gauge("fuselm_requests_running", "Requests holding a generation slot.", registry=r)
         self.queued = Gauge("fuselm_queue_depth", "Requests waiting for a slot.", registry=r)
         self.latency = Histogram(
