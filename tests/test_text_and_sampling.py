@@ -86,3 +86,5 @@ def test_a_tiny_temperature_samples_the_argmax():
     lp = torch.log_softmax(torch.tensor([0.1, 2.0, 1.9, -3.0]), -1)
     for t in (1e-300, 5e-324, 1e-30):
         assert all(Sampler(temperature=t, seed=s)(lp) == 1 for s in range(5))
+    for p in (1e-300, 5e-324, 1e-10):  # a nucleus smaller than float32 resolves keeps the best token
+        assert all(Sampler(temperature=t, top_p=p, seed=s)(lp) == 1 for s in range(5) for t in (1e-300, 1.0, 50.0))

@@ -79,6 +79,7 @@ class TopP(LogitsProcessor):
         probs = torch.softmax(sorted_scores, -1)
         mass_before = torch.cumsum(probs, -1) - probs
         remove_sorted = mass_before >= self.p
+        remove_sorted[..., 0] = False  # the best token always stays (a p that underflows float32 is 0)
         remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
         return scores.masked_fill(remove, float("-inf"))
 
