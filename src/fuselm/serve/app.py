@@ -72,10 +72,18 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
+
 
 def error_response(e: APIError) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code))
-    return JSONResponse(body.model_dump(), status_code=e.status, headers=e.headers)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def overloaded(retry_after_s: int) -> APIError:
+    return APIError(429, "the server is at capacity; retry later", type="rate_limit_error", code="overloaded",
+                    headers={"Retry-After": str(retry_after_s)})  # fmt: skip
 
 
 class BodyLimit:
@@ -251,8 +259,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             return response
         except Overloaded:
             metrics.requests.labels(endpoint, body.model, "429").inc()
-            raise APIError(429, "the server is at capacity; retry later", type="rate_limit_error",
-                           code="overloaded", headers={"Retry-After": str(limits.retry_after_s)}) from None  # fmt: skip
+            raise overloaded(limits.retry_after_s) from None
         except APIError as e:
             metrics.requests.labels(endpoint, body.model if e.status != 404 else "?", str(e.status)).inc()
             raise
@@ -459,8 +466,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             metrics.prompt_tokens.labels(setup.id).inc(p["n_prompt"])
         except Overloaded:
             status = "429"
-            yield _error_event(APIError(429, "the server is at capacity; retry later", type="rate_limit_error",
-                                        code="overloaded"))  # fmt: skip
+            yield _error_event(overloaded(limits.retry_after_s))
         except TimeoutError:
             status = "408"
             yield _error_event(APIError(408, f"the request took longer than its deadline of "
@@ -486,8 +492,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         yield {"data": "[DONE]"}
 
     def _error_event(e: APIError) -> dict:
-        body = ErrorResponse(error=ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code))
-        return {"data": json.dumps(body.model_dump())}
+        return {"data": json.dumps(e.body())}
 
     def openapi() -> dict[str, Any]:
         """The schema, with what this server accepts: its model ids and its limits."""

@@ -194,11 +194,16 @@ class CompletionChoice(BaseModel):
     fuselm: FuselmInfo | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Object(BaseModel):
+    """What every completion object and chunk carries."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class CompletionResponse(_Object):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -216,11 +221,8 @@ class ChatChoice(BaseModel):
     fuselm: FuselmInfo | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Object):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -238,11 +240,8 @@ class ChatChunkChoice(BaseModel):
     fuselm: FuselmInfo | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Object):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
