@@ -2,13 +2,15 @@
 `fuselm.Ensemble.generate` in-process one prompt after another, in the same run.
 
     python benchmarks/serve_load.py --requests 16 --max-tokens 32
-    python benchmarks/serve_load.py --setups single --concurrency 1,4
+    python benchmarks/serve_load.py --setups single --concurrency 1,4 --replicas 2
 
 For each setup (a single model, then AdaFuse over two): the in-process sequential run first
 (models loaded in this process, freed after), then a real server subprocess on 127.0.0.1 and
 streaming chat requests from client threads (httpx). Reported per row: requests/s, generated
 tokens/s, p50 and p99 request latency, p50 time to first streamed text, and the latency of
-a lone request over the in-process one (what HTTP, SSE and the scheduler add).
+a lone request over the in-process one (what HTTP, SSE and the scheduler add). With
+`--replicas 1,2` the server runs once per value, its setup's models loaded that many times
+(each copy with an equal share of the cores).
 """
 
 from __future__ import annotations
@@ -75,10 +77,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(setup: dict, max_tokens: int, concurrency: int, tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_server(setup: dict, max_tokens: int, replicas: int, tmp: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = {"port": port, "limits": {"max_concurrent": 4, "max_queue": 64, "max_tokens": max_tokens},
-           "setups": [setup]}  # fmt: skip
+           "setups": [{**setup, "replicas": replicas}]}  # fmt: skip
     path = tmp / f"{setup['id']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = open(tmp / f"{setup['id']}.log", "w")
@@ -156,6 +158,7 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--replicas", default="1", help="server runs with these replica counts (e.g. 1,2)")
     a = ap.parse_args()
     prompts = (PROMPTS * (a.requests // len(PROMPTS) + 1))[: a.requests]
     rows = []
@@ -166,19 +169,21 @@ def main() -> int:
             rows.append((name, "in-process, sequential", len(prompts) / wall, tokens / wall, statistics.median(lat),
                          pct(lat, 0.99), float("nan"), 1.0))  # fmt: skip
             lone = statistics.median(lat)
-            proc, url = start_server(setup, a.max_tokens, 4, Path(d))
-            try:
-                one_request(httpx.Client(), url, name, prompts[0], 2)  # first touch
-                for c in (int(x) for x in a.concurrency.split(",")):
-                    wall, res = load(url, name, prompts, a.max_tokens, c)
-                    lats = [r[0] for r in res]
-                    rows.append((name, f"server, {c} client(s)", len(res) / wall, sum(r[2] for r in res) / wall,
-                                 statistics.median(lats), pct(lats, 0.99), statistics.median(r[1] for r in res),
-                                 statistics.median(lats) / lone))  # fmt: skip
-                    print(f"{name} c={c}: {len(res) / wall:.2f} req/s", file=sys.stderr)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+            for replicas in (int(x) for x in a.replicas.split(",")):
+                proc, url = start_server(setup, a.max_tokens, replicas, Path(d))
+                where = "server" if replicas == 1 else f"server, {replicas} replicas"
+                try:
+                    one_request(httpx.Client(), url, name, prompts[0], 2)  # first touch
+                    for c in (int(x) for x in a.concurrency.split(",")):
+                        wall, res = load(url, name, prompts, a.max_tokens, c)
+                        lats = [r[0] for r in res]
+                        rows.append((name, f"{where}, {c} client(s)", len(res) / wall, sum(r[2] for r in res) / wall,
+                                     statistics.median(lats), pct(lats, 0.99), statistics.median(r[1] for r in res),
+                                     statistics.median(lats) / lone))  # fmt: skip
+                        print(f"{name} r={replicas} c={c}: {len(res) / wall:.2f} req/s", file=sys.stderr)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=60)
     print(
         f"requests per level: {a.requests}, max_tokens: {a.max_tokens}, greedy, chat template, threads: {os.cpu_count()}\n"
     )

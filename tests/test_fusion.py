@@ -12,7 +12,8 @@ import torch
 
 from fuselm import Ensemble, GenerationConfig, ModelConfig
 from fuselm.errors import FuselmError
-from fuselm.fusion.loop import generate
+from fuselm.fusion.loop import decode, generate
+from fuselm.fusion.methods import build_method
 from fuselm.models import assets, llamacpp
 from fuselm.models.catalog import BUNDLED
 from fuselm.models.hf import TransformersBackend
@@ -167,6 +168,25 @@ def test_a_stop_string_across_steps_is_cut_where_it_begins(smol_tokenizer_dir):
     assert "".join(streamed) == res.text
     res = generate([m], "start", "single", GenerationConfig(max_new_tokens=8, chat="raw", stop=["b"]))
     assert res.text == " a" * 8 and res.finish_reason == "length"
+
+
+def test_streamed_spans_carry_the_winner_of_each_piece(smol_tokenizer_dir):
+    """`on_spans` cuts the streamed text by the model whose proposal won it: joined, the spans
+    are the answer; each piece's source is its step's source in the trace; a stop cut applies."""
+    a = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9}, "a-ish")
+    b = constant_model(smol_tokenizer_dir, {" b": 2.0, " a": 1.5}, "b-ish")
+    spans, texts = [], []
+    gen = GenerationConfig(max_new_tokens=6, chat="raw")
+    res = generate([a, b], "start", "adafuse", gen, on_text=texts.append)
+    method = build_method("adafuse", [a, b])
+    res2 = decode(method, "start", gen, on_spans=spans.extend)
+    assert res2.text == res.text == "".join(texts) == "".join(s.text for s in spans)
+    by_char = [st.source for st in res2.trace for _ in st.text]
+    assert [s.source for s in spans for _ in s.text] == by_char
+    assert {s.source for s in spans} <= {"a-ish", "b-ish"} and len(spans) >= 1
+    spans.clear()
+    cut = decode(method, "start", gen.model_copy(update={"stop": [res.text[2:5]]}), on_spans=spans.extend)
+    assert cut.finish_reason == "stop" and "".join(s.text for s in spans) == cut.text == res.text[:2]
 
 
 def adafuse(models, prompt="start", max_new_tokens=6, **opts):

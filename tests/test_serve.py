@@ -178,6 +178,34 @@ def test_usage_counts_the_tokens(server, tiny_dirs):
     assert "".join(t["text"] for t in info["trace"]).startswith(r.choices[0].text)
 
 
+def test_a_traced_stream_names_the_model_of_every_span(server):
+    """With `fuselm.trace`, each streamed chunk carries its text cut by the winning model: the
+    spans join to the chunk's text, and their sources follow the final trace."""
+    body = {"model": "fused", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 12,
+            "stream": True, "fuselm": {"trace": True}}  # fmt: skip
+    client, resp, lines = _stream_lines(server, body, path="/v1/chat/completions")
+    try:
+        assert resp.status_code == 200
+        events = [json.loads(line[5:]) for line in lines if line.startswith("data:") and "[DONE]" not in line]
+    finally:
+        resp.close()
+        client.close()
+    pieces, final = [], None
+    for e in events:
+        choice = e["choices"][0]
+        ext = choice.get("fuselm") or {}
+        if "spans" in ext:
+            assert "".join(sp["text"] for sp in ext["spans"]) == choice["delta"]["content"] != ""
+            pieces += ext["spans"]
+        elif "trace" in ext:
+            final = ext
+    assert final is not None and pieces
+    text = "".join(sp["text"] for sp in pieces)
+    by_char = [st["source"] for st in final["trace"] for _ in st["text"]][: len(text)]
+    assert [sp["source"] for sp in pieces for _ in sp["text"]] == by_char
+    assert {sp["source"] for sp in pieces} <= set(final["models"])
+
+
 def test_n_choices_and_models_loaded_once(server):
     r = server.client().completions.create(model="tiny", prompt="The weather is", max_tokens=4, n=2, temperature=1.0,
                                            seed=7)  # fmt: skip
@@ -239,11 +267,11 @@ def test_bad_json_body_size_and_key(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
 
 
-def _stream_lines(server, body, key: str | None = KEY):
+def _stream_lines(server, body, key: str | None = KEY, path: str = "/v1/completions"):
     """Open a streaming request and return (client, response, its line iterator); the caller closes them."""
     client = httpx.Client(timeout=120)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    req = client.build_request("POST", server.url + "/v1/completions", json=body, headers=headers)
+    req = client.build_request("POST", server.url + path, json=body, headers=headers)
     resp = client.send(req, stream=True)
     return client, resp, resp.iter_lines()
 
@@ -273,6 +301,31 @@ def test_over_capacity_is_429_and_a_disconnect_frees_the_slot(server):
     while time.time() < deadline and server.metric("fuselm_requests_total", status="499") < cancelled_before + 1:
         time.sleep(0.2)
     assert server.metric("fuselm_requests_total", status="499") >= cancelled_before + 1  # stopped, not finished
+
+
+def test_replicas_serve_requests_side_by_side(tiny_dirs, tmp_path):
+    """`replicas: 2`: the models are loaded twice, and a second request runs on the free copy
+    while a long stream holds the first (with one copy it waits for the stream to end); a
+    request for another method (the fuselm extension) runs on either copy."""
+    if not {"llama", "qwen2"} <= tiny_dirs.keys():
+        pytest.skip("needs the smollm2 and qwen tokenizers")
+    models = [{"name": str(tiny_dirs["llama"])}, {"name": str(tiny_dirs["qwen2"])}]
+    setup = {"id": "fused", "models": models, "method": "adafuse", "replicas": 2}
+    s = Server({"limits": {"max_concurrent": 3}, "setups": [setup]}, tmp_path)
+    try:
+        assert s.metric("fuselm_models_loaded") == 4
+        long = {"model": "fused", "prompt": "Once upon a time", "max_tokens": 480, "stream": True}
+        c1, r1, lines1 = _stream_lines(s, long, key=None)
+        next(line for line in lines1 if line.startswith("data:"))  # the stream holds one copy
+        short = {"model": "fused", "prompt": "The weather is", "max_tokens": 3,
+                 "fuselm": {"method": "fixed-span", "options": {"n_words": 1}}}  # fmt: skip
+        for _ in range(2):
+            r = s.post("/v1/completions", short, key=None)
+            assert r.status_code == 200, r.text
+        assert s.metric("fuselm_requests_running") == 1  # the stream is still generating
+        r1.close(), c1.close()
+    finally:
+        s.stop()
 
 
 def test_metrics_and_playground(server):
@@ -358,7 +411,8 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
 
 def test_playground_streams_a_coloured_answer_in_headless_chromium(tiny_dirs, tmp_path):
     """The page at / in a real headless Chromium: pick the fused model, generate, and the
-    answer streams in and ends coloured by the model that won each span; a screenshot is kept."""
+    answer streams in, each span coloured by the model that won it as it arrives; a screenshot
+    is kept."""
     import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -389,6 +443,15 @@ def test_playground_streams_a_coloured_answer_in_headless_chromium(tiny_dirs, tm
         max_tokens = browser.find_element(By.ID, "max")
         max_tokens.clear()
         max_tokens.send_keys("16")
+        # record whether a coloured span is on the page while the answer is still streaming
+        browser.execute_script("""
+            window.colouredWhileStreaming = false;
+            new MutationObserver(() => {
+              const busy = document.getElementById("status").textContent === "generating...";
+              const coloured = [...document.querySelectorAll("#answer span.s")].some(
+                (s) => s.style.backgroundColor && s.style.backgroundColor !== "transparent");
+              if (busy && coloured) window.colouredWhileStreaming = true;
+            }).observe(document.getElementById("answer"), {childList: true});""")
         browser.find_element(By.ID, "go").click()
         wait.until(
             lambda b: (
@@ -399,7 +462,10 @@ def test_playground_streams_a_coloured_answer_in_headless_chromium(tiny_dirs, tm
         spans = browser.find_elements(By.CSS_SELECTOR, "#answer span.s")
         assert spans and browser.find_element(By.ID, "answer").text.strip()
         palette = {_rgb(c) for c in PALETTE}
-        assert all(sp.value_of_css_property("background-color") in palette for sp in spans)
+        assert all(sp.value_of_css_property("background-color") in palette for sp in spans), [
+            (sp.text, sp.get_attribute("title"), sp.value_of_css_property("background-color")) for sp in spans
+        ]
+        assert browser.execute_script("return window.colouredWhileStreaming") is True
         shot = tmp_path / "playground.png"
         assert browser.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve setups as OpenAI-compatible models over HTTP (see docs/serving.md)")
     _add_run_flags(v, config_help="serve config: setups, limits, host, port (see docs/serving.md)")
     v.add_argument("--id", help="model id of the setup given by --models/--method (default: the method, or the model)")
+    v.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="copies of the --models setup's models, requests run side by side on them (default 1)")  # fmt: skip
     v.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (default 8000)")
     v.add_argument(
@@ -327,7 +329,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.models:  # one setup from the flags
         run = _run_config(ns, data={})
         default_id = run.models[0].name if run.method == "single" and len(run.models) == 1 else run.method
-        setup = {"id": ns.id or Path(default_id).name, **run.model_dump(mode="json")}
+        setup = {"id": ns.id or Path(default_id).name, "replicas": ns.replicas, **run.model_dump(mode="json")}
         data["setups"] = [*(data.get("setups") or []), setup]
     elif not data.get("setups"):
         raise FuselmError("nothing to serve: give --models NAMES (and --method) or a --config with setups")

@@ -59,6 +59,9 @@ class ModelConfig(StrictModel):
     device: str = Field("cpu", description="torch device for the transformers backend (cpu, cuda, cuda:1)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers weights dtype")
     n_ctx: int = Field(4096, ge=64, description="context length for the llama.cpp backend")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for the llama.cpp backend (default: all usable)"
+    )
     trust_remote_code: bool = Field(False, description="allow custom model code from a model directory")
     weight: float = Field(1.0, gt=0.0, description="model weight in ensemble scoring")
 

@@ -62,6 +62,13 @@ class _StepCore(_Record):
     new_tokens: int
 
 
+class TextSpan(_Record):
+    """A piece of committed text and the model whose proposal it came from (None: no one model)."""
+
+    text: str
+    source: str | None = None
+
+
 class TraceStep(StepDetail, _StepCore):
     """One step of the decoding loop: what every step has (round, text, source, tokens), then
     the method's detail."""

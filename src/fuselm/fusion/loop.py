@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import GenerationConfig
 from ..models.loading import Model, Prompt
-from ..result import GenerationResult, GenerationStats, TraceStep, unique_names
+from ..result import GenerationResult, GenerationStats, TextSpan, TraceStep, unique_names
 from ..sampling import Sampler
 from ..text.words import earliest_stop
 from .base import FusionMethod, StepContext
@@ -26,6 +26,22 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     return best
 
 
+def _spans(owners: list[tuple[int, str | None]], text: str, start: int, end: int) -> list[TextSpan]:
+    """The pieces of `text[start:end]`, each with its source; `owners` holds (end offset, source)
+    for every committed piece of `text`, in order."""
+    out: list[TextSpan] = []
+    begin = 0
+    for stop, source in owners:
+        lo, hi = max(begin, start), min(stop, end)
+        if lo < hi:
+            if out and out[-1].source == source:
+                out[-1].text += text[lo:hi]
+            else:
+                out.append(TextSpan(text=text[lo:hi], source=source))
+        begin = stop
+    return out
+
+
 class GenerationCancelled(Exception):
     """A generation stopped by its caller's `cancel` (a client that went away, a deadline)."""
 
@@ -37,27 +53,39 @@ def decode(
     on_text: Callable[[str], None] | None = None,
     reference: str | None = None,
     cancel: Callable[[], bool] | None = None,
+    on_spans: Callable[[list[TextSpan]], None] | None = None,
 ) -> GenerationResult:
     """Run a built method for one prompt (a text, or a conversation of role/content messages);
-    `on_text` receives committed text as it is decided. `reference` is the prompt's reference
-    text, for methods that follow one (oracle-route). `cancel` is asked before every step: when
-    it says yes, the generation stops there with :class:`GenerationCancelled`."""
+    `on_text` receives committed text as it is decided, and `on_spans` the same text cut into
+    pieces by the model that won each (for colouring a stream). `reference` is the prompt's
+    reference text, for methods that follow one (oracle-route). `cancel` is asked before every
+    step: when it says yes, the generation stops there with :class:`GenerationCancelled`."""
     gen = generation or GenerationConfig()
     models = method.models
     sessions = method.open_sessions([m.prompt_text(prompt, gen) for m in models])
+    emit = None
+    if on_text is not None or on_spans is not None:
+
+        def emit(generated: str, owners: list[tuple[int, str | None]], start: int, end: int) -> None:
+            if on_text is not None:
+                on_text(generated[start:end])
+            if on_spans is not None:
+                on_spans(_spans(owners, generated, start, end))
+
     try:
-        return _run(method, sessions, gen, on_text, reference, cancel)
+        return _run(method, sessions, gen, emit, reference, cancel)
     finally:
         for s in sessions:
             s.close()
 
 
-def _run(method, sessions, gen: GenerationConfig, on_text, reference, cancel) -> GenerationResult:
+def _run(method, sessions, gen: GenerationConfig, emit, reference, cancel) -> GenerationResult:
     models = method.models
     names = unique_names([s.name for s in sessions])
     ctx = StepContext(sessions, gen.max_new_tokens, "", 0, gen, Sampler.from_config(gen), reference)
     ctx.state = method.start(ctx)
     generated = ""
+    owners: list[tuple[int, str | None]] = []  # (end offset in generated, source) per committed piece
     streamed = 0
     new_tokens = 0
     trace: list[TraceStep] = []
@@ -83,6 +111,7 @@ def _run(method, sessions, gen: GenerationConfig, on_text, reference, cancel) ->
         trace.append(TraceStep(round=ctx.round, text=step.text, source=source, new_tokens=step.new_tokens, **detail))
         if text:
             generated += text
+            owners.append((len(generated), source))  # pieces past a later stop cut are never shown
             if step.source is not None:
                 shares[step.source] += len(text)
             for s in sessions:
@@ -96,13 +125,13 @@ def _run(method, sessions, gen: GenerationConfig, on_text, reference, cancel) ->
         if not step.text and step.new_tokens == 0:
             finish = "stalled"  # a method that proposes nothing would loop forever
             break
-        if on_text is not None:
+        if emit is not None:
             upto = len(generated) - _stop_holdback(generated, gen.stop)
             if upto > streamed:
-                on_text(generated[streamed:upto])
+                emit(generated, owners, streamed, upto)
                 streamed = upto
-    if on_text is not None and len(generated) > streamed:
-        on_text(generated[streamed:])
+    if emit is not None and len(generated) > streamed:
+        emit(generated, owners, streamed, len(generated))
     seconds = time.perf_counter() - t0
     total = sum(shares) or 1
     stats = GenerationStats(

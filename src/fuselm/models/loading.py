@@ -89,7 +89,9 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
         bundled = BUNDLED[ref]
         kind = resolve_backend_kind(cfg, is_gguf=True)
         if kind == "llamacpp":
-            backend: Backend = llamacpp.LlamaCppBackend(assets.ensure_gguf(bundled), name=ref, n_ctx=cfg.n_ctx)
+            backend: Backend = llamacpp.LlamaCppBackend(
+                assets.ensure_gguf(bundled), name=ref, n_ctx=cfg.n_ctx, n_threads=cfg.threads
+            )
         else:
             from .hf import TransformersBackend
 
@@ -103,7 +105,7 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
             raise FuselmError(f"model file not found: {path}")
         kind = resolve_backend_kind(cfg, is_gguf=True)
         if kind == "llamacpp":
-            return Model(llamacpp.LlamaCppBackend(path, name=path.stem, n_ctx=cfg.n_ctx), cfg)
+            return Model(llamacpp.LlamaCppBackend(path, name=path.stem, n_ctx=cfg.n_ctx, n_threads=cfg.threads), cfg)
         # transformers reads GGUF directly, slowly; convert once into the cache like bundled models
         out = assets.cache_dir() / "hf" / f"{path.stem}-{assets.sha256_file(path)[:12]}"
         if not assets.is_converted(out.name):

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import GenerationConfig, validation_message
 from ..errors import FuselmError, UnknownNameError
 from ..fusion.loop import GenerationCancelled
-from ..result import GenerationResult
+from ..result import GenerationResult, TextSpan, unique_names
 from .config import ServeConfig
 from .engine import Engine, Overloaded, ServedSetup, wait_quietly
 from .metrics import Metrics
@@ -47,6 +47,7 @@ from .protocol import (
     ErrorDetail,
     ErrorResponse,
     FuselmInfo,
+    FuselmSpans,
     ModelCard,
     ModelList,
     Usage,
@@ -225,11 +226,13 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
         authorize(request)
-        cards = [
-            ModelCard(id=s.id, created=engine.started, method=s.method, models=[m.name for m in s.models])
-            for s in config.setups
-        ]
-        return ModelList(data=cards)
+        return ModelList(data=[card(s) for s in config.setups])
+
+    def card(s) -> ModelCard:
+        """A setup's card: its models as the traces name them once loaded (as configured before)."""
+        served = engine.setups[s.id] if s.id in engine.setups else None
+        names = unique_names([m.name for m in served.models]) if served else [m.name for m in s.models]
+        return ModelCard(id=s.id, created=engine.started, method=s.method, models=names)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(request: Request, body: CompletionRequest):
@@ -292,7 +295,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         if n_prompt + gen.max_new_tokens > context:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({gen.max_new_tokens}) is over the "
                            f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")  # fmt: skip
-        method = setup.method
+        method = None  # the setup's own
         if ext is not None and (ext.method is not None or ext.options is not None):
             try:
                 method = await asyncio.to_thread(setup.build, ext.method, ext.options)
@@ -331,9 +334,6 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             return None
         return FuselmInfo(method=result.method, models=result.models, stats=result.stats, trace=result.trace)
 
-    def cancel_check(cancel: threading.Event):
-        return lambda: cancel.is_set() or engine.cancel_all.is_set()
-
     async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
         while not cancel.is_set():
             if await request.is_disconnected():
@@ -349,8 +349,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             async with asyncio.timeout(limits.request_timeout_s):
                 async with engine.scheduler.slot():
                     for i in range(body.n):
-                        job = _job(setup, p["method"], p["prompt"], seeded(gen, i), None, cancel_check(cancel))
-                        results.append(await engine.scheduler.run(job, cancel))
+                        results.append(await run(setup, p, seeded(gen, i), None, cancel))
         except TimeoutError:
             raise APIError(408, f"the request took longer than its deadline of {limits.request_timeout_s:g} s",
                            type="timeout", code="deadline_exceeded") from None  # fmt: skip
@@ -361,7 +360,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             raise APIError(400, str(e)) from None
         finally:
             watcher.cancel()
-            if p["method"] is not setup.method:
+            if p["method"] is not None:
                 p["method"].close()
         metrics.prompt_tokens.labels(setup.id).inc(p["n_prompt"])
         for r in results:
@@ -387,8 +386,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         ]
         return CompletionResponse(id=rid, created=created, model=setup.id, choices=choices, usage=usage)
 
-    def _job(setup: ServedSetup, method, prompt, gen, on_text, cancel):
-        return lambda: setup.generate(method, prompt, gen, on_text, cancel)
+    def run(setup: ServedSetup, p: dict[str, Any], gen: GenerationConfig, on_spans, cancel: threading.Event):
+        return setup.run(engine.scheduler, p["method"], p["prompt"], gen, on_spans, cancel, engine.cancel_all)
 
     async def stream(request: Request, body, chat: bool, p: dict[str, Any], t0: float, shutdown: anyio.Event):
         """The server-sent events of one request: a chunk per committed span, then `[DONE]`. On
@@ -411,21 +410,24 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
                                                                  fuselm=extra)])  # fmt: skip
             return {"data": c.model_dump_json(exclude_none=True)}
 
+        def spans_chunk(i: int, spans: list[TextSpan]) -> dict:
+            extra = FuselmSpans(spans=spans) if p["trace"] else None
+            return chunk(i, text="".join(s.text for s in spans), extra=extra)
+
         status = "200"
         completion_tokens = 0
         try:
             async with asyncio.timeout(limits.request_timeout_s):
                 async with engine.scheduler.slot():
                     for i in range(body.n):
-                        queue: asyncio.Queue[str] = asyncio.Queue()
+                        queue: asyncio.Queue[list[TextSpan]] = asyncio.Queue()
 
-                        def on_text(text: str, queue=queue) -> None:
-                            loop.call_soon_threadsafe(queue.put_nowait, text)
+                        def on_spans(spans: list[TextSpan], queue=queue) -> None:
+                            loop.call_soon_threadsafe(queue.put_nowait, spans)
 
                         if chat:
                             yield chunk(i, role=True, text="")
-                        job = _job(setup, p["method"], p["prompt"], seeded(gen, i), on_text, cancel_check(cancel))
-                        task = asyncio.ensure_future(engine.scheduler.run(job, cancel))
+                        task = asyncio.ensure_future(run(setup, p, seeded(gen, i), on_spans, cancel))
                         stopping = asyncio.ensure_future(shutdown.wait())
                         try:
                             while True:
@@ -442,9 +444,9 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
                                 if first_text is None:
                                     first_text = time.perf_counter()
                                     metrics.first_token.labels(setup.id).observe(first_text - t0)
-                                yield chunk(i, text=getter.result())
+                                yield spans_chunk(i, getter.result())
                             while not queue.empty():  # spans sent just before the end
-                                yield chunk(i, text=queue.get_nowait())
+                                yield spans_chunk(i, queue.get_nowait())
                             result: GenerationResult = task.result()
                         finally:
                             stopping.cancel()
@@ -485,7 +487,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             status = "500"
             yield _error_event(APIError(500, "internal error in fuselm (see the server log)", type="internal_error"))
         finally:
-            if p["method"] is not setup.method:
+            if p["method"] is not None:
                 p["method"].close()
             metrics.requests.labels(endpoint, setup.id, status).inc()
             metrics.latency.labels(endpoint, setup.id).observe(time.perf_counter() - t0)

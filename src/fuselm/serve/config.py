@@ -44,6 +44,9 @@ class Setup(StrictModel):
     method: str = "single"
     method_options: dict[str, Any] = Field(default_factory=dict)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    replicas: int = Field(
+        1, ge=1, le=64, description="copies of the models: requests run side by side on free copies (memory x N)"
+    )
 
     @model_validator(mode="after")
     def _id_chars(self) -> Setup:

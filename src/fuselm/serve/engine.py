@@ -1,11 +1,13 @@
 """What the server runs: models loaded once, setups built once, and requests admitted by slot.
 
-Concurrency (documented in docs/serving.md): a loaded model runs one request at a time. Each
-backend has a lock; a request takes the locks of all its setup's models (in one global order,
-so two requests never wait on each other in a cycle) for the time of its generation, in a
-worker thread. Requests on different models run side by side; requests on the same model
-queue for it. Each request's sessions own their caches, and a model's prefix cache hands its
-warm prompt prefix to whichever request comes next, so few-shot prompts stay cheap.
+Concurrency (documented in docs/serving.md): a loaded model runs one request at a time. A
+request takes all the models of one replica of its setup at once (all or none, so two requests
+never hold part of what each other needs) for the time of its generation, in a worker thread.
+Requests on different models run side by side; requests on the same model queue for it. A
+setup with `replicas: N` has N copies of its models (each with its share of the CPU threads),
+and a request runs on whichever copy is free. Each request's sessions own their caches, and a
+model's prefix cache hands its warm prompt prefix to whichever request comes next on it, so
+few-shot prompts stay cheap.
 
 Admission: at most `max_concurrent` requests hold a slot (a worker thread); at most
 `max_queue` more wait for one; beyond that a request is refused at once (429).
@@ -14,23 +16,24 @@ Admission: at most `max_concurrent` requests hold a slot (a worker thread); at m
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
 from ..config import GenerationConfig, ModelConfig
 from ..fusion.base import FusionMethod
-from ..fusion.loop import GenerationCancelled, decode
+from ..fusion.loop import decode
 from ..fusion.methods import build_method, check_method
 from ..models.loading import Model, Prompt, load_model
 from ..registry import Registry
-from ..result import GenerationResult
+from ..result import GenerationResult, TextSpan
 from .config import Limits, ServeConfig, Setup
 
 
@@ -38,63 +41,113 @@ class Overloaded(Exception):
     """Every slot is taken and the queue is full."""
 
 
-@dataclass
-class LoadedModel:
-    model: Model
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    order: int = 0  # the global lock order
-
-
 class ModelPool:
-    """Each distinct model (name, engine, device, dtype...) loaded once, whatever setups use it;
-    setups that give it other ensemble weights get their own Model object over the same backend
-    and prefix cache."""
+    """Each distinct model (name, engine, device, dtype, threads, replica) loaded once, whatever
+    setups use it; setups that give it other ensemble weights get their own Model object over
+    the same backend and prefix cache. Also who is using which model right now."""
 
     def __init__(self) -> None:
-        self._loaded: dict[str, LoadedModel] = {}
+        self._loaded: dict[str, Model] = {}
+        self._busy: set[int] = set()  # ids of backends a generation holds (event-loop state)
+        self._changed: asyncio.Event | None = None  # set when models are given back
 
     @staticmethod
-    def _key(cfg: ModelConfig) -> str:
-        return cfg.model_copy(update={"weight": 1.0}).model_dump_json()
+    def _key(cfg: ModelConfig, replica: int) -> str:
+        return f"{replica}:" + cfg.model_copy(update={"weight": 1.0}).model_dump_json()
 
-    def get(self, cfg: ModelConfig) -> tuple[Model, LoadedModel]:
-        key = self._key(cfg)
+    def get(self, cfg: ModelConfig, replica: int = 0) -> Model:
+        key = self._key(cfg, replica)
         if key not in self._loaded:
-            self._loaded[key] = LoadedModel(load_model(cfg), order=len(self._loaded))
+            self._loaded[key] = load_model(cfg)
         shared = self._loaded[key]
-        if cfg == shared.model.config:
-            return shared.model, shared
-        return Model(shared.model.backend, cfg, shared.model.prefix_cache), shared
+        if cfg == shared.config:
+            return shared
+        return Model(shared.backend, cfg, shared.prefix_cache)
 
-    def models(self) -> list[LoadedModel]:
+    def models(self) -> list[Model]:
         return list(self._loaded.values())
 
+    def _free(self, choices: Sequence[Sequence[Model]]) -> int | None:
+        for i, models in enumerate(choices):
+            if not {id(m.backend) for m in models} & self._busy:
+                return i
+        return None
+
+    @asynccontextmanager
+    async def hold(self, choices: Sequence[Sequence[Model]]):
+        """Wait until every model of one of `choices` is free and hold them; yields which. The
+        wait is in the event loop, not in a thread: waiting requests cost nothing, and the
+        running generation's threads keep the cores (measured: waiting worker threads slowed
+        llama.cpp by 5-20% here)."""
+        while (i := self._free(choices)) is None:
+            changed = self._changed = self._changed or asyncio.Event()
+            await changed.wait()
+        ids = {id(m.backend) for m in choices[i]}
+        self._busy |= ids
+        try:
+            yield i
+        finally:  # no await here: a cancelled request frees its models at once
+            self._busy -= ids
+            if self._changed is not None:
+                self._changed.set()
+                self._changed = None
+
     def close(self) -> None:
-        for lm in self._loaded.values():
-            lm.model.close()
+        for m in self._loaded.values():
+            m.close()
+
+
+@dataclass
+class Replica:
+    """One copy of a setup's models and the setup's method built over them."""
+
+    models: list[Model]
+    method: FusionMethod
+
+
+@dataclass
+class RequestMethod:
+    """A method a request asked for (the fuselm extension), built over the first replica when it
+    was checked; another replica gets its own copy when the request runs there."""
+
+    name: str
+    options: dict[str, Any]
+    built: FusionMethod
+
+    def close(self) -> None:
+        self.built.close()
 
 
 @dataclass
 class ServedSetup:
-    """One model id: its models (loaded), its method (built once) and its defaults."""
+    """One model id: its models (loaded, once per replica), its method (built once per replica)
+    and its defaults."""
 
     config: Setup
-    models: list[Model]
-    method: FusionMethod
-    loaded: list[LoadedModel]
+    replicas: list[Replica]
+    pool: ModelPool
 
     @property
     def id(self) -> str:
         return self.config.id
 
-    def build(self, method: str | None, options: dict[str, Any] | None) -> FusionMethod:
-        """The setup's own method, or one built for a request that names another method or options."""
+    @property
+    def models(self) -> list[Model]:
+        return self.replicas[0].models
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def build(self, method: str | None, options: dict[str, Any] | None) -> RequestMethod | None:
+        """None for the setup's own method; else the method a request names, or the setup's with
+        the request's options (FuselmError when it cannot run on these models)."""
         if method is None and options is None:
-            return self.method
+            return None
         name = method or self.config.method
         opts = options if options is not None else (self.config.method_options if method is None else {})
         check_method(name, len(self.models), opts)
-        return build_method(name, self.models, opts)
+        return RequestMethod(name, opts, build_method(name, self.models, opts))
 
     def prompt_tokens(self, prompt: Prompt, gen: GenerationConfig) -> int:
         """The longest of the models' tokenizations of the prompt as each renders it."""
@@ -103,27 +156,58 @@ class ServedSetup:
     def context_length(self) -> int:
         return min(m.info.context_length for m in self.models)
 
-    def generate(
+    async def run(
         self,
-        method: FusionMethod,
+        scheduler: Scheduler,
+        method: RequestMethod | None,
         prompt: Prompt,
         gen: GenerationConfig,
-        on_text: Callable[[str], None] | None,
-        cancel: Callable[[], bool],
+        on_spans: Callable[[list[TextSpan]], None] | None,
+        cancel: threading.Event,
+        stop_all: threading.Event,
     ) -> GenerationResult:
-        """Run one generation with the setup's models locked (blocking: call from a worker)."""
-        locks = sorted({id(lm): lm for lm in self.loaded}.values(), key=lambda lm: lm.order)
-        taken: list[threading.Lock] = []
-        try:
-            for lm in locks:
-                while not lm.lock.acquire(timeout=0.05):
-                    if cancel():
-                        raise GenerationCancelled("cancelled while waiting for its models")
-                taken.append(lm.lock)
-            return decode(method, prompt, gen, on_text=on_text, cancel=cancel)
-        finally:
-            for lock in reversed(taken):
-                lock.release()
+        """One generation on a free replica, in a worker thread; it stops at its next step once
+        `cancel` or `stop_all` is set (see :meth:`Scheduler.run`)."""
+        async with self.pool.hold([r.models for r in self.replicas]) as i:
+            replica = self.replicas[i]
+
+            def work() -> GenerationResult:
+                own = None
+                if method is None:
+                    built = replica.method
+                elif i == 0:
+                    built = method.built
+                else:
+                    built = own = build_method(method.name, replica.models, method.options)
+                try:
+                    check = lambda: cancel.is_set() or stop_all.is_set()  # noqa: E731
+                    return decode(built, prompt, gen, cancel=check, on_spans=on_spans)
+                finally:
+                    if own is not None:
+                        own.close()
+
+            return await scheduler.run(work, cancel)
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.method.close()
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def replica_configs(setup: Setup) -> list[list[ModelConfig]]:
+    """The model configs of each replica: with several replicas, a model that does not say how
+    many threads to use gets an equal share of the cores, so that the copies do not fight."""
+    if setup.replicas == 1:
+        return [list(setup.models)]
+    share = max(1, usable_cpus() // setup.replicas)
+    models = [m if m.threads is not None else m.model_copy(update={"threads": share}) for m in setup.models]
+    return [models for _ in range(setup.replicas)]
 
 
 class Scheduler:
@@ -193,23 +277,25 @@ class Engine:
         self.cancel_all = threading.Event()  # set at shutdown: every generation stops at its next step
 
     def load(self) -> None:
-        """Load every model once and build every setup's method; then answer one token per setup."""
+        """Load every model once (per replica) and build every setup's method; then answer one
+        token on every replica."""
         for s in self.config.setups:  # cheap checks first: no model loaded for a config error
             check_method(s.method, len(s.models), s.method_options)
         for s in self.config.setups:
-            pairs = [self.pool.get(m) for m in s.models]
-            models = [m for m, _ in pairs]
-            self.setups.add(
-                ServedSetup(s, models, build_method(s.method, models, s.method_options), [lm for _, lm in pairs])
-            )
+            replicas = []
+            for r, configs in enumerate(replica_configs(s)):
+                models = [self.pool.get(m, replica=r) for m in configs]
+                replicas.append(Replica(models, build_method(s.method, models, s.method_options)))
+            self.setups.add(ServedSetup(s, replicas, self.pool))
         for setup in self.setups.values():
             gen = setup.config.generation.model_copy(update={"max_new_tokens": 1})
-            setup.generate(setup.method, "Hello", gen, None, self.cancel_all.is_set)
+            for replica in setup.replicas:
+                decode(replica.method, "Hello", gen, cancel=self.cancel_all.is_set)
         self.ready = True
 
     def close(self) -> None:
         self.cancel_all.set()
         self.scheduler.close()
         for s in self.setups.values():
-            s.method.close()
+            s.close()
         self.pool.close()

@@ -1,5 +1,5 @@
-"""The page at `/`: type a prompt, watch the answer stream in; when it ends, each span takes the
-colour of the model that won it (from the fusion trace, as `generate --html` colours it)."""
+"""The page at `/`: type a prompt, watch the answer stream in, each span in the colour of the
+model that won it (the stream's `fuselm.spans`, as `generate --html` colours a trace)."""
 
 from __future__ import annotations
 
@@ -39,40 +39,38 @@ async function loadModels() {
   $("model").innerHTML = "";
   for (const m of body.data || []) {
     const o = document.createElement("option");
-    o.value = m.id; o.textContent = m.id + " (" + m.method + ": " + m.models.join(" + ") + ")";
+    o.value = m.id; o.dataset.models = JSON.stringify(m.models); o.textContent = m.id + " (" + m.method + ": " + m.models.join(" + ") + ")";
     $("model").appendChild(o);
   }
 }
-function colour(text, trace, models) {
-  const colours = {};
+let colours = {};
+function legend(models) {
+  colours = {};
   models.forEach((m, i) => { colours[m] = PALETTE[i % PALETTE.length]; });
-  const out = $("answer"); out.textContent = "";
-  let shown = 0;
-  for (const step of trace) {
-    const t = step.text.slice(0, Math.max(0, text.length - shown));
-    if (!t) continue;
-    shown += t.length;
-    const span = document.createElement("span");
-    span.className = "s"; span.textContent = t; span.title = step.source || "";
-    span.style.background = colours[step.source] || "#eeeeee";
-    out.appendChild(span);
-  }
-  if (shown < text.length) out.appendChild(document.createTextNode(text.slice(shown)));
   $("legend").textContent = "";
   for (const m of models) {
     const s = document.createElement("span");
-    s.className = "s"; s.style.background = colours[m]; s.textContent = m + " ";
+    s.className = "s"; s.style.background = colours[m]; s.textContent = m;
     $("legend").appendChild(s); $("legend").appendChild(document.createTextNode(" "));
   }
 }
+function show(text, source) {
+  // a span per piece of streamed text, coloured by the model that won it
+  const span = document.createElement("span");
+  span.className = "s"; span.textContent = text; span.title = source || "";
+  span.style.background = source ? (colours[source] || "#eeeeee") : "transparent";
+  $("answer").appendChild(span);
+}
 async function generate() {
   $("answer").textContent = ""; $("status").textContent = "generating...";
+  const option = $("model").selectedOptions[0];
+  legend(option ? JSON.parse(option.dataset.models) : []);
   const body = {model: $("model").value, stream: true, max_tokens: parseInt($("max").value),
                 messages: [{role: "user", content: $("prompt").value}], fuselm: {trace: true}};
   const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(body)});
   if (!r.ok) { const e = await r.json(); $("status").textContent = "error: " + e.error.message; return; }
   const reader = r.body.getReader(); const dec = new TextDecoder();
-  let buf = "", text = "";
+  let buf = "";
   for (;;) {
     const {value, done} = await reader.read();
     if (done) break;
@@ -86,8 +84,8 @@ async function generate() {
       const msg = JSON.parse(data);
       if (msg.error) { $("status").textContent = "error: " + msg.error.message; continue; }
       for (const c of msg.choices || []) {
-        if (c.delta && c.delta.content) { text += c.delta.content; $("answer").textContent = text; }
-        if (c.fuselm) colour(text, c.fuselm.trace, c.fuselm.models);
+        if (c.fuselm && c.fuselm.spans) { for (const sp of c.fuselm.spans) show(sp.text, sp.source); }
+        else if (c.delta && c.delta.content) show(c.delta.content, null);
       }
     }
   }

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..result import GenerationStats, TraceStep
+from ..result import GenerationStats, TextSpan, TraceStep
 
 
 class _Request(BaseModel):
@@ -183,6 +183,13 @@ class FuselmInfo(BaseModel):
     trace: list[TraceStep]
 
 
+class FuselmSpans(BaseModel):
+    """The `fuselm` object of a streamed chunk (asked for with trace): the chunk's text, cut
+    into pieces by the model that won each, so that a client can colour the stream as it comes."""
+
+    spans: list[TextSpan]
+
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -191,7 +198,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: FinishReason | None
-    fuselm: FuselmInfo | None = None
+    fuselm: FuselmInfo | FuselmSpans | None = None
 
 
 class _Object(BaseModel):
@@ -237,7 +244,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: None = None
     finish_reason: FinishReason | None = None
-    fuselm: FuselmInfo | None = None
+    fuselm: FuselmInfo | FuselmSpans | None = None
 
 
 class ChatCompletionChunk(_Object):
