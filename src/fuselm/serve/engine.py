@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -99,10 +99,18 @@ class ModelPool:
 
 @dataclass
 class Replica:
-    """One copy of a setup's models and the setup's method built over them."""
+    """One copy of a setup's models, the setup's method built over them, and the one thread that
+    runs their generations. One thread, always the same: llama.cpp's CPU backend (OpenMP) keeps
+    a team of spinning threads per calling thread, and a model driven from a pool's threads in
+    turn was measured 30% slower here, and stayed slower after."""
 
     models: list[Model]
     method: FusionMethod
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="fuselm-gen"))
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
+        self.method.close()
 
 
 @dataclass
@@ -186,11 +194,11 @@ class ServedSetup:
                     if own is not None:
                         own.close()
 
-            return await scheduler.run(work, cancel)
+            return await scheduler.run(work, cancel, replica.worker)
 
     def close(self) -> None:
         for r in self.replicas:
-            r.method.close()
+            r.close()
 
 
 def usable_cpus() -> int:
@@ -211,14 +219,13 @@ def replica_configs(setup: Setup) -> list[list[ModelConfig]]:
 
 
 class Scheduler:
-    """Slots for generations, a bounded queue in front of them, and the threads they run in."""
+    """Slots for generations and a bounded queue in front of them."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
         self._slots = asyncio.Semaphore(limits.max_concurrent)
         self.waiting = 0
         self.running = 0
-        self.executor = ThreadPoolExecutor(max_workers=limits.max_concurrent, thread_name_prefix="fuselm-gen")
 
     def admit(self) -> None:
         """Refuse now (Overloaded) when a request would find every slot and the queue full."""
@@ -240,20 +247,17 @@ class Scheduler:
             self.running -= 1
             self._slots.release()
 
-    async def run(self, fn: Callable[[], Any], cancel: threading.Event) -> Any:
-        """`fn` in a worker thread. If the awaiting task is cancelled (the client went away, the
+    async def run(self, fn: Callable[[], Any], cancel: threading.Event, worker: ThreadPoolExecutor) -> Any:
+        """`fn` on `worker` (a replica's thread). If the awaiting task is cancelled (the client went away, the
         deadline passed), `cancel` is set and the slot is kept until the thread has stopped,
         which the generation does before its next step."""
-        future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        future = asyncio.get_running_loop().run_in_executor(worker, fn)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             cancel.set()
             await wait_quietly(future)
             raise
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 async def wait_quietly(future) -> None:
@@ -289,13 +293,12 @@ class Engine:
             self.setups.add(ServedSetup(s, replicas, self.pool))
         for setup in self.setups.values():
             gen = setup.config.generation.model_copy(update={"max_new_tokens": 1})
-            for replica in setup.replicas:
-                decode(replica.method, "Hello", gen, cancel=self.cancel_all.is_set)
+            for replica in setup.replicas:  # on the replica's own thread, as every later request
+                replica.worker.submit(decode, replica.method, "Hello", gen, cancel=self.cancel_all.is_set).result()
         self.ready = True
 
     def close(self) -> None:
         self.cancel_all.set()
-        self.scheduler.close()
         for s in self.setups.values():
             s.close()
         self.pool.close()
