@@ -120,6 +120,20 @@ def test_vllm_tokenizes_scores_and_ranks_as_the_same_weights_in_process(vllm_url
         assert scores[1][0] == pytest.approx(float(lp[other]), abs=2e-3)
         with pytest.raises(ValueError):
             engine.score([full], start=0)
+        # a greedy rollout with top-2: the same tokens as in-process greedy where the top-2
+        # gap is clear (near-ties may go either way between engines), the same log-probs
+        roll = engine.rollout(ids, 8, k=2)
+        assert len(roll.token_ids) == len(roll.token_logprobs) == len(roll.top) <= 8
+        compared = 0
+        for tok, value, top in zip(roll.token_ids, roll.token_logprobs, roll.top):
+            assert len(top) >= 2 and tok in top
+            ranked = torch.topk(lp, 2)
+            if float(ranked.values[0] - ranked.values[1]) < 0.05:
+                break
+            assert tok == int(ranked.indices[0]) and value == pytest.approx(float(lp[tok]), abs=2e-3)
+            lp = local.extend(cache, [tok])
+            compared += 1
+        assert compared >= 1  # " Paris" is clear
     finally:
         engine.close()
 

@@ -10,6 +10,7 @@ So far: vLLM's OpenAI server (`/tokenize`, `/v1/completions` on token-id prompts
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FuselmError
@@ -17,6 +18,14 @@ from ..errors import FuselmError
 
 class EngineError(FuselmError):
     """An engine that did not answer, or answered something fuselm cannot use."""
+
+
+@dataclass
+class EngineRollout:
+    token_ids: list[int]
+    token_logprobs: list[float]
+    top: list[dict[int, float]]  # the top-k before each token
+    finished: bool  # the engine stopped on an end-of-sequence token (not in token_ids)
 
 
 class VLLMEngine:
@@ -66,6 +75,20 @@ class VLLMEngine:
                 "return_tokens_as_token_ids": True}  # fmt: skip
         top = self._post("/v1/completions", body)["choices"][0]["logprobs"]["top_logprobs"][0]
         return {_token_id(key): float(lp) for key, lp in top.items()}
+
+    def rollout(self, ids: Sequence[int], max_tokens: int, k: int = 2) -> EngineRollout:
+        """Greedy tokens after `ids` (up to `max_tokens`; fewer where the model ends), each with
+        its log-prob and the top-k before it (k >= 2 gives the top-1/top-2 margin)."""
+        body = {"model": self.model, "prompt": list(ids), "max_tokens": max_tokens, "temperature": 0,
+                "logprobs": k, "return_tokens_as_token_ids": True}  # fmt: skip
+        choice = self._post("/v1/completions", body)["choices"][0]
+        lp = choice["logprobs"]
+        return EngineRollout(
+            token_ids=[_token_id(t) for t in lp["tokens"]],
+            token_logprobs=[float(x) for x in lp["token_logprobs"]],
+            top=[{_token_id(key): float(v) for key, v in row.items()} for row in lp["top_logprobs"]],
+            finished=choice["finish_reason"] == "stop",
+        )
 
     def score(self, sequences: Sequence[Sequence[int]], start: int) -> list[list[float]]:
         """For each token-id sequence, log p(token i | tokens before it) for every i >= start
