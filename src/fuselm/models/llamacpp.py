@@ -75,7 +75,7 @@ class LlamaCppBackend(Backend):
             )
         except ValueError as e:
             raise FuselmError(f"cannot load {path}: not a valid GGUF model ({e})") from e
-        threads = n_threads or _usable_cpus()
+        threads = n_threads or usable_cpus()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = 512
@@ -398,7 +398,7 @@ def _token_scores(branches: Sequence[Sequence[int]], rows: list[list[torch.Tenso
     ]
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (respects taskset / container CPU sets, unlike cpu_count)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -16,7 +16,6 @@ Admission: at most `max_concurrent` requests hold a slot (a worker thread); at m
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from ..config import GenerationConfig, ModelConfig
 from ..fusion.base import FusionMethod
 from ..fusion.loop import decode
 from ..fusion.methods import build_method, check_method
+from ..models.llamacpp import usable_cpus
 from ..models.loading import Model, Prompt, load_model
 from ..registry import Registry
 from ..result import GenerationResult, TextSpan
@@ -199,13 +199,6 @@ class ServedSetup:
     def close(self) -> None:
         for r in self.replicas:
             r.close()
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def replica_configs(setup: Setup) -> list[list[ModelConfig]]:
