@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import httpx  # the `remote` extra
+
 from ..errors import FuselmError
 
 
@@ -35,16 +37,12 @@ class VLLMEngine:
     kind = "vllm"
 
     def __init__(self, url: str, model: str | None = None, timeout_s: float = 60.0, api_key: str | None = None):
-        import httpx
-
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
         self.model = model or self._only_model()
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
         try:
             r = self._http.post(path, json=body)
         except httpx.HTTPError as e:
@@ -54,8 +52,6 @@ class VLLMEngine:
         return r.json()
 
     def _only_model(self) -> str:
-        import httpx
-
         try:
             models = [m["id"] for m in self._http.get("/v1/models").json()["data"]]
         except (httpx.HTTPError, KeyError, ValueError) as e:

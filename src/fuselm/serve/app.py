@@ -387,7 +387,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         return CompletionResponse(id=rid, created=created, model=setup.id, choices=choices, usage=usage)
 
     def run(setup: ServedSetup, p: dict[str, Any], gen: GenerationConfig, on_spans, cancel: threading.Event):
-        return setup.run(engine.scheduler, p["method"], p["prompt"], gen, on_spans, cancel, engine.cancel_all)
+        return setup.run(p["method"], p["prompt"], gen, on_spans, cancel, engine.cancel_all)
 
     async def stream(request: Request, body, chat: bool, p: dict[str, Any], t0: float, shutdown: anyio.Event):
         """The server-sent events of one request: a chunk per committed span, then `[DONE]`. On

@@ -166,7 +166,6 @@ class ServedSetup:
 
     async def run(
         self,
-        scheduler: Scheduler,
         method: RequestMethod | None,
         prompt: Prompt,
         gen: GenerationConfig,
@@ -175,7 +174,7 @@ class ServedSetup:
         stop_all: threading.Event,
     ) -> GenerationResult:
         """One generation on a free replica, in a worker thread; it stops at its next step once
-        `cancel` or `stop_all` is set (see :meth:`Scheduler.run`)."""
+        `cancel` or `stop_all` is set (see :func:`run_on`)."""
         async with self.pool.hold([r.models for r in self.replicas]) as i:
             replica = self.replicas[i]
 
@@ -194,7 +193,7 @@ class ServedSetup:
                     if own is not None:
                         own.close()
 
-            return await scheduler.run(work, cancel, replica.worker)
+            return await run_on(replica.worker, work, cancel)
 
     def close(self) -> None:
         for r in self.replicas:
@@ -240,17 +239,18 @@ class Scheduler:
             self.running -= 1
             self._slots.release()
 
-    async def run(self, fn: Callable[[], Any], cancel: threading.Event, worker: ThreadPoolExecutor) -> Any:
-        """`fn` on `worker` (a replica's thread). If the awaiting task is cancelled (the client went away, the
-        deadline passed), `cancel` is set and the slot is kept until the thread has stopped,
-        which the generation does before its next step."""
-        future = asyncio.get_running_loop().run_in_executor(worker, fn)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            cancel.set()
-            await wait_quietly(future)
-            raise
+
+async def run_on(worker: ThreadPoolExecutor, fn: Callable[[], Any], cancel: threading.Event) -> Any:
+    """`fn` on `worker` (a replica's thread). If the awaiting task is cancelled (the client went
+    away, the deadline passed), `cancel` is set and this waits until the thread has stopped,
+    which the generation does before its next step, so that its slot stays taken till then."""
+    future = asyncio.get_running_loop().run_in_executor(worker, fn)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        await wait_quietly(future)
+        raise
 
 
 async def wait_quietly(future) -> None:
