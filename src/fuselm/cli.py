@@ -13,12 +13,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .config import GenerationConfig, ModelConfig, RunConfig, validation_message
+from .config import LOCAL_FIELDS, GenerationConfig, ModelConfig, RunConfig, parse_model_ref, validation_message
 from .errors import FuselmError
 from .files import load_yaml
 
-# Flags whose CLI spelling differs from a plain --field-name.
-_SPECIAL_FIELDS = {"chat", "name", "weight", "trust_remote_code"}
+# Flags whose CLI spelling differs from a plain --field-name (or that belong to one model entry:
+# a model on an engine is given in --models as ENGINE:URL, see config.parse_model_ref).
+_SPECIAL_FIELDS = {"chat", "name", "weight", "trust_remote_code", "engine", "url", "model", "api_key_env"}
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str]) -> None:
@@ -157,11 +158,10 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> R
     data["generation"] = gen
     model_overrides = _pick(ns, ModelConfig)
     if ns.models:
-        names = [n.strip() for n in ns.models.split(",") if n.strip()]
-        data["models"] = [{"name": n} for n in names]
+        data["models"] = [parse_model_ref(n.strip()) for n in ns.models.split(",") if n.strip()]
     if not data.get("models"):
         raise FuselmError("no model given: use --model NAME (see `fuselm models`) or a --config file")
-    data["models"] = [{**({"name": m} if isinstance(m, str) else m), **model_overrides} for m in data["models"]]
+    data["models"] = [_with_overrides(m, model_overrides) for m in data["models"]]
     if hasattr(ns, "method"):
         data["method"] = ns.method
     opts = dict(data.get("method_options") or {})
@@ -181,6 +181,14 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> R
 
     check_method(cfg.method, len(cfg.models), cfg.method_options)  # before any model is loaded
     return cfg
+
+
+def _with_overrides(entry: str | dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A model entry with the command line's model flags, each where it fits (--threads to the
+    in-process models, --timeout-s to those on engines)."""
+    entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+    skip = LOCAL_FIELDS if entry.get("engine") else ("timeout_s",)
+    return {**entry, **{k: v for k, v in overrides.items() if k not in skip}}
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

@@ -16,13 +16,18 @@ A config file looks like::
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # SmolLM2's own default system prompt makes the 135M model answer "What is the capital of
 # France?" in broken French; this neutral one is what the bundled instruct models answer best with.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
+
+
+EngineKind = Literal["vllm", "sglang", "llamacpp-server"]
+ENGINE_KINDS = typing.get_args(EngineKind)
 
 
 class StrictModel(BaseModel):
@@ -42,6 +47,9 @@ class GenerationConfig(StrictModel):
         "auto", description="chat template (chat), raw text (raw), or chat where the model has a template (auto)"
     )
     system: str | None = Field(DEFAULT_SYSTEM_PROMPT, description="system prompt in chat mode")
+    on_expert_failure: Literal["fail", "drop"] = Field(
+        "fail", description="an expert on an engine fails: end with its error (fail) or go on without it (drop)"
+    )
 
     @field_validator("stop")
     @classmethod
@@ -64,6 +72,61 @@ class ModelConfig(StrictModel):
     )
     trust_remote_code: bool = Field(False, description="allow custom model code from a model directory")
     weight: float = Field(1.0, gt=0.0, description="model weight in ensemble scoring")
+    # A model served by an engine in another process (docs/scale-out.md): `name` is then only
+    # what traces and results call it.
+    engine: EngineKind | None = Field(
+        None, description="serving engine that runs this model in another process (with url)"
+    )
+    url: str | None = Field(None, description="base URL of the model's engine, e.g. http://gpu-node-1:8000")
+    model: str | None = Field(None, description="the engine's id of the model (default: the only one it serves)")
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="seconds an engine may take to connect or answer")
+    api_key_env: str | None = Field(None, description="environment variable that holds the engine's API key")
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> ModelConfig:
+        if self.engine is None:
+            remote_only = sorted(f for f in REMOTE_FIELDS if f in self.model_fields_set and getattr(self, f) is not None)
+            if remote_only:
+                raise ValueError(
+                    f"{', '.join(remote_only)}: only for a model on an engine (add engine: vllm, sglang or llamacpp-server)"
+                )
+            return self
+        if not self.url:
+            raise ValueError(f"a model on engine {self.engine!r} needs url: (e.g. http://127.0.0.1:8000)")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        local = sorted(f for f in LOCAL_FIELDS if f in self.model_fields_set)
+        if local:
+            raise ValueError(f"{', '.join(local)}: only for in-process models; {self.name!r} runs on {self.engine}")
+        return self
+
+    @property
+    def remote(self) -> bool:
+        return self.engine is not None
+
+
+def parse_model_ref(ref: str) -> dict[str, Any]:
+    """One entry of `--models`: a bundled name, a directory or a .gguf file, or a model on a
+    serving engine as `[NAME=]ENGINE:URL[#MODEL_ID]`, e.g. `vllm:http://gpu-node-1:8000` or
+    `llama=vllm:http://10.0.0.5:8000#meta-llama/Llama-3.1-8B-Instruct`."""
+    name, eq, rest = ref.partition("=")
+    if not eq:
+        name, rest = "", ref
+    engine, colon, url = rest.partition(":")
+    if not colon or engine not in ENGINE_KINDS or not url.startswith(("//", "http")):
+        return {"name": ref}
+    url = url if url.startswith("http") else "http:" + url
+    url, _, model = url.partition("#")
+    entry: dict[str, Any] = {"name": name or f"{engine}@{url.split('://', 1)[-1].rstrip('/')}", "engine": engine, "url": url}
+    if model:
+        entry["model"] = model
+    return entry
+
+
+# Fields that only mean something for one kind of model entry (checked above; the CLI applies its
+# flags to the entries they fit).
+LOCAL_FIELDS = ("backend", "device", "dtype", "n_ctx", "threads", "trust_remote_code")
+REMOTE_FIELDS = ("url", "model", "api_key_env")
 
 
 class RunConfig(StrictModel):

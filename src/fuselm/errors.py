@@ -24,3 +24,8 @@ class UnknownNameError(FuselmError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class EngineError(FuselmError):
+    """A serving engine (an expert in another process) that did not answer, or answered
+    something fuselm cannot use; the message names the expert and the engine."""

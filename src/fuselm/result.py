@@ -60,6 +60,7 @@ class _StepCore(_Record):
     text: str  # the text the step proposed (a stop string may cut what was committed)
     source: str | None  # the model whose proposal won
     new_tokens: int
+    dropped: dict[str, str] | None = None  # experts that failed in this step and were dropped, and why
 
 
 class TextSpan(_Record):

@@ -91,6 +91,8 @@ class Sampler:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.greedy = temperature == 0
+        # kept for engines that sample on their side (a remote expert's streams)
+        self.temperature, self.top_k, self.top_p, self.seed = float(temperature), int(top_k), float(top_p), seed
         self.processors: list[LogitsProcessor] = []
         if not self.greedy:
             self.processors.append(Temperature(temperature))

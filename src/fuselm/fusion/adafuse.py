@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from ..models.session import DecodingSession, Rollout, top2_margin
+from ..models.session import DecodingSession, Rollout, top_margin
 from ..text.words import first_word_end, word_ends
 from .base import Step, StepContext
 from .ensemble import (
@@ -32,6 +31,7 @@ from .ensemble import (
     ensemble_decide,
     token_at,
 )
+from .experts import each
 from .options import EnsembleOptions
 
 
@@ -65,30 +65,32 @@ class AdaFuse(EnsembleMethod):
 
     def step(self, ctx: StepContext) -> Step:
         o = self.options
-        sessions = ctx.sessions
         span_tokens = min(ctx.budget, o.max_words * o.max_word_tokens)
         word_tokens = min(ctx.budget, o.max_word_tokens)
-        lps = [s.next_logprobs() for s in sessions]
-        margins = [top2_margin(lp) for lp in lps]
-        confident = [m >= o.theta for m in margins]
-        pool: list[Candidate] = []
-        rolls: list[Rollout] = []
-        for m, s in enumerate(sessions):
+        tops = each(ctx, lambda m, s: s.next_top(max(2, o.branches)))
+        margins = {m: top_margin(top) for m, top in tops.items()}
+        confident = {m: x >= o.theta for m, x in margins.items()}
+
+        def propose(m: int, s) -> tuple[Rollout, list[Rollout]]:
             if confident[m] or o.branches == 1:
-                rolls.append(self._propose(s, confident[m], span_tokens))
-                continue
+                return self._propose(s, confident[m], span_tokens), []
             # Diversity: the top-B first tokens (the greedy one is the proposal), each rolled to a
             # word boundary; all branches advance together, one batched pass per step.
-            firsts = torch.topk(lps[m], o.branches).indices.tolist()
+            firsts = [t for t, _ in tops[m][: o.branches]]
             branch_rolls = s.rollout_branches(firsts, word_tokens, until=lambda r: first_word_end(r.text))
-            rolls.append(branch_rolls[0])
-            for r in branch_rolls[1:]:
+            return branch_rolls[0], branch_rolls[1:]
+
+        proposed = each(ctx, propose, list(tops))
+        rolls = {m: r for m, (r, _) in proposed.items()}
+        pool: list[Candidate] = []
+        for m, (_, branches) in proposed.items():
+            for r in branches:
                 tokens = {m: max(r.text_tokens, 1)}
                 add_candidate(
                     pool, Candidate(r.text, eos=r.finished and not r.text, proposers=[m], kind="branch", tokens=tokens)
                 )
         proposals = []
-        for m, r in enumerate(rolls):
+        for m, r in rolls.items():
             c = Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)})
             proposals.append(c)
         # proposals come before branches: ties favour a model's own greedy choice
@@ -97,19 +99,19 @@ class AdaFuse(EnsembleMethod):
             add_candidate(merged, c)
 
         direct = None
-        if o.policy == "agree" and all(confident) and len({c.key for c in proposals}) == 1:
+        if o.policy == "agree" and all(confident[m] for m in rolls) and len({c.key for c in proposals}) == 1:
             direct = 0
-        elif o.policy == "per-proposal" and any(confident):
-            best = max(range(len(sessions)), key=lambda m: (margins[m], -m))
+        elif o.policy == "per-proposal" and any(confident[m] for m in rolls):
+            best = max(rolls, key=lambda m: (margins[m], -m))
             direct = next(i for i, c in enumerate(merged) if best in c.proposers and c.kind == "proposal")
         elif len(merged) == 1:
             direct = 0  # nothing to choose between: no scoring
-        decision = ensemble_decide(sessions, merged, self.weights, o.normalize) if direct is None else None
+        decision = ensemble_decide(ctx, merged, self.weights, o.normalize) if direct is None else None
         winner = decision.winner if decision is not None else direct
         w = merged[winner]
         source = w.proposers[0]
         finished = w.eos or (rolls[source].finished and w.text == rolls[source].text and w.kind == "proposal")
-        margins_trace = {n: round(x, 5) for n, x in zip(self.names, margins)}
+        margins_trace = {self.names[m]: round(x, 5) for m, x in margins.items()}
         return decided_step(
             merged, winner, decision, self.names, finished, confident=direct is not None, margins=margins_trace
         )

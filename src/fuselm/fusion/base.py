@@ -10,14 +10,14 @@ comes in the :class:`StepContext`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from ..config import GenerationConfig
 from ..errors import FuselmError
-from ..models.backend import require_same_vocabulary
+from ..models.backend import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK, require_same_vocabulary
 from ..models.loading import Model
 from ..models.session import DecodingSession
 from ..result import StepDetail
@@ -51,6 +51,12 @@ class StepContext:
     sampler: Sampler
     reference: str | None = None  # the row's reference text, for methods that follow one
     state: Any = None  # what the method's `start` returned for this generation
+    dropped: dict[int, str] = field(default_factory=dict)  # experts dropped after a failure, and why
+
+    @property
+    def live(self) -> list[int]:
+        """The sessions still in the generation (all, unless an expert was dropped)."""
+        return [m for m in range(len(self.sessions)) if m not in self.dropped]
 
 
 class FusionMethod(ABC):
@@ -62,10 +68,14 @@ class FusionMethod(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     same_vocabulary: ClassVar[bool] = False  # the method mixes token ids across models
+    # What the method asks of each model's sessions (models.backend.OFFERS_*), checked against
+    # what each model offers when the method is built, before any request to an engine.
+    needs: ClassVar[frozenset[str]] = frozenset({OFFERS_FULL})
     needs_reference: ClassVar[bool] = False  # the method follows each prompt's reference text
 
     def __init__(self, models: list[Model], options: BaseModel | None = None):
         self.validate_models(len(models))
+        self.check_offers(models)
         if self.same_vocabulary:
             require_same_vocabulary(self.name, [m.backend for m in models])
         self.models = models
@@ -79,6 +89,18 @@ class FusionMethod(ABC):
             if cls.max_models is not None and cls.max_models != cls.min_models:
                 want = f"{cls.min_models} to {cls.max_models}"
             raise FuselmError(f"method {cls.name!r} takes {want} model(s), got {n}")
+
+    @classmethod
+    def check_offers(cls, models: list[Model], alternatives: list[str] | None = None) -> None:
+        """Fail (before any request) when a model cannot give what the method needs."""
+        for m in models:
+            missing = cls.needs - m.offers
+            if missing:
+                others = f" (methods that run on it: {', '.join(alternatives)})" if alternatives else ""
+                raise FuselmError(
+                    f"method {cls.name!r} needs {describe_offers(missing)}; {m.name!r} on"
+                    f" {getattr(m, 'where', 'its engine')} gives {describe_offers(m.offers)}{others}"
+                )
 
     def open_sessions(self, prompt_texts: list[str]) -> list[DecodingSession]:
         """The generation's sessions: one per model (each on its own prompt rendering), in model
@@ -95,3 +117,16 @@ class FusionMethod(ABC):
 
     def close(self) -> None:
         """Release what the method loaded itself (the models belong to the caller)."""
+
+
+_OFFER_WORDS = {
+    OFFERS_FULL: "full next-token distributions",
+    OFFERS_TOPK: "top-k log-probs",
+    OFFERS_ROLLOUT: "rollouts",
+    OFFERS_SCORE: "scores of given continuations",
+}
+EXACT_NEEDS = frozenset({OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})  # what single, adafuse, ... ask
+
+
+def describe_offers(offers: frozenset[str]) -> str:
+    return ", ".join(_OFFER_WORDS[o] for o in sorted(offers))

@@ -6,12 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from ..models.session import DecodingSession, Rollout, Score
 from ..result import CandidateTrace, StepDetail
 from ..text.words import word_ends
-from .base import FusionMethod, Step
+from .base import EXACT_NEEDS, FusionMethod, Step, StepContext
+from .experts import each
 from .options import EnsembleOptions
 
 NormUnit = Literal["token", "char", "byte"]
@@ -23,6 +22,7 @@ class EnsembleMethod(FusionMethod):
 
     Options = EnsembleOptions
     min_models = 1
+    needs = EXACT_NEEDS  # candidates, rollouts and scores: exact on a serving engine too
 
     def __init__(self, models, options=None):
         super().__init__(models, options)
@@ -82,36 +82,39 @@ def roll_words(
     return session.rollout(max_tokens, **kwargs)
 
 
-def eos_score(session: DecodingSession) -> Score:
-    lp = session.next_logprobs()
-    ids = torch.tensor(sorted(session.backend.info.eos_token_ids))
-    return Score(float(torch.logsumexp(lp[ids], 0)), 1, 0, 0)
-
-
 @dataclass
 class Decision:
     winner: int
-    nll: list[list[float]]  # [candidate][model] mean NLL
-    combined: list[float]  # weighted average per candidate
+    nll: list[list[float]]  # [candidate][model] mean NLL (inf for a model dropped this round)
+    combined: list[float]  # weighted average per candidate, over the live models
 
 
 def ensemble_decide(
-    sessions: list[DecodingSession],
+    ctx: StepContext,
     candidates: list[Candidate],
     weights: list[float],
     unit: NormUnit = "token",
 ) -> Decision:
-    """Every model scores every candidate under its own tokenization (one batched pass per model);
-    the lowest weighted mean NLL wins; ties go to the earlier candidate (proposal order)."""
-    nll = [[math.inf] * len(sessions) for _ in candidates]
+    """Every live model scores every candidate under its own tokenization (one batched pass per
+    model, all models at once); the lowest weighted mean NLL wins; ties go to the earlier
+    candidate (proposal order)."""
     texts = [c.text for c in candidates if not c.eos]
-    for m, s in enumerate(sessions):
-        scores = iter(s.score(texts)) if texts else iter(())
+    wants_eos = any(c.eos for c in candidates)
+
+    def score(m: int, s) -> tuple[list[Score], Score | None]:
+        return (s.score(texts) if texts else []), (s.eos_score() if wants_eos else None)
+
+    scored = each(ctx, score)
+    n_models = len(ctx.sessions)
+    nll = [[math.inf] * n_models for _ in candidates]
+    for m, (scores, eos) in scored.items():
+        it = iter(scores)
         for ci, c in enumerate(candidates):
-            sc = eos_score(s) if c.eos else next(scores)
+            sc = eos if c.eos else next(it)
             nll[ci][m] = sc.mean_nll("token" if c.eos else unit)
-    total = sum(weights)
-    combined = [sum(w * x for w, x in zip(weights, row)) / total for row in nll]
+    live = list(scored)
+    total = sum(weights[m] for m in live)
+    combined = [sum(weights[m] * row[m] for m in live) / total for row in nll]
     winner = min(range(len(candidates)), key=lambda i: (combined[i], i))
     return Decision(winner, nll, combined)
 

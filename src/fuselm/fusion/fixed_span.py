@@ -6,6 +6,7 @@ from pydantic import Field
 
 from .base import Step, StepContext
 from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide, roll_words
+from .experts import each
 from .options import EnsembleOptions
 
 
@@ -21,15 +22,13 @@ class FixedSpan(EnsembleMethod):
     def step(self, ctx: StepContext) -> Step:
         o = self.options
         pool: list[Candidate] = []
-        rolls = []
-        for m, s in enumerate(ctx.sessions):
-            r = roll_words(s, o.n_words, min(ctx.budget, o.n_words * o.max_word_tokens))
-            rolls.append(r)
+        rolls = each(ctx, lambda m, s: roll_words(s, o.n_words, min(ctx.budget, o.n_words * o.max_word_tokens)))
+        for m, r in rolls.items():
             add_candidate(
                 pool,
                 Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)}),
             )
-        decision = ensemble_decide(ctx.sessions, pool, self.weights, o.normalize) if len(pool) > 1 else None
+        decision = ensemble_decide(ctx, pool, self.weights, o.normalize) if len(pool) > 1 else None
         winner = decision.winner if decision else 0
         w = pool[winner]
         src = w.proposers[0]

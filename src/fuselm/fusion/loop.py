@@ -89,6 +89,7 @@ def _run(method, sessions, gen: GenerationConfig, emit, reference, cancel) -> Ge
     streamed = 0
     new_tokens = 0
     trace: list[TraceStep] = []
+    reported: set[int] = set()  # dropped experts already in the trace
     shares = [0] * len(sessions)
     finish = "length"
     t0 = time.perf_counter()
@@ -108,7 +109,12 @@ def _run(method, sessions, gen: GenerationConfig, emit, reference, cancel) -> Ge
                 text = text[: cut - len(generated)]
         detail: dict[str, Any] = dict(step.detail) if step.detail is not None else {}
         source = names[step.source] if step.source is not None else None
-        trace.append(TraceStep(round=ctx.round, text=step.text, source=source, new_tokens=step.new_tokens, **detail))
+        dropped = {names[m]: why for m, why in ctx.dropped.items() if m not in reported}
+        reported.update(ctx.dropped)
+        trace.append(
+            TraceStep(round=ctx.round, text=step.text, source=source, new_tokens=step.new_tokens,
+                      dropped=dropped or None, **detail)  # fmt: skip
+        )
         if text:
             generated += text
             owners.append((len(generated), source))  # pieces past a later stop cut are never shown

@@ -46,4 +46,7 @@ def build_method(name: str, models: list[Model], options: dict[str, Any] | BaseM
     runs itself) and used for any number of prompts."""
     cls = METHODS.get(name)
     cls.validate_models(len(models))
+    for m in models:
+        if cls.needs - m.offers:
+            cls.check_offers([m], [n for n in METHODS.names() if METHODS.get(n).needs <= m.offers])
     return cls(models, method_options(name, options))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..text.words import earliest_stop
 from .base import Step, StepContext
+from .experts import each
 from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide
 
 
@@ -18,10 +19,10 @@ class SequenceSelect(EnsembleMethod):
             return earliest_stop(r.text, stops) if stops else None
 
         pool: list[Candidate] = []
-        for m, s in enumerate(ctx.sessions):
-            r = s.rollout(ctx.budget, until=until, choose=ctx.sampler, margins=False)
+        rolls = each(ctx, lambda m, s: s.rollout(ctx.budget, until=until, choose=ctx.sampler, margins=False))
+        for m, r in rolls.items():
             add_candidate(pool, Candidate(r.text, eos=not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)}))
-        decision = ensemble_decide(ctx.sessions, pool, self.weights, self.options.normalize) if len(pool) > 1 else None
+        decision = ensemble_decide(ctx, pool, self.weights, self.options.normalize) if len(pool) > 1 else None
         return decided_step(
             pool, decision.winner if decision else 0, decision, self.names, True, confident=decision is None
         )

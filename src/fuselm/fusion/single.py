@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FusionMethod, Step, StepContext
+from .base import EXACT_NEEDS, FusionMethod, Step, StepContext
 
 
 def complete_text(roll) -> int | None:
@@ -15,6 +15,7 @@ class Single(FusionMethod):
     description = "one model decoding on its own (greedy or sampled)"
     min_models = 1
     max_models = 1
+    needs = EXACT_NEEDS
 
     def step(self, ctx: StepContext) -> Step:
         roll = ctx.sessions[0].rollout(ctx.budget, until=complete_text, choose=ctx.sampler, margins=False)

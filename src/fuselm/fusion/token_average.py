@@ -6,6 +6,7 @@ import torch
 
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
+from ..models.backend import OFFERS_FULL
 from .ensemble import EnsembleMethod
 
 
@@ -17,6 +18,7 @@ def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 
 class TokenAverage(EnsembleMethod):
+    needs = frozenset({OFFERS_FULL})  # it averages whole distributions
     name = "token-average"
     description = "weighted average of next-token probabilities (models sharing one vocabulary)"
     same_vocabulary = True

@@ -16,6 +16,7 @@ from pydantic import Field
 from ..models.session import common_prefix_len
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
+from ..models.backend import OFFERS_FULL
 from .ensemble import EnsembleMethod
 from .options import EnsembleOptions
 
@@ -25,6 +26,7 @@ class UniteOptions(EnsembleOptions):
 
 
 class Unite(EnsembleMethod):
+    needs = frozenset({OFFERS_FULL})  # it reads each model's probability of the others' tokens
     name = "unite"
     description = "union of each model's top-k tokens, mapped across vocabularies by their text (UniTE)"
     Options = UniteOptions

@@ -1,108 +1,451 @@
-"""Clients of serving engines that hold an expert model in another process (the remote-experts
-issue). An engine offers top-k log-probs, not full distributions, and keeps its own KV cache:
-fuselm sends token ids (tokenized by the engine itself, so that client and server never
-disagree about BOS, special tokens or merges) and keeps no model state of its own.
+"""Clients of serving engines that hold an expert model in another process.
 
-So far: vLLM's OpenAI server (`/tokenize`, `/v1/completions` on token-id prompts with
-`logprobs` and `prompt_logprobs`), checked against vLLM 0.32.0 (CPU build).
+An engine offers top-k log-probs, not full distributions, and keeps its own KV cache (and
+prefix cache): fuselm sends token ids, tokenized by the engine itself so that client and server
+never disagree about BOS, special tokens or merges, and keeps no model state of its own. What a
+method can run on is stated by each engine's `offers` (see `fusion.base.FusionMethod.needs`).
+
+Every call is a coroutine on one event loop thread shared by all engine clients of the process
+(:func:`engine_loop`): the calls of one round, of several experts and several branches, go out at
+once over keep-alive connections, and the synchronous session code waits on their futures.
+
+Faults: connect and read timeouts (`timeout_s`, each read of a stream included, so a stalled
+engine fails within it); retries with backoff for a refused connection, a connection dropped
+before an answer, or a 429/502/503/504 (all calls here are reads, safe to repeat), never for a
+timeout; everything else is an :class:`EngineError` that names the engine.
+
+Checked against vLLM 0.32.0 (CPU build), its OpenAI server's `/v1/completions`, `/tokenize`,
+`/detokenize` and `/v1/models`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import json
+import threading
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
-import httpx  # the `remote` extra
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from ..errors import FuselmError
+from ..errors import EngineError, FuselmError
+from .backend import OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
+
+T = TypeVar("T")
 
 
-class EngineError(FuselmError):
-    """An engine that did not answer, or answered something fuselm cannot use."""
+
+class _Transient(Exception):
+    """An answer worth asking again for (429, 502, 503, 504)."""
+
+    def __init__(self, response: httpx.Response):
+        super().__init__(f"{response.status_code}")
+        self.response = response
+
+
+def _retryable(e: BaseException) -> bool:
+    # Not timeouts: a stalled engine must fail within its timeout, not a multiple of it.
+    return isinstance(e, (_Transient, httpx.ConnectError, httpx.RemoteProtocolError))
+
+
+class _EngineLoop:
+    """One daemon thread running the event loop of every engine client in the process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fuselm-engines", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[T]) -> T:
+        """Run `coro` on the loop and wait for it (from any thread but the loop's own)."""
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("engine_loop().run called from the engine loop itself")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+
+
+_LOOP: _EngineLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def engine_loop() -> _EngineLoop:
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = _EngineLoop()
+        return _LOOP
 
 
 @dataclass
-class EngineRollout:
-    token_ids: list[int]
-    token_logprobs: list[float]
-    top: list[dict[int, float]]  # the top-k before each token
-    finished: bool  # the engine stopped on an end-of-sequence token (not in token_ids)
+class StreamToken:
+    """One generated token of a stream: its id, log-prob, the top-k before it, and its text (the
+    engine's own incremental detokenization, so leading spaces and multi-byte characters are
+    right). An end-of-sequence token has `eos` set and empty text."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+    text: str
+    eos: bool = False
 
 
-class VLLMEngine:
-    """One model on a vLLM server: `url` is its base (http://host:port), `model` its model id
-    there (default: the only one it serves)."""
+@dataclass
+class EngineFacts:
+    """What fuselm needs to know about the engine's model, asked once."""
 
-    kind = "vllm"
+    model: str
+    context_length: int
+    bos_token_id: int | None
+    eos_token_ids: frozenset[int]
+    has_chat_template: bool
 
-    def __init__(self, url: str, model: str | None = None, timeout_s: float = 60.0, api_key: str | None = None):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
-        self.model = model or self._only_model()
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class Sampling:
+    """How a stream chooses tokens: greedy (temperature 0) or sampled on the engine."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"temperature": self.temperature}
+        if self.temperature > 0:
+            out.update(top_p=self.top_p, top_k=self.top_k or -1)
+            if self.seed is not None:
+                out["seed"] = self.seed
+        return out
+
+
+class EngineStream:
+    """A streamed completion, read lazily: tokens arrive as the engine makes them, and closing
+    the stream (when fuselm has seen enough) makes the engine abort the request."""
+
+    def __init__(self, engine: Engine, response: httpx.Response, max_tokens: int):
+        self.engine = engine
+        self.max_tokens = max_tokens
+        self._response = response
+        self._lines = response.aiter_lines()
+        self.tokens: list[StreamToken] = []
+        self.done = False  # the engine ended it (end of sequence or max_tokens); or closed
+        self.finished = False  # ended on end of sequence
+
+    async def read(self, n: int) -> None:
+        """Read until at least `n` tokens are in `tokens` or the stream is done."""
         try:
-            r = self._http.post(path, json=body)
+            while not self.done and len(self.tokens) < n:
+                line = await self._lines.__anext__()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    await self.aclose()
+                    break
+                await self.engine._stream_chunk(self, json.loads(data))
+        except StopAsyncIteration:
+            await self.aclose()
         except httpx.HTTPError as e:
-            raise EngineError(f"vLLM at {self.url}: {type(e).__name__}: {e}") from None
-        if r.status_code != 200:
-            raise EngineError(f"vLLM at {self.url} answered {r.status_code} to {path}: {r.text[:300]}")
-        return r.json()
+            await self.aclose()
+            raise self.engine._error(e) from None
 
-    def _only_model(self) -> str:
-        try:
-            models = [m["id"] for m in self._http.get("/v1/models").json()["data"]]
-        except (httpx.HTTPError, KeyError, ValueError) as e:
-            raise EngineError(f"vLLM at {self.url}: cannot list its models ({e})") from None
-        if len(models) != 1:
-            raise EngineError(f"vLLM at {self.url} serves {models}; say which with `model:`")
-        return models[0]
+    async def aclose(self) -> None:
+        self.done = True
+        await self._response.aclose()
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The engine's own token ids of `text` (with BOS where the model uses one)."""
-        body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
-        return list(self._post("/tokenize", body)["tokens"])
 
-    def next_topk(self, ids: Sequence[int], k: int) -> dict[int, float]:
-        """The k most likely next tokens after `ids` and their log-probs."""
-        body = {"model": self.model, "prompt": list(ids), "max_tokens": 1, "temperature": 0, "logprobs": k,
-                "return_tokens_as_token_ids": True}  # fmt: skip
-        top = self._post("/v1/completions", body)["choices"][0]["logprobs"]["top_logprobs"][0]
-        return {_token_id(key): float(lp) for key, lp in top.items()}
+class Engine:
+    """One model on a serving engine: `url` is its base (http://host:port), `model` its model id
+    there (default: the only one it serves). Subclasses speak one engine's protocol."""
 
-    def rollout(self, ids: Sequence[int], max_tokens: int, k: int = 2) -> EngineRollout:
-        """Greedy tokens after `ids` (up to `max_tokens`; fewer where the model ends), each with
-        its log-prob and the top-k before it (k >= 2 gives the top-1/top-2 margin)."""
-        body = {"model": self.model, "prompt": list(ids), "max_tokens": max_tokens, "temperature": 0,
-                "logprobs": k, "return_tokens_as_token_ids": True}  # fmt: skip
-        choice = self._post("/v1/completions", body)["choices"][0]
-        lp = choice["logprobs"]
-        return EngineRollout(
-            token_ids=[_token_id(t) for t in lp["tokens"]],
-            token_logprobs=[float(x) for x in lp["token_logprobs"]],
-            top=[{_token_id(key): float(v) for key, v in row.items()} for row in lp["top_logprobs"]],
-            finished=choice["finish_reason"] == "stop",
+    kind: ClassVar[str] = "?"
+    offers: ClassVar[frozenset[str]] = frozenset()
+    max_top_k: ClassVar[int] = 20
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        timeout_s: float = 60.0,
+        api_key: str | None = None,
+        retries: int = 3,
+        eos_token_ids: Sequence[int] | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.model_id = model
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._eos_override = frozenset(eos_token_ids) if eos_token_ids else None
+        self._http: httpx.AsyncClient | None = None
+        self._facts: EngineFacts | None = None
+        self._facts_lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    @property
+    def where(self) -> str:
+        return f"{self.kind} at {self.url}"
+
+    # --- transport ------------------------------------------------------------------------------
+    def _client(self) -> httpx.AsyncClient:
+        # Made on the engine loop, lazily: an AsyncClient belongs to the loop it first runs on.
+        if self._http is None:
+            timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+            self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=self._headers, limits=limits)
+        return self._http
+
+    def _error(self, e: BaseException, path: str = "") -> EngineError:
+        at = f" ({path})" if path else ""
+        if isinstance(e, httpx.TimeoutException):
+            return EngineError(f"{self.where}: no answer within {self.timeout_s:g}s{at}")
+        if isinstance(e, httpx.ConnectError):
+            return EngineError(f"{self.where}: cannot connect{at}: {e}")
+        if isinstance(e, _Transient):
+            r = e.response
+            return EngineError(f"{self.where} answered {r.status_code}{at}: {r.text[:200]}")
+        if isinstance(e, httpx.HTTPError):
+            return EngineError(f"{self.where}: {type(e).__name__}{at}: {e or 'connection lost'}")
+        return EngineError(f"{self.where}: {e}")
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.retries) | stop_after_delay(self.timeout_s),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
         )
 
-    def score(self, sequences: Sequence[Sequence[int]], start: int) -> list[list[float]]:
-        """For each token-id sequence, log p(token i | tokens before it) for every i >= start
-        (start >= 1), all sequences in one request (the engine batches them and reuses their
-        shared prefix from its own cache)."""
-        if start < 1:
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    r = await self._client().request(method, path, json=body)
+                    if r.status_code in (429, 502, 503, 504):
+                        raise _Transient(r)
+        except (httpx.HTTPError, _Transient) as e:
+            raise self._error(e, path) from None
+        if r.status_code != 200:
+            raise EngineError(f"{self.where} answered {r.status_code} to {path}: {r.text[:300]}")
+        try:
+            return r.json()
+        except ValueError:
+            raise EngineError(f"{self.where} answered {path} with something that is not JSON") from None
+
+    async def _open_stream(self, path: str, body: dict[str, Any], max_tokens: int) -> EngineStream:
+        client = self._client()
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    r = await client.send(client.build_request("POST", path, json=body), stream=True)
+                    if r.status_code in (429, 502, 503, 504):
+                        await r.aread()
+                        await r.aclose()
+                        raise _Transient(r)
+        except (httpx.HTTPError, _Transient) as e:
+            raise self._error(e, path) from None
+        if r.status_code != 200:
+            text = (await r.aread()).decode(errors="replace")
+            await r.aclose()
+            raise EngineError(f"{self.where} answered {r.status_code} to {path}: {text[:300]}")
+        return EngineStream(self, r, max_tokens)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def close(self) -> None:
+        engine_loop().run(self.aclose())
+
+    # --- what every engine answers ------------------------------------------------------------
+    async def facts(self) -> EngineFacts:
+        if self._facts is None:
+            self._facts_lock = self._facts_lock or asyncio.Lock()
+            async with self._facts_lock:
+                if self._facts is None:
+                    self._facts = await self._ask_facts()
+        return self._facts
+
+    async def _ask_facts(self) -> EngineFacts:
+        raise NotImplementedError
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template, ending where the
+        assistant's answer starts."""
+        raise NotImplementedError
+
+    async def stream(self, ids: Sequence[int], max_tokens: int, k: int, sampling: Sampling) -> EngineStream:
+        """A completion of the token-id prompt `ids`, streamed token by token with the top-`k`."""
+        raise NotImplementedError
+
+    async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """For each token-id sequence, log p(token i | tokens before it) for every i >= its start
+        (start >= 1), all in as few requests as the engine allows."""
+        raise NotImplementedError
+
+
+class VLLMEngine(Engine):
+    """vLLM's OpenAI-compatible server (`vllm serve MODEL`)."""
+
+    kind = "vllm"
+    offers = frozenset({OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})
+    max_top_k = 20  # vLLM's default --max-logprobs
+
+    async def _ask_facts(self) -> EngineFacts:
+        listed = await self._request("GET", "/v1/models")
+        try:
+            served = {m["id"]: m for m in listed["data"]}
+        except (KeyError, TypeError):
+            raise EngineError(f"{self.where}: /v1/models answered without a model list") from None
+        model = self.model_id
+        if model is None:
+            if len(served) != 1:
+                raise EngineError(f"{self.where} serves {sorted(served)}; say which with `model:`")
+            model = next(iter(served))
+        elif model not in served:
+            raise EngineError(f"{self.where} does not serve {model!r}; it serves {sorted(served)}")
+        self.model_id = model
+        with_bos, without, chat = await asyncio.gather(
+            self.tokenize("a", True), self.tokenize("a", False), self._chat_probe(), return_exceptions=False
+        )
+        bos = with_bos[0] if len(with_bos) > len(without) else None
+        eos = self._eos_override or await self._eos_ids()
+        return EngineFacts(model, int(served[model].get("max_model_len") or 4096), bos, eos, chat)
+
+    async def _chat_probe(self) -> bool:
+        try:
+            await self._chat_tokens([{"role": "user", "content": "a"}])
+        except EngineError:
+            return False
+        return True
+
+    async def _eos_ids(self) -> frozenset[int]:
+        """The end-of-sequence ids: from `/tokenizer_info` where the server enables it, else the
+        common end-of-turn tokens that the vocabulary has as single special tokens (the same set
+        the in-process backends stop on); `eos_token_ids:` in the model entry overrides both."""
+        from .backend import END_OF_TURN_TOKENS
+
+        ids: set[int] = set()
+        try:
+            info = await self._request("GET", "/tokenizer_info")
+            for key in ("eos_token",):
+                tok = info.get(key)
+                tok = tok.get("content") if isinstance(tok, dict) else tok
+                if isinstance(tok, str):
+                    ids.update(await self._single_token(tok))
+        except EngineError:
+            pass  # not enabled (--enable-tokenizer-info-endpoint)
+        found = await asyncio.gather(*(self._single_token(t) for t in END_OF_TURN_TOKENS))
+        for one in found:
+            ids.update(one)
+        return frozenset(ids)
+
+    async def _single_token(self, text: str) -> list[int]:
+        body = {"model": self.model_id, "prompt": text, "add_special_tokens": False, "return_token_strs": True}
+        out = await self._request("POST", "/tokenize", body)
+        strs = out.get("token_strs") or []
+        return list(out["tokens"]) if len(out["tokens"]) == 1 and strs and strs[0] == text else []
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        body = {"model": self.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
+        return list((await self._request("POST", "/tokenize", body))["tokens"])
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        body = {"model": self.model_id, "tokens": list(ids)}
+        return str((await self._request("POST", "/detokenize", body))["prompt"])
+
+    async def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        body = {"model": self.model_id, "messages": messages, "add_generation_prompt": True,
+                "add_special_tokens": False}  # fmt: skip
+        return list((await self._request("POST", "/tokenize", body))["tokens"])
+
+    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return await self._chat_tokens(messages)
+
+    async def stream(self, ids: Sequence[int], max_tokens: int, k: int, sampling: Sampling) -> EngineStream:
+        await self.facts()
+        body = {"model": self.model_id, "prompt": list(ids), "max_tokens": max_tokens, "stream": True,
+                "logprobs": min(max(k, 1), self.max_top_k), "return_tokens_as_token_ids": True,
+                "skip_special_tokens": True, **sampling.body()}  # fmt: skip
+        return await self._open_stream("/v1/completions", body, max_tokens)
+
+    async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
+        if "error" in chunk:
+            raise EngineError(f"{self.where}: {chunk['error'].get('message', chunk['error'])}")
+        facts = await self.facts()
+        for choice in chunk.get("choices", []):
+            lp = choice.get("logprobs") or {}
+            ids = [_token_id(t) for t in lp.get("tokens") or []]
+            texts = await self._token_texts(stream, ids, choice.get("text") or "")
+            for tok, tlp, top, text in zip(ids, lp.get("token_logprobs") or [], lp.get("top_logprobs") or [], texts):
+                eos = tok in facts.eos_token_ids
+                stream.tokens.append(
+                    StreamToken(tok, float(tlp), {_token_id(key): float(v) for key, v in (top or {}).items()},
+                                "" if eos else text, eos)  # fmt: skip
+                )
+            if choice.get("finish_reason") is not None:
+                stream.finished = choice["finish_reason"] == "stop"
+                if stream.finished and stream.tokens and not stream.tokens[-1].eos:
+                    # an end-of-sequence id the probe did not know: learn it
+                    last = stream.tokens[-1]
+                    facts.eos_token_ids = facts.eos_token_ids | {last.token_id}
+                    last.eos, last.text = True, ""
+                await stream.aclose()
+
+    async def _token_texts(self, stream: EngineStream, ids: list[int], text: str) -> list[str]:
+        """Each token's share of a chunk's text: exact for one token per chunk (the usual case);
+        a chunk of several (the engine ran ahead of the reader) is split by detokenizing."""
+        if len(ids) <= 1:
+            return [text] * len(ids)
+        before = [t.token_id for t in stream.tokens[-1:]]
+        anchor = len(await self.detokenize(before)) if before else 0
+        out, prev = [], 0
+        for i in range(1, len(ids) + 1):
+            upto = len(await self.detokenize(before + ids[:i])) - anchor if i < len(ids) else len(text)
+            out.append(text[prev:upto])
+            prev = upto
+        return out
+
+    async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        if any(s < 1 for s in starts):
             raise ValueError("start must be >= 1: the first token has no context to be scored in")
-        body = {"model": self.model, "prompt": [list(s) for s in sequences], "max_tokens": 1, "temperature": 0,
-                "prompt_logprobs": 1}  # fmt: skip
-        choices = sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        if not sequences:
+            return []
+        await self.facts()
+        body = {"model": self.model_id, "prompt": [list(s) for s in sequences], "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": 0}  # fmt: skip
+        choices = sorted((await self._request("POST", "/v1/completions", body))["choices"], key=lambda c: c["index"])
         out = []
-        for seq, choice in zip(sequences, choices):
-            rows = choice["prompt_logprobs"]
+        for seq, start, choice in zip(sequences, starts, choices):
+            rows = choice.get("prompt_logprobs")
+            if rows is None or len(rows) < len(seq):
+                raise EngineError(f"{self.where} answered without prompt log-probs")
             out.append([float(rows[i][str(seq[i])]["logprob"]) for i in range(start, len(seq))])
         return out
 
-    def close(self) -> None:
-        self._http.close()
+
+ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine}
+
+
+def engine_for(kind: str, url: str, **kwargs) -> Engine:
+    try:
+        cls = ENGINES[kind]
+    except KeyError:
+        raise FuselmError(f"engine {kind!r} is not supported yet; supported: {', '.join(sorted(ENGINES))}") from None
+    return cls(url, **kwargs)
 
 
 def _token_id(key: str) -> int:

@@ -1,4 +1,5 @@
-"""Resolve a model reference (bundled name, transformers directory, GGUF file) to a backend."""
+"""Resolve a model reference (bundled name, transformers directory, GGUF file) to a backend, or a
+model entry with `engine:` to a model on that serving engine."""
 
 from __future__ import annotations
 
@@ -7,20 +8,25 @@ from pathlib import Path
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError, UnknownNameError
 from . import assets, llamacpp
-from .backend import Backend, ModelInfo
+from .backend import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK, Backend, ModelInfo
 from .catalog import BUNDLED
 from .prefix import PrefixCache
+from .prompts import Prompt, chat_messages
 from .session import DecodingSession
 
-# A prompt: a text, or a conversation as role/content messages (rendered with the chat template).
-Prompt = str | list[dict[str, str]]
+__all__ = ["Model", "Prompt", "load_model"]
 
 
 class Model:
     """A loaded model: a backend plus how to turn a user prompt into its prompt text.
+    (A model on a serving engine is a :class:`fuselm.models.remote.RemoteModel`, with the same
+    face: name, config, prompt_text, tokenize, session, close.)
 
     Several Model objects may share one backend (and its prefix cache) with other configs, e.g.
     other ensemble weights: pass `prefix_cache` of the first."""
+
+    remote = False  # runs in this process: its sessions offer everything a method may need
+    offers = frozenset({OFFERS_FULL, OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})
 
     def __init__(self, backend: Backend, config: ModelConfig | None = None, prefix_cache: PrefixCache | None = None):
         self.backend = backend
@@ -37,22 +43,12 @@ class Model:
         return self.backend.info
 
     def prompt_text(self, prompt: Prompt, gen: GenerationConfig | None = None) -> str:
-        """The text the model is conditioned on: chat-templated or raw, per `gen.chat`. A
-        conversation always goes through the chat template (with `gen.system` first when it has
-        no system message of its own)."""
-        gen = gen or GenerationConfig()
-        if isinstance(prompt, list):
-            if gen.chat == "raw":
-                raise FuselmError("a conversation needs the chat template; it cannot be fed as raw text")
-            messages = list(prompt)
-        else:
-            use_chat = gen.chat == "chat" or (gen.chat == "auto" and self.info.has_chat_template)
-            if not use_chat:
-                return prompt
-            messages = [{"role": "user", "content": prompt}]
-        if gen.system and not any(m.get("role") == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": gen.system})
-        return self.backend.render_chat(messages)
+        """The text the model is conditioned on: chat-templated or raw, per `gen.chat`."""
+        messages = chat_messages(prompt, gen or GenerationConfig(), self.info.has_chat_template)
+        return prompt if messages is None else self.backend.render_chat(messages)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.backend.tokenize(text)
 
     def session(self, prompt_text: str) -> DecodingSession:
         """A session on this model that starts from (and leaves) its warm prompt prefix."""
@@ -82,6 +78,10 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
     cfg = name if isinstance(name, ModelConfig) else ModelConfig(name=name, **overrides)
     if isinstance(name, ModelConfig) and overrides:
         cfg = cfg.model_copy(update=overrides)
+    if cfg.engine is not None:  # on a serving engine: nothing is loaded, nothing sent yet
+        from .remote import RemoteModel
+
+        return RemoteModel.from_config(cfg)  # type: ignore[return-value]
     ref = cfg.name
     if cfg.device != "cpu" and cfg.backend == "llamacpp":
         raise FuselmError("--device applies to the transformers backend; llama.cpp here is CPU-only")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,15 @@ def top2_margin(logprobs: torch.Tensor) -> float:
     """p(top-1) - p(top-2) of a next-token distribution given as log-probs."""
     top = torch.topk(logprobs, 2).values.exp()
     return float(top[0] - top[1])
+
+
+def top_margin(top: Sequence[tuple[int, float]] | dict[int, float]) -> float:
+    """p(top-1) - p(top-2) from the top-k of a next-token distribution (log-probs, any order)."""
+    values = top.values() if isinstance(top, dict) else [lp for _, lp in top]
+    best = sorted(values, reverse=True)[:2]
+    if not best:
+        return 0.0
+    return math.exp(best[0]) - (math.exp(best[1]) if len(best) > 1 else 0.0)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -107,6 +117,7 @@ class DecodingSession:
     prompt: str
     prefix_cache: PrefixCache | None = None
     stats: SessionStats = field(default_factory=SessionStats)
+    remote: ClassVar[bool] = False  # in this process (a RemoteSession is on an engine)
 
     def __post_init__(self) -> None:
         self.text = ""
@@ -166,6 +177,17 @@ class DecodingSession:
 
     def is_eos(self, token_id: int) -> bool:
         return token_id in self.backend.info.eos_token_ids
+
+    def next_top(self, k: int) -> list[tuple[int, float]]:
+        """The k most likely next tokens after the committed text (most likely first), with log-probs."""
+        top = torch.topk(self.next_logprobs(), k)
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+
+    def eos_score(self) -> Score:
+        """Log-probability of ending here (any end-of-sequence token)."""
+        lp = self.next_logprobs()
+        ids = torch.tensor(sorted(self.backend.info.eos_token_ids))
+        return Score(float(torch.logsumexp(lp[ids], 0)), 1, 0, 0)
 
     # --- generation -----------------------------------------------------------------------------
     def rollout(

@@ -32,6 +32,7 @@ from ..fusion.loop import decode
 from ..fusion.methods import build_method, check_method
 from ..models.llamacpp import usable_cpus
 from ..models.loading import Model, Prompt, load_model
+from ..models.remote import RemoteModel
 from ..registry import Registry
 from ..result import GenerationResult, TextSpan
 from .config import Limits, ServeConfig, Setup
@@ -62,14 +63,22 @@ class ModelPool:
         shared = self._loaded[key]
         if cfg == shared.config:
             return shared
+        if shared.remote:
+            return RemoteModel(shared.engine, cfg)
         return Model(shared.backend, cfg, shared.prefix_cache)
 
     def models(self) -> list[Model]:
         return list(self._loaded.values())
 
+    @staticmethod
+    def _exclusive(models: Sequence[Model]) -> set[int]:
+        """The backends a generation on `models` holds: the in-process ones (an engine serves any
+        number of requests at once, and batches them)."""
+        return {id(m.backend) for m in models if not m.remote}
+
     def _free(self, choices: Sequence[Sequence[Model]]) -> int | None:
         for i, models in enumerate(choices):
-            if not {id(m.backend) for m in models} & self._busy:
+            if not self._exclusive(models) & self._busy:
                 return i
         return None
 
@@ -82,7 +91,7 @@ class ModelPool:
         while (i := self._free(choices)) is None:
             changed = self._changed = self._changed or asyncio.Event()
             await changed.wait()
-        ids = {id(m.backend) for m in choices[i]}
+        ids = self._exclusive(choices[i])
         self._busy |= ids
         try:
             yield i
@@ -107,6 +116,14 @@ class Replica:
     models: list[Model]
     method: FusionMethod
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="fuselm-gen"))
+
+    @classmethod
+    def of(cls, models: list[Model], method: FusionMethod, concurrent: int) -> Replica:
+        """With every model on an engine, `concurrent` generations run at once (the engines batch
+        them); with any in-process model, one at a time on the replica's one thread."""
+        remote_only = all(m.remote for m in models)
+        n = concurrent if remote_only else 1
+        return cls(models, method, ThreadPoolExecutor(n, thread_name_prefix="fuselm-gen"))
 
     def close(self) -> None:
         self.worker.shutdown(wait=True, cancel_futures=True)
@@ -159,7 +176,7 @@ class ServedSetup:
 
     def prompt_tokens(self, prompt: Prompt, gen: GenerationConfig) -> int:
         """The longest of the models' tokenizations of the prompt as each renders it."""
-        return max(len(m.backend.tokenize(m.prompt_text(prompt, gen))) for m in self.models)
+        return max(len(m.tokenize(m.prompt_text(prompt, gen))) for m in self.models)
 
     def context_length(self) -> int:
         return min(m.info.context_length for m in self.models)
@@ -206,7 +223,7 @@ def replica_configs(setup: Setup) -> list[list[ModelConfig]]:
     if setup.replicas == 1:
         return [list(setup.models)]
     share = max(1, usable_cpus() // setup.replicas)
-    models = [m if m.threads is not None else m.model_copy(update={"threads": share}) for m in setup.models]
+    models = [m if m.threads is not None or m.remote else m.model_copy(update={"threads": share}) for m in setup.models]
     return [models for _ in range(setup.replicas)]
 
 
@@ -282,7 +299,8 @@ class Engine:
             replicas = []
             for r, configs in enumerate(replica_configs(s)):
                 models = [self.pool.get(m, replica=r) for m in configs]
-                replicas.append(Replica(models, build_method(s.method, models, s.method_options)))
+                method = build_method(s.method, models, s.method_options)
+                replicas.append(Replica.of(models, method, self.config.limits.max_concurrent))
             self.setups.add(ServedSetup(s, replicas, self.pool))
         for setup in self.setups.values():
             gen = setup.config.generation.model_copy(update={"max_new_tokens": 1})

@@ -1,0 +1,53 @@
+"""One operation on every live expert of a round, all at once, and what a failing expert does.
+
+Sessions on engines are I/O: their calls of a round go out together (each waits on a pool
+thread while the engine loop carries the requests), so a round costs about the slowest expert,
+not the sum. In-process sessions run in turn on the calling thread meanwhile: llama.cpp keeps
+a spinning OpenMP team per calling thread (see serve.engine.Replica), so moving an in-process
+model between threads costs more than running two of them side by side would save on a CPU.
+
+When an engine fails (it died, it timed out, it answered nonsense), the generation ends with
+its one-line error, which names the expert; with `on_expert_failure: drop` (and another
+expert left), the expert is dropped for the rest of the generation instead, and the step's
+trace says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from ..errors import EngineError, FuselmError
+from .base import StepContext
+
+T = TypeVar("T")
+
+_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fuselm-expert")
+
+
+def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | None = None) -> dict[int, T]:
+    """`fn(m, session)` for each live model `m` (or each of `models`); results by model index.
+    A dropped expert has no result (and is no longer in `ctx.live`)."""
+    todo = ctx.live if models is None else [m for m in models if m not in ctx.dropped]
+    remote = [m for m in todo if getattr(ctx.sessions[m], "remote", False)]
+    futures: dict[int, Future] = {m: _POOL.submit(fn, m, ctx.sessions[m]) for m in remote}
+    out: dict[int, T] = {}
+    failed: dict[int, EngineError] = {}
+    try:
+        for m in todo:
+            if m not in futures:
+                out[m] = fn(m, ctx.sessions[m])
+    finally:  # never leave an engine call running past this round
+        for m, f in futures.items():
+            try:
+                out[m] = f.result()
+            except EngineError as e:
+                failed[m] = e
+    for m, e in failed.items():
+        if ctx.generation.on_expert_failure != "drop":
+            raise e
+        ctx.dropped[m] = str(e)
+    if failed and not ctx.live:
+        raise FuselmError("every expert failed: " + "; ".join(ctx.dropped.values()))
+    return {m: v for m, v in out.items() if m not in ctx.dropped}

@@ -1,0 +1,438 @@
+"""A model on a serving engine, and one generation's session on it.
+
+A :class:`RemoteSession` has the session operations that the exact methods use (`next_top`,
+`rollout`, `rollout_branches`, `score`, `eos_score`), answered by the engine from token ids it
+tokenized itself. It keeps no KV state (the engine's prefix cache does that job); what it keeps
+is the **open stream**: a rollout (or a look at the next token's top-k) starts a streamed
+completion from the committed tokens, read only as far as the caller needs. When the committed
+text grows by what the stream produced (the model's own proposal won), the next rollout, the
+next top-k and the scoring of that proposal read on in the same stream, like the speculative
+tail of an in-process session; anything else closes it (the engine aborts it) and opens a new
+one. A single model's generation is thus one request, and an AdaFuse round whose winner was
+this model's proposal costs it only the scoring of the other candidates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..config import GenerationConfig, ModelConfig
+from ..errors import FuselmError
+from ..sampling import Sampler
+from .backend import ModelInfo
+from .engines import Engine, EngineError, EngineStream, Sampling, StreamToken, engine_for, engine_loop
+from .prompts import Prompt, chat_messages
+from .session import Rollout, Score, SessionStats, common_prefix_len, greedy, top_margin
+
+TOP_K = 4  # top-k asked of every stream: the margin needs 2, AdaFuse's default branches 3
+
+
+class RemoteModel:
+    """A model served by an engine in another process. Making one sends nothing: what the engine
+    is asked (its model id, BOS, end-of-sequence ids, context) is asked at the first use."""
+
+    remote = True
+
+    def __init__(self, engine: Engine, config: ModelConfig):
+        self.engine = engine
+        self.config = config
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> RemoteModel:
+        key = None
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise FuselmError(f"model {cfg.name!r}: environment variable {cfg.api_key_env} is not set")
+        assert cfg.engine is not None and cfg.url is not None
+        return cls(engine_for(cfg.engine, cfg.url, model=cfg.model, timeout_s=cfg.timeout_s, api_key=key), cfg)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def offers(self) -> frozenset[str]:
+        return self.engine.offers
+
+    @property
+    def where(self) -> str:
+        return self.engine.where
+
+    def run(self, coro):
+        """Wait for an engine call; its faults name this model."""
+        try:
+            return engine_loop().run(coro)
+        except EngineError as e:
+            raise EngineError(f"expert {self.name!r}: {e}") from None
+
+    @property
+    def info(self) -> ModelInfo:
+        f = self.run(self.engine.facts())
+        return ModelInfo(
+            name=self.name, backend=self.engine.kind, architecture="?", vocab_size=0, context_length=f.context_length,
+            eos_token_ids=frozenset(f.eos_token_ids), bos_token_id=f.bos_token_id,
+            has_chat_template=f.has_chat_template, source=f"{self.engine.where} ({f.model})",
+        )  # fmt: skip
+
+    def prompt_text(self, prompt: Prompt, gen: GenerationConfig | None = None) -> str:
+        """Raw, or rendered with the chat template on the engine (then detokenized, without the
+        BOS that tokenizing adds again)."""
+        facts = self.run(self.engine.facts())
+        messages = chat_messages(prompt, gen or GenerationConfig(), facts.has_chat_template)
+        if messages is None:
+            return prompt  # type: ignore[return-value]
+        if not facts.has_chat_template:
+            raise FuselmError(f"model {self.name!r} on {self.where} has no chat template; use --raw")
+        ids = self.run(self.engine.chat_ids(messages))
+        if facts.bos_token_id is not None and ids[:1] == [facts.bos_token_id]:
+            ids = ids[1:]
+        return self.run(self.engine.detokenize(ids))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.run(self.engine.tokenize(text))
+
+    def session(self, prompt_text: str) -> RemoteSession:
+        return RemoteSession(self, prompt_text)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({self.name!r}, {self.engine.where!r})"
+
+
+class RemoteSession:
+    """One model's view of one generation's text, on an engine (see the module docstring)."""
+
+    remote = True
+
+    def __init__(self, model: RemoteModel, prompt: str):
+        self.model = model
+        self.engine = model.engine
+        self.prompt = prompt
+        self.text = ""
+        self.stats = SessionStats()
+        self._closed = False
+        self._ids: dict[str, list[int]] = {}  # the engine's tokenizations, by text
+        self._stream: EngineStream | None = None
+        self._base: list[int] = []  # the ids the open stream continues
+        self._sampling = Sampling()
+        self._top_of: tuple[list[int], dict[int, float]] | None = None  # the last top-k asked, and after what
+        self._samplings: dict[int, Sampling] = {}  # per sampler: its seed is drawn once per generation
+
+    # --- the session's face --------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def append(self, text: str) -> None:
+        self.text += text
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            try:
+                engine_loop().run(stream.aclose())
+            except Exception:  # closing a dead connection: nothing to give back
+                pass
+
+    def __enter__(self) -> RemoteSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def is_eos(self, token_id: int) -> bool:
+        return token_id in self.model.run(self.engine.facts()).eos_token_ids
+
+    def committed_ids(self) -> list[int]:
+        return self.model.run(self._committed())
+
+    def next_top(self, k: int) -> list[tuple[int, float]]:
+        """The k most likely next tokens after the committed text (most likely first), with log-probs."""
+        return self.model.run(self._next_top(k))
+
+    def rollout(
+        self,
+        max_tokens: int,
+        *,
+        until: Callable[[Rollout], int | None] | None = None,
+        first_token: int | None = None,
+        choose: Callable[..., int] = greedy,
+        margins: bool = True,
+    ) -> Rollout:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        return self.model.run(self._rollout(max_tokens, until, first_token, self._sampling_of(choose), margins))
+
+    def rollout_branches(
+        self,
+        first_tokens: Sequence[int],
+        max_tokens: int,
+        *,
+        until: Callable[[Rollout], int | None] | None = None,
+        choose: Callable[..., int] = greedy,
+    ) -> list[Rollout]:
+        """One rollout per forced first token, all at once (the branch of the greedy first token
+        reads the session's own stream, the others a stream each)."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        return self.model.run(self._branches(list(first_tokens), max_tokens, until, self._sampling_of(choose)))
+
+    def score(self, candidates: Sequence[str]) -> list[Score]:
+        return self.model.run(self._score(list(candidates)))
+
+    def eos_score(self) -> Score:
+        return self.model.run(self._eos_score())
+
+    def next_logprobs(self):
+        raise FuselmError(f"{self.name!r} on {self.model.where} gives top-k log-probs, not full distributions")
+
+    def _sampling_of(self, choose: Any) -> Sampling:
+        if id(choose) not in self._samplings:
+            self._samplings[id(choose)] = _sampling(choose, self.name)
+        return self._samplings[id(choose)]
+
+    # --- internals (on the engine loop) ---------------------------------------------------------
+    async def _tokenize_all(self, texts: Sequence[str]) -> list[list[int]]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        if missing:
+            got = await asyncio.gather(*(self.engine.tokenize(t) for t in missing))
+            self.stats.tokenizations += len(missing)
+            if len(self._ids) > 256:  # keep the cache small: only this text's future matters
+                self._ids = {t: v for t, v in self._ids.items() if t.startswith(self.prompt + self.text)}
+            self._ids.update(zip(missing, got))
+        return [self._ids[t] for t in texts]
+
+    async def _committed(self) -> list[int]:
+        if self._closed:
+            raise FuselmError(f"the session on {self.name!r} is closed")
+        ids = (await self._tokenize_all([self.prompt + self.text]))[0]
+        if not ids:
+            raise FuselmError("the prompt is empty and the model has no BOS token; give a prompt")
+        facts = await self.engine.facts()
+        if len(ids) >= facts.context_length:
+            raise FuselmError(f"prompt is longer than the context of {self.name!r}: {len(ids)} tokens >= {facts.context_length}")
+        if self.stats.prompt_tokens == 0:
+            self.stats.prompt_tokens = len(ids)
+        return ids
+
+    def _tail_index(self, ids: list[int]) -> int | None:
+        """Where `ids` ends in the open stream's tokens, if the stream continues `ids`."""
+        s = self._stream
+        b = len(self._base)
+        if s is None or len(ids) < b or ids[:b] != self._base:
+            return None
+        rest = ids[b:]
+        got = [t.token_id for t in s.tokens[: len(rest)]]
+        if got != rest[: len(got)] or (len(got) < len(rest) and s.done):
+            return None
+        return len(rest)
+
+    async def _seek(self, ids: list[int], lookahead: int, sampling: Sampling) -> tuple[EngineStream, int]:
+        """A stream that continues `ids` and the index of the token after them in it: the open
+        one when it does, else a new one (the old one is closed: the engine stops it)."""
+        j = self._tail_index(ids) if sampling == self._sampling else None
+        if j is not None and self._stream is not None:
+            if len(self._stream.tokens) < j:
+                await self._stream.read(j)
+                j = self._tail_index(ids)
+            if j is not None and (j < len(self._stream.tokens) or not self._stream.done):
+                return self._stream, j
+        if self._stream is not None:
+            await self._stream.aclose()
+        facts = await self.engine.facts()
+        room = facts.context_length - len(ids)
+        if room < 1:
+            raise FuselmError(f"{self.name!r}: the text has reached its context of {facts.context_length} tokens")
+        self._stream = await self.engine.stream(ids, min(lookahead, room), TOP_K, sampling)
+        self._base, self._sampling = list(ids), sampling
+        self.stats.forward_passes += 1
+        return self._stream, 0
+
+    async def _token(self, ids: list[int], lookahead: int, sampling: Sampling) -> StreamToken:
+        stream, j = await self._seek(ids, lookahead, sampling)
+        before = len(stream.tokens)
+        await stream.read(j + 1)
+        self.stats.tokens_forwarded += len(stream.tokens) - before
+        if j < len(stream.tokens):
+            return stream.tokens[j]
+        # the stream ended at its max_tokens just before: a new one goes on from here
+        stream, j = await self._seek(ids, lookahead, sampling)
+        await stream.read(j + 1)
+        if j >= len(stream.tokens):
+            raise EngineError(f"{self.engine.where} ended a stream without a token")
+        return stream.tokens[j]
+
+    async def _top_at(self, ids: list[int]) -> dict[int, float]:
+        """The top-k after `ids` (greedy stream's first token there; kept for the round)."""
+        if self._top_of is None or self._top_of[0] != ids:
+            tok = await self._token(ids, 16, Sampling())
+            self._top_of = (list(ids), tok.top)
+        return self._top_of[1]
+
+    async def _next_top(self, k: int) -> list[tuple[int, float]]:
+        if k > self.engine.max_top_k:
+            raise FuselmError(f"{self.name!r} on {self.model.where} gives at most the top {self.engine.max_top_k}")
+        top = await self._top_at(await self._committed())
+        return sorted(top.items(), key=lambda kv: -kv[1])[:k]
+
+    async def _rollout(
+        self, max_tokens: int, until, first_token: int | None, sampling: Sampling, margins: bool
+    ) -> Rollout:
+        ids = await self._committed()
+        roll = Rollout("", [], [], [], [])
+        if first_token is not None:
+            return await self._forced(ids, first_token, max_tokens, until, sampling, margins)
+        pos = list(ids)
+        while len(roll.token_ids) < max_tokens:
+            tok = await self._token(pos, max_tokens - len(roll.token_ids), sampling)
+            if not _push(roll, tok, margins) or _done(roll, until):
+                break
+            pos.append(tok.token_id)
+        if not roll.token_ids and not roll.finished:
+            raise EngineError(f"{self.engine.where} gave no token")
+        return roll
+
+    async def _forced(self, ids, first: int, max_tokens: int, until, sampling: Sampling, margins: bool) -> Rollout:
+        """A rollout whose first token is given: its log-prob from the top-k after `ids`, its text
+        from the engine's detokenizer, the rest from a stream of its own (closed when done)."""
+        top = await self._top_at(ids)  # asked before any branch runs: no stream is read here
+        roll = Rollout("", [], [], [], [])
+        if margins:
+            roll.margins.append(top_margin(top))
+        facts = await self.engine.facts()
+        if first in facts.eos_token_ids:
+            roll.finished = True
+            return roll
+        if first not in top:
+            lp = (await self.engine.score([ids + [first]], [len(ids)]))[0][0]
+        else:
+            lp = top[first]
+        anchor = ids[-1:]
+        text, head = await asyncio.gather(self.engine.detokenize(anchor + [first]), self.engine.detokenize(anchor))
+        roll.token_ids.append(first)
+        roll.token_logprobs.append(lp)
+        roll.token_offsets.append(0)
+        roll.text = text[len(head) :]
+        if max_tokens == 1 or _done(roll, until):
+            return roll
+        stream = await self.engine.stream(ids + [first], max_tokens - 1, TOP_K if margins else 1, sampling)
+        self.stats.forward_passes += 1
+        try:
+            while len(roll.token_ids) < max_tokens:
+                await stream.read(len(roll.token_ids))
+                if len(stream.tokens) < len(roll.token_ids):
+                    break
+                tok = stream.tokens[len(roll.token_ids) - 1]
+                self.stats.tokens_forwarded += 1
+                if not _push(roll, tok, margins) or _done(roll, until):
+                    break
+        finally:
+            await stream.aclose()
+        return roll
+
+    async def _branches(self, firsts: list[int], max_tokens: int, until, sampling: Sampling) -> list[Rollout]:
+        ids = await self._committed()
+        top = await self._top_at(ids)
+        greedy_first = max(top, key=lambda t: top[t]) if top else None
+
+        async def one(first: int) -> Rollout:
+            if sampling == Sampling() and first == greedy_first:
+                return await self._rollout(max_tokens, until, None, sampling, False)
+            return await self._forced(ids, first, max_tokens, until, sampling, False)
+
+        return list(await asyncio.gather(*(one(f) for f in firsts)))
+
+    async def _score(self, candidates: list[str]) -> list[Score]:
+        ids = await self._committed()
+        n = len(ids)
+        prefix = self.prompt + self.text
+        texts = [c for c in candidates if c]
+        fulls = dict(zip(texts, await self._tokenize_all([prefix + c for c in texts])))
+        results: dict[int, Score] = {}
+        pending: list[tuple[int, list[int], int]] = []
+        j = self._tail_index(ids)
+        tail = self._stream.tokens[j:] if (j is not None and self._stream is not None) else []
+        for i, cand in enumerate(candidates):
+            nbytes = len(cand.encode("utf-8"))
+            if not cand:
+                results[i] = Score(0.0, 0, 0, 0)
+                continue
+            full = fulls[cand]
+            k = common_prefix_len(ids, full)
+            toks = full[k:]
+            # this model's own continuation: its log-probs came with the stream
+            if k == n and len(toks) <= len(tail) and [t.token_id for t in tail[: len(toks)]] == toks:
+                results[i] = Score(sum(t.logprob for t in tail[: len(toks)]), len(toks), len(cand), nbytes)
+                self.stats.reused_tokens += len(toks)
+            else:
+                pending.append((i, full, max(k, 1)))
+        if pending:
+            rows = await self.engine.score([full for _, full, _ in pending], [s for _, _, s in pending])
+            self.stats.forward_passes += 1
+            self.stats.tokens_forwarded += sum(len(r) for r in rows)
+            for (i, full, start), row in zip(pending, rows):
+                cand = candidates[i]
+                results[i] = Score(float(sum(row)), len(full) - start, len(cand), len(cand.encode("utf-8")))
+        return [results[i] for i in range(len(candidates))]
+
+    async def _eos_score(self) -> Score:
+        ids = await self._committed()
+        eos = sorted((await self.engine.facts()).eos_token_ids)
+        if not eos:
+            raise EngineError(f"{self.engine.where}: its end-of-sequence token is unknown; give eos_token_ids")
+        rows = await self.engine.score([ids + [e] for e in eos], [len(ids)] * len(eos))
+        self.stats.forward_passes += 1
+        lps = [r[0] for r in rows]
+        top = max(lps)
+        return Score(top + math.log(sum(math.exp(x - top) for x in lps)), 1, 0, 0)
+
+
+def _push(roll: Rollout, tok: StreamToken, margins: bool) -> bool:
+    """Add a streamed token to a rollout; False at end of sequence (not part of the text)."""
+    if margins:
+        roll.margins.append(top_margin(tok.top))
+    if tok.eos:
+        roll.finished = True
+        return False
+    roll.token_logprobs.append(tok.logprob)
+    roll.token_offsets.append(len(roll.text))
+    roll.token_ids.append(tok.token_id)
+    roll.text += tok.text
+    return True
+
+
+def _done(roll: Rollout, until) -> bool:
+    if until is None or not roll.text:
+        return False
+    cut = until(roll)
+    if cut is None:
+        return False
+    roll.text = roll.text[:cut]
+    return True
+
+
+def _sampling(choose: Any, name: str) -> Sampling:
+    """How the engine should choose tokens for a session's `choose`."""
+    if choose is greedy:
+        return Sampling()
+    if isinstance(choose, Sampler):
+        if choose.greedy:
+            return Sampling()
+        # The engine's seed: from the generation's seed and the model (experts sample at once, on
+        # their own threads, so drawing from one shared generator would depend on who came first).
+        seed = None
+        if choose.seed is not None:
+            seed = int.from_bytes(hashlib.sha256(f"{choose.seed}:{name}".encode()).digest()[:4], "big") >> 1
+        return Sampling(choose.temperature, choose.top_p, choose.top_k, seed)
+    raise FuselmError("an expert on an engine chooses its tokens there: greedy or sampled, no custom chooser")
