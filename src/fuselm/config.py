@@ -85,7 +85,9 @@ class ModelConfig(StrictModel):
     @model_validator(mode="after")
     def _engine_fields(self) -> ModelConfig:
         if self.engine is None:
-            remote_only = sorted(f for f in REMOTE_FIELDS if f in self.model_fields_set and getattr(self, f) is not None)
+            remote_only = sorted(
+                f for f in REMOTE_FIELDS if f in self.model_fields_set and getattr(self, f) is not None
+            )
             if remote_only:
                 raise ValueError(
                     f"{', '.join(remote_only)}: only for a model on an engine (add engine: vllm, sglang or llamacpp-server)"
@@ -117,7 +119,11 @@ def parse_model_ref(ref: str) -> dict[str, Any]:
         return {"name": ref}
     url = url if url.startswith("http") else "http:" + url
     url, _, model = url.partition("#")
-    entry: dict[str, Any] = {"name": name or f"{engine}@{url.split('://', 1)[-1].rstrip('/')}", "engine": engine, "url": url}
+    entry: dict[str, Any] = {
+        "name": name or f"{engine}@{url.split('://', 1)[-1].rstrip('/')}",
+        "engine": engine,
+        "url": url,
+    }
     if model:
         entry["model"] = model
     return entry

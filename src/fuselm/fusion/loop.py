@@ -112,8 +112,14 @@ def _run(method, sessions, gen: GenerationConfig, emit, reference, cancel) -> Ge
         dropped = {names[m]: why for m, why in ctx.dropped.items() if m not in reported}
         reported.update(ctx.dropped)
         trace.append(
-            TraceStep(round=ctx.round, text=step.text, source=source, new_tokens=step.new_tokens,
-                      dropped=dropped or None, **detail)  # fmt: skip
+            TraceStep(
+                round=ctx.round,
+                text=step.text,
+                source=source,
+                new_tokens=step.new_tokens,
+                dropped=dropped or None,
+                **detail,
+            )  # fmt: skip
         )
         if text:
             generated += text

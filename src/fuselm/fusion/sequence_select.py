@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..text.words import earliest_stop
 from .base import Step, StepContext
-from .experts import each
 from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide
+from .experts import each
 
 
 class SequenceSelect(EnsembleMethod):

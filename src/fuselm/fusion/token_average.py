@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..models.backend import OFFERS_FULL
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
-from ..models.backend import OFFERS_FULL
 from .ensemble import EnsembleMethod
 
 

@@ -13,10 +13,10 @@ import math
 import torch
 from pydantic import Field
 
+from ..models.backend import OFFERS_FULL
 from ..models.session import common_prefix_len
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
-from ..models.backend import OFFERS_FULL
 from .ensemble import EnsembleMethod
 from .options import EnsembleOptions
 

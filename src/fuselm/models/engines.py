@@ -36,7 +36,6 @@ from .backend import OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 T = TypeVar("T")
 
 
-
 class _Transient(Exception):
     """An answer worth asking again for (429, 502, 503, 504)."""
 
@@ -393,8 +392,13 @@ class VLLMEngine(Engine):
             for tok, tlp, top, text in zip(ids, lp.get("token_logprobs") or [], lp.get("top_logprobs") or [], texts):
                 eos = tok in facts.eos_token_ids
                 stream.tokens.append(
-                    StreamToken(tok, float(tlp), {_token_id(key): float(v) for key, v in (top or {}).items()},
-                                "" if eos else text, eos)  # fmt: skip
+                    StreamToken(
+                        tok,
+                        float(tlp),
+                        {_token_id(key): float(v) for key, v in (top or {}).items()},
+                        "" if eos else text,
+                        eos,
+                    )  # fmt: skip
                 )
             if choice.get("finish_reason") is not None:
                 stream.finished = choice["finish_reason"] == "stop"

@@ -221,7 +221,9 @@ class RemoteSession:
             raise FuselmError("the prompt is empty and the model has no BOS token; give a prompt")
         facts = await self.engine.facts()
         if len(ids) >= facts.context_length:
-            raise FuselmError(f"prompt is longer than the context of {self.name!r}: {len(ids)} tokens >= {facts.context_length}")
+            raise FuselmError(
+                f"prompt is longer than the context of {self.name!r}: {len(ids)} tokens >= {facts.context_length}"
+            )
         if self.stats.prompt_tokens == 0:
             self.stats.prompt_tokens = len(ids)
         return ids
