@@ -1,29 +1,42 @@
 """Experts on a real serving engine: a vLLM server (CPU build, its own virtual environment made
 by scripts/setup_vllm.sh) started on 127.0.0.1 with SmolLM2-135M's float32 weights, against the
-same weights in-process (transformers). Skips when that environment is absent."""
+same weights in-process (transformers). The vLLM cases skip when that environment is absent;
+the fault cases that need no engine (a port nobody listens on, a server that never answers)
+always run."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from .conftest import requires_bundled
 
-httpx = pytest.importorskip("httpx")
-
 VENV = Path(os.environ.get("FUSELM_VLLM_VENV", Path.home() / ".cache/fuselm/vllm-venv"))
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+TOL = 2e-3  # vLLM's float32 CPU kernels against transformers' on the same weights
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run(coro):
+    from fuselm.models.engines import engine_loop
+
+    return engine_loop().run(coro)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +47,16 @@ def smollm_hf_dir():
     return assets.ensure_converted(BUNDLED["smollm2-135m"])
 
 
+class VLLMProcess:
+    def __init__(self, proc: subprocess.Popen | None, url: str):
+        self.proc, self.url = proc, url
+
+
 @pytest.fixture(scope="module")
-def vllm_url(smollm_hf_dir, tmp_path_factory):
+def vllm(smollm_hf_dir, tmp_path_factory):
+    if os.environ.get("FUSELM_TEST_VLLM_URL"):  # a server already running (DEVELOPERS.md): not killed
+        yield VLLMProcess(None, os.environ["FUSELM_TEST_VLLM_URL"])
+        return
     python = VENV / "bin" / "python"
     if not python.is_file():
         pytest.skip(f"vLLM not set up in {VENV} (scripts/setup_vllm.sh)")
@@ -76,7 +97,7 @@ def vllm_url(smollm_hf_dir, tmp_path_factory):
             if time.time() > deadline:
                 raise RuntimeError("vLLM not ready in 600 s")
             time.sleep(1)
-        yield url
+        yield VLLMProcess(proc, url)
     finally:
         proc.terminate()
         try:
@@ -88,59 +109,312 @@ def vllm_url(smollm_hf_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(smollm_hf_dir):
+    from fuselm.config import ModelConfig
     from fuselm.models.hf import TransformersBackend
+    from fuselm.models.loading import Model
 
-    return TransformersBackend.from_directory(smollm_hf_dir, name="smollm2-135m")
+    backend = TransformersBackend.from_directory(smollm_hf_dir, name="smollm2-135m")
+    return Model(backend, ModelConfig(name="smollm2-135m", backend="transformers"))
 
 
+def remote_model(url: str, name: str = "smol-vllm", **kw):
+    from fuselm.config import ModelConfig
+    from fuselm.models.loading import load_model
+
+    return load_model(ModelConfig(name=name, engine="vllm", url=url, **kw))
+
+
+# --- the engine's calls ---------------------------------------------------------------------------
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_vllm_tokenizes_scores_and_ranks_as_the_same_weights_in_process(vllm_url, local):
-    from fuselm.models.engines import VLLMEngine
+def test_vllm_tokenizes_streams_and_scores_as_the_same_weights_in_process(vllm, local):
+    from fuselm.models.engines import Sampling, VLLMEngine
 
-    engine = VLLMEngine(vllm_url)
+    engine = VLLMEngine(vllm.url)
     try:
+        facts = run(engine.facts())
+        assert facts.bos_token_id is None and local.info.bos_token_id is None  # SmolLM2: no BOS
+        assert facts.eos_token_ids & local.info.eos_token_ids
         prompt = "The capital of France is"
-        ids = engine.tokenize(prompt)
-        assert ids == local.tokenize(prompt)  # the engine's own tokens, BOS handling included
-        full = engine.tokenize(prompt + " Paris")
-        assert full[: len(ids)] == ids and len(full) == len(ids) + 1
-        cache = local.new_cache()
-        lp = local.extend(cache, ids)
-        top = engine.next_topk(ids, 5)
-        assert len(top) == 5
-        best = max(top, key=top.get)
-        assert best == int(torch.argmax(lp))
-        for tok, value in top.items():
-            assert value == pytest.approx(float(lp[tok]), abs=2e-3)
+        ids = run(engine.tokenize(prompt))
+        assert ids == local.tokenize(prompt)  # the engine's own tokens
+        cache = local.backend.new_cache()
+        lp = local.backend.extend(cache, ids)
+        # token-id prompt, streamed: exactly max_tokens tokens (no end of sequence this early)
+        stream = run(engine.stream(ids, 3, 5, Sampling()))
+        run(stream.read(10))
+        assert len(stream.tokens) == 3 and stream.done and not stream.finished
+        first = stream.tokens[0]
+        assert first.token_id == int(torch.argmax(lp)) and first.text == " Paris"
+        assert len(first.top) >= 5
+        for tok, value in first.top.items():
+            assert value == pytest.approx(float(lp[tok]), abs=TOL)
         # two continuations of one prefix in one request, one of them an unlikely token
+        full = run(engine.tokenize(prompt + " Paris"))
         other = int(torch.argsort(lp)[len(lp) // 2])
-        scores = engine.score([full, ids + [other]], start=len(ids))
-        assert scores[0][0] == pytest.approx(float(lp[full[-1]]), abs=2e-3)
-        assert scores[1][0] == pytest.approx(float(lp[other]), abs=2e-3)
+        scores = run(engine.score([full, ids + [other]], [len(ids), len(ids)]))
+        assert scores[0][0] == pytest.approx(float(lp[full[-1]]), abs=TOL)
+        assert scores[1][0] == pytest.approx(float(lp[other]), abs=TOL)
         with pytest.raises(ValueError):
-            engine.score([full], start=0)
-        # a greedy rollout with top-2: the same tokens as in-process greedy where the top-2
-        # gap is clear (near-ties may go either way between engines), the same log-probs
-        roll = engine.rollout(ids, 8, k=2)
-        assert len(roll.token_ids) == len(roll.token_logprobs) == len(roll.top) <= 8
-        compared = 0
-        for tok, value, top in zip(roll.token_ids, roll.token_logprobs, roll.top):
-            assert len(top) >= 2 and tok in top
-            ranked = torch.topk(lp, 2)
-            if float(ranked.values[0] - ranked.values[1]) < 0.05:
-                break
-            assert tok == int(ranked.indices[0]) and value == pytest.approx(float(lp[tok]), abs=2e-3)
-            lp = local.extend(cache, [tok])
-            compared += 1
-        assert compared >= 1  # " Paris" is clear
+            run(engine.score([full], [0]))
     finally:
         engine.close()
 
 
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_a_session_on_the_engine_answers_as_an_in_process_session(vllm, local):
+    from fuselm.errors import FuselmError
+    from fuselm.text.words import first_word_end
+
+    remote = remote_model(vllm.url)
+    prompt = "The quick brown fox jumps over the lazy dog. The quick brown"
+    with remote.session(prompt) as r, local.session(prompt) as s:
+        # top-k, truncated to k, the same ranking and values
+        top_r, top_s = r.next_top(5), s.next_top(5)
+        assert len(top_r) == 5 and [t for t, _ in top_r[:2]] == [t for t, _ in top_s[:2]]
+        for (_, a), (_, b) in zip(top_r, top_s):
+            assert a == pytest.approx(b, abs=TOL)
+        with pytest.raises(FuselmError, match="at most the top 20"):
+            r.next_top(21)
+        # rollouts to a word boundary, and branches on forced first tokens
+        until = lambda roll: first_word_end(roll.text)  # noqa: E731
+        a, b = r.rollout(8, until=until), s.rollout(8, until=until)
+        assert a.text == b.text == " fox" and a.token_ids == b.token_ids
+        firsts = [t for t, _ in top_s[:3]]
+        rb, sb = r.rollout_branches(firsts, 8, until=until), s.rollout_branches(firsts, 8, until=until)
+        assert [x.text for x in rb] == [x.text for x in sb]
+        for x, y in zip(rb, sb):
+            assert x.logprob == pytest.approx(y.logprob, abs=3 * TOL)
+        # scores: the model's own proposal (read from its stream), others, and a candidate that
+        # merges with the last prefix token ("brown" + "ie" is one token less than it looks)
+        cands = [" fox", " dog", "ie", " fox jumps over"]
+        for x, y in zip(r.score(cands), s.score(cands)):
+            assert x.n_tokens == y.n_tokens
+            assert x.logprob == pytest.approx(y.logprob, abs=3 * TOL)
+        assert r.eos_score().logprob == pytest.approx(s.eos_score().logprob, abs=TOL)
+        r.append(" fox")
+        s.append(" fox")
+        assert r.committed_ids() == s.committed_ids()
+        nxt = r.rollout(8, until=until)
+        assert nxt.text and nxt.text == s.rollout(8, until=until).text
+    assert r.stats.forward_passes >= 1 and r.stats.prompt_tokens == s.stats.prompt_tokens
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_single_and_adafuse_on_engines_give_the_in_process_text(vllm, local):
+    from fuselm.config import GenerationConfig
+    from fuselm.fusion.loop import generate
+
+    remote = remote_model(vllm.url)
+    other = remote_model(vllm.url, name="smol-vllm-2")
+    gen = GenerationConfig(max_new_tokens=24)
+    question = "What is the capital of France?"
+    assert generate([remote], question, "single", gen).text == generate([local], question, "single", gen).text
+    on_engines = generate([remote, other], question, "adafuse", gen)
+    mixed = generate([remote, local], question, "adafuse", gen)
+    in_process = generate([local, local], question, "adafuse", gen)
+    assert on_engines.text == mixed.text == in_process.text
+    # the trace: the same rounds, candidates and decisions; each model's scores within tolerance
+    assert [t.text for t in mixed.trace] == [t.text for t in in_process.trace]
+    compared = 0
+    for a, b in zip(mixed.trace, in_process.trace):
+        assert [c.text for c in a.candidates] == [c.text for c in b.candidates] and a.winner == b.winner
+        for ca, cb in zip(a.candidates, b.candidates):
+            if ca.nll is not None:
+                for x, y in zip(ca.nll.values(), cb.nll.values()):
+                    assert x == pytest.approx(y, abs=5 * TOL)
+                    compared += 1
+    assert compared > 0
+    gen_raw = GenerationConfig(max_new_tokens=12, chat="raw")
+    fixed = generate([remote, local], "The capital of France is", "fixed-span", gen_raw)
+    assert fixed.text == generate([local, local], "The capital of France is", "fixed-span", gen_raw).text
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_cli_generate_and_eval_with_concurrency_over_an_engine(vllm, local, tmp_path):
+    from fuselm.config import GenerationConfig
+    from fuselm.fusion.loop import generate
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "fuselm.cli", "generate", "--models", f"smol=vllm:{vllm.url},smollm2-135m",
+           "--backend", "transformers", "--method", "adafuse", "--max-new-tokens", "16", "--json",
+           "What is the capital of France?"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["models"] == ["smol", "smollm2-135m"]
+    question = "What is the capital of France?"
+    assert result["text"] == generate([local, local], question, "adafuse", GenerationConfig(max_new_tokens=16)).text
+    if not (DATA / "nq").is_dir():
+        pytest.skip("../shared/data not found")
+    runs = {}
+    for n in (1, 4):
+        cmd = [sys.executable, "-m", "fuselm.cli", "eval", "--task", "nq", "--models", f"vllm:{vllm.url}",
+               "--limit", "6", "--concurrency", str(n), "--out", str(tmp_path / f"c{n}"), "--no-progress",
+               "--data-dir", str(DATA)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in (tmp_path / f"c{n}" / "rows.jsonl").read_text().splitlines()]
+        runs[n] = {r["id"]: r["output"] for r in rows}
+    assert len(runs[4]) == 6 and runs[4] == runs[1]  # greedy: the same answers, in flight at once or not
+    # an in-process model cannot run rows at once: said before anything runs
+    cmd[cmd.index("--models") + 1] = "smollm2-135m"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "needs every model on an engine" in out.stderr
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(vllm, local, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fuselm.config import GenerationConfig
+    from fuselm.fusion.loop import generate
+
+    from .test_serve import Server
+
+    config = {"limits": {"max_concurrent": 4},
+              "setups": [{"id": "fused", "method": "adafuse", "generation": {"max_new_tokens": 16},
+                          "models": [{"name": "a", "engine": "vllm", "url": vllm.url},
+                                     {"name": "b", "engine": "vllm", "url": vllm.url}]}]}  # fmt: skip
+    server = Server(config, tmp_path)
+    try:
+        client = server.client(key=None)
+        questions = ["What is the capital of France?", "What is 2 + 2?", "Name a colour.", "Who wrote Hamlet?"]
+
+        def ask(q: str) -> str:
+            r = client.chat.completions.create(model="fused", messages=[{"role": "user", "content": q}])
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(4) as pool:  # four requests in flight on one replica of engine experts
+            answers = list(pool.map(ask, questions))
+        gen = GenerationConfig(max_new_tokens=16)
+        assert answers == [generate([local, local], q, "adafuse", gen).text for q in questions]
+    finally:
+        server.stop()
+
+
+# --- faults that need no engine -------------------------------------------------------------------
+class SilentServer:
+    """A real TCP server on 127.0.0.1 that accepts connections and never answers (a stalled engine);
+    it counts what it accepted."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_methods_that_need_full_distributions_refuse_an_engine_before_any_request():
+    from fuselm.errors import FuselmError
+    from fuselm.fusion.methods import build_method
+
+    server = SilentServer()
+    try:
+        model = remote_model(f"http://127.0.0.1:{server.port}")
+        for method in ("token-average", "unite"):
+            with pytest.raises(FuselmError, match="needs full next-token distributions") as e:
+                build_method(method, [model, model])
+            assert "methods that run on it: adafuse" in str(e.value)
+        time.sleep(0.2)
+        assert server.accepted == 0  # nothing was sent
+    finally:
+        server.close()
+
+
+def test_a_stalled_engine_fails_within_its_timeout_naming_the_expert():
+    from fuselm.config import GenerationConfig
+    from fuselm.errors import EngineError
+    from fuselm.fusion.loop import generate
+
+    server = SilentServer()
+    try:
+        model = remote_model(f"http://127.0.0.1:{server.port}", name="stuck", model="m", timeout_s=1)
+        t0 = time.perf_counter()
+        with pytest.raises(EngineError, match=r"expert 'stuck'.*no answer within 1s"):
+            generate([model], "Hello", "single", GenerationConfig(max_new_tokens=4, chat="raw"))
+        assert time.perf_counter() - t0 < 10  # the deadline fired (one timeout, not retried)
+        assert server.accepted >= 1
+    finally:
+        server.close()
+
+
 def test_an_engine_that_is_not_there_is_a_one_line_error():
-    from fuselm.models.engines import EngineError, VLLMEngine
+    from fuselm.errors import EngineError
+    from fuselm.models.engines import VLLMEngine
 
     port = _free_port()
-    with pytest.raises(EngineError, match=f"127.0.0.1:{port}"):
-        VLLMEngine(f"http://127.0.0.1:{port}", model="m", timeout_s=2).tokenize("x")
+    engine = VLLMEngine(f"http://127.0.0.1:{port}", model="m", timeout_s=2)
+    with pytest.raises(EngineError, match=f"vllm at http://127.0.0.1:{port}: cannot connect"):
+        run(engine.tokenize("x"))
+
+
+def test_engine_entries_are_checked_in_the_config():
+    from pydantic import ValidationError
+
+    from fuselm.config import ModelConfig, parse_model_ref
+
+    with pytest.raises(ValidationError, match="needs url"):
+        ModelConfig(name="a", engine="vllm")
+    with pytest.raises(ValidationError, match="threads: only for in-process models"):
+        ModelConfig(name="a", engine="vllm", url="http://h:8000", threads=2)
+    with pytest.raises(ValidationError, match="url: only for a model on an engine"):
+        ModelConfig(name="a", url="http://h:8000")
+    assert parse_model_ref("llama=vllm:http://10.0.0.5:8000#meta/Llama-3") == {
+        "name": "llama", "engine": "vllm", "url": "http://10.0.0.5:8000", "model": "meta/Llama-3"}  # fmt: skip
+    assert parse_model_ref("vllm:http://h:8000")["name"] == "vllm@h:8000"
+    assert parse_model_ref("smollm2-135m") == {"name": "smollm2-135m"}
+
+
+# --- an engine that dies (last: it kills the module's vLLM) ---------------------------------------
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_an_engine_killed_mid_request_ends_with_its_error_or_is_dropped(vllm, local):
+    from fuselm.config import GenerationConfig
+    from fuselm.errors import EngineError
+    from fuselm.fusion.loop import generate
+
+    if vllm.proc is None:
+        pytest.skip("FUSELM_TEST_VLLM_URL: that server is not ours to kill")
+    remote = remote_model(vllm.url, name="doomed", timeout_s=10)
+    gen = GenerationConfig(max_new_tokens=400, chat="raw")
+    pieces: list[str] = []
+
+    def kill_after_first_text(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 3:
+            vllm.proc.kill()  # the single model's stream is open: its next read finds it gone
+            vllm.proc.wait()
+
+    t0 = time.perf_counter()
+    with pytest.raises(EngineError, match="expert 'doomed'"):
+        generate([remote], "Once upon a time", "single", gen, on_text=kill_after_first_text)
+    assert time.perf_counter() - t0 < 60 and len(pieces) >= 3
+    # dropped: the answer comes from the remaining expert, and the trace says who left and why
+    question = "The capital of France is"
+    gen = GenerationConfig(max_new_tokens=12, chat="raw", on_expert_failure="drop")
+    result = generate([remote, local], question, "adafuse", gen)
+    assert result.text == generate([local], question, "adafuse", gen).text
+    assert "doomed" in result.trace[0].dropped and "cannot connect" in result.trace[0].dropped["doomed"]
+    assert all(t.dropped is None for t in result.trace[1:])
+    with pytest.raises(EngineError, match="expert 'doomed'.*cannot connect"):
+        generate([remote, local], question, "adafuse", gen.model_copy(update={"on_expert_failure": "fail"}))

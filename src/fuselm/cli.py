@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="local JSONL file for the task, or hub:NAME[:CONFIG]:SPLIT when online")
     e.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     e.add_argument("--limit", type=int, help="number of rows")
+    e.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="rows in flight at once, for models on engines, which batch them (default 1)")  # fmt: skip
     e.add_argument("--offset", type=int, default=0, help="first row")
     e.add_argument("--out", required=False, help="run directory (several tasks/methods: one subdirectory each)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -233,7 +235,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
             out = Path(ns.out) if len(tasks) * len(methods) == 1 else Path(ns.out) / f"{task}__{method}"
             summaries.append(
                 run_eval(
-                    spec, out, Path(ns.data_dir) if ns.data_dir else None, explicit, show_progress=not ns.no_progress
+                    spec,
+                    out,
+                    Path(ns.data_dir) if ns.data_dir else None,
+                    explicit,
+                    show_progress=not ns.no_progress,
+                    concurrency=ns.concurrency,
                 )
             )
     table = Table(title="evaluation")

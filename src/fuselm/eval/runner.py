@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +119,26 @@ def run_eval(
     data_dir: Path | None = None,
     explicit_generation: set[str] | None = None,
     show_progress: bool = True,
+    concurrency: int = 1,
 ) -> EvalSummary:
-    """Run (or resume) `spec` in the run directory `out`, locked for the time of the run."""
+    """Run (or resume) `spec` in the run directory `out`, locked for the time of the run.
+    `concurrency` rows are in flight at once (models on engines only: the engines batch them)."""
     out = Path(out)
+    if concurrency < 1:
+        raise FuselmError(f"concurrency must be >= 1, got {concurrency}")
+    local = [m.name for m in spec.models if not m.remote]
+    if concurrency > 1 and local:
+        raise FuselmError(
+            f"--concurrency {concurrency} needs every model on an engine; {', '.join(local)} run in this process,"
+            " one generation at a time (use --concurrency 1, or serve them with vLLM: docs/scale-out.md)"
+        )
     with DirLock(out, "eval"):
-        return _run_locked(spec, out, data_dir, explicit_generation or set(), show_progress)
+        return _run_locked(spec, out, data_dir, explicit_generation or set(), show_progress, concurrency)
 
 
-def _run_locked(spec: EvalSpec, out: Path, data_dir: Path | None, explicit: set[str], show_progress: bool):
+def _run_locked(
+    spec: EvalSpec, out: Path, data_dir: Path | None, explicit: set[str], show_progress: bool, concurrency: int
+):
     task = get_task(spec.task)
     data_dir = data_dir or default_data_dir()
     all_rows = load_rows(task, spec.data, data_dir)
@@ -143,7 +156,7 @@ def _run_locked(spec: EvalSpec, out: Path, data_dir: Path | None, explicit: set[
         models = [load_model(m) for m in spec.models]
         method = build_method(spec.method, models, spec.method_options)  # once for the run
         try:
-            _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress)
+            _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency)
         finally:
             method.close()
             for m in models:
@@ -153,7 +166,7 @@ def _run_locked(spec: EvalSpec, out: Path, data_dir: Path | None, explicit: set[
     return summary
 
 
-def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress) -> None:
+def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -176,29 +189,52 @@ def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_
         transient=False,
     ) as progress:
         bar = progress.add_task(_label(task.name, main, scores), total=len(rows), completed=len(done))
-        for row in todo:
+
+        def one(row) -> EvalRow:
             prompt = task.build_prompt(prefix, row)
             t0 = time.perf_counter()
             reference = task.reference_text(row) if method.needs_reference else None  # oracle-route follows it
             result = decode(method, prompt, gen, reference=reference)
-            seconds = time.perf_counter() - t0
-            record = EvalRow(
+            return EvalRow(
                 id=row["id"],
                 prompt=prompt,
                 output=result.text,
                 answer=task.extract(result.text),
                 reference=task.reference(row),
                 metrics=task.score(result.text, row),
-                seconds=round(seconds, 4),
+                seconds=round(time.perf_counter() - t0, 4),
                 new_tokens=result.stats.new_tokens,
                 forward_passes=result.stats.forward_passes,
                 text_share=result.stats.text_share,
                 finish_reason=result.finish_reason,
             )
-            append_jsonl(rows_path, record.model_dump(mode="json"))
-            if record.metrics.get(main) is not None:
-                scores.append(record.metrics[main])
+
+        def record(row: EvalRow) -> None:  # on this thread only: rows.jsonl has one writer
+            append_jsonl(rows_path, row.model_dump(mode="json"))
+            if row.metrics.get(main) is not None:
+                scores.append(row.metrics[main])
             progress.update(bar, advance=1, description=_label(task.name, main, scores))
+
+        if concurrency == 1:
+            for row in todo:
+                record(one(row))
+            return
+        # Rows in flight at once, each recorded as it finishes (the summary orders them by the
+        # selection); on a failure, what finished is kept and nothing new starts.
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="fuselm-eval") as pool:
+            pending = {pool.submit(one, row) for row in todo[:concurrency]}
+            queue = iter(todo[concurrency:])
+            try:
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        record(f.result())
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            pending.add(pool.submit(one, nxt))
+            finally:
+                for f in pending:
+                    f.cancel()
 
 
 def _label(task: str, metric: str, scores: list[float]) -> str:

@@ -125,7 +125,9 @@ _OFFER_WORDS = {
     OFFERS_ROLLOUT: "rollouts",
     OFFERS_SCORE: "scores of given continuations",
 }
-EXACT_NEEDS = frozenset({OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})  # what single, adafuse, ... ask
+# What the methods that are exact on an engine ask: AdaFuse all three (margins and branches from
+# the top-k), fixed-span and sequence-select rollouts and scores, single only rollouts.
+EXACT_NEEDS = frozenset({OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})
 
 
 def describe_offers(offers: frozenset[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
 from .base import Step, StepContext
 from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide, roll_words
 from .experts import each
@@ -18,6 +19,7 @@ class FixedSpan(EnsembleMethod):
     name = "fixed-span"
     description = "fusion at a fixed span of n words per round, ensemble-scored"
     Options = FixedSpanOptions
+    needs = frozenset({OFFERS_ROLLOUT, OFFERS_SCORE})
 
     def step(self, ctx: StepContext) -> Step:
         o = self.options

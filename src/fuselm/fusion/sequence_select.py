@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
 from ..text.words import earliest_stop
 from .base import Step, StepContext
 from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide
@@ -11,6 +12,7 @@ from .experts import each
 class SequenceSelect(EnsembleMethod):
     name = "sequence-select"
     description = "each model answers in full; the answer with the best ensemble score wins"
+    needs = frozenset({OFFERS_ROLLOUT, OFFERS_SCORE})
 
     def step(self, ctx: StepContext) -> Step:
         stops = ctx.generation.stop

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import EXACT_NEEDS, FusionMethod, Step, StepContext
+from ..models.backend import OFFERS_ROLLOUT
+from .base import FusionMethod, Step, StepContext
 
 
 def complete_text(roll) -> int | None:
@@ -15,7 +16,7 @@ class Single(FusionMethod):
     description = "one model decoding on its own (greedy or sampled)"
     min_models = 1
     max_models = 1
-    needs = EXACT_NEEDS
+    needs = frozenset({OFFERS_ROLLOUT})
 
     def step(self, ctx: StepContext) -> Step:
         roll = ctx.sessions[0].rollout(ctx.budget, until=complete_text, choose=ctx.sampler, margins=False)

@@ -122,9 +122,10 @@ class EngineStream:
     """A streamed completion, read lazily: tokens arrive as the engine makes them, and closing
     the stream (when fuselm has seen enough) makes the engine abort the request."""
 
-    def __init__(self, engine: Engine, response: httpx.Response, max_tokens: int):
+    def __init__(self, engine: Engine, response: httpx.Response, max_tokens: int, k: int):
         self.engine = engine
         self.max_tokens = max_tokens
+        self.k = k  # the top-k each token comes with
         self._response = response
         self._lines = response.aiter_lines()
         self.tokens: list[StreamToken] = []
@@ -234,7 +235,7 @@ class Engine:
         except ValueError:
             raise EngineError(f"{self.where} answered {path} with something that is not JSON") from None
 
-    async def _open_stream(self, path: str, body: dict[str, Any], max_tokens: int) -> EngineStream:
+    async def _open_stream(self, path: str, body: dict[str, Any], max_tokens: int, k: int) -> EngineStream:
         client = self._client()
         try:
             async for attempt in self._retrying():
@@ -250,7 +251,7 @@ class Engine:
             text = (await r.aread()).decode(errors="replace")
             await r.aclose()
             raise EngineError(f"{self.where} answered {r.status_code} to {path}: {text[:300]}")
-        return EngineStream(self, r, max_tokens)
+        return EngineStream(self, r, max_tokens, k)
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -376,10 +377,11 @@ class VLLMEngine(Engine):
 
     async def stream(self, ids: Sequence[int], max_tokens: int, k: int, sampling: Sampling) -> EngineStream:
         await self.facts()
+        k = min(max(k, 1), self.max_top_k)
         body = {"model": self.model_id, "prompt": list(ids), "max_tokens": max_tokens, "stream": True,
-                "logprobs": min(max(k, 1), self.max_top_k), "return_tokens_as_token_ids": True,
-                "skip_special_tokens": True, **sampling.body()}  # fmt: skip
-        return await self._open_stream("/v1/completions", body, max_tokens)
+                "logprobs": k, "return_tokens_as_token_ids": True, "skip_special_tokens": True,
+                **sampling.body()}  # fmt: skip
+        return await self._open_stream("/v1/completions", body, max_tokens, k)
 
     async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
         if "error" in chunk:

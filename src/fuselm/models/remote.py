@@ -240,10 +240,14 @@ class RemoteSession:
             return None
         return len(rest)
 
-    async def _seek(self, ids: list[int], lookahead: int, sampling: Sampling) -> tuple[EngineStream, int]:
-        """A stream that continues `ids` and the index of the token after them in it: the open
-        one when it does, else a new one (the old one is closed: the engine stops it)."""
-        j = self._tail_index(ids) if sampling == self._sampling else None
+    async def _seek(
+        self, ids: list[int], lookahead: int, sampling: Sampling, k: int = TOP_K
+    ) -> tuple[EngineStream, int]:
+        """A stream that continues `ids` (with at least the top-`k`) and the index of the token
+        after them in it: the open one when it does, else a new one (the old one is closed: the
+        engine stops it)."""
+        fits = sampling == self._sampling and self._stream is not None and self._stream.k >= k
+        j = self._tail_index(ids) if fits else None
         if j is not None and self._stream is not None:
             if len(self._stream.tokens) < j:
                 await self._stream.read(j)
@@ -256,36 +260,36 @@ class RemoteSession:
         room = facts.context_length - len(ids)
         if room < 1:
             raise FuselmError(f"{self.name!r}: the text has reached its context of {facts.context_length} tokens")
-        self._stream = await self.engine.stream(ids, min(lookahead, room), TOP_K, sampling)
+        self._stream = await self.engine.stream(ids, min(lookahead, room), max(k, TOP_K), sampling)
         self._base, self._sampling = list(ids), sampling
         self.stats.forward_passes += 1
         return self._stream, 0
 
-    async def _token(self, ids: list[int], lookahead: int, sampling: Sampling) -> StreamToken:
-        stream, j = await self._seek(ids, lookahead, sampling)
+    async def _token(self, ids: list[int], lookahead: int, sampling: Sampling, k: int = TOP_K) -> StreamToken:
+        stream, j = await self._seek(ids, lookahead, sampling, k)
         before = len(stream.tokens)
         await stream.read(j + 1)
         self.stats.tokens_forwarded += len(stream.tokens) - before
         if j < len(stream.tokens):
             return stream.tokens[j]
         # the stream ended at its max_tokens just before: a new one goes on from here
-        stream, j = await self._seek(ids, lookahead, sampling)
+        stream, j = await self._seek(ids, lookahead, sampling, k)
         await stream.read(j + 1)
         if j >= len(stream.tokens):
             raise EngineError(f"{self.engine.where} ended a stream without a token")
         return stream.tokens[j]
 
-    async def _top_at(self, ids: list[int]) -> dict[int, float]:
-        """The top-k after `ids` (greedy stream's first token there; kept for the round)."""
-        if self._top_of is None or self._top_of[0] != ids:
-            tok = await self._token(ids, 16, Sampling())
+    async def _top_at(self, ids: list[int], k: int = TOP_K) -> dict[int, float]:
+        """The top-k after `ids` (the greedy stream's token there; kept for the round)."""
+        if self._top_of is None or self._top_of[0] != ids or len(self._top_of[1]) < k:
+            tok = await self._token(ids, 16, Sampling(), k)
             self._top_of = (list(ids), tok.top)
         return self._top_of[1]
 
     async def _next_top(self, k: int) -> list[tuple[int, float]]:
         if k > self.engine.max_top_k:
             raise FuselmError(f"{self.name!r} on {self.model.where} gives at most the top {self.engine.max_top_k}")
-        top = await self._top_at(await self._committed())
+        top = await self._top_at(await self._committed(), k)
         return sorted(top.items(), key=lambda kv: -kv[1])[:k]
 
     async def _rollout(
