@@ -55,7 +55,7 @@ def start_vllm(model_dir: Path, core: int | None, log: Path) -> tuple[subprocess
     port = free_port()
     cmd = [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
-           "--gpu-memory-utilization", "0.2"]  # fmt: skip
+           "--kv-cache-memory-bytes", str(1 << 30)]  # fmt: skip
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)

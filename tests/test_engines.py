@@ -385,6 +385,21 @@ def test_engine_entries_are_checked_in_the_config():
     assert parse_model_ref("smollm2-135m") == {"name": "smollm2-135m"}
 
 
+def test_engines_not_driven_yet_say_so_and_why():
+    from fuselm.errors import FuselmError
+
+    for kind, why in (("sglang", "not written yet"), ("llamacpp-server", "text prompts only")):
+        with pytest.raises(FuselmError, match=f"engine '{kind}' is not supported yet: .*{why}"):
+            remote_model_of(kind)
+
+
+def remote_model_of(kind: str):
+    from fuselm.config import ModelConfig
+    from fuselm.models.loading import load_model
+
+    return load_model(ModelConfig(name="x", engine=kind, url="http://127.0.0.1:9"))
+
+
 # --- an engine that dies (last: it kills the module's vLLM) ---------------------------------------
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")

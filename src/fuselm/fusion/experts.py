@@ -34,6 +34,7 @@ def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | N
     futures: dict[int, Future] = {m: _POOL.submit(fn, m, ctx.sessions[m]) for m in remote}
     out: dict[int, T] = {}
     failed: dict[int, EngineError] = {}
+    other: BaseException | None = None
     try:
         for m in todo:
             if m not in futures:
@@ -44,6 +45,10 @@ def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | N
                 out[m] = f.result()
             except EngineError as e:
                 failed[m] = e
+            except BaseException as e:  # noqa: BLE001 - raised below, once every call is back
+                other = other or e
+    if other is not None:
+        raise other
     for m, e in failed.items():
         if ctx.generation.on_expert_failure != "drop":
             raise e
