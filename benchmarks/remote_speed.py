@@ -121,6 +121,11 @@ def main() -> None:
     prompts = (PROMPTS * 4)[: args.prompts]
     gen = GenerationConfig(max_new_tokens=args.max_tokens)
     rows: list[dict] = []
+
+    def add(row: dict) -> None:  # printed as measured: a later part's failure loses nothing
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
     try:
         t0 = time.perf_counter()
         wait_ready(engines)
@@ -133,16 +138,16 @@ def main() -> None:
         t_local, n_local = per_token([local], "single", prompts, gen)
         local.close()
         t_remote, n_remote = per_token([remote[0]], "single", prompts, gen)
-        rows.append({"part": "1", "what": f"{names[0]} single, in-process (transformers, 1 thread)",
+        add({"part": "1", "what": f"{names[0]} single, in-process (transformers, 1 thread)",
                      "ms_per_token": t_local * 1e3, "tokens": n_local})  # fmt: skip
-        rows.append({"part": "1", "what": f"{names[0]} single, on vLLM (1 core)", "ms_per_token": t_remote * 1e3,
+        add({"part": "1", "what": f"{names[0]} single, on vLLM (1 core)", "ms_per_token": t_remote * 1e3,
                      "tokens": n_remote, "ratio": t_remote / t_local, "ratio_of": "in-process"})  # fmt: skip
         # 2. AdaFuse over two engines against its members alone on the same engines
         t_b, n_b = per_token([remote[1]], "single", prompts, gen)
-        rows.append({"part": "2", "what": f"{names[1]} single, on vLLM (1 core)", "ms_per_token": t_b * 1e3,
+        add({"part": "2", "what": f"{names[1]} single, on vLLM (1 core)", "ms_per_token": t_b * 1e3,
                      "tokens": n_b})  # fmt: skip
         t_fused, n_fused = per_token(remote, "adafuse", prompts, gen)
-        rows.append({"part": "2", "what": "adafuse over both engines", "ms_per_token": t_fused * 1e3,
+        add({"part": "2", "what": "adafuse over both engines", "ms_per_token": t_fused * 1e3,
                      "tokens": n_fused, "ratio": t_fused / max(t_remote, t_b), "ratio_of": "slowest member",
                      "ratio_sum": t_fused / (t_remote + t_b)})  # fmt: skip
         # 3. eval rows in flight
@@ -158,7 +163,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                 times[c] = time.perf_counter() - t0
-                rows.append({"part": "3", "what": f"eval nq adafuse, {args.rows} rows, concurrency {c}",
+                add({"part": "3", "what": f"eval nq adafuse, {args.rows} rows, concurrency {c}",
                              "seconds": times[c], "rows_per_s": args.rows / times[c]})  # fmt: skip
             rows[-1].update(ratio=times[1] / times[args.concurrency], ratio_of="speed-up over concurrency 1")
     finally:
