@@ -147,6 +147,14 @@ def test_vllm_tokenizes_streams_and_scores_as_the_same_weights_in_process(vllm, 
         first = stream.tokens[0]
         assert first.token_id == int(torch.argmax(lp)) and first.text == " Paris"
         assert len(first.top) >= 5
+        # a chunk that carries several tokens (the engine ran ahead of the reader) is split into
+        # the same per-token texts as one token per chunk
+        from types import SimpleNamespace
+
+        chunk = [t.token_id for t in stream.tokens]
+        fresh = SimpleNamespace(tokens=[], anchor=ids[-1:])
+        split = run(engine._token_texts(fresh, chunk, "".join(t.text for t in stream.tokens)))
+        assert split == [t.text for t in stream.tokens]
         for tok, value in first.top.items():
             assert value == pytest.approx(float(lp[tok]), abs=TOL)
         # two continuations of one prefix in one request, one of them an unlikely token

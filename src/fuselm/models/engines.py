@@ -122,8 +122,9 @@ class EngineStream:
     """A streamed completion, read lazily: tokens arrive as the engine makes them, and closing
     the stream (when fuselm has seen enough) makes the engine abort the request."""
 
-    def __init__(self, engine: Engine, response: httpx.Response, max_tokens: int, k: int):
+    def __init__(self, engine: Engine, response: httpx.Response, max_tokens: int, k: int, anchor: list[int]):
         self.engine = engine
+        self.anchor = anchor  # the prompt's last token: the context its first token's text is decoded in
         self.max_tokens = max_tokens
         self.k = k  # the top-k each token comes with
         self._response = response
@@ -235,7 +236,9 @@ class Engine:
         except ValueError:
             raise EngineError(f"{self.where} answered {path} with something that is not JSON") from None
 
-    async def _open_stream(self, path: str, body: dict[str, Any], max_tokens: int, k: int) -> EngineStream:
+    async def _open_stream(
+        self, path: str, body: dict[str, Any], max_tokens: int, k: int, anchor: list[int]
+    ) -> EngineStream:
         client = self._client()
         try:
             async for attempt in self._retrying():
@@ -251,7 +254,7 @@ class Engine:
             text = (await r.aread()).decode(errors="replace")
             await r.aclose()
             raise EngineError(f"{self.where} answered {r.status_code} to {path}: {text[:300]}")
-        return EngineStream(self, r, max_tokens, k)
+        return EngineStream(self, r, max_tokens, k, anchor)
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -381,7 +384,7 @@ class VLLMEngine(Engine):
         body = {"model": self.model_id, "prompt": list(ids), "max_tokens": max_tokens, "stream": True,
                 "logprobs": k, "return_tokens_as_token_ids": True, "skip_special_tokens": True,
                 **sampling.body()}  # fmt: skip
-        return await self._open_stream("/v1/completions", body, max_tokens, k)
+        return await self._open_stream("/v1/completions", body, max_tokens, k, list(ids[-1:]))
 
     async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
         if "error" in chunk:
@@ -416,7 +419,8 @@ class VLLMEngine(Engine):
         a chunk of several (the engine ran ahead of the reader) is split by detokenizing."""
         if len(ids) <= 1:
             return [text] * len(ids)
-        before = [t.token_id for t in stream.tokens[-1:]]
+        # decoded after the token before them (a lone SentencePiece token would lose its space)
+        before = [t.token_id for t in stream.tokens[-1:]] or stream.anchor
         anchor = len(await self.detokenize(before)) if before else 0
         out, prev = [], 0
         for i in range(1, len(ids) + 1):
