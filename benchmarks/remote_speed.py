@@ -33,16 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("FUSELM_VLLM_VENV", Path.home() / ".cache/fuselm/vllm-venv"))
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Name three rivers in Europe.",
-    "Explain in one sentence why the sky is blue.",
-    "Write a haiku about the sea.",
-    "What is 12 times 7?",
-    "Give a short definition of photosynthesis.",
-    "Who wrote Romeo and Juliet?",
-    "List two prime numbers greater than 10.",
-]
+from serve_load import PROMPTS  # noqa: E402 - the same chat prompts as the server benchmark (this folder)
 
 
 def free_port() -> int:
