@@ -122,9 +122,10 @@ class EngineStream:
     """A streamed completion, read lazily: tokens arrive as the engine makes them, and closing
     the stream (when fuselm has seen enough) makes the engine abort the request."""
 
-    def __init__(self, engine: Engine, response: httpx.Response, max_tokens: int, k: int, anchor: list[int]):
+    def __init__(self, engine: Engine, response: httpx.Response, max_tokens: int, k: int, prompt: list[int]):
         self.engine = engine
-        self.anchor = anchor  # the prompt's last token: the context its first token's text is decoded in
+        self.prompt = prompt  # the token ids it continues
+        self.anchor = prompt[-1:]  # the context its first token's text is decoded in
         self.max_tokens = max_tokens
         self.k = k  # the top-k each token comes with
         self._response = response
@@ -182,6 +183,8 @@ class Engine:
         self._http: httpx.AsyncClient | None = None
         self._facts: EngineFacts | None = None
         self._facts_lock: asyncio.Lock | None = None
+        self.rare_scores = 0  # scored tokens outside their prefix's top-k: asked the slow way
+        self.mangled_tops = 0  # top-k answers that came back mangled and were asked again (VLLMEngine._top)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -237,7 +240,7 @@ class Engine:
             raise EngineError(f"{self.where} answered {path} with something that is not JSON") from None
 
     async def _open_stream(
-        self, path: str, body: dict[str, Any], max_tokens: int, k: int, anchor: list[int]
+        self, path: str, body: dict[str, Any], max_tokens: int, k: int, prompt: list[int]
     ) -> EngineStream:
         client = self._client()
         try:
@@ -254,7 +257,7 @@ class Engine:
             text = (await r.aread()).decode(errors="replace")
             await r.aclose()
             raise EngineError(f"{self.where} answered {r.status_code} to {path}: {text[:300]}")
-        return EngineStream(self, r, max_tokens, k, anchor)
+        return EngineStream(self, r, max_tokens, k, prompt)
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -384,7 +387,7 @@ class VLLMEngine(Engine):
         body = {"model": self.model_id, "prompt": list(ids), "max_tokens": max_tokens, "stream": True,
                 "logprobs": k, "return_tokens_as_token_ids": True, "skip_special_tokens": True,
                 **sampling.body()}  # fmt: skip
-        return await self._open_stream("/v1/completions", body, max_tokens, k, list(ids[-1:]))
+        return await self._open_stream("/v1/completions", body, max_tokens, k, list(ids))
 
     async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
         if "error" in chunk:
@@ -396,15 +399,11 @@ class VLLMEngine(Engine):
             texts = await self._token_texts(stream, ids, choice.get("text") or "")
             for tok, tlp, top, text in zip(ids, lp.get("token_logprobs") or [], lp.get("top_logprobs") or [], texts):
                 eos = tok in facts.eos_token_ids
-                stream.tokens.append(
-                    StreamToken(
-                        tok,
-                        float(tlp),
-                        {_token_id(key): float(v) for key, v in (top or {}).items()},
-                        "" if eos else text,
-                        eos,
-                    )  # fmt: skip
-                )
+                top = _top_of(top)
+                if _mangled(top, stream.k):  # see _top: asked again on its own
+                    self.mangled_tops += 1
+                    top = await self._top(stream.prompt + [t.token_id for t in stream.tokens], stream.k)
+                stream.tokens.append(StreamToken(tok, float(tlp), top, "" if eos else text, eos))
             if choice.get("finish_reason") is not None:
                 stream.finished = choice["finish_reason"] == "stop"
                 if stream.finished and stream.tokens and not stream.tokens[-1].eos:
@@ -430,11 +429,13 @@ class VLLMEngine(Engine):
         return out
 
     async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
-        """Each position is asked as a one-token completion of its prefix with `logprob_token_ids`
-        (the log-probs of the named next tokens), all at once: the engine batches them and reads
-        every prefix from its prefix cache. (`prompt_logprobs` would do it in one request, but
-        vLLM skips the prefix cache for such requests and recomputes the whole prompt: measured
-        31 s per NQ row with AdaFuse, its few-shot prompt recomputed at every round.)"""
+        """Each scored position is a one-token completion of its prefix with the top-20, all at
+        once: the engine batches them and reads every prefix from its prefix cache. A token
+        outside its prefix's top-20 (rare: scored tokens are other models' likely words) is asked
+        with `prompt_logprobs`, which is exact but recomputes the whole prefix (vLLM skips the
+        prefix cache for such requests: measured 31 s per NQ row with AdaFuse when every score
+        went that way). Not `logprob_token_ids`: in vLLM 0.32 one such request replaces the
+        top-k of every other request in its batch by placeholders (see _top)."""
         if any(s < 1 for s in starts):
             raise ValueError("start must be >= 1: the first token has no context to be scored in")
         wanted: dict[tuple[int, ...], set[int]] = {}
@@ -445,22 +446,50 @@ class VLLMEngine(Engine):
             return [[] for _ in sequences]
         await self.facts()
         prefixes = list(wanted)
-        answers = await asyncio.gather(*(self._next_logprobs(list(p), sorted(wanted[p])) for p in prefixes))
-        known = dict(zip(prefixes, answers))
+        tops = await asyncio.gather(*(self._top(list(p), self.max_top_k) for p in prefixes))
+        known = {(p, t): top[t] for p, top in zip(prefixes, tops) for t in wanted[p] if t in top}
+        rare = [(p, t) for p in prefixes for t in sorted(wanted[p]) if (p, t) not in known]
+        self.rare_scores += len(rare)
+        found = await asyncio.gather(*(self._prompt_logprobs(list(p) + [t]) for p, t in rare))
+        known.update((pt, lp) for pt, (lp, _) in zip(rare, found))
         return [
-            [known[tuple(seq[:i])][seq[i]] for i in range(start, len(seq))] for seq, start in zip(sequences, starts)
+            [known[tuple(seq[:i]), seq[i]] for i in range(start, len(seq))] for seq, start in zip(sequences, starts)
         ]
 
-    async def _next_logprobs(self, prefix: list[int], tokens: list[int]) -> dict[int, float]:
-        body = {"model": self.model_id, "prompt": prefix, "max_tokens": 1, "temperature": 0, "logprobs": 1,
-                "logprob_token_ids": tokens, "return_tokens_as_token_ids": True}  # fmt: skip
+    async def _top(self, prefix: list[int], k: int) -> dict[int, float]:
+        """The top-`k` next tokens after `prefix` (one-token completion), checked: vLLM 0.32 gives
+        every request in a batch the `logprob_token_ids` shape as soon as one request in it asks
+        for them (sampler.py prefers them for the whole batch), so a top-k can come back as the
+        sampled token plus placeholder entries (id 0 at -9999). Another client of the same engine
+        can cause it. Such an answer is asked again, and then through `prompt_logprobs`, which
+        that bug does not reach (exact, but it recomputes the prefix)."""
+        body = {"model": self.model_id, "prompt": prefix, "max_tokens": 1, "temperature": 0, "logprobs": k,
+                "return_tokens_as_token_ids": True}  # fmt: skip
+        for _ in range(2):
+            choice = (await self._request("POST", "/v1/completions", body))["choices"][0]
+            try:
+                top = _top_of(choice["logprobs"]["top_logprobs"][0])
+            except (KeyError, IndexError, TypeError):
+                raise EngineError(f"{self.where} answered a completion without its top-{k} log-probs") from None
+            if not _mangled(top, k):
+                return top
+            self.mangled_tops += 1
+        _, top = await self._prompt_logprobs(prefix + [0], k)  # any token after the prefix
+        if _mangled(top, k):
+            raise EngineError(f"{self.where} answered the top-{k} after {len(prefix)} tokens with placeholders")
+        return top
+
+    async def _prompt_logprobs(self, seq: list[int], k: int = 0) -> tuple[float, dict[int, float]]:
+        """Through `prompt_logprobs` (exact, uncached): log p(last token | the tokens before it),
+        and the top-`k` there."""
+        body = {"model": self.model_id, "prompt": seq, "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}
         choice = (await self._request("POST", "/v1/completions", body))["choices"][0]
         try:
-            top = choice["logprobs"]["top_logprobs"][0]
-            got = {_token_id(key): float(v) for key, v in top.items()}
-            return {t: got[t] for t in tokens}
-        except (KeyError, IndexError, TypeError):
-            raise EngineError(f"{self.where} answered without the log-probs of tokens {tokens}") from None
+            last = choice["prompt_logprobs"][-1]
+            top = {int(t): float(e["logprob"]) for t, e in last.items() if e["rank"] <= k}
+            return float(last[str(seq[-1])]["logprob"]), top
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise EngineError(f"{self.where} answered prompt_logprobs without the log-probs of {seq[-1]}") from None
 
 
 ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine}
@@ -481,6 +510,19 @@ def engine_for(kind: str, url: str, **kwargs) -> Engine:
     except KeyError:
         raise FuselmError(f"unknown engine {kind!r}; supported: {', '.join(sorted(ENGINES))}") from None
     return cls(url, **kwargs)
+
+
+# How vLLM writes -inf in JSON, and the value of the placeholders in a mangled top-k (see _top).
+_PLACEHOLDER = -9999.0
+
+
+def _top_of(entries: dict[str, float] | None) -> dict[int, float]:
+    return {_token_id(key): float(v) for key, v in (entries or {}).items()}
+
+
+def _mangled(top: dict[int, float], k: int) -> bool:
+    """A top-k that is not one: fewer entries than asked, or placeholders among them."""
+    return len(top) < k or any(v <= _PLACEHOLDER for v in top.values())
 
 
 def _token_id(key: str) -> int:
