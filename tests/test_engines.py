@@ -1,8 +1,9 @@
-"""Experts on a real serving engine: a vLLM server (CPU build, its own virtual environment made
-by scripts/setup_vllm.sh) started on 127.0.0.1 with SmolLM2-135M's float32 weights, against the
-same weights in-process (transformers). The vLLM cases skip when that environment is absent;
-the fault cases that need no engine (a port nobody listens on, a server that never answers)
-always run."""
+"""Experts on real serving engines: a vLLM server (CPU build, its own virtual environment made
+by scripts/setup_vllm.sh) and an SGLang server (its CPU path, scripts/setup_sglang.sh), started
+on 127.0.0.1 with SmolLM2-135M's float32 weights, against the same weights in-process
+(transformers). The tests every engine must pass run on each (`served`); the cases of an
+engine skip when its environment is absent; the fault cases that need no engine (a port nobody
+listens on, a server that never answers) always run."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from .conftest import requires_bundled
 
 VENV = Path(os.environ.get("FUSELM_VLLM_VENV", Path.home() / ".cache/fuselm/vllm-venv"))
+SGLANG_VENV = Path(os.environ.get("FUSELM_SGLANG_VENV", Path.home() / ".cache/fuselm/sglang-venv"))
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 TOL = 2e-3  # vLLM's float32 CPU kernels against transformers' on the same weights
@@ -47,57 +49,30 @@ def smollm_hf_dir():
     return assets.ensure_converted(BUNDLED["smollm2-135m"])
 
 
-class VLLMProcess:
-    def __init__(self, proc: subprocess.Popen | None, url: str):
-        self.proc, self.url = proc, url
+class EngineProcess:
+    def __init__(self, kind: str, proc: subprocess.Popen | None, url: str):
+        self.kind, self.proc, self.url = kind, proc, url
 
 
-@pytest.fixture(scope="module")
-def vllm(smollm_hf_dir, tmp_path_factory):
-    if os.environ.get("FUSELM_TEST_VLLM_URL"):  # a server already running (DEVELOPERS.md): not killed
-        yield VLLMProcess(None, os.environ["FUSELM_TEST_VLLM_URL"])
-        return
-    python = VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.skip(f"vLLM not set up in {VENV} (scripts/setup_vllm.sh)")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("vllm") / "vllm.log", "w")
-    proc = subprocess.Popen(
-        [
-            str(python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(smollm_hf_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-logprobs",
-            "20",
-            "--gpu-memory-utilization",
-            "0.25",
-        ],  # fmt: skip
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def _engine_process(kind: str, cmd: list[str], port: int, ready: str, log_dir: Path):
+    """Start an engine server, wait until `ready` answers 200, yield it, stop it."""
+    log = open(log_dir / f"{kind}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited: {Path(log.name).read_text()[-2000:]}")
+                raise RuntimeError(f"{kind} exited: {Path(log.name).read_text()[-2000:]}")
             try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                if httpx.get(url + ready, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError("vLLM not ready in 600 s")
+                raise RuntimeError(f"{kind} not ready in 600 s")
             time.sleep(1)
-        yield VLLMProcess(proc, url)
+        yield EngineProcess(kind, proc, url)
     finally:
         proc.terminate()
         try:
@@ -105,6 +80,41 @@ def vllm(smollm_hf_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def vllm(smollm_hf_dir, tmp_path_factory):
+    if os.environ.get("FUSELM_TEST_VLLM_URL"):  # a server already running (DEVELOPERS.md): not killed
+        yield EngineProcess("vllm", None, os.environ["FUSELM_TEST_VLLM_URL"])
+        return
+    python = VENV / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"vLLM not set up in {VENV} (scripts/setup_vllm.sh)")
+    port = _free_port()
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm_hf_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
+           "--gpu-memory-utilization", "0.25"]  # fmt: skip
+    yield from _engine_process("vllm", cmd, port, "/v1/models", tmp_path_factory.mktemp("vllm"))
+
+
+@pytest.fixture(scope="module")
+def sglang(smollm_hf_dir, tmp_path_factory):
+    if os.environ.get("FUSELM_TEST_SGLANG_URL"):
+        yield EngineProcess("sglang", None, os.environ["FUSELM_TEST_SGLANG_URL"])
+        return
+    launcher = SGLANG_VENV / "bin" / "fuselm-sglang-server"
+    if not launcher.is_file():
+        pytest.skip(f"SGLang not set up in {SGLANG_VENV} (scripts/setup_sglang.sh)")
+    port = _free_port()
+    cmd = [str(launcher), "--model-path", str(smollm_hf_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-total-tokens", "16384"]  # fmt: skip
+    yield from _engine_process("sglang", cmd, port, "/health", tmp_path_factory.mktemp("sglang"))
+
+
+@pytest.fixture(scope="module", params=["vllm", "sglang"])
+def served(request):
+    """Each engine in turn, for the tests every engine must pass."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +127,20 @@ def local(smollm_hf_dir):
     return Model(backend, ModelConfig(name="smollm2-135m", backend="transformers"))
 
 
-def remote_model(url: str, name: str = "smol-vllm", **kw):
+def remote_model(url: str, name: str = "smol-vllm", kind: str = "vllm", **kw):
     from fuselm.config import ModelConfig
     from fuselm.models.loading import load_model
 
-    return load_model(ModelConfig(name=name, engine="vllm", url=url, **kw))
+    return load_model(ModelConfig(name=name, engine=kind, url=url, **kw))
 
 
 # --- the engine's calls ---------------------------------------------------------------------------
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_vllm_tokenizes_streams_and_scores_as_the_same_weights_in_process(vllm, local):
-    from fuselm.models.engines import Sampling, VLLMEngine
+def test_the_engine_tokenizes_streams_and_scores_as_the_same_weights_in_process(served, local):
+    from fuselm.models.engines import Sampling, engine_for
 
-    engine = VLLMEngine(vllm.url)
+    engine = engine_for(served.kind, served.url)
     try:
         facts = run(engine.facts())
         assert facts.bos_token_id is None and local.info.bos_token_id is None  # SmolLM2: no BOS
@@ -163,7 +173,8 @@ def test_vllm_tokenizes_streams_and_scores_as_the_same_weights_in_process(vllm, 
         scores = run(engine.score([full, ids + [other]], [len(ids), len(ids)]))
         assert scores[0][0] == pytest.approx(float(lp[full[-1]]), abs=TOL)
         assert scores[1][0] == pytest.approx(float(lp[other]), abs=TOL)
-        assert engine.rare_scores == 1  # `other` is outside the top-20: asked through prompt_logprobs
+        if served.kind == "vllm":  # `other` is outside the top-20: asked through prompt_logprobs
+            assert engine.rare_scores == 1
         with pytest.raises(ValueError):
             run(engine.score([full], [0]))
     finally:
@@ -172,11 +183,11 @@ def test_vllm_tokenizes_streams_and_scores_as_the_same_weights_in_process(vllm, 
 
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_a_session_on_the_engine_answers_as_an_in_process_session(vllm, local):
+def test_a_session_on_the_engine_answers_as_an_in_process_session(served, local):
     from fuselm.errors import FuselmError
     from fuselm.text.words import first_word_end
 
-    remote = remote_model(vllm.url)
+    remote = remote_model(served.url, kind=served.kind)
     prompt = "The quick brown fox jumps over the lazy dog. The quick brown"
     with remote.session(prompt) as r, local.session(prompt) as s:
         # top-k, truncated to k, the same ranking and values
@@ -214,12 +225,12 @@ def test_a_session_on_the_engine_answers_as_an_in_process_session(vllm, local):
 
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_single_and_adafuse_on_engines_give_the_in_process_text(vllm, local):
+def test_single_and_adafuse_on_engines_give_the_in_process_text(served, local):
     from fuselm.config import GenerationConfig
     from fuselm.fusion.loop import generate
 
-    remote = remote_model(vllm.url)
-    other = remote_model(vllm.url, name="smol-vllm-2")
+    remote = remote_model(served.url, kind=served.kind)
+    other = remote_model(served.url, name="smol-vllm-2", kind=served.kind)
     gen = GenerationConfig(max_new_tokens=24)
     question = "What is the capital of France?"
     assert generate([remote], question, "single", gen).text == generate([local], question, "single", gen).text
@@ -329,7 +340,7 @@ def test_cli_generate_and_eval_with_concurrency_over_an_engine(vllm, local, tmp_
 
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(vllm, local, tmp_path):
+def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(served, local, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from fuselm.config import GenerationConfig
@@ -339,8 +350,8 @@ def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(vllm, local
 
     config = {"limits": {"max_concurrent": 4},
               "setups": [{"id": "fused", "method": "adafuse", "generation": {"max_new_tokens": 16},
-                          "models": [{"name": "a", "engine": "vllm", "url": vllm.url},
-                                     {"name": "b", "engine": "vllm", "url": vllm.url}]}]}  # fmt: skip
+                          "models": [{"name": "a", "engine": served.kind, "url": served.url},
+                                     {"name": "b", "engine": served.kind, "url": served.url}]}]}  # fmt: skip
     server = Server(config, tmp_path)
     try:
         client = server.client(key=None)
@@ -450,16 +461,8 @@ def test_engine_entries_are_checked_in_the_config():
 def test_engines_not_driven_yet_say_so_and_why():
     from fuselm.errors import FuselmError
 
-    for kind, why in (("sglang", "not written yet"), ("llamacpp-server", "text prompts only")):
-        with pytest.raises(FuselmError, match=f"engine '{kind}' is not supported yet: .*{why}"):
-            remote_model_of(kind)
-
-
-def remote_model_of(kind: str):
-    from fuselm.config import ModelConfig
-    from fuselm.models.loading import load_model
-
-    return load_model(ModelConfig(name="x", engine=kind, url="http://127.0.0.1:9"))
+    with pytest.raises(FuselmError, match="engine 'llamacpp-server' is not supported yet: .*text prompts only"):
+        remote_model("http://127.0.0.1:9", kind="llamacpp-server")
 
 
 # --- an engine that dies (last: it kills the module's vLLM) ---------------------------------------

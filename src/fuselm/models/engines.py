@@ -131,6 +131,7 @@ class EngineStream:
         self._response = response
         self._lines = response.aiter_lines()
         self.tokens: list[StreamToken] = []
+        self.text = ""  # the text of `tokens` (for engines whose chunks carry the text so far)
         self.done = False  # the engine ended it (end of sequence or max_tokens); or closed
         self.finished = False  # ended on end of sequence
 
@@ -276,19 +277,118 @@ class Engine:
                     self._facts = await self._ask_facts()
         return self._facts
 
+    # vLLM and SGLang answer the same /v1/models, /tokenize (a prompt, or chat messages) and
+    # /detokenize; an engine that does not overrides these.
+    _detokenized_key: ClassVar[str] = "text"
+    _detokenize_options: ClassVar[dict[str, Any]] = {}
+
     async def _ask_facts(self) -> EngineFacts:
-        raise NotImplementedError
+        listed = await self._request("GET", "/v1/models")
+        try:
+            served = {m["id"]: m for m in listed["data"]}
+        except (KeyError, TypeError):
+            raise EngineError(f"{self.where}: /v1/models answered without a model list") from None
+        model = self.model_id
+        if model is None:
+            if len(served) != 1:
+                raise EngineError(f"{self.where} serves {sorted(served)}; say which with `model:`")
+            model = next(iter(served))
+        elif model not in served:
+            raise EngineError(f"{self.where} does not serve {model!r}; it serves {sorted(served)}")
+        self.model_id = model
+        with_bos, without, chat = await asyncio.gather(
+            self._tokenize("a", True), self._tokenize("a", False), self._chat_probe(), return_exceptions=False
+        )
+        bos = with_bos[0] if len(with_bos) > len(without) else None
+        eos = self._eos_override or await self._eos_ids()
+        return EngineFacts(model, int(served[model].get("max_model_len") or 4096), bos, eos, chat)
+
+    async def _chat_probe(self) -> bool:
+        try:
+            await self._chat_ids([{"role": "user", "content": "a"}])
+        except EngineError:
+            return False
+        return True
+
+    async def _eos_ids(self) -> frozenset[int]:
+        """The end-of-sequence ids: the common end-of-turn tokens that the vocabulary has as
+        single special tokens (the same set the in-process backends stop on), plus what the
+        engine says where it says it; `eos_token_ids:` in the model entry overrides both."""
+        from .backend import END_OF_TURN_TOKENS
+
+        found = await asyncio.gather(*(self._single_token(t) for t in END_OF_TURN_TOKENS))
+        return frozenset(i for one in found for i in one) | await self._told_eos_ids()
+
+    async def _told_eos_ids(self) -> frozenset[int]:
+        return frozenset()
+
+    async def _single_token(self, text: str) -> list[int]:
+        """[id] when `text` is one (special) token of the vocabulary, else []."""
+        ids = await self._tokenize(text, False)
+        return ids if len(ids) == 1 and await self._detokenize(ids) in ("", text) else []
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise NotImplementedError
+        await self.facts()  # the model id is known
+        return await self._tokenize(text, add_special_tokens)
 
     async def detokenize(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        await self.facts()
+        return await self._detokenize(ids)
 
     async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template, ending where the
         assistant's answer starts."""
-        raise NotImplementedError
+        await self.facts()
+        return await self._chat_ids(messages)
+
+    async def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        body = {"model": self.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
+        return list((await self._request("POST", "/tokenize", body))["tokens"])
+
+    async def _detokenize(self, ids: Sequence[int]) -> str:
+        body = {"model": self.model_id, "tokens": list(ids), **self._detokenize_options}
+        return str((await self._request("POST", "/detokenize", body))[self._detokenized_key])
+
+    async def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        body = {"model": self.model_id, "messages": messages, "add_generation_prompt": True,
+                "add_special_tokens": False}  # fmt: skip
+        return list((await self._request("POST", "/tokenize", body))["tokens"])
+
+    async def _push_tokens(
+        self, stream: EngineStream, ids: list[int], logprobs: list[float], tops: list[dict[int, float]], text: str
+    ) -> None:
+        """Add a chunk's tokens to a stream (`text`: the chunk's text, split between them)."""
+        facts = await self.facts()
+        texts = await self._token_texts(stream, ids, text)
+        for tok, lp, top, piece in zip(ids, logprobs, tops, texts):
+            eos = tok in facts.eos_token_ids
+            stream.tokens.append(StreamToken(tok, float(lp), top, "" if eos else piece, eos))
+
+    async def _end_stream(self, stream: EngineStream, stopped: bool) -> None:
+        """The engine ended the stream: on end of sequence when `stopped`, else at max_tokens."""
+        stream.finished = stopped
+        if stopped and stream.tokens and not stream.tokens[-1].eos:
+            # an end-of-sequence id the probe did not know: learn it
+            facts = await self.facts()
+            last = stream.tokens[-1]
+            facts.eos_token_ids = facts.eos_token_ids | {last.token_id}
+            last.eos, last.text = True, ""
+        await stream.aclose()
+
+    async def _token_texts(self, stream: EngineStream, ids: list[int], text: str) -> list[str]:
+        """Each token's share of a chunk's text: exact for one token per chunk (the usual case);
+        a chunk of several (the engine ran ahead of the reader) is split by detokenizing."""
+        if len(ids) <= 1:
+            return [text] * len(ids)
+        # decoded after the token before them (a lone SentencePiece token would lose its space)
+        before = [t.token_id for t in stream.tokens[-1:]] or stream.anchor
+        anchor = len(await self.detokenize(before)) if before else 0
+        out, prev = [], 0
+        for i in range(1, len(ids) + 1):
+            upto = len(await self.detokenize(before + ids[:i])) - anchor if i < len(ids) else len(text)
+            out.append(text[prev:upto])
+            prev = upto
+        return out
 
     async def stream(self, ids: Sequence[int], max_tokens: int, k: int, sampling: Sampling) -> EngineStream:
         """A completion of the token-id prompt `ids`, streamed token by token with the top-`k`."""
@@ -310,76 +410,22 @@ class VLLMEngine(Engine):
     offers = frozenset({OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})
     max_top_k = 20  # vLLM's default --max-logprobs
 
-    async def _ask_facts(self) -> EngineFacts:
-        listed = await self._request("GET", "/v1/models")
-        try:
-            served = {m["id"]: m for m in listed["data"]}
-        except (KeyError, TypeError):
-            raise EngineError(f"{self.where}: /v1/models answered without a model list") from None
-        model = self.model_id
-        if model is None:
-            if len(served) != 1:
-                raise EngineError(f"{self.where} serves {sorted(served)}; say which with `model:`")
-            model = next(iter(served))
-        elif model not in served:
-            raise EngineError(f"{self.where} does not serve {model!r}; it serves {sorted(served)}")
-        self.model_id = model
-        with_bos, without, chat = await asyncio.gather(
-            self.tokenize("a", True), self.tokenize("a", False), self._chat_probe(), return_exceptions=False
-        )
-        bos = with_bos[0] if len(with_bos) > len(without) else None
-        eos = self._eos_override or await self._eos_ids()
-        return EngineFacts(model, int(served[model].get("max_model_len") or 4096), bos, eos, chat)
+    _detokenized_key = "prompt"
 
-    async def _chat_probe(self) -> bool:
-        try:
-            await self._chat_tokens([{"role": "user", "content": "a"}])
-        except EngineError:
-            return False
-        return True
-
-    async def _eos_ids(self) -> frozenset[int]:
-        """The end-of-sequence ids: from `/tokenizer_info` where the server enables it, else the
-        common end-of-turn tokens that the vocabulary has as single special tokens (the same set
-        the in-process backends stop on); `eos_token_ids:` in the model entry overrides both."""
-        from .backend import END_OF_TURN_TOKENS
-
-        ids: set[int] = set()
-        try:
+    async def _told_eos_ids(self) -> frozenset[int]:
+        try:  # only where the server enables it (--enable-tokenizer-info-endpoint)
             info = await self._request("GET", "/tokenizer_info")
-            for key in ("eos_token",):
-                tok = info.get(key)
-                tok = tok.get("content") if isinstance(tok, dict) else tok
-                if isinstance(tok, str):
-                    ids.update(await self._single_token(tok))
         except EngineError:
-            pass  # not enabled (--enable-tokenizer-info-endpoint)
-        found = await asyncio.gather(*(self._single_token(t) for t in END_OF_TURN_TOKENS))
-        for one in found:
-            ids.update(one)
-        return frozenset(ids)
+            return frozenset()
+        tok = info.get("eos_token")
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        return frozenset(await self._single_token(tok)) if isinstance(tok, str) else frozenset()
 
     async def _single_token(self, text: str) -> list[int]:
         body = {"model": self.model_id, "prompt": text, "add_special_tokens": False, "return_token_strs": True}
         out = await self._request("POST", "/tokenize", body)
         strs = out.get("token_strs") or []
         return list(out["tokens"]) if len(out["tokens"]) == 1 and strs and strs[0] == text else []
-
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        body = {"model": self.model_id, "prompt": text, "add_special_tokens": add_special_tokens}
-        return list((await self._request("POST", "/tokenize", body))["tokens"])
-
-    async def detokenize(self, ids: Sequence[int]) -> str:
-        body = {"model": self.model_id, "tokens": list(ids)}
-        return str((await self._request("POST", "/detokenize", body))["prompt"])
-
-    async def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        body = {"model": self.model_id, "messages": messages, "add_generation_prompt": True,
-                "add_special_tokens": False}  # fmt: skip
-        return list((await self._request("POST", "/tokenize", body))["tokens"])
-
-    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        return await self._chat_tokens(messages)
 
     async def stream(self, ids: Sequence[int], max_tokens: int, k: int, sampling: Sampling) -> EngineStream:
         await self.facts()
@@ -392,41 +438,19 @@ class VLLMEngine(Engine):
     async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
         if "error" in chunk:
             raise EngineError(f"{self.where}: {chunk['error'].get('message', chunk['error'])}")
-        facts = await self.facts()
         for choice in chunk.get("choices", []):
             lp = choice.get("logprobs") or {}
             ids = [_token_id(t) for t in lp.get("tokens") or []]
-            texts = await self._token_texts(stream, ids, choice.get("text") or "")
-            for tok, tlp, top, text in zip(ids, lp.get("token_logprobs") or [], lp.get("top_logprobs") or [], texts):
-                eos = tok in facts.eos_token_ids
+            tops = []
+            for i, top in enumerate(lp.get("top_logprobs") or []):
                 top = _top_of(top)
                 if _mangled(top, stream.k):  # see _top: asked again on its own
                     self.mangled_tops += 1
-                    top = await self._top(stream.prompt + [t.token_id for t in stream.tokens], stream.k)
-                stream.tokens.append(StreamToken(tok, float(tlp), top, "" if eos else text, eos))
+                    top = await self._top(stream.prompt + [t.token_id for t in stream.tokens] + ids[:i], stream.k)
+                tops.append(top)
+            await self._push_tokens(stream, ids, lp.get("token_logprobs") or [], tops, choice.get("text") or "")
             if choice.get("finish_reason") is not None:
-                stream.finished = choice["finish_reason"] == "stop"
-                if stream.finished and stream.tokens and not stream.tokens[-1].eos:
-                    # an end-of-sequence id the probe did not know: learn it
-                    last = stream.tokens[-1]
-                    facts.eos_token_ids = facts.eos_token_ids | {last.token_id}
-                    last.eos, last.text = True, ""
-                await stream.aclose()
-
-    async def _token_texts(self, stream: EngineStream, ids: list[int], text: str) -> list[str]:
-        """Each token's share of a chunk's text: exact for one token per chunk (the usual case);
-        a chunk of several (the engine ran ahead of the reader) is split by detokenizing."""
-        if len(ids) <= 1:
-            return [text] * len(ids)
-        # decoded after the token before them (a lone SentencePiece token would lose its space)
-        before = [t.token_id for t in stream.tokens[-1:]] or stream.anchor
-        anchor = len(await self.detokenize(before)) if before else 0
-        out, prev = [], 0
-        for i in range(1, len(ids) + 1):
-            upto = len(await self.detokenize(before + ids[:i])) - anchor if i < len(ids) else len(text)
-            out.append(text[prev:upto])
-            prev = upto
-        return out
+                await self._end_stream(stream, choice["finish_reason"] == "stop")
 
     async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
         """Each scored position is a one-token completion of its prefix with the top-20, all at
@@ -492,11 +516,78 @@ class VLLMEngine(Engine):
             raise EngineError(f"{self.where} answered prompt_logprobs without the log-probs of {seq[-1]}") from None
 
 
-ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine}
+class SGLangEngine(Engine):
+    """SGLang's server (`python -m sglang.launch_server --model-path MODEL`): its native
+    `/generate` on `input_ids`, which streams the answer so far (ids, text, log-probs and top-k)
+    and scores several sequences in one request (`logprob_start_len`), from its radix cache."""
+
+    kind = "sglang"
+    offers = frozenset({OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})
+    _detokenize_options = {"skip_special_tokens": False}  # a rendered chat prompt keeps its markers
+
+    async def stream(self, ids: Sequence[int], max_tokens: int, k: int, sampling: Sampling) -> EngineStream:
+        await self.facts()
+        k = min(max(k, 1), self.max_top_k)
+        params: dict[str, Any] = {"max_new_tokens": max_tokens, "temperature": sampling.temperature,
+                                  "skip_special_tokens": True}  # fmt: skip
+        if sampling.temperature > 0:
+            params.update(top_p=sampling.top_p, top_k=sampling.top_k or -1)
+            if sampling.seed is not None:
+                params["sampling_seed"] = sampling.seed
+        body = {"input_ids": list(ids), "sampling_params": params, "stream": True, "return_logprob": True,
+                "top_logprobs_num": k, "logprob_start_len": -1}  # fmt: skip
+        return await self._open_stream("/generate", body, max_tokens, k, list(ids))
+
+    async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
+        if "error" in chunk:
+            error = chunk["error"]
+            raise EngineError(f"{self.where}: {error.get('message', error) if isinstance(error, dict) else error}")
+        meta = chunk.get("meta_info") or {}
+        seen = len(stream.tokens)
+        try:  # each chunk carries everything so far: take what is new
+            lps = [float(x[0]) for x in meta["output_token_logprobs"][seen:]]
+            ids = [int(x[1]) for x in meta["output_token_logprobs"][seen:]]
+            tops = [{int(t): float(v) for v, t, *_ in top} for top in meta["output_top_logprobs"][seen:]]
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise EngineError(f"{self.where} streamed a chunk without its tokens' log-probs") from None
+        text = str(chunk.get("text") or "")
+        new_text = text[len(stream.text) :] if text.startswith(stream.text) else ""
+        stream.text = text
+        await self._push_tokens(stream, ids, lps, tops, new_text)
+        finish = meta.get("finish_reason")
+        if finish is not None:
+            await self._end_stream(stream, isinstance(finish, dict) and finish.get("type") == "stop")
+
+    async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """All sequences in one `/generate` request that generates nothing: the log-probs of the
+        input tokens from `start` on (SGLang gives the first asked position none, hence
+        `start - 1`), the shared prefix read from the radix cache."""
+        if any(s < 1 for s in starts):
+            raise ValueError("start must be >= 1: the first token has no context to be scored in")
+        todo = [i for i, (seq, start) in enumerate(zip(sequences, starts)) if start < len(seq)]
+        out: list[list[float]] = [[] for _ in sequences]
+        if not todo:
+            return out
+        await self.facts()
+        body = {"input_ids": [list(sequences[i]) for i in todo], "logprob_start_len": [starts[i] - 1 for i in todo],
+                "return_logprob": True, "sampling_params": {"max_new_tokens": 0, "temperature": 0}}  # fmt: skip
+        answers = await self._request("POST", "/generate", body)
+        answers = answers if isinstance(answers, list) else [answers]
+        for i, answer in zip(todo, answers):
+            try:
+                got = [float(x[0]) for x in answer["meta_info"]["input_token_logprobs"][1:]]
+            except (KeyError, TypeError, ValueError):
+                raise EngineError(f"{self.where} answered a score without input log-probs") from None
+            if len(got) != len(sequences[i]) - starts[i]:
+                raise EngineError(f"{self.where} scored {len(got)} tokens, not {len(sequences[i]) - starts[i]}")
+            out[i] = got
+        return out
+
+
+ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "sglang": SGLangEngine}
 
 # Engines the config knows but fuselm does not drive yet, and why (docs/scale-out.md).
 NOT_YET = {
-    "sglang": "its client is not written yet (untested: SGLang needs a GPU, none was lent)",
     "llamacpp-server": "llama-cpp-python's server takes text prompts only, keys its top-k by text, and"
     " shifts echoed log-probs by one position on models without BOS",
 }
