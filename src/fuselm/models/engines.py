@@ -14,8 +14,9 @@ engine fails within it); retries with backoff for a refused connection, a connec
 before an answer, or a 429/502/503/504 (all calls here are reads, safe to repeat), never for a
 timeout; everything else is an :class:`EngineError` that names the engine.
 
-Checked against vLLM 0.32.0 (CPU build), its OpenAI server's `/v1/completions`, `/tokenize`,
-`/detokenize` and `/v1/models`.
+Checked against vLLM 0.32.0 (CPU build: `/v1/completions`, `/tokenize`, `/detokenize`,
+`/v1/models`) and SGLang 0.5.23 (its CPU path: `/generate`, `/tokenize`, `/detokenize`,
+`/v1/models`).
 """
 
 from __future__ import annotations
