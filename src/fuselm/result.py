@@ -47,6 +47,7 @@ class StepDetail(_Record):
     margins: dict[str, float] | None = None  # each model's top-1 minus top-2 probability
     candidates: list[CandidateTrace] = Field(default_factory=list)
     winner: int | None = None  # index into candidates
+    overridden: bool | None = None  # adafuse, policy anchored: the others outvoted the anchor's proposal
     token_probs: dict[str, float] | None = None  # token-average: each model's probability of the token
     p_eos: float | None = None  # unite: the ensemble's end-of-sequence probability
     route: dict[str, float] | None = None  # fusionroute: routing weight per expert

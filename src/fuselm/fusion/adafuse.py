@@ -12,6 +12,14 @@ Each round, over the shared committed text:
    each branch to a word boundary, all branches advancing together in one batched pass per step.
 4. Ensemble decision: every model scores every candidate under its own tokenization; the lowest
    weighted mean NLL wins; ties go to the earlier candidate.
+
+Policy "anchored" trusts one model, the anchor (calibration picks the best member on dev rows):
+while the anchor is confident it proposes and commits alone (the others only read the committed
+text); when it is unsure, every model proposes and scores as in 3-4, but another candidate wins
+only if its combined NLL is lower than the anchor's proposal by `override_margin`: the others
+override the anchor, they do not average it away. The candidates are the proposals only (no
+branches: an alternative is worth scoring when another model would say it), so identical models
+reproduce the anchor's greedy text, and a round where all agree costs no scoring.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from .ensemble import (
     add_candidate,
     decided_step,
     ensemble_decide,
+    resolve_model,
     token_at,
 )
 from .experts import each
@@ -38,9 +47,17 @@ from .options import EnsembleOptions
 class AdaFuseOptions(EnsembleOptions):
     theta: float = Field(0.7, ge=0.0, le=1.0, description="confidence threshold on the top-1/top-2 margin")
     max_words: int = Field(3, ge=1, description="longest span a confident model proposes, in words")
-    branches: int = Field(3, ge=1, description="top-B first tokens an uncertain model explores (1: no branching)")
-    policy: Literal["agree", "per-proposal"] = Field(
-        "agree", description="when a round counts as confident (see the module docstring)"
+    branches: int = Field(
+        3, ge=1, description="top-B first tokens an uncertain model explores (1: no branching; policy anchored: none)"
+    )
+    policy: Literal["agree", "per-proposal", "anchored"] = Field(
+        "agree", description="when a round counts as confident, and who decides (see the module docstring)"
+    )
+    anchor: str | int | None = Field(
+        None, description="policy anchored: the trusted model, by name or index (default: the first model)"
+    )
+    override_margin: float = Field(
+        0.0, ge=0.0, description="policy anchored: how much lower another candidate's combined NLL must be"
     )
 
 
@@ -48,6 +65,10 @@ class AdaFuse(EnsembleMethod):
     name = "adafuse"
     description = "adaptive word-level fusion across tokenizers (confident spans, diverse branches)"
     Options = AdaFuseOptions
+
+    def __init__(self, models, options=None):
+        super().__init__(models, options)
+        self.anchor = resolve_model(self.names, self.options.anchor, "anchor")
 
     def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
         o = self.options
@@ -67,12 +88,22 @@ class AdaFuse(EnsembleMethod):
         o = self.options
         span_tokens = min(ctx.budget, o.max_words * o.max_word_tokens)
         word_tokens = min(ctx.budget, o.max_word_tokens)
-        tops = each(ctx, lambda m, s: s.next_top(max(2, o.branches)))
+        k = max(2, o.branches)
+        anchor = None
+        tops: dict[int, list[tuple[int, float]]] = {}
+        if o.policy == "anchored":
+            # the anchor alone first: while it is confident, no other model is asked anything
+            anchor = self.anchor if self.anchor in ctx.live else ctx.live[0]
+            tops = each(ctx, lambda m, s: s.next_top(k), [anchor])
+            if top_margin(tops[anchor]) >= o.theta:
+                return self._anchor_step(ctx, anchor, top_margin(tops[anchor]), span_tokens)
+        tops.update(each(ctx, lambda m, s: s.next_top(k), [m for m in ctx.live if m not in tops]))
+        tops = {m: tops[m] for m in sorted(tops)}
         margins = {m: top_margin(top) for m, top in tops.items()}
         confident = {m: x >= o.theta for m, x in margins.items()}
 
         def propose(m: int, s) -> tuple[Rollout, list[Rollout]]:
-            if confident[m] or o.branches == 1:
+            if confident[m] or o.branches == 1 or anchor is not None:  # anchored: no branches
                 return self._propose(s, confident[m], span_tokens), []
             # Diversity: the top-B first tokens (the greedy one is the proposal), each rolled to a
             # word boundary; all branches advance together, one batched pass per step.
@@ -99,7 +130,11 @@ class AdaFuse(EnsembleMethod):
             add_candidate(merged, c)
 
         direct = None
-        if o.policy == "agree" and all(confident[m] for m in rolls) and len({c.key for c in proposals}) == 1:
+        overridden = None
+        if anchor is not None:
+            if len(merged) == 1:
+                direct = 0
+        elif o.policy == "agree" and all(confident[m] for m in rolls) and len({c.key for c in proposals}) == 1:
             direct = 0
         elif o.policy == "per-proposal" and any(confident[m] for m in rolls):
             best = max(rolls, key=lambda m: (margins[m], -m))
@@ -108,10 +143,29 @@ class AdaFuse(EnsembleMethod):
             direct = 0  # nothing to choose between: no scoring
         decision = ensemble_decide(ctx, merged, self.weights, o.normalize) if direct is None else None
         winner = decision.winner if decision is not None else direct
+        if anchor is not None and decision is not None:
+            own = next(i for i, c in enumerate(merged) if anchor in c.proposers and c.kind == "proposal")
+            if decision.combined[winner] + o.override_margin >= decision.combined[own]:
+                winner = own  # not better by the margin: the anchor's proposal stands
+            overridden = winner != own
         w = merged[winner]
         source = w.proposers[0]
         finished = w.eos or (rolls[source].finished and w.text == rolls[source].text and w.kind == "proposal")
         margins_trace = {self.names[m]: round(x, 5) for m, x in margins.items()}
         return decided_step(
-            merged, winner, decision, self.names, finished, confident=direct is not None, margins=margins_trace
+            merged,
+            winner,
+            decision,
+            self.names,
+            finished,
+            confident=direct is not None,
+            margins=margins_trace,
+            overridden=overridden,
         )
+
+    def _anchor_step(self, ctx: StepContext, anchor: int, margin: float, span_tokens: int) -> Step:
+        """The confident anchor's span, committed with no other model asked."""
+        r = self._propose(ctx.sessions[anchor], True, span_tokens)
+        c = Candidate(r.text, eos=r.finished and not r.text, proposers=[anchor], tokens={anchor: max(r.text_tokens, 1)})
+        margins = {self.names[anchor]: round(margin, 5)}
+        return decided_step([c], 0, None, self.names, r.finished, confident=True, margins=margins)

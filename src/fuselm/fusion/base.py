@@ -20,7 +20,7 @@ from ..errors import FuselmError
 from ..models.backend import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK, require_same_vocabulary
 from ..models.loading import Model
 from ..models.session import DecodingSession
-from ..result import StepDetail
+from ..result import StepDetail, unique_names
 from ..sampling import Sampler
 
 
@@ -79,7 +79,7 @@ class FusionMethod(ABC):
         if self.same_vocabulary:
             require_same_vocabulary(self.name, [m.backend for m in models])
         self.models = models
-        self.names = [m.name for m in models]
+        self.names = unique_names([m.name for m in models])  # as the trace names them: a twin is 'name#2'
         self.options = options if options is not None else self.Options()
 
     @classmethod

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import FuselmError, UnknownNameError
 from ..models.session import DecodingSession, Rollout, Score
 from ..result import CandidateTrace, StepDetail
 from ..text.words import word_ends
@@ -27,6 +28,21 @@ class EnsembleMethod(FusionMethod):
     def __init__(self, models, options=None):
         super().__init__(models, options)
         self.weights = self.options.model_weights([m.config.weight for m in models])
+
+
+def resolve_model(names: list[str], ref: str | int | None, what: str) -> int:
+    """The index of the model an option names (by name or index; None: the first model)."""
+    if ref is None:
+        return 0
+    if isinstance(ref, int):
+        if not 0 <= ref < len(names):
+            raise FuselmError(
+                f"{what} {ref} is not a model index: the models are 0..{len(names) - 1} ({', '.join(names)})"
+            )
+        return ref
+    if ref not in names:
+        raise UnknownNameError(f"{what} model", ref, names)
+    return names.index(ref)
 
 
 @dataclass
