@@ -254,6 +254,33 @@ def test_single_and_adafuse_on_engines_give_the_in_process_text(served, local):
     assert fixed.text == generate([local, local], "The capital of France is", "fixed-span", gen_raw).text
 
 
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+def test_token_average_and_unite_on_engines_follow_the_in_process_text(served, local, caplog):
+    """Approximate on engines (top-20 instead of whole distributions): the same text as in
+    process here, and each model's probability of the chosen token within tolerance."""
+    from fuselm.config import GenerationConfig
+    from fuselm.fusion.loop import generate
+
+    remote = remote_model(served.url, kind=served.kind)
+    other = remote_model(served.url, name="smol-2", kind=served.kind)
+    gen = GenerationConfig(max_new_tokens=16)
+    question = "Name a large city in Japan."
+    for method, opts in [("token-average", {"weights": [2, 1]}), ("unite", {"top_k": 5})]:
+        caplog.clear()
+        in_process = generate([local, local], question, method, gen, opts)
+        mixed = generate([remote, local], question, method, gen, opts)
+        on_engines = generate([remote, other], question, method, gen, opts)
+        assert on_engines.text == mixed.text == in_process.text, method
+        assert "approximate on smol-vllm" in caplog.text
+        for a, b in zip(mixed.trace, in_process.trace):
+            if a.token_probs:  # token-average: each model's probability of the token
+                for x, y in zip(a.token_probs.values(), b.token_probs.values()):
+                    assert x == pytest.approx(y, abs=0.01)
+            for ca, cb in zip(a.candidates, b.candidates):  # unite: the union's texts, best first
+                assert ca.text == cb.text and ca.p == pytest.approx(cb.p, abs=0.01)
+
+
 def _logprob_token_ids_noise(url: str, stop: threading.Event) -> None:
     """Another client of the engine: one-token completions with `logprob_token_ids`, nonstop."""
     with httpx.Client(base_url=url, timeout=60) as c:
@@ -404,10 +431,10 @@ def test_methods_that_need_full_distributions_refuse_an_engine_before_any_reques
     server = SilentServer()
     try:
         model = remote_model(f"http://127.0.0.1:{server.port}")
-        for method in ("token-average", "unite"):
+        for method in ("fusionroute", "expert-route"):
             with pytest.raises(FuselmError, match="needs full next-token distributions") as e:
-                build_method(method, [model, model])
-            assert "methods that run on it: adafuse" in str(e.value)
+                build_method(method, [model, model], {"router": "nowhere"})
+            assert "methods that run on it: adafuse" in str(e.value) and "token-average" in str(e.value)
         time.sleep(0.2)
         assert server.accepted == 0  # nothing was sent
     finally:

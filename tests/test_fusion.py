@@ -354,3 +354,22 @@ def test_warm_prompt_prefix_gives_the_texts_of_cold_starts(method, tiny_dirs):
         for m in warm_models:  # each model kept (about) the shots in its own tokens
             assert r.stats.cached_prompt_tokens[m.name] >= len(m.backend.tokenize(SHOTS)) - 1
     assert all(n == 0 for r in cold for n in r.stats.cached_prompt_tokens.values())
+
+
+def test_a_top_k_mixture_keeps_the_greedy_choice_of_the_whole_one():
+    """token-average over top-k only (models on engines): the union of the known tokens, every
+    other token at probability 0; its argmax is the whole mixture's when the winner is known."""
+    from fuselm.fusion.token_average import mix, mix_tokens
+    from fuselm.models.session import NextTokens
+
+    torch.manual_seed(0)
+    full = [torch.log_softmax(torch.randn(500) * 3, 0) for _ in range(2)]
+    tops = [NextTokens(top=dict(zip(*[x.tolist() for x in reversed(torch.topk(f, 20))]))) for f in full]
+    exact = mix(full, [2.0, 1.0])
+    approx = mix_tokens(tops, [2.0, 1.0])
+    assert int(approx.argmax()) == int(exact.argmax())
+    known = [t for t in range(len(approx)) if approx[t] > -float("inf")]
+    assert set(known) == {t for d in tops for t in d.top}
+    for t in known:  # a lower bound of the whole mixture: the missing mass counts as 0
+        assert float(approx[t]) <= float(exact[t]) + 1e-5
+    assert mix_tokens([NextTokens(full=f) for f in full], [2.0, 1.0]).equal(exact)

@@ -9,6 +9,7 @@ comes in the :class:`StepContext`.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,11 +18,20 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import GenerationConfig
 from ..errors import FuselmError
-from ..models.backend import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK, require_same_vocabulary
+from ..models.backend import (
+    OFFERS_FULL,
+    OFFERS_ROLLOUT,
+    OFFERS_SCORE,
+    OFFERS_TOPK,
+    require_same_tokenization,
+    require_same_vocabulary,
+)
 from ..models.loading import Model
 from ..models.session import DecodingSession
 from ..result import StepDetail, unique_names
 from ..sampling import Sampler
+
+log = logging.getLogger("fuselm")
 
 
 class NoOptions(BaseModel):
@@ -71,13 +81,25 @@ class FusionMethod(ABC):
     # What the method asks of each model's sessions (models.backend.OFFERS_*), checked against
     # what each model offers when the method is built, before any request to an engine.
     needs: ClassVar[frozenset[str]] = frozenset({OFFERS_FULL})
+    # What it needs beyond `needs` to be exact; a model without it (one on an engine) is read
+    # approximately, and the method says so once, when it is built (`approximate` names them).
+    exact_needs: ClassVar[frozenset[str]] = frozenset()
     needs_reference: ClassVar[bool] = False  # the method follows each prompt's reference text
 
     def __init__(self, models: list[Model], options: BaseModel | None = None):
         self.validate_models(len(models))
         self.check_offers(models)
         if self.same_vocabulary:
-            require_same_vocabulary(self.name, [m.backend for m in models])
+            if any(getattr(m, "remote", False) for m in models):
+                require_same_tokenization(self.name, models)
+            else:
+                require_same_vocabulary(self.name, [m.backend for m in models])
+        self.approximate = [m.name for m in models if self.exact_needs - m.offers]
+        if self.approximate:
+            log.warning(
+                "%s is approximate on %s: %s give top-k log-probs, not whole distributions (docs/scale-out.md)",
+                self.name, ", ".join(self.approximate), "they" if len(self.approximate) > 1 else "it",
+            )  # fmt: skip
         self.models = models
         self.names = unique_names([m.name for m in models])  # as the trace names them: a twin is 'name#2'
         self.options = options if options is not None else self.Options()

@@ -1,13 +1,24 @@
-"""`token-average`: models sharing one vocabulary; weighted average of next-token probabilities."""
+"""`token-average`: models sharing one vocabulary; weighted average of next-token probabilities.
+
+In process the average is over whole distributions. A model on an engine gives its top-k (20 on
+vLLM and SGLang): the average is then over the union of the models' top-k, a token outside a
+model's top-k counting as probability 0 for it (approximate; exact for the greedy choice
+whenever the winner is in every model's top-k, or the others' missing mass cannot overturn it).
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..models.backend import OFFERS_FULL
+from ..models.backend import OFFERS_FULL, OFFERS_TOPK
+from ..models.session import NextTokens
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
 from .ensemble import EnsembleMethod
+
+TOP_K = 20  # tokens asked of a model on an engine, and taken from a whole distribution beside one
 
 
 def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -17,8 +28,23 @@ def mix(logprobs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return torch.logsumexp(stacked, 0)
 
 
+def mix_tokens(dists: list[NextTokens], weights: list[float]) -> torch.Tensor:
+    """:func:`mix` of whole distributions, or, when any is a top-k only, over the union of the
+    known tokens (every other token at -inf)."""
+    if all(d.exact for d in dists):
+        return mix([d.full for d in dists], weights)  # type: ignore[misc]
+    ids = sorted({t for d in dists for t in d.best(TOP_K)})
+    total = sum(weights)
+    out = torch.full((ids[-1] + 1,), -math.inf)
+    for t in ids:
+        p = sum(w * math.exp(d.logprob(t)) for w, d in zip(weights, dists)) / total
+        out[t] = math.log(p) if p > 0 else -math.inf
+    return out
+
+
 class TokenAverage(EnsembleMethod):
-    needs = frozenset({OFFERS_FULL})  # it averages whole distributions
+    needs = frozenset({OFFERS_TOPK})
+    exact_needs = frozenset({OFFERS_FULL})  # it averages whole distributions
     name = "token-average"
     description = "weighted average of next-token probabilities (models sharing one vocabulary)"
     same_vocabulary = True
@@ -27,11 +53,11 @@ class TokenAverage(EnsembleMethod):
         sessions = ctx.sessions
         toks: list[int] = []
         text = ""
-        first = [s.next_logprobs() for s in sessions]
+        first = [s.next_tokens(TOP_K) for s in sessions]
         # one token, or a few when a token is half a UTF-8 character
         for _ in range(min(8, ctx.budget)):
-            lps = [s.tail_logprobs(len(toks)) for s in sessions] if toks else first
-            tok = ctx.sampler(mix(lps, self.weights))
+            dists = [s.tail_tokens(len(toks), TOP_K) for s in sessions] if toks else first
+            tok = ctx.sampler(mix_tokens(dists, self.weights))
             if sessions[0].is_eos(tok):
                 return Step(text=text, new_tokens=max(len(toks), 1), source=0, finished=True)
             toks.append(tok)
@@ -40,10 +66,10 @@ class TokenAverage(EnsembleMethod):
             if not text.endswith("\ufffd"):
                 break
         # credit the model that gave the chosen token the highest probability
-        source = max(range(len(sessions)), key=lambda m: (float(first[m][toks[0]]), -m))
+        source = max(range(len(sessions)), key=lambda m: (first[m].logprob(toks[0]), -m))
         detail = StepDetail(
             candidates=[CandidateTrace(text=text, kind="token", proposers=[self.names[source]])],
             winner=0,
-            token_probs={n: round(float(lp[toks[0]].exp()), 5) for n, lp in zip(self.names, first)},
+            token_probs={n: round(math.exp(d.logprob(toks[0])), 5) for n, d in zip(self.names, first)},
         )
         return Step(text=text, new_tokens=len(toks), source=source, detail=detail)

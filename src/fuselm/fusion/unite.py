@@ -4,6 +4,9 @@ Each model's top-k next tokens are turned into text in context. For every text i
 each model's probability is that of the first token of its own tokenization of the text (exact
 when the text is one token of that model, UniTE's approximation otherwise). The text with the
 highest weighted average probability is committed.
+
+A model on an engine gives its top-k (20 on vLLM and SGLang) instead of its whole distribution:
+a text whose first token is outside that top-k counts as probability 0 for it (approximate).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import math
 import torch
 from pydantic import Field
 
-from ..models.backend import OFFERS_FULL
-from ..models.session import common_prefix_len
+from ..models.backend import OFFERS_FULL, OFFERS_TOPK
+from ..models.session import NextTokens, common_prefix_len
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
 from .ensemble import EnsembleMethod
@@ -26,29 +29,30 @@ class UniteOptions(EnsembleOptions):
 
 
 class Unite(EnsembleMethod):
-    needs = frozenset({OFFERS_FULL})  # it reads each model's probability of the others' tokens
+    needs = frozenset({OFFERS_TOPK})
+    exact_needs = frozenset({OFFERS_FULL})  # it reads each model's probability of the others' tokens
     name = "unite"
     description = "union of each model's top-k tokens, mapped across vocabularies by their text (UniTE)"
     Options = UniteOptions
 
-    def _prob_of_text(self, s, lp: torch.Tensor, text: str) -> float:
+    def _prob_of_text(self, s, dist: NextTokens, text: str) -> float:
         target = s.committed_ids()
-        full = s.backend.tokenize(s.prompt + s.text + text)
+        full = s.tokenize(s.prompt + s.text + text)
         k = common_prefix_len(target, full)
         if k != len(target) or k >= len(full):
             return 0.0  # the text re-tokenizes the boundary: no single next token stands for it
-        return math.exp(float(lp[full[k]]))
+        return math.exp(dist.logprob(full[k]))
 
     def step(self, ctx: StepContext) -> Step:
         sessions = ctx.sessions
-        lps = [s.next_logprobs() for s in sessions]
+        k = self.options.top_k
+        lps = [s.next_tokens(k) for s in sessions]
         union: dict[str, list[int]] = {}
         eos_votes = 0.0
         total_w = sum(self.weights)
         for m, (s, lp) in enumerate(zip(sessions, lps)):
-            ids = sorted(s.backend.info.eos_token_ids)
-            eos_votes += self.weights[m] * float(lp[ids].exp().sum()) / total_w
-            for tok in torch.topk(lp, self.options.top_k).indices.tolist():
+            eos_votes += self.weights[m] * lp.prob(s.eos_ids) / total_w
+            for tok in lp.best(k):
                 if s.is_eos(tok):
                     continue
                 t = s.continuation_text([tok])

@@ -170,5 +170,14 @@ def require_same_vocabulary(what: str, backends: Sequence[Backend]) -> None:
             )
 
 
+def require_same_tokenization(what: str, models: Sequence[Any]) -> None:
+    """The check of :func:`require_same_vocabulary` for models on engines, whose vocabulary size
+    is not told: the same ids for the probe text (anything with `tokenize` and `name`)."""
+    want = models[0].tokenize(_VOCAB_PROBE)
+    for m in models[1:]:
+        if m.tokenize(_VOCAB_PROBE) != want:
+            raise FuselmError(f"{what} needs models with one vocabulary; {models[0].name!r} and {m.name!r} differ")
+
+
 def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)

@@ -27,7 +27,7 @@ from ..sampling import Sampler
 from .backend import ModelInfo
 from .engines import Engine, EngineError, EngineStream, Sampling, StreamToken, engine_for, engine_loop
 from .prompts import Prompt, chat_messages
-from .session import Rollout, Score, SessionStats, common_prefix_len, greedy, top_margin
+from .session import NextTokens, Rollout, Score, SessionStats, common_prefix_len, greedy, top_margin
 
 TOP_K = 4  # top-k asked of every stream: the margin needs 2, AdaFuse's default branches 3
 
@@ -125,6 +125,7 @@ class RemoteSession:
         self._sampling = Sampling()
         self._top_of: tuple[list[int], dict[int, float]] | None = None  # the last top-k asked, and after what
         self._samplings: dict[int, Sampling] = {}  # per sampler: its seed is drawn once per generation
+        self._replayed: list[int] = []  # the tokens of the last `replay`
 
     # --- the session's face --------------------------------------------------------------------
     @property
@@ -197,12 +198,54 @@ class RemoteSession:
     def next_logprobs(self):
         raise FuselmError(f"{self.name!r} on {self.model.where} gives top-k log-probs, not full distributions")
 
+    # --- what the token-level methods read (approximately: top-k, not whole distributions) ---------
+    @property
+    def eos_ids(self) -> list[int]:
+        return sorted(self.model.run(self.engine.facts()).eos_token_ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.run(self._tokenize_all([text]))[0]
+
+    def next_tokens(self, k: int) -> NextTokens:
+        """The engine's top-k after the committed text (as many as it gives, at least `k`)."""
+        return self.tail_tokens(0, k)
+
+    def tail_tokens(self, n_tokens: int, k: int) -> NextTokens:
+        """The top-k after the committed text plus the first `n_tokens` of the last replay."""
+        return self.model.run(self._tail_tokens(self._replayed[:n_tokens], k))
+
+    def continuation_text(self, token_ids: Sequence[int]) -> str:
+        """Text that `token_ids` add after the committed text, by the engine's detokenizer."""
+        return self.model.run(self._continuation_text(list(token_ids)))
+
+    def replay(self, token_ids: Sequence[int]) -> Rollout:
+        """`token_ids` after the committed text, as a rollout (text only: the engine is asked
+        about them when `tail_tokens` looks past them)."""
+        self._replayed = list(token_ids)
+        text = self.continuation_text(self._replayed)
+        return Rollout(text, list(self._replayed), [], [], [0] * len(self._replayed))
+
     def _sampling_of(self, choose: Any) -> Sampling:
         if id(choose) not in self._samplings:
             self._samplings[id(choose)] = _sampling(choose, self.name)
         return self._samplings[id(choose)]
 
     # --- internals (on the engine loop) ---------------------------------------------------------
+    async def _tail_tokens(self, tokens: list[int], k: int) -> NextTokens:
+        ids = await self._committed()
+        top = await self._top_at(ids + tokens, max(k, self.engine.max_top_k))
+        return NextTokens(top=dict(top))
+
+    async def _continuation_text(self, tokens: list[int]) -> str:
+        return await self._text_after(await self._committed(), tokens)
+
+    async def _text_after(self, ids: list[int], tokens: list[int]) -> str:
+        """The text `tokens` add after `ids`, decoded in the context of the last id (a lone
+        SentencePiece token would lose its space)."""
+        anchor = ids[-1:]
+        text, head = await asyncio.gather(self.engine.detokenize(anchor + tokens), self.engine.detokenize(anchor))
+        return text[len(head) :]
+
     async def _tokenize_all(self, texts: Sequence[str]) -> list[list[int]]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
         if missing:
@@ -324,12 +367,10 @@ class RemoteSession:
             lp = (await self.engine.score([ids + [first]], [len(ids)]))[0][0]
         else:
             lp = top[first]
-        anchor = ids[-1:]
-        text, head = await asyncio.gather(self.engine.detokenize(anchor + [first]), self.engine.detokenize(anchor))
         roll.token_ids.append(first)
         roll.token_logprobs.append(lp)
         roll.token_offsets.append(0)
-        roll.text = text[len(head) :]
+        roll.text = await self._text_after(ids, [first])
         if max_tokens == 1 or _done(roll, until):
             return roll
         stream = await self.engine.stream(ids + [first], max_tokens - 1, TOP_K if margins else 1, sampling)

@@ -96,6 +96,37 @@ class Score:
         return -self.logprob / denom if denom else math.inf
 
 
+@dataclass(frozen=True)
+class NextTokens:
+    """A next-token distribution as the token-level methods read it: whole (`full`, in process),
+    or only the top-k an engine gives (`top`), where every other token counts as probability 0.
+    The second is what makes token-average and UniTE approximate on engines (docs/scale-out.md)."""
+
+    full: torch.Tensor | None = None
+    top: dict[int, float] | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.full is not None
+
+    def logprob(self, token_id: int) -> float:
+        if self.full is not None:
+            return float(self.full[token_id])
+        assert self.top is not None
+        return self.top.get(token_id, -math.inf)
+
+    def prob(self, token_ids: Sequence[int]) -> float:
+        """Probability of any of `token_ids`."""
+        return sum(math.exp(self.logprob(t)) for t in token_ids)
+
+    def best(self, k: int) -> list[int]:
+        """The k most likely token ids (fewer when only a shorter top-k is known)."""
+        if self.full is not None:
+            return torch.topk(self.full, k).indices.tolist()
+        assert self.top is not None
+        return sorted(self.top, key=lambda t: -self.top[t])[:k]  # type: ignore[index]
+
+
 @dataclass
 class SessionStats:
     forward_passes: int = 0
@@ -177,6 +208,23 @@ class DecodingSession:
 
     def is_eos(self, token_id: int) -> bool:
         return token_id in self.backend.info.eos_token_ids
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return sorted(self.backend.info.eos_token_ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The model's tokenization of `text` (with its BOS, as a prompt is tokenized)."""
+        return self.backend.tokenize(text)
+
+    def next_tokens(self, k: int) -> NextTokens:
+        """The next-token distribution after the committed text (in process: all of it; `k` is
+        what an engine would be asked for)."""
+        return NextTokens(full=self.next_logprobs())
+
+    def tail_tokens(self, n_tokens: int, k: int) -> NextTokens:
+        """The distribution after the committed text plus the first `n_tokens` of the last replay."""
+        return NextTokens(full=self.tail_logprobs(n_tokens))
 
     def next_top(self, k: int) -> list[tuple[int, float]]:
         """The k most likely next tokens after the committed text (most likely first), with log-probs."""
