@@ -17,6 +17,7 @@ LAYERS = [
     ["_version", "errors"],
     ["files", "registry"],
     ["config"],
+    ["calibration"],
     ["text"],
     ["sampling"],
     ["result"],

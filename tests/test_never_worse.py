@@ -1,14 +1,20 @@
-"""Fusion that never loses to its best member: anchored AdaFuse, on constructed models whose
-next-token distributions are fixed (tests/test_fusion.py's `constant_model`)."""
+"""Fusion that never loses to its best member: anchored AdaFuse and `fuselm calibrate`, on
+constructed models whose next-token distributions are fixed (tests/test_fusion.py's
+`constant_model`), saved as model directories for the command line."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from fuselm import GenerationConfig
+from fuselm.calibration import load_calibration
 from fuselm.errors import FuselmError
 from fuselm.fusion.loop import generate
+from fuselm.serve.config import Setup
 
+from .conftest import run_cli
 from .test_fusion import as_model, constant_model, smol_tokenizer_dir  # noqa: F401 - the fixture
 
 
@@ -70,3 +76,111 @@ def test_anchored_fusion_of_identical_models_is_the_single_greedy_text(tiny_back
         assert all(len(t.candidates) == 1 and not t.overridden for t in fused.trace)
         if options:  # rounds where the anchor was unsure asked both models
             assert any(len(t.margins or {}) == 2 for t in fused.trace)
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def answer_models(smol_tokenizer_dir, tmp_path_factory):  # noqa: F811
+    """Two saved models that always write the same words: `right` " a a a", `wrong` " b b b"."""
+    root = tmp_path_factory.mktemp("answerers")
+    out = {}
+    for name, logits in [("right", {" a": 8.0, " b": 1.0}), ("wrong", {" b": 8.0, " a": 1.0})]:
+        m = constant_model(smol_tokenizer_dir, logits, name)
+        m.backend.model.save_pretrained(root / name)
+        m.backend.tokenizer.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def answer_data(tmp_path_factory):
+    """A TriviaQA-shaped file whose every answer is "a a a" (rows 0-5 dev, 6-9 test), and a data
+    directory with the task's prompt file."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "triviaqa").mkdir()
+    (root / "triviaqa" / "prompt.txt").write_text("Question: Say a.\nAnswer: a a a\n")
+    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(10)]
+    (root / "triviaqa" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def calibrate_cli(answer_models, answer_data, tmp_path, order=("wrong", "right"), *extra):
+    out = tmp_path / "calib.yaml"
+    models = ",".join(answer_models[n] for n in order)
+    r = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "triviaqa/rows.jsonl",
+                "--limit", "6", "--max-new-tokens", "3", "--data-dir", str(answer_data), "--out", str(out),
+                "--thetas", "0.5", "--margins", "0", "--no-progress", *extra)  # fmt: skip
+    return r, out
+
+
+def test_calibration_keeps_the_member_that_is_always_right_and_drops_the_other(answer_models, answer_data, tmp_path):
+    r, out = calibrate_cli(answer_models, answer_data, tmp_path)
+    assert r.returncode == 0, r.stderr
+    cal = load_calibration(out)
+    right, wrong = answer_models["right"], answer_models["wrong"]
+    assert cal.anchor == right and cal.method == "single" and cal.models == [right]
+    by_name = {s.name: s for s in cal.scores}
+    assert by_name[right].score == 1.0 and by_name[wrong].score == 0.0
+    assert not by_name[wrong].kept and "100.0 points below" in by_name[wrong].why_dropped
+    assert by_name[right].weight == 1.0 and by_name[wrong].weight < 0.01  # its NLL of "a a a" is far higher
+    assert cal.tried == [] and "fewer than two members" in cal.reason
+    assert cal.dev.ids == list(range(6)) and cal.dev.file == "triviaqa/rows.jsonl"
+    assert "fall back to" in r.stderr and "calibration of triviaqa" in r.stderr  # the table and the choice
+    # used by eval: the chosen model on rows the calibration did not use; its rows are refused
+    ev = run_cli("eval", "--task", "triviaqa", "--calibration", str(out), "--data-dir", str(answer_data),
+                 "--data", str(answer_data / "triviaqa/rows.jsonl"), "--offset", "6", "--max-new-tokens", "3",
+                 "--out", str(tmp_path / "run"), "--no-progress")  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    summary = json.loads(ev.stdout)
+    assert summary["models"] == [right] and summary["method"] == "single" and summary["metrics"]["em"] == 1.0
+    assert summary["n"] == 4
+    used = run_cli("eval", "--task", "triviaqa", "--calibration", str(out), "--data-dir", str(answer_data),
+                   "--data", str(answer_data / "triviaqa/rows.jsonl"), "--offset", "4", "--out",
+                   str(tmp_path / "run2"), "--no-progress")  # fmt: skip
+    assert used.returncode == 1 and "2 of the 6 rows to evaluate (ids 4..5) were used to calibrate" in used.stderr
+
+
+def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models, answer_data, tmp_path):
+    """Both kept (--max-gap 100): every fused setup ties the right member at best, so the
+    calibration runs it alone, and says what it tried."""
+    r, out = calibrate_cli(answer_models, answer_data, tmp_path, ("right", "wrong"), "--max-gap", "100")
+    assert r.returncode == 0, r.stderr
+    cal = load_calibration(out)
+    assert [t.label for t in cal.tried] == [
+        "adafuse",
+        f"adafuse weights={[1.0, cal.scores[1].weight]}",
+        "adafuse anchored theta=0.5 margin=0",
+    ]
+    anchored = cal.tried[-1]
+    assert anchored.score == 1.0 and anchored.versus_best[0] == 0.0  # the anchor decides alone
+    assert anchored.method_options["anchor"] == answer_models["right"]
+    assert cal.method == "single" and cal.models == [answer_models["right"]]
+    assert "no fused setup beat it" in cal.reason
+    again = run_cli(*r.args[3:])  # the same command again: its runs are done, nothing is redone
+    assert again.returncode == 0 and load_calibration(out) == cal
+    runs = sorted((tmp_path / "calib.runs").glob("*/rows.jsonl"))
+    assert len(runs) == 5 and all(len(p.read_text().splitlines()) == 6 for p in runs)
+
+
+def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch(answer_models, answer_data, tmp_path):
+    r, out = calibrate_cli(answer_models, answer_data, tmp_path)
+    assert r.returncode == 0, r.stderr
+    g = run_cli("generate", "--calibration", str(out), "--raw", "--max-new-tokens", "3", "--json", "Say a.")
+    assert g.returncode == 0, g.stderr
+    assert json.loads(g.stdout)["text"] == " a a a" and json.loads(g.stdout)["models"] == ["right"]
+    setup = Setup(id="calibrated", calibration=str(out))
+    assert [m.name for m in setup.models] == [answer_models["right"]] and setup.method == "single"
+    other = run_cli("generate", "--calibration", str(out), "--models", "smollm2-135m", "hi")
+    assert other.returncode == 1 and "was made for models" in other.stderr
+    method = run_cli("generate", "--calibration", str(out), "--method", "adafuse", "hi")
+    assert method.returncode == 1 and "chose method 'single'; drop --method adafuse" in method.stderr
+    task = run_cli("eval", "--task", "nq", "--calibration", str(out), "--out", str(tmp_path / "x"))
+    assert task.returncode == 1 and "calibrates task 'triviaqa', not 'nq'" in task.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(out.read_text().replace(f"anchor: {answer_models['right']}", "anchor: nobody"))
+    b = run_cli("generate", "--calibration", str(bad), "hi")
+    assert b.returncode == 1 and "nobody: not among the members" in b.stderr
+    nosuch = run_cli("calibrate", "--task", "squad", "--models", "a,b", "--out", str(tmp_path / "c.yaml"))
+    assert nosuch.returncode == 1 and "task squad has no dev split: give --dev-data FILE" in nosuch.stderr

@@ -67,6 +67,11 @@ def _add_run_flags(p: argparse.ArgumentParser, config_help: str = "run config; f
         help="method option, e.g. -O theta=0.5 -O max_words=2 (see docs/methods.md)",
     )
     p.add_argument("--router", metavar="DIR", help="trained router for fusionroute / expert-route (= -O router=DIR)")
+    p.add_argument(
+        "--calibration",
+        metavar="CALIB.yaml",
+        help="run the setup a `fuselm calibrate` chose: its models, method and options (-O overrides them)",
+    )
     for flag, const, help_text in [
         ("--chat", "chat", "use the chat template (error if the model has none)"),
         ("--raw", "raw", "feed the prompt as raw text"),
@@ -133,6 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_limit_flags(v)
 
+    c = sub.add_parser("calibrate", help="choose, on dev rows, how to fuse an ensemble on a task (resumable)")
+    c.add_argument("--task", required=True, help=f"task: {_task_list()}")
+    c.add_argument("--model", "--models", dest="models", metavar="NAMES", required=True,
+                   help="the ensemble's models, comma-separated (as for generate)")  # fmt: skip
+    c.add_argument(
+        "--dev-data", metavar="FILE", help="dev rows (default: the task's dev file; path or under --data-dir)"
+    )
+    c.add_argument("--offset", type=int, default=0, help="first dev row")
+    c.add_argument("--limit", type=int, default=50, help="dev rows (default 50)")
+    c.add_argument("--out", required=True, metavar="CALIB.yaml", help="the calibration file to write")
+    c.add_argument("--runs", metavar="DIR", help="where the dev runs go (default: CALIB.runs/ beside --out)")
+    c.add_argument("--thetas", default="0.5,0.8", help="anchored AdaFuse: thresholds to try (default 0.5,0.8)")
+    c.add_argument("--margins", default="0,0.5", help="anchored AdaFuse: override margins to try (default 0,0.5)")
+    c.add_argument("--max-gap", type=float, default=10.0,
+                   help="drop members more points than this below the best on dev (default 10)")  # fmt: skip
+    c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_flags(c, GenerationConfig, skip=_SPECIAL_FIELDS | {"stop"})
+    _add_model_flags(c, ModelConfig, skip=_SPECIAL_FIELDS)
+
     t = sub.add_parser("train-router", help="train a FusionRoute router for a set of experts (resumable)")
     t.add_argument("--config", metavar="FILE.yaml", help="training config (see docs/fusionroute.md)")
     _add_train_flags(t)
@@ -152,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> RunConfig:
+def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None, task: str | None = None) -> RunConfig:
+    """The run config from a config file and the flags; with a calibration (for `task`, when
+    given), the setup it chose."""
     if data is None:
         data = load_yaml(ns.config) if ns.config else {}
     gen = dict(data.get("generation") or {})
@@ -161,9 +188,10 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> R
     model_overrides = _pick(ns, ModelConfig)
     if ns.models:
         data["models"] = [parse_model_ref(n.strip()) for n in ns.models.split(",") if n.strip()]
-    if not data.get("models"):
+    calibrated = bool(getattr(ns, "calibration", None) or data.get("calibration"))
+    if not data.get("models") and not calibrated:
         raise FuselmError("no model given: use --model NAME (see `fuselm models`) or a --config file")
-    data["models"] = [_with_overrides(m, model_overrides) for m in data["models"]]
+    data["models"] = [_with_overrides(m, model_overrides) for m in data.get("models") or []]
     if hasattr(ns, "method"):
         data["method"] = ns.method
     opts = dict(data.get("method_options") or {})
@@ -175,6 +203,12 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None) -> R
     if getattr(ns, "router", None):
         opts["router"] = ns.router
     data["method_options"] = opts
+    calibration = getattr(ns, "calibration", None) or data.pop("calibration", None)
+    if calibration:
+        from .calibration import apply_calibration
+
+        data = apply_calibration(data, calibration, task)
+        data["models"] = [_with_overrides(m, model_overrides) for m in data["models"]]
     try:
         cfg = RunConfig(**data)
     except ValidationError as e:
@@ -220,7 +254,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     for task in tasks:
         for method in methods:
             base = argparse.Namespace(**{**vars(ns), "method": method})
-            run = _run_config(base, data=dict(data))
+            if (ns.calibration or data.get("calibration")) and not hasattr(ns, "method") and "method" not in data:
+                del base.method  # the calibration chooses it
+            run = _run_config(base, data=dict(data), task=task)
             spec = EvalSpec(
                 task=task,
                 method=run.method,
@@ -232,6 +268,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                 offset=ns.offset,
                 seed=getattr(ns, "seed", None),  # --seed also shuffles the rows
             )
+            if ns.calibration or data.get("calibration"):
+                from .eval.calibrate import check_unused
+
+                check_unused(ns.calibration or data["calibration"], spec, Path(ns.data_dir) if ns.data_dir else None)
             out = Path(ns.out) if len(tasks) * len(methods) == 1 else Path(ns.out) / f"{task}__{method}"
             summaries.append(
                 run_eval(
@@ -253,6 +293,67 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     console.print(table)
     dumped = [s.model_dump(mode="json") for s in summaries]
     print(json.dumps(dumped if len(dumped) > 1 else dumped[0], ensure_ascii=False))
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FuselmError(f"{flag} expects numbers separated by commas, got {text!r}") from None
+
+
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .eval.calibrate import CalibrateSpec, calibrate
+
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+    overrides = _pick(ns, ModelConfig)
+    models = [_with_overrides(parse_model_ref(n.strip()), overrides) for n in ns.models.split(",") if n.strip()]
+    try:
+        spec = CalibrateSpec(
+            task=ns.task, models=models, dev_data=ns.dev_data, offset=ns.offset, limit=ns.limit,
+            thetas=_floats(ns.thetas, "--thetas"), margins=_floats(ns.margins, "--margins"), max_gap=ns.max_gap,
+            generation=GenerationConfig(**_pick(ns, GenerationConfig)),
+        )  # fmt: skip
+    except ValidationError as e:
+        raise FuselmError(validation_message(e, "options")) from None
+    from .eval.tasks import get_task
+
+    get_task(ns.task)  # unknown task: fail before loading any model
+    out = Path(ns.out)
+    runs = Path(ns.runs) if ns.runs else out.with_suffix(".runs")
+    cal = calibrate(
+        spec,
+        runs,
+        Path(ns.data_dir) if ns.data_dir else None,
+        set(_pick(ns, GenerationConfig)),
+        show_progress=not ns.no_progress,
+        say=lambda text: console.print(f"[bold]{text}[/]"),
+    )
+    cal.save(out)
+    scale = 1.0 if cal.metric in get_task(cal.task).corpus_metrics else 100.0
+    table = Table(title=f"calibration of {cal.task} on {len(cal.dev.ids)} dev rows ({cal.dev.file}), {cal.metric}")
+    for col in ("setup", "models", cal.metric, f"minus {cal.anchor} [95%]", "s/sample", ""):
+        table.add_column(col)
+    fmt = lambda x: "n/a" if x is None else f"{x * scale:.1f}"  # noqa: E731
+    for m in cal.scores:
+        note = "best: anchor" if m.name == cal.anchor else (m.why_dropped or f"weight {m.weight:g}")
+        cost = f"{m.seconds_per_sample:.2f}" if m.seconds_per_sample is not None else ""
+        table.add_row("single", m.name, fmt(m.score), "", cost, note)
+    for t in cal.tried:
+        d = t.versus_best
+        diff = "" if d is None else f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
+        chosen = cal.method == t.method and cal.method_options == t.method_options and cal.models == t.models
+        cost = f"{t.seconds_per_sample:.2f}" if t.seconds_per_sample is not None else ""
+        table.add_row(t.label, "+".join(t.models), fmt(t.score), diff, cost, "[green]chosen[/]" if chosen else "")
+    console.print(table)
+    console.print(f"chose: {cal.reason}")
+    console.print(f"wrote {out}; use it: fuselm eval --task {cal.task} --calibration {out} --out DIR (on other rows)")
+    print(json.dumps({"calibration": str(out), "method": cal.method, "models": cal.models,
+                      "method_options": cal.method_options, "reason": cal.reason}, ensure_ascii=False))  # fmt: skip
     return 0
 
 
@@ -341,9 +442,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from .serve.config import ServeConfig
 
     data = load_yaml(ns.config) if ns.config else {}
-    if ns.models:  # one setup from the flags
+    if ns.models or ns.calibration:  # one setup from the flags
         run = _run_config(ns, data={})
         default_id = run.models[0].name if run.method == "single" and len(run.models) == 1 else run.method
+        if ns.calibration and not ns.id:
+            default_id = Path(ns.calibration).stem
         setup = {"id": ns.id or Path(default_id).name, "replicas": ns.replicas, **run.model_dump(mode="json")}
         data["setups"] = [*(data.get("setups") or []), setup]
     elif not data.get("setups"):
@@ -476,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "report": cmd_report,
         "train-router": cmd_train_router,
+        "calibrate": cmd_calibrate,
         "serve": cmd_serve,
     }
     try:

@@ -42,6 +42,7 @@ class Task:
     data_file: str | None = None  # default file, relative to the data directory
     prompt_file: str | None = None  # few-shot / instruction file, relative to the data directory
     train_file: str | None = None  # rows for training (router data), disjoint from data_file
+    dev_file: str | None = None  # rows for calibration, disjoint from data_file
     hub: tuple[str, str | None, str] | None = None  # (dataset, config, split) when online
     main_metric: str = ""
     # Few-shot and completion prompts are fed as raw text: wrapped in a chat template, instruct

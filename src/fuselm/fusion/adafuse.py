@@ -68,7 +68,8 @@ class AdaFuse(EnsembleMethod):
 
     def __init__(self, models, options=None):
         super().__init__(models, options)
-        self.anchor = resolve_model(self.names, self.options.anchor, "anchor")
+        entries = [m.config.name for m in models]  # the model entries' names (paths, for a directory)
+        self.anchor = resolve_model(self.names, self.options.anchor, "anchor", entries)
 
     def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
         o = self.options

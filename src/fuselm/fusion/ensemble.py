@@ -30,10 +30,13 @@ class EnsembleMethod(FusionMethod):
         self.weights = self.options.model_weights([m.config.weight for m in models])
 
 
-def resolve_model(names: list[str], ref: str | int | None, what: str) -> int:
-    """The index of the model an option names (by name or index; None: the first model)."""
+def resolve_model(names: list[str], ref: str | int | None, what: str, aliases: list[str] = ()) -> int:
+    """The index of the model an option names (by name, by an alias such as the model entry's
+    `name` (a path), or by index; None: the first model)."""
     if ref is None:
         return 0
+    if isinstance(ref, str) and ref not in names and ref in aliases:
+        return list(aliases).index(ref)
     if isinstance(ref, int):
         if not 0 <= ref < len(names):
             raise FuselmError(

@@ -47,6 +47,19 @@ class Setup(StrictModel):
     replicas: int = Field(
         1, ge=1, le=64, description="copies of the models: requests run side by side on free copies (memory x N)"
     )
+    calibration: str | None = Field(
+        None, description="a `fuselm calibrate` file: the setup it chose (models, method, options)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calibrated(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("calibration"):
+            from ..calibration import apply_calibration
+
+            method = data.get("method")
+            data = apply_calibration({**data, "method": None if method == "single" else method}, data["calibration"])
+        return data
 
     @model_validator(mode="after")
     def _id_chars(self) -> Setup:

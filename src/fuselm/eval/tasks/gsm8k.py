@@ -39,6 +39,7 @@ TASKS = [
         max_new_tokens=256,
         data_file="gsm8k/test_0-499.jsonl",
         train_file="gsm8k/train_300.jsonl",
+        dev_file="gsm8k/train_300.jsonl",
         prompt_file="gsm8k/prompt.txt",
         hub=("gsm8k", "main", "test"),
         main_metric="exact",

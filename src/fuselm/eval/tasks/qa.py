@@ -32,11 +32,12 @@ def _block(prefix: str, row) -> str:
 
 TASKS: list[Task] = []
 
-for name, desc, data, train, hub in [
+for name, desc, data, train, dev, hub in [
     (
         "nq",
         "Natural Questions, open-domain, 5-shot",
         "nq/test_0-999.jsonl",
+        "nq/train_1600.jsonl",
         "nq/train_1600.jsonl",
         ("nq_open", None, "validation"),
     ),
@@ -45,6 +46,7 @@ for name, desc, data, train, hub in [
         "TriviaQA (wikipedia), 5-shot",
         "triviaqa/test_0-999.jsonl",
         None,
+        "triviaqa/dev_1000-1999.jsonl",
         ("trivia_qa", "rc.wikipedia.nocontext", "validation"),
     ),
 ]:
@@ -61,6 +63,7 @@ for name, desc, data, train, hub in [
             max_new_tokens=32,
             data_file=data,
             train_file=train,
+            dev_file=dev,
             prompt_file=f"{name}/prompt.txt",
             hub=hub,
             main_metric="em",

@@ -1,0 +1,138 @@
+"""A calibration file (`fuselm calibrate --out calib.yaml`): which setup of an ensemble to run on
+one task, chosen on dev rows, and what was tried. `generate`, `eval` and `serve` take it with
+`--calibration FILE` (or `calibration:` in a config): it gives the models, the method and the
+method options; the eval runner also refuses test rows that the calibration used.
+
+The file is YAML, written by `eval.calibrate` and read here (the layers above only apply it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from .config import ModelConfig, StrictModel, validation_message
+from .errors import FuselmError
+from .files import load_yaml
+
+FORMAT = 1
+
+
+class DevRows(StrictModel):
+    """The rows the calibration ran on (never to be used for reported test scores)."""
+
+    file: str = Field(description="the data file, relative to the data directory when inside it")
+    offset: int = 0
+    limit: int | None = None
+    ids: list[int | str] = Field(default_factory=list)
+
+
+class MemberScore(StrictModel):
+    name: str
+    score: float | None = Field(description="dev main metric alone (single)")
+    nll: float | None = Field(None, description="mean NLL per token of the dev references")
+    weight: float = Field(1.0, description="quality weight from the dev NLL (best member 1)")
+    kept: bool = True
+    why_dropped: str | None = None
+    seconds_per_sample: float | None = None
+
+
+class Trial(StrictModel):
+    """One fused setup tried on the dev rows."""
+
+    label: str
+    method: str
+    models: list[str]
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    score: float | None = None
+    versus_best: list[float] | None = Field(None, description="score minus the best member's, 95% paired interval")
+    seconds_per_sample: float | None = None
+    n: int = 0
+
+
+class Calibration(StrictModel):
+    fuselm_calibration: int = FORMAT
+    task: str
+    metric: str
+    dev: DevRows
+    members: list[ModelConfig] = Field(min_length=1, description="every model given to calibrate, in order")
+    scores: list[MemberScore]
+    anchor: str = Field(description="the best member on the dev rows")
+    models: list[str] = Field(min_length=1, description="the chosen setup's models, by name")
+    method: str
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
+    tried: list[Trial] = Field(default_factory=list)
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_are_members(self) -> Calibration:
+        members = [m.name for m in self.members]
+        unknown = [n for n in [self.anchor, *self.models] if n not in members]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not among the members ({', '.join(members)})")
+        return self
+
+    def model_configs(self) -> list[ModelConfig]:
+        by_name = {m.name: m for m in self.members}
+        return [by_name[n] for n in self.models]
+
+    def save(self, path: str | Path) -> None:
+        data = self.model_dump(mode="json")
+        data["members"] = [m.model_dump(mode="json", exclude_defaults=True) for m in self.members]  # short
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+        Path(path).write_text(text, encoding="utf-8")
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    data = load_yaml(path)
+    if not isinstance(data, dict) or "fuselm_calibration" not in data:
+        raise FuselmError(f"{path} is not a calibration file (make one with `fuselm calibrate`)")
+    if data["fuselm_calibration"] != FORMAT:
+        raise FuselmError(f"{path}: calibration format {data['fuselm_calibration']}, this fuselm reads {FORMAT}")
+    try:
+        return Calibration(**data)
+    except ValidationError as e:
+        raise FuselmError(validation_message(e, str(path))) from None
+
+
+def _names(models: list[Any]) -> list[str]:
+    out = []
+    for m in models:
+        if isinstance(m, ModelConfig):
+            out.append(m.name)
+        elif isinstance(m, dict):
+            out.append(str(m.get("name")))
+        else:
+            out.append(str(m))
+    return out
+
+
+def apply_calibration(data: dict[str, Any], path: str | Path, task: str | None = None) -> dict[str, Any]:
+    """A run config (as a dict: models, method, method_options) with the calibration's setup.
+    Models given beside it must be the ones it was made for; a method given beside it is an
+    error (the calibration chose one); method options given beside it override its own. With
+    `task`, the calibration must be for that task."""
+    cal = load_calibration(path)
+    if task is not None and task != cal.task:
+        raise FuselmError(f"{path} calibrates task {cal.task!r}, not {task!r}: calibrate for {task!r} first")
+    given = data.get("models")
+    entries: dict[str, Any] = {m.name: m.model_dump(exclude_unset=True) for m in cal.members}
+    if given:
+        names, members = _names(given), list(entries)
+        if sorted(names) != sorted(members):
+            raise FuselmError(
+                f"{path} was made for models {', '.join(members)}; given {', '.join(names)}"
+                " (leave the models out: the calibration gives them)"
+            )
+        entries = dict(zip(names, given))  # the entries given (another machine: engines, threads)
+    if data.get("method") not in (None, cal.method):
+        raise FuselmError(f"{path} chose method {cal.method!r}; drop --method {data['method']} (or calibrate again)")
+    out = dict(data)
+    out["models"] = [entries[n] for n in cal.models]
+    out["method"] = cal.method
+    out["method_options"] = {**cal.method_options, **(data.get("method_options") or {})}
+    return out

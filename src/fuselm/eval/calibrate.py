@@ -1,0 +1,256 @@
+"""`fuselm calibrate`: choose, on dev rows, how to run an ensemble on one task, so that fusion
+does not lose to its best member.
+
+1. Every member alone (`single`) on the dev rows, and each member's mean NLL per token of the
+   dev references (quality weights: exp(-(NLL - best NLL)), the best member 1).
+2. Members more than `max_gap` points below the best are dropped (UniTE: members far apart
+   hurt); the best member is the anchor.
+3. With two members or more left, a small grid of fused setups on the same rows: today's
+   `adafuse`, `adafuse` with the quality weights, and anchored AdaFuse over `thetas` x
+   `margins`; each with its paired 95% interval against the best member.
+4. The best fused setup is chosen only if its dev score is above the best member's; otherwise
+   the calibration falls back to the best member alone.
+
+Every run is an ordinary resumable eval run under the runs directory, so an interrupted
+calibration goes on where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..calibration import Calibration, DevRows, MemberScore, Trial
+from ..config import GenerationConfig, ModelConfig
+from ..errors import FuselmError
+from ..files import atomic_write_json
+from ..models.loading import load_model
+from .records import EvalSpec
+from .report import RunView, load_run, paired_difference
+from .runner import _versions, run_eval, task_generation
+from .task import Task, default_data_dir, load_rows
+from .tasks import get_task
+
+
+class CalibrateSpec(BaseModel):
+    """What `fuselm calibrate` runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    models: list[ModelConfig] = Field(min_length=2)
+    dev_data: str | None = Field(None, description="dev rows (default: the task's dev file)")
+    offset: int = Field(0, ge=0)
+    limit: int = Field(50, ge=1)
+    thetas: list[float] = Field(default_factory=lambda: [0.5, 0.8])
+    margins: list[float] = Field(default_factory=lambda: [0.0, 0.5])
+    max_gap: float = Field(10.0, ge=0.0, description="drop members this many points below the best")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+def dev_file(task: Task, given: str | None, data_dir: Path) -> tuple[Path, str]:
+    """The dev data file, and its name as a calibration records it (relative to the data
+    directory when inside it)."""
+    if given is None:
+        if task.dev_file is None:
+            raise FuselmError(
+                f"task {task.name} has no dev split: give --dev-data FILE, e.g. its test file with --offset past"
+                f" the rows you evaluate (--dev-data {task.data_file} --offset 200)"
+            )
+        given = task.dev_file
+    path = Path(given)
+    if not path.is_file() and (data_dir / given).is_file():
+        path = data_dir / given
+    if not path.is_file():
+        raise FuselmError(f"dev data not found: {given} (nor under {data_dir})")
+    return path, data_name(path, data_dir)
+
+
+def data_name(path: Path, data_dir: Path) -> str:
+    try:
+        return path.resolve().relative_to(data_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")[:80]
+
+
+def _scale(task: Task) -> float:
+    return 1.0 if task.main_metric in task.corpus_metrics else 100.0
+
+
+def reference_nll(model_cfg: ModelConfig, task: Task, rows: list[dict], prefix: str, gen: GenerationConfig) -> float:
+    """Mean NLL per token of the rows' reference texts after their prompts, under one model."""
+    model = load_model(model_cfg)
+    try:
+        logprob, tokens = 0.0, 0
+        for row in rows:
+            prompt = model.prompt_text(task.build_prompt(prefix, row), gen)
+            with model.session(prompt) as s:
+                sc = s.score([task.reference_text(row)])[0]
+            logprob, tokens = logprob + sc.logprob, tokens + sc.n_tokens
+        return -logprob / tokens if tokens else math.inf
+    finally:
+        model.close()
+
+
+def calibrate(
+    spec: CalibrateSpec,
+    runs: Path,
+    data_dir: Path | None = None,
+    explicit_generation: set[str] | None = None,
+    show_progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> Calibration:
+    """Run the calibration of `spec` (resumable, in `runs`) and return its result."""
+    task = get_task(spec.task)
+    data_dir = data_dir or default_data_dir()
+    path, name = dev_file(task, spec.dev_data, data_dir)
+    names = [m.name for m in spec.models]
+    if len(set(names)) != len(names):
+        raise FuselmError(f"calibrate needs distinct model names; got {', '.join(names)}")
+    base = EvalSpec(task=task.name, models=spec.models[:1], generation=spec.generation, data=str(path),
+                    limit=spec.limit, offset=spec.offset)  # fmt: skip
+    rows = base.select(load_rows(task, str(path), data_dir))
+    if not rows:
+        raise FuselmError(f"no dev rows selected from {name} (offset {spec.offset}, limit {spec.limit})")
+    runs.mkdir(parents=True, exist_ok=True)
+    n_steps = len(spec.models) * 2 + 2 + len(spec.thetas) * len(spec.margins)
+    step = 0
+
+    def run(label: str, method: str, models: list[ModelConfig], options: dict) -> RunView:
+        nonlocal step
+        step += 1
+        say(f"calibrate {step}/{n_steps}: {label} on {len(rows)} dev rows of {name}")
+        out = runs / _slug(label)
+        ev = base.model_copy(update={"method": method, "models": models, "method_options": options})
+        run_eval(ev, out, data_dir, explicit_generation, show_progress=show_progress)
+        return load_run(out)
+
+    alone = {m.name: run(f"single {m.name}", "single", [m], {}) for m in spec.models}
+    nll = _reference_nlls(spec, task, rows, data_dir, runs, explicit_generation or set(), say, step)
+    step += len(spec.models)
+    scores = {n: v.summary.main for n, v in alone.items()}
+    best = max(names, key=lambda n: (scores[n] if scores[n] is not None else -math.inf, -names.index(n)))
+    best_nll = min((x for x in nll.values() if x is not None), default=None)
+    scale = _scale(task)
+    members = []
+    for m in spec.models:
+        gap = ((scores[best] or 0.0) - (scores[m.name] or 0.0)) * scale
+        kept = m.name == best or gap <= spec.max_gap
+        weight = 1.0 if best_nll is None or nll[m.name] is None else round(math.exp(-(nll[m.name] - best_nll)), 4)
+        members.append(
+            MemberScore(
+                name=m.name,
+                score=scores[m.name],
+                nll=None if nll[m.name] is None else round(nll[m.name], 4),
+                weight=weight,
+                kept=kept,
+                why_dropped=None if kept else f"{gap:.1f} points below {best} (max gap {spec.max_gap:g})",
+                seconds_per_sample=alone[m.name].summary.seconds_per_sample,
+            )  # fmt: skip
+        )
+    kept_models = [m for m in spec.models if next(s for s in members if s.name == m.name).kept]
+    kept_names = [m.name for m in kept_models]
+    tried: list[Trial] = []
+    if len(kept_models) >= 2:
+        weights = [next(s.weight for s in members if s.name == n) for n in kept_names]
+        grid: list[tuple[str, dict]] = [("adafuse", {}), (f"adafuse weights={weights}", {"weights": weights})]
+        for theta in spec.thetas:
+            for margin in spec.margins:
+                opts = {"policy": "anchored", "anchor": best, "theta": theta, "override_margin": margin}
+                grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", opts))
+        for label, opts in grid:
+            view = run(f"{label} {'+'.join(kept_names)}", "adafuse", kept_models, opts)
+            d = paired_difference(view, alone[best], task.main_metric)
+            tried.append(
+                Trial(
+                    label=label,
+                    method="adafuse",
+                    models=kept_names,
+                    method_options=opts,
+                    score=view.summary.main,
+                    versus_best=None if d is None else [round(x, 5) for x in d],
+                    seconds_per_sample=view.summary.seconds_per_sample,
+                    n=view.summary.n,
+                )  # fmt: skip
+            )
+    chosen = max(tried, key=lambda t: t.score if t.score is not None else -math.inf, default=None)
+    best_score = scores[best] if scores[best] is not None else -math.inf
+    if chosen is not None and chosen.score is not None and chosen.score > best_score:
+        d = chosen.versus_best
+        reason = f"{chosen.label} scored {chosen.score * scale:.1f} on the dev rows against {best_score * scale:.1f} for {best} alone"
+        if d is not None:
+            reason += f" ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}], paired 95%)"
+        method, models, options = chosen.method, chosen.models, chosen.method_options
+    else:
+        why = "fewer than two members are close enough to fuse" if chosen is None else (
+            f"no fused setup beat it on the dev rows (best: {chosen.label}, {(chosen.score or 0) * scale:.1f})"
+        )  # fmt: skip
+        reason = f"fall back to {best} alone ({best_score * scale:.1f}): {why}"
+        method, models, options = "single", [best], {}
+    return Calibration(
+        task=task.name,
+        metric=task.main_metric,
+        dev=DevRows(file=name, offset=spec.offset, limit=spec.limit, ids=[r["id"] for r in rows]),
+        members=spec.models,
+        scores=members,
+        anchor=best,
+        models=models,
+        method=method,
+        method_options=options,
+        reason=reason,
+        tried=tried,
+        versions=_versions(),
+    )
+
+
+def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, step) -> dict[str, float | None]:
+    """Each member's reference NLL, kept in runs/reference_nll.json (done once)."""
+    cache = runs / "reference_nll.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = json.dumps([r["id"] for r in rows])
+    done = done if done.get("rows") == key else {"rows": key, "nll": {}}
+    gen = task_generation(task, spec.generation, explicit)
+    prefix = task.prompt_prefix(data_dir)
+    for i, m in enumerate(spec.models):
+        if m.name in done["nll"]:
+            continue
+        say(f"calibrate {step + i + 1}: {m.name}'s NLL of the {len(rows)} dev references")
+        try:
+            value = reference_nll(m, task, rows, prefix, gen)
+        except FuselmError:  # a task without reference texts (HumanEval): no quality weights
+            value = None
+        done["nll"][m.name] = value
+        atomic_write_json(cache, done)
+    return {m.name: done["nll"][m.name] for m in spec.models}
+
+
+def check_unused(path: str | Path, spec: EvalSpec, data_dir: Path | None = None) -> None:
+    """Refuse to evaluate rows that the calibration at `path` ran on (its choice was made on
+    them: a score there says nothing about other rows)."""
+    from ..calibration import load_calibration
+
+    cal = load_calibration(path)
+    task = get_task(spec.task)
+    if spec.data and spec.data.startswith("hub:"):
+        return
+    data_dir = data_dir or default_data_dir()
+    file = Path(spec.data) if spec.data else data_dir / (task.data_file or "")
+    if data_name(file, data_dir) != cal.dev.file:
+        return
+    selected = spec.select(load_rows(task, spec.data, data_dir))
+    used = [r["id"] for r in selected if r["id"] in set(cal.dev.ids)]
+    if used:
+        raise FuselmError(
+            f"{len(used)} of the {len(selected)} rows to evaluate (ids {used[0]}..{used[-1]}) were used to calibrate"
+            f" {path} ({cal.dev.file}, offset {cal.dev.offset}); evaluate other rows (--offset) or calibrate on"
+            " other data"
+        )
