@@ -1,0 +1,147 @@
+"""The never-worse evaluation of docs/results.md: per ensemble and task, calibrate on dev rows,
+then evaluate on test rows no calibration used, resumable.
+
+    python scripts/never_worse_matrix.py --list                       # the commands, in order
+    python scripts/never_worse_matrix.py --workers 2                  # run them (one CPU each)
+    python scripts/never_worse_matrix.py --ensembles default --tasks nq,triviaqa
+
+Each (ensemble, task) is one chain, run in order by one worker: `fuselm calibrate` into
+``runs/never-worse/ENSEMBLE/TASK/calib.yaml``, then `fuselm eval` of every member alone, of
+today's `adafuse`, of anchored AdaFuse (the calibration's anchor, default theta and margin) and
+of the calibrated setup (`--calibration`). Finished runs are skipped and interrupted ones go on
+where they stopped (calibrate and eval are both resumable), so the script can be stopped and
+started at any time. Workers are pinned to their own CPU with ``taskset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+ENSEMBLES = {
+    "default": ["smollm2-135m", "qwen2.5-coder-0.5b"],  # a weak and a stronger member, two tokenizers
+    "gemma-qwen": ["gemma3-270m", "qwen2.5-coder-1.5b"],  # close on TriviaQA, two tokenizers
+    "qwens": ["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"],  # one tokenizer
+}
+# Test rows (the first N of the task's test file) and dev rows (file, offset, limit): dev rows
+# come from a dev/train split, or, where a task has none, from its test file after the test rows.
+TASKS = {
+    "nq": (200, None, 0, 50),
+    "triviaqa": (200, None, 0, 50),
+    "squad": (200, "squad/test_0-999.jsonl", 200, 50),
+    "gsm8k": (100, None, 0, 30),
+    "flores-en-de": (100, "flores/eng2deu_0-399.jsonl", 100, 30),
+    "flores-de-en": (100, "flores/deu2eng_0-399.jsonl", 100, 30),
+    "flores-en-ro": (100, "flores/eng2ron_0-399.jsonl", 100, 30),
+    "humaneval": (82, "HUMANEVAL", 82, 30),  # problems 0-81 tested, 82-111 for calibration
+}
+
+
+def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
+    """The commands of one (ensemble, task), in order; `{anchor}` is filled from the calibration."""
+    models = ENSEMBLES[ensemble]
+    n_test, dev, offset, n_dev = TASKS[task]
+    where = root / ensemble / task
+    calib = where / "calib.yaml"
+    cal = ["fuselm", "calibrate", "--task", task, "--models", ",".join(models), "--limit", str(n_dev),
+           "--out", str(calib)]  # fmt: skip
+    if dev == "HUMANEVAL":
+        cal += ["--dev-data", "{humaneval}", "--offset", str(offset)]
+    elif dev:
+        cal += ["--dev-data", dev, "--offset", str(offset)]
+    out = [("calibrate", cal)]
+    test = ["fuselm", "eval", "--task", task, "--limit", str(n_test)]
+    for m in models:
+        out.append((f"single-{m}", [*test, "--model", m, "--out", str(where / f"single-{m}")]))
+    out.append(
+        ("adafuse", [*test, "--method", "adafuse", "--models", ",".join(models), "--out", str(where / "adafuse")])
+    )
+    out.append(("anchored", [*test, "--method", "adafuse", "--models", ",".join(models), "-O", "policy=anchored",
+                             "-O", "anchor={anchor}", "--out", str(where / "anchored")]))  # fmt: skip
+    out.append(("calibrated", [*test, "--calibration", str(calib), "--out", str(where / "calibrated")]))
+    return out
+
+
+def humaneval_file() -> str:
+    from fuselm.eval.tasks import get_task
+
+    return get_task("humaneval").data_file or ""
+
+
+def fill(args: list[str], calib: Path) -> list[str]:
+    values = {"humaneval": humaneval_file() if any("{humaneval}" in a for a in args) else ""}
+    if any("{anchor}" in a for a in args):
+        values["anchor"] = yaml.safe_load(calib.read_text())["anchor"]
+    return [a.format(**values) if "{" in a else a for a in args]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="runs/never-worse")
+    ap.add_argument("--ensembles", default=",".join(ENSEMBLES))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks, in priority order")
+    ap.add_argument(
+        "--data-dir",
+        default=os.environ.get("FUSELM_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+        help="benchmark files, passed to the runs as $FUSELM_DATA (default: $FUSELM_DATA, else ../shared/data)",
+    )
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--list", action="store_true", help="print the commands and exit")
+    ns = ap.parse_args()
+    ensembles, tasks = ns.ensembles.split(","), ns.tasks.split(",")
+    for names, known in ((ensembles, ENSEMBLES), (tasks, TASKS)):
+        bad = [x for x in names if x not in known]
+        if bad:
+            ap.error(f"unknown: {', '.join(bad)} (known: {', '.join(known)})")
+    root = Path(ns.root)
+    chains = [(e, t, chain(root, e, t)) for t in tasks for e in ensembles]
+    if ns.list:
+        for _, _, steps in chains:
+            for _, args in steps:
+                print(shlex.join(args))
+        return 0
+    env = {**os.environ, "FUSELM_DATA": ns.data_dir}
+    lock = threading.Lock()
+    failures: list[str] = []
+    pin = ns.workers > 1 and shutil.which("taskset") is not None
+
+    def worker(cpu: int) -> None:
+        while True:
+            with lock:
+                if not chains:
+                    return
+                ensemble, task, steps = chains.pop(0)
+            where = root / ensemble / task
+            where.mkdir(parents=True, exist_ok=True)
+            for name, args in steps:
+                cmd = (
+                    (["taskset", "-c", str(cpu)] if pin else []) + fill(args, where / "calib.yaml") + ["--no-progress"]
+                )
+                print(f"[cpu {cpu}] {ensemble}/{task}: {name}\n", end="", flush=True)
+                with open(where / f"{name}.log", "a") as log:
+                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                if rc != 0:
+                    print(f"[cpu {cpu}] FAILED ({rc}) {ensemble}/{task}: {name}\n", end="", flush=True)
+                    failures.append(f"{ensemble}/{task}/{name}")
+                    break  # the rest of the chain needs this step
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(ns.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        print(f"failed: {', '.join(failures)} (see their logs under {root})", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
