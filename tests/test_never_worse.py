@@ -184,3 +184,60 @@ def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch
     assert b.returncode == 1 and "nobody: not among the members" in b.stderr
     nosuch = run_cli("calibrate", "--task", "squad", "--models", "a,b", "--out", str(tmp_path / "c.yaml"))
     assert nosuch.returncode == 1 and "task squad has no dev split: give --dev-data FILE" in nosuch.stderr
+
+
+# --- the learned controller --------------------------------------------------------------------------
+
+
+def test_a_controller_learns_to_pick_the_right_member_where_the_vote_ties(answer_models, answer_data, tmp_path):
+    """`wrong` comes first, so AdaFuse's tie goes to its " b b b"; a controller trained on dev
+    rows along the references picks `right`'s " a a a", with the same features as in training."""
+    from fuselm.fusion.controller import Controller, round_features
+
+    models = f"{answer_models['wrong']},{answer_models['right']}"
+    out = tmp_path / "ctrl.json"
+    r = run_cli("train-controller", "--task", "triviaqa", "--models", models, "--data", "triviaqa/rows.jsonl",
+                "--limit", "6", "--data-dir", str(answer_data), "--out", str(out), "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["rounds"] >= 6 and info["held_out_rows"] == 1
+    assert info["held_out_accuracy"]["controller"] == 1.0
+    assert info["held_out_accuracy"]["adafuse's own rule (these options)"] == 0.0
+    gen = ["--models", models, "--method", "adafuse", "--raw", "--max-new-tokens", "3", "--json", "Question: x?"]
+    plain = json.loads(run_cli("generate", *gen).stdout)
+    assert plain["text"] == " b b b"
+    g = run_cli("generate", *gen, "-O", f"controller={out}")
+    assert g.returncode == 0, g.stderr
+    steered = json.loads(g.stdout)
+    assert steered["text"] == " a a a" and steered["trace"][0]["winner"] == 1
+    # the features of that round at inference are the training examples' features
+    names = steered["models"]
+    first = steered["trace"][0]
+    from fuselm.result import CandidateTrace
+
+    rows = round_features([CandidateTrace(**c) for c in first["candidates"]], names, first["margins"], 0)
+    example = json.loads((tmp_path / "ctrl.examples" / "examples.jsonl").read_text().splitlines()[0])
+    assert example["rounds"][0]["features"] == rows
+    # save and load again: the same file, the same choices
+    ctl = Controller.load(out)
+    ctl.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads(out.read_text())
+    assert Controller.load(tmp_path / "again.json").choose(rows) == ctl.choose(rows) == 1
+
+
+def test_a_controller_file_is_checked(answer_models, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"fuselm_controller": 1, "kind": "forest"}')
+    r = run_cli("generate", "--models", "smollm2-135m,smollm2-135m", "--method", "adafuse", "-O",
+                f"controller={bad}", "hi")  # fmt: skip
+    assert r.returncode == 1 and "not a controller file of format 1" in r.stderr
+    r = run_cli("generate", "--models", "smollm2-135m,smollm2-135m", "--method", "adafuse", "-O",
+                f"controller={tmp_path / 'none.json'}", "hi")  # fmt: skip
+    assert r.returncode == 1 and "controller not found" in r.stderr and "fuselm train-controller" in r.stderr
+    from fuselm.fusion.controller import Controller, feature_names
+
+    names = ["a", "b"]
+    n = len(feature_names(names))
+    ctl = Controller(names, feature_names(names), [0.0] * n, [1.0] * n, [0.0] * n, 0.0, {})
+    with pytest.raises(FuselmError, match=r"trained for 2 models \(a, b\), got 3"):
+        ctl.check_models(["a", "b", "c"], "c.json")

@@ -163,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    tc = sub.add_parser("train-controller", help="fit a learned fusion controller for adafuse on dev rows (resumable)")
+    tc.add_argument("--task", required=True, help=f"task: {_task_list()}")
+    tc.add_argument("--model", "--models", dest="models", metavar="NAMES", required=True,
+                    help="the ensemble's models, comma-separated, in the order they will run")  # fmt: skip
+    tc.add_argument("--data", metavar="FILE", help="dev rows (default: the task's dev file)")
+    tc.add_argument("--offset", type=int, default=0, help="first dev row")
+    tc.add_argument("--limit", type=int, default=100, help="dev rows (default 100)")
+    tc.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
+                    help="adafuse option while collecting (use the same when generating)")  # fmt: skip
+    tc.add_argument("--out", required=True, metavar="CONTROLLER.json", help="the controller file to write")
+    tc.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
+    tc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_flags(tc, ModelConfig, skip=_SPECIAL_FIELDS)
+
     r = sub.add_parser("report", help="compare evaluation runs: table, Markdown, PNG")
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("--md", metavar="OUT.md", help="also write the table as Markdown")
@@ -354,6 +368,45 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     console.print(f"wrote {out}; use it: fuselm eval --task {cal.task} --calibration {out} --out DIR (on other rows)")
     print(json.dumps({"calibration": str(out), "method": cal.method, "models": cal.models,
                       "method_options": cal.method_options, "reason": cal.reason}, ensure_ascii=False))  # fmt: skip
+    return 0
+
+
+def cmd_train_controller(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .training.controller_train import ControllerTrainSpec, train_controller
+
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+    overrides = _pick(ns, ModelConfig)
+    models = [_with_overrides(parse_model_ref(n.strip()), overrides) for n in ns.models.split(",") if n.strip()]
+    opts: dict[str, Any] = {}
+    for item in ns.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FuselmError(f"--option expects KEY=VALUE, got {item!r}")
+        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    from .eval.tasks import get_task
+    from .fusion.methods import method_options
+
+    get_task(ns.task)
+    method_options("adafuse", opts)  # a bad option: one line, before any model loads
+    try:
+        spec = ControllerTrainSpec(task=ns.task, models=models, data=ns.data, offset=ns.offset, limit=ns.limit,
+                                   options=opts)  # fmt: skip
+    except ValidationError as e:
+        raise FuselmError(validation_message(e, "options")) from None
+    info = train_controller(spec, ns.out, Path(ns.data_dir) if ns.data_dir else None, not ns.no_progress,
+                            say=console.print)  # fmt: skip
+    table = Table(title=f"choosing the right candidate, {info['held_out_rows']} held-out dev rows")
+    table.add_column("rule")
+    table.add_column("accuracy")
+    for rule, acc in info["held_out_accuracy"].items():
+        table.add_row(rule, "n/a" if acc is None else f"{acc:.3f}")
+    console.print(table)
+    console.print(f"controller saved to {ns.out} (use: fuselm generate --method adafuse --models {ns.models}"
+                  f" -O controller={ns.out} ...)")  # fmt: skip
+    print(json.dumps(info, ensure_ascii=False))
     return 0
 
 
@@ -580,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": cmd_report,
         "train-router": cmd_train_router,
         "calibrate": cmd_calibrate,
+        "train-controller": cmd_train_controller,
         "serve": cmd_serve,
     }
     try:

@@ -31,10 +31,12 @@ from pydantic import Field
 from ..models.session import DecodingSession, Rollout, top_margin
 from ..text.words import first_word_end, word_ends
 from .base import Step, StepContext
+from .controller import Controller, round_features
 from .ensemble import (
     Candidate,
     EnsembleMethod,
     add_candidate,
+    candidate_trace,
     decided_step,
     ensemble_decide,
     resolve_model,
@@ -59,6 +61,9 @@ class AdaFuseOptions(EnsembleOptions):
     override_margin: float = Field(
         0.0, ge=0.0, description="policy anchored: how much lower another candidate's combined NLL must be"
     )
+    controller: str | None = Field(
+        None, description="a learned fusion controller (`fuselm train-controller`) picks the winner of scored rounds"
+    )
 
 
 class AdaFuse(EnsembleMethod):
@@ -70,6 +75,10 @@ class AdaFuse(EnsembleMethod):
         super().__init__(models, options)
         entries = [m.config.name for m in models]  # the model entries' names (paths, for a directory)
         self.anchor = resolve_model(self.names, self.options.anchor, "anchor", entries)
+        self.controller = None
+        if self.options.controller:
+            self.controller = Controller.load(self.options.controller)
+            self.controller.check_models(self.names, self.options.controller)
 
     def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
         o = self.options
@@ -144,7 +153,13 @@ class AdaFuse(EnsembleMethod):
             direct = 0  # nothing to choose between: no scoring
         decision = ensemble_decide(ctx, merged, self.weights, o.normalize) if direct is None else None
         winner = decision.winner if decision is not None else direct
-        if anchor is not None and decision is not None:
+        margins_trace = {self.names[m]: round(x, 5) for m, x in margins.items()}
+        if self.controller is not None and decision is not None:
+            # the same features as its training read off traces (fusion.controller)
+            rows = round_features(candidate_trace(merged, self.names, decision), self.names, margins_trace,
+                                  len(ctx.generated))  # fmt: skip
+            winner = self.controller.choose(rows)
+        elif anchor is not None and decision is not None:
             own = next(i for i, c in enumerate(merged) if anchor in c.proposers and c.kind == "proposal")
             if decision.combined[winner] + o.override_margin >= decision.combined[own]:
                 winner = own  # not better by the margin: the anchor's proposal stands
@@ -152,7 +167,6 @@ class AdaFuse(EnsembleMethod):
         w = merged[winner]
         source = w.proposers[0]
         finished = w.eos or (rolls[source].finished and w.text == rolls[source].text and w.kind == "proposal")
-        margins_trace = {self.names[m]: round(x, 5) for m, x in margins.items()}
         return decided_step(
             merged,
             winner,
