@@ -1,8 +1,15 @@
 """Cost of fusion: AdaFuse wall time per generated token against the sum of its members'
-single-model decode time per token, measured in the same run, per backend.
+single-model decode time per token, measured in the same run, per backend and policy.
 
     python benchmarks/fusion_speed.py --backend llamacpp --tokens 48 --repeats 2
     python benchmarks/fusion_speed.py --backend transformers --tokens 24 --prompts 2
+    python benchmarks/fusion_speed.py --policies agree,anchored --short triviaqa --prompts 8
+
+`--policies` runs AdaFuse under each policy in the same run (anchored: the anchor is the last
+model of each ensemble, `--anchor` to choose). `--short TASK` uses the task's few-shot prompts
+(rows of its test file) and its stop strings and token budget: short answers. Each prompt is
+run once untimed by every member first, so the prompt is in every model's prefix cache and the
+timed runs (singles and fused alike) exclude its prefill.
 """
 
 from __future__ import annotations
@@ -27,6 +34,19 @@ PROMPTS = [
 ENSEMBLES = [["smollm2-135m", "qwen2.5-coder-0.5b"], ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]]
 
 
+def task_prompts(task_name: str, n: int) -> tuple[list[str], GenerationConfig]:
+    """The first `n` few-shot prompts of a task's test file, with its stops and token budget."""
+    from fuselm.eval.runner import task_generation
+    from fuselm.eval.task import default_data_dir, load_rows
+    from fuselm.eval.tasks import get_task
+
+    task = get_task(task_name)
+    data_dir = default_data_dir()
+    prefix = task.prompt_prefix(data_dir)
+    rows = load_rows(task, None, data_dir)[:n]
+    return [task.build_prompt(prefix, r) for r in rows], task_generation(task, GenerationConfig(), set())
+
+
 def per_token(result) -> float:
     return result.stats.seconds / max(result.stats.new_tokens, 1)
 
@@ -37,36 +57,56 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the built-in prompts")
     ap.add_argument("--repeats", type=int, default=1, help="runs per prompt (single and fused interleaved)")
+    ap.add_argument("--policies", default="agree", help="AdaFuse policies to time, comma-separated")
+    ap.add_argument("--anchor", help="policy anchored: the anchor (default: each ensemble's last model)")
+    ap.add_argument("--short", metavar="TASK", help="few-shot prompts of TASK (short answers), e.g. triviaqa")
+    ap.add_argument("--ensembles", type=int, default=len(ENSEMBLES), help="how many of the built-in ensembles")
     a = ap.parse_args()
-    prompts = PROMPTS[: a.prompts] * a.repeats
     gen = GenerationConfig(max_new_tokens=a.tokens)
+    prompts = PROMPTS[: a.prompts]
+    if a.short:
+        prompts, gen = task_prompts(a.short, a.prompts)
+    prompts = prompts * a.repeats
+    policies = a.policies.split(",")
     cache = {}
     rows = []
-    for names in ENSEMBLES:
+    for names in ENSEMBLES[: a.ensembles]:
         models = [cache.setdefault(n, load_model(n, backend=a.backend)) for n in names]
-        single_sum = fused = 0.0
-        passes = words = 0
+        single_sum = 0.0
+        fused = dict.fromkeys(policies, 0.0)
+        passes = dict.fromkeys(policies, 0)
+        words = dict.fromkeys(policies, 0)
         for prompt in prompts:
+            if a.short:  # the prompt into every prefix cache: no prefill in the timed runs
+                for m in models:
+                    generate([m], prompt, "single", gen)
             # Singles and the ensemble alternate, so drifts in machine speed hit both sides alike.
             for m in models:
                 single_sum += per_token(generate([m], prompt, "single", gen))
-            res = generate(models, prompt, "adafuse", gen)
-            fused += per_token(res)
-            passes += sum(res.stats.forward_passes.values())
-            words += max(len(split_words(res.text)), 1)
-            print(f"{'+'.join(names)}: {res.text[:80]!r}", file=sys.stderr)
+            for policy in policies:
+                opts = {"policy": policy}
+                if policy == "anchored":
+                    opts["anchor"] = a.anchor or names[-1]
+                res = generate(models, prompt, "adafuse", gen, opts)
+                fused[policy] += per_token(res)
+                passes[policy] += sum(res.stats.forward_passes.values())
+                words[policy] += max(len(split_words(res.text)), 1)
+                print(f"{'+'.join(names)} {policy}: {res.text[:80]!r}", file=sys.stderr)
         k = len(prompts)
-        rows.append(("+".join(names), single_sum / k, fused / k, fused / single_sum, passes / words))
+        for policy in policies:
+            rows.append(("+".join(names), policy, single_sum / k, fused[policy] / k, fused[policy] / single_sum,
+                         passes[policy] / words[policy]))  # fmt: skip
     print(
-        f"backend: {a.backend}, max_new_tokens: {a.tokens}, prompts: {a.prompts} x {a.repeats}, "
-        f"threads: {os.cpu_count()}\n"
+        f"backend: {a.backend}, max_new_tokens: {gen.max_new_tokens}, prompts: {a.prompts} x {a.repeats}"
+        f"{' (' + a.short + ', short answers)' if a.short else ''}, threads: {os.cpu_count()}\n"
     )
     print(
-        "| ensemble | sum of members' single s/token | AdaFuse s/token | ratio | forward passes per committed word (all models) |"
+        "| ensemble | policy | sum of members' single s/token | AdaFuse s/token | ratio |"
+        " forward passes per committed word (all models) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f} | {r[4]:.1f} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.1f} |")
     return 0
 
 
