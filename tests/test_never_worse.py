@@ -241,3 +241,21 @@ def test_a_controller_file_is_checked(answer_models, tmp_path):
     ctl = Controller(names, feature_names(names), [0.0] * n, [1.0] * n, [0.0] * n, 0.0, {})
     with pytest.raises(FuselmError, match=r"trained for 2 models \(a, b\), got 3"):
         ctl.check_models(["a", "b", "c"], "c.json")
+
+
+def test_prompt_weights_favour_the_model_that_knows_the_prompt(smol_tokenizer_dir):  # noqa: F811
+    """PackLLM's per-prompt weights: of two symmetric models (an exact tie without them), the
+    one with the lower NLL of the prompt decides."""
+    x = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "x")
+    y = constant_model(smol_tokenizer_dir, {" b": 2.0, " a": 1.0}, "y")
+    gen = GenerationConfig(max_new_tokens=2, chat="raw")
+
+    def first(models, prompt, **opts):
+        return generate(models, prompt, "adafuse", gen, {"branches": 1, **opts}).trace[0].text
+
+    assert first([y, x], "start a a a a a") == " b"  # the tie goes to the first model
+    assert first([y, x], "start a a a a a", prompt_weights=0.5) == " a"
+    assert first([x, y], "start b b b b b", prompt_weights=0.5) == " b"
+    assert generate([x, y], "start b b", "fixed-span", gen, {"prompt_weights": 0.5}).text.startswith(" b")
+    with pytest.raises(Exception, match="prompt_weights"):
+        first([x, y], "start", prompt_weights=0)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ..errors import FuselmError, UnknownNameError
 from ..models.session import DecodingSession, Rollout, Score
 from ..result import CandidateTrace, StepDetail
-from ..text.words import word_ends
+from ..text.words import first_word_end, word_ends
 from .base import EXACT_NEEDS, FusionMethod, Step, StepContext
 from .experts import each
 from .options import EnsembleOptions
@@ -28,6 +28,39 @@ class EnsembleMethod(FusionMethod):
     def __init__(self, models, options=None):
         super().__init__(models, options)
         self.weights = self.options.model_weights([m.config.weight for m in models])
+
+    def start(self, ctx: StepContext) -> Any:
+        """With `prompt_weights`: this generation's weights, from each model's NLL of its prompt."""
+        tau = getattr(self.options, "prompt_weights", None)
+        if tau is None:
+            return None
+        nll = each(ctx, lambda m, s: prompt_nll(self.models[m], s.prompt), list(range(len(self.models))))
+        low = min(nll.values())
+        raw = {m: self.weights[m] * math.exp(-(x - low) / tau) for m, x in nll.items()}
+        total = sum(raw.values())
+        return PromptWeights([raw.get(m, 0.0) / total * len(raw) for m in range(len(self.models))], nll)
+
+    def weights_for(self, ctx: StepContext) -> list[float]:
+        """The weights of this generation (the configured ones, or the prompt's)."""
+        return ctx.state.weights if isinstance(ctx.state, PromptWeights) else self.weights
+
+
+@dataclass
+class PromptWeights:
+    """A generation's per-prompt weights (PackLLM) and the prompt NLLs they came from."""
+
+    weights: list[float]
+    nll: dict[int, float]
+
+
+def prompt_nll(model, prompt: str) -> float:
+    """Mean NLL per token of `prompt` under `model` (from its first word on: a model without
+    BOS cannot score its first token)."""
+    end = first_word_end(prompt)
+    if not end or end >= len(prompt):
+        return 0.0
+    with model.session(prompt[:end]) as s:
+        return s.score([prompt[end:]])[0].mean_nll()
 
 
 def resolve_model(names: list[str], ref: str | int | None, what: str, aliases: list[str] = ()) -> int:

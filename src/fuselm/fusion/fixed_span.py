@@ -30,7 +30,7 @@ class FixedSpan(EnsembleMethod):
                 pool,
                 Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)}),
             )
-        decision = ensemble_decide(ctx, pool, self.weights, o.normalize) if len(pool) > 1 else None
+        decision = ensemble_decide(ctx, pool, self.weights_for(ctx), o.normalize) if len(pool) > 1 else None
         winner = decision.winner if decision else 0
         w = pool[winner]
         src = w.proposers[0]

@@ -19,6 +19,12 @@ class EnsembleOptions(BaseModel):
         "token", description="mean negative log-likelihood per token (paper), per character or per byte"
     )
     max_word_tokens: int = Field(16, ge=1, description="longest rollout for one word, in tokens")
+    prompt_weights: float | None = Field(
+        None,
+        gt=0.0,
+        description="per-prompt weights (PackLLM): softmax(-each model's NLL of the prompt / this temperature),"
+        " times its weight",
+    )
 
     def model_weights(self, defaults: list[float]) -> list[float]:
         """The `weights` option, checked against the models; without it, `defaults` (the models'

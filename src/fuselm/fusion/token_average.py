@@ -57,7 +57,7 @@ class TokenAverage(EnsembleMethod):
         # one token, or a few when a token is half a UTF-8 character
         for _ in range(min(8, ctx.budget)):
             dists = [s.tail_tokens(len(toks), TOP_K) for s in sessions] if toks else first
-            tok = ctx.sampler(mix_tokens(dists, self.weights))
+            tok = ctx.sampler(mix_tokens(dists, self.weights_for(ctx)))
             if sessions[0].is_eos(tok):
                 return Step(text=text, new_tokens=max(len(toks), 1), source=0, finished=True)
             toks.append(tok)

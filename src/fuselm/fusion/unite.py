@@ -49,9 +49,10 @@ class Unite(EnsembleMethod):
         lps = [s.next_tokens(k) for s in sessions]
         union: dict[str, list[int]] = {}
         eos_votes = 0.0
-        total_w = sum(self.weights)
+        weights = self.weights_for(ctx)
+        total_w = sum(weights)
         for m, (s, lp) in enumerate(zip(sessions, lps)):
-            eos_votes += self.weights[m] * lp.prob(s.eos_ids) / total_w
+            eos_votes += weights[m] * lp.prob(s.eos_ids) / total_w
             for tok in lp.best(k):
                 if s.is_eos(tok):
                     continue
@@ -60,7 +61,7 @@ class Unite(EnsembleMethod):
                     union.setdefault(t, []).append(m)
         scored = []
         for text, proposers in union.items():
-            p = sum(w * self._prob_of_text(s, lp, text) for w, s, lp in zip(self.weights, sessions, lps)) / total_w
+            p = sum(w * self._prob_of_text(s, lp, text) for w, s, lp in zip(weights, sessions, lps)) / total_w
             scored.append((p, text, proposers))
         scored.sort(key=lambda x: (-x[0], x[1]))
         candidates = [
