@@ -9,7 +9,9 @@ does not lose to its best member.
    `adafuse`, `adafuse` with the quality weights, and anchored AdaFuse over `thetas` x
    `margins`; each with its paired 95% interval against the best member.
 4. The best fused setup is chosen only if its dev score is above the best member's; otherwise
-   the calibration falls back to the best member alone.
+   the calibration falls back to the best member alone. Scores that tie on the main metric
+   (few dev rows, low scores) are ranked by the task's finer metrics (F1 after exact match),
+   and members then by their reference NLL.
 
 Every run is an ordinary resumable eval run under the runs directory, so an interrupted
 calibration goes on where it stopped when the same command is run again.
@@ -86,6 +88,18 @@ def _scale(task: Task) -> float:
     return 1.0 if task.main_metric in task.corpus_metrics else 100.0
 
 
+def _finer(task: Task) -> list[str]:
+    return [m for m in [*task.metrics, *task.corpus_metrics] if m != task.main_metric]
+
+
+def rank_key(task: Task, view: RunView) -> tuple[float, ...]:
+    """How a run ranks on the dev rows: its main metric, then the task's finer ones (F1 after
+    exact match), higher first."""
+    return tuple(
+        (x if (x := view.summary.metrics.get(m)) is not None else -math.inf) for m in [task.main_metric, *_finer(task)]
+    )
+
+
 def reference_nll(model_cfg: ModelConfig, task: Task, rows: list[dict], prefix: str, gen: GenerationConfig) -> float:
     """Mean NLL per token of the rows' reference texts after their prompts, under one model."""
     model = load_model(model_cfg)
@@ -138,7 +152,9 @@ def calibrate(
     nll = _reference_nlls(spec, task, rows, data_dir, runs, explicit_generation or set(), say, step)
     step += len(spec.models)
     scores = {n: v.summary.main for n, v in alone.items()}
-    best = max(names, key=lambda n: (scores[n] if scores[n] is not None else -math.inf, -names.index(n)))
+    # ties on the main metric (few dev rows, low scores) go to the finer metrics, then the NLL
+    best = max(names, key=lambda n: (*rank_key(task, alone[n]), -(nll[n] if nll[n] is not None else math.inf),
+                                     -names.index(n)))  # fmt: skip
     best_nll = min((x for x in nll.values() if x is not None), default=None)
     scale = _scale(task)
     members = []
@@ -160,6 +176,7 @@ def calibrate(
     kept_models = [m for m in spec.models if next(s for s in members if s.name == m.name).kept]
     kept_names = [m.name for m in kept_models]
     tried: list[Trial] = []
+    views: dict[str, RunView] = {}
     if len(kept_models) >= 2:
         weights = [next(s.weight for s in members if s.name == n) for n in kept_names]
         grid: list[tuple[str, dict]] = [("adafuse", {}), (f"adafuse weights={weights}", {"weights": weights})]
@@ -168,7 +185,7 @@ def calibrate(
                 opts = {"policy": "anchored", "anchor": best, "theta": theta, "override_margin": margin}
                 grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", opts))
         for label, opts in grid:
-            view = run(f"{label} {'+'.join(kept_names)}", "adafuse", kept_models, opts)
+            view = views[label] = run(f"{label} {'+'.join(kept_names)}", "adafuse", kept_models, opts)
             d = paired_difference(view, alone[best], task.main_metric)
             tried.append(
                 Trial(
@@ -182,11 +199,14 @@ def calibrate(
                     n=view.summary.n,
                 )  # fmt: skip
             )
-    chosen = max(tried, key=lambda t: t.score if t.score is not None else -math.inf, default=None)
+    keys = {id(t): rank_key(task, views[t.label]) for t in tried}
+    chosen = max(tried, key=lambda t: keys[id(t)], default=None)
     best_score = scores[best] if scores[best] is not None else -math.inf
-    if chosen is not None and chosen.score is not None and chosen.score > best_score:
+    if chosen is not None and keys[id(chosen)] > rank_key(task, alone[best]):
         d = chosen.versus_best
         reason = f"{chosen.label} scored {chosen.score * scale:.1f} on the dev rows against {best_score * scale:.1f} for {best} alone"
+        if chosen.score == best_score:
+            reason += f" (a tie on {task.main_metric}, decided by {', '.join(_finer(task))})"
         if d is not None:
             reason += f" ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}], paired 95%)"
         method, models, options = chosen.method, chosen.models, chosen.method_options
