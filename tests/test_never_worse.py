@@ -124,7 +124,11 @@ def test_calibration_keeps_the_member_that_is_always_right_and_drops_the_other(a
     by_name = {s.name: s for s in cal.scores}
     assert by_name[right].score == 1.0 and by_name[wrong].score == 0.0
     assert not by_name[wrong].kept and "100.0 points below" in by_name[wrong].why_dropped
-    assert by_name[right].weight == 1.0 and by_name[wrong].weight < 0.01  # its NLL of "a a a" is far higher
+    # NLL per byte of " a a a\n" (7 bytes): each " b"-preferring token costs `wrong` 7 nats more
+    assert by_name[wrong].nll - by_name[right].nll == pytest.approx(3 * 7 / 7, abs=0.01)
+    assert by_name[right].weight == 1.0 and by_name[wrong].weight == pytest.approx(
+        by_name[right].nll / by_name[wrong].nll, abs=1e-3
+    )
     assert cal.tried == [] and "fewer than two members" in cal.reason
     assert cal.dev.ids == list(range(6)) and cal.dev.file == "triviaqa/rows.jsonl"
     assert "fall back to" in r.stderr and "calibration of triviaqa" in r.stderr  # the table and the choice

@@ -33,7 +33,7 @@ class DevRows(StrictModel):
 class MemberScore(StrictModel):
     name: str
     score: float | None = Field(description="dev main metric alone (single)")
-    nll: float | None = Field(None, description="mean NLL per token of the dev references")
+    nll: float | None = Field(None, description="NLL per byte of the dev references")
     weight: float = Field(1.0, description="quality weight from the dev NLL (best member 1)")
     kept: bool = True
     why_dropped: str | None = None

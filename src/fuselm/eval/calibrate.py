@@ -2,7 +2,7 @@
 does not lose to its best member.
 
 1. Every member alone (`single`) on the dev rows, and each member's mean NLL per token of the
-   dev references (quality weights: exp(-(NLL - best NLL)), the best member 1).
+   dev references, per byte (quality weights: the best NLL / the member's NLL, the best 1).
 2. Members more than `max_gap` points below the best are dropped (UniTE: members far apart
    hurt); the best member is the anchor.
 3. With two members or more left, a small grid of fused setups on the same rows: today's
@@ -101,16 +101,17 @@ def rank_key(task: Task, view: RunView) -> tuple[float, ...]:
 
 
 def reference_nll(model_cfg: ModelConfig, task: Task, rows: list[dict], prefix: str, gen: GenerationConfig) -> float:
-    """Mean NLL per token of the rows' reference texts after their prompts, under one model."""
+    """NLL per byte of the rows' reference texts after their prompts, under one model (per
+    byte, not per token: models with different tokenizers compare)."""
     model = load_model(model_cfg)
     try:
-        logprob, tokens = 0.0, 0
+        logprob, nbytes = 0.0, 0
         for row in rows:
             prompt = model.prompt_text(task.build_prompt(prefix, row), gen)
             with model.session(prompt) as s:
                 sc = s.score([task.reference_text(row)])[0]
-            logprob, tokens = logprob + sc.logprob, tokens + sc.n_tokens
-        return -logprob / tokens if tokens else math.inf
+            logprob, nbytes = logprob + sc.logprob, nbytes + sc.n_bytes
+        return -logprob / nbytes if nbytes else math.inf
     finally:
         model.close()
 
@@ -161,7 +162,7 @@ def calibrate(
     for m in spec.models:
         gap = ((scores[best] or 0.0) - (scores[m.name] or 0.0)) * scale
         kept = m.name == best or gap <= spec.max_gap
-        weight = 1.0 if best_nll is None or nll[m.name] is None else round(math.exp(-(nll[m.name] - best_nll)), 4)
+        weight = 1.0 if not best_nll or nll[m.name] is None else round(best_nll / nll[m.name], 4)
         members.append(
             MemberScore(
                 name=m.name,
@@ -236,7 +237,7 @@ def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, step) -> di
     """Each member's reference NLL, kept in runs/reference_nll.json (done once)."""
     cache = runs / "reference_nll.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = json.dumps([r["id"] for r in rows])
+    key = json.dumps({"unit": "byte", "rows": [r["id"] for r in rows]})
     done = done if done.get("rows") == key else {"rows": key, "nll": {}}
     gen = task_generation(task, spec.generation, explicit)
     prefix = task.prompt_prefix(data_dir)
