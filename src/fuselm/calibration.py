@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from .config import ModelConfig, StrictModel, validation_message
 from .errors import FuselmError
-from .files import load_yaml
+from .files import atomic_write, load_yaml
 
 FORMAT = 1
 
@@ -84,7 +84,7 @@ class Calibration(StrictModel):
         data = self.model_dump(mode="json")
         data["members"] = [m.model_dump(mode="json", exclude_defaults=True) for m in self.members]  # short
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
-        Path(path).write_text(text, encoding="utf-8")
+        atomic_write(path, text)  # a reader never sees half a file
 
 
 def load_calibration(path: str | Path) -> Calibration:
