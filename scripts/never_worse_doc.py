@@ -1,0 +1,110 @@
+"""The never-worse tables of docs/results.md, from the runs of scripts/never_worse_matrix.py.
+
+    python scripts/never_worse_doc.py                      # refill docs/results.md between its markers
+    python scripts/never_worse_doc.py --print              # print the tables instead
+
+Per ensemble and task: every member alone, today's adafuse, anchored AdaFuse and the calibrated
+setup on the test rows, each with its 95% bootstrap interval and its paired difference against
+the best member on these test rows (the same resampled rows for both), the cost per sample,
+and what the calibration chose on its dev rows. A run still in progress is marked *.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from fuselm.eval.report import interval, load_run, paired_difference
+from fuselm.eval.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- generated: never-worse -->", "<!-- /generated: never-worse -->"
+ORDER = ["single-", "adafuse", "anchored", "calibrated"]
+
+
+def _fmt(x: float | None, scale: float) -> str:
+    return "n/a" if x is None else f"{x * scale:.1f}"
+
+
+def task_table(where: Path) -> str | None:
+    runs = {}
+    for d in sorted(where.iterdir()):
+        if d.is_dir() and (d / "config.json").is_file() and d.name != "calib.runs":
+            try:
+                runs[d.name] = load_run(d)
+            except Exception:  # noqa: BLE001 - a run with no rows yet
+                continue
+    if not runs:
+        return None
+    task = get_task(next(iter(runs.values())).summary.task)
+    metric = task.main_metric
+    scale = 1.0 if metric in task.corpus_metrics else 100.0
+    members = {n: r for n, r in runs.items() if n.startswith("single-")}
+    complete = {n: r for n, r in members.items() if r.summary.complete} or members
+    best_name = max(complete, key=lambda n: complete[n].summary.main or 0.0) if complete else None
+    cal_path = where / "calib.yaml"
+    cal = yaml.safe_load(cal_path.read_text()) if cal_path.is_file() else None
+    lines = [
+        f"| setup | {metric} [95%] | minus the best member [paired 95%] | s/sample | n |",
+        "|---|---|---|---|---|",
+    ]
+    for name in sorted(runs, key=lambda n: (next(i for i, p in enumerate(ORDER) if n.startswith(p)), n)):
+        r = runs[name]
+        ci = interval(r, metric)
+        cell = _fmt(r.summary.main, scale) + (f" [{_fmt(ci[0], scale)}, {_fmt(ci[1], scale)}]" if ci else "")
+        diff = ""
+        if best_name and name != best_name:
+            d = paired_difference(r, runs[best_name], metric)
+            if d is not None:
+                diff = f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
+        label = name[len("single-") :] + " alone" if name.startswith("single-") else name
+        if name == "calibrated" and cal:
+            label += f" (= {cal['method']} {'+'.join(cal['models'])})"
+        if name == best_name:
+            label += " (best member)"
+        star = "" if r.summary.complete else "*"
+        cost = f"{r.summary.seconds_per_sample:.2f}" if r.summary.seconds_per_sample is not None else ""
+        lines.append(f"| {label} | {cell}{star} | {diff} | {cost} | {r.summary.n} |")
+    head = f"**{where.parent.name} / {where.name}**"
+    if cal:
+        head += (f" (calibrated on {len(cal['dev']['ids'])} dev rows of `{cal['dev']['file']}`"
+                 f" from row {cal['dev']['offset']}: {cal['reason']})")  # fmt: skip
+    return head + "\n\n" + "\n".join(lines)
+
+
+def tables(root: Path) -> str:
+    out = []
+    for ensemble in sorted(p for p in root.iterdir() if p.is_dir()):
+        for task in sorted(p for p in ensemble.iterdir() if p.is_dir()):
+            t = task_table(task)
+            if t:
+                out.append(t)
+    return "\n\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=str(ROOT / "runs" / "never-worse"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
+    ap.add_argument("--print", action="store_true")
+    ns = ap.parse_args()
+    text = tables(Path(ns.root))
+    if ns.print:
+        print(text)
+        return 0
+    doc = Path(ns.doc)
+    body = doc.read_text(encoding="utf-8")
+    if START not in body or END not in body:
+        print(f"{doc} has no {START} ... {END} markers", file=sys.stderr)
+        return 1
+    before, rest = body.split(START, 1)
+    _, after = rest.split(END, 1)
+    doc.write_text(before + START + "\n" + text + END + after, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
