@@ -22,7 +22,7 @@ from fuselm.eval.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- generated: never-worse -->", "<!-- /generated: never-worse -->"
-ORDER = ["single-", "adafuse", "anchored", "calibrated"]
+ORDER = ["single-", "adafuse", "anchored", "calibrated", "controller"]
 
 
 def _fmt(x: float | None, scale: float) -> str:

@@ -7,8 +7,9 @@ then evaluate on test rows no calibration used, resumable.
 
 Each (ensemble, task) is one chain, run in order by one worker: `fuselm calibrate` into
 ``runs/never-worse/ENSEMBLE/TASK/calib.yaml``, then `fuselm eval` of every member alone, of
-today's `adafuse`, of anchored AdaFuse (the calibration's anchor, default theta and margin) and
-of the calibrated setup (`--calibration`). Finished runs are skipped and interrupted ones go on
+today's `adafuse`, of anchored AdaFuse (the calibration's anchor, default theta and margin), of
+the calibrated setup (`--calibration`), and of `adafuse` with a learned controller
+(`fuselm train-controller` on dev rows, then `-O controller=`). Finished runs are skipped and interrupted ones go on
 where they stopped (calibrate and eval are both resumable), so the script can be stopped and
 started at any time. Workers are pinned to their own CPU with ``taskset``.
 """
@@ -67,6 +68,17 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     out.append(("anchored", [*test, "--method", "adafuse", "--models", ",".join(models), "-O", "policy=anchored",
                              "-O", "anchor={anchor}", "--out", str(where / "anchored")]))  # fmt: skip
     out.append(("calibrated", [*test, "--calibration", str(calib), "--out", str(where / "calibrated")]))
+    # the learned controller: trained on dev rows (twice the calibration's), used over today's adafuse
+    ctrl = where / "controller.json"
+    train = ["fuselm", "train-controller", "--task", task, "--models", ",".join(models), "--limit", str(2 * n_dev),
+             "--out", str(ctrl)]  # fmt: skip
+    if dev == "HUMANEVAL":
+        train += ["--data", "{humaneval}", "--offset", str(offset)]
+    elif dev:
+        train += ["--data", dev, "--offset", str(offset)]
+    out.append(("train-controller", train))
+    out.append(("controller", [*test, "--method", "adafuse", "--models", ",".join(models), "-O",
+                               f"controller={ctrl}", "--out", str(where / "controller")]))  # fmt: skip
     return out
 
 
