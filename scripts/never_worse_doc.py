@@ -70,8 +70,9 @@ def task_table(where: Path) -> str | None:
         lines.append(f"| {label} | {cell}{star} | {diff} | {cost} | {r.summary.n} |")
     head = f"**{where.parent.name} / {where.name}**"
     if cal:
+        cost = f", {cal['dev_seconds'] / 60:.0f} CPU-minutes of dev runs" if cal.get("dev_seconds") else ""
         head += (f" (calibrated on {len(cal['dev']['ids'])} dev rows of `{cal['dev']['file']}`"
-                 f" from row {cal['dev']['offset']}: {cal['reason']})")  # fmt: skip
+                 f" from row {cal['dev']['offset']}{cost}: {cal['reason']})")  # fmt: skip
     return head + "\n\n" + "\n".join(lines)
 
 

@@ -229,6 +229,9 @@ def calibrate(
         method_options=options,
         reason=reason,
         tried=tried,
+        dev_seconds=round(
+            sum((v.summary.seconds_per_sample or 0.0) * v.summary.n for v in [*alone.values(), *views.values()]), 1
+        ),
         versions=_versions(),
     )
 
