@@ -3,6 +3,9 @@
     python scripts/never_worse_doc.py                      # refill docs/results.md between its markers
     python scripts/never_worse_doc.py --print              # print the tables instead
 
+It also draws docs/never-worse.png: per ensemble and task, each setup minus the best member with
+its paired interval (red: significantly below, green: significantly above).
+
 Per ensemble and task: every member alone, today's adafuse, anchored AdaFuse and the calibrated
 setup on the test rows, each with its 95% bootstrap interval and its paired difference against
 the best member on these test rows (the same resampled rows for both), the cost per sample,
@@ -29,22 +32,74 @@ def _fmt(x: float | None, scale: float) -> str:
     return "n/a" if x is None else f"{x * scale:.1f}"
 
 
-def task_table(where: Path) -> str | None:
+def _runs(where: Path) -> dict:
     runs = {}
     for d in sorted(where.iterdir()):
-        if d.is_dir() and (d / "config.json").is_file() and d.name != "calib.runs":
+        if d.is_dir() and (d / "config.json").is_file():
             try:
                 runs[d.name] = load_run(d)
             except Exception:  # noqa: BLE001 - a run with no rows yet
                 continue
+    return runs
+
+
+def _best_member(runs: dict) -> str | None:
+    members = {n: r for n, r in runs.items() if n.startswith("single-")}
+    complete = {n: r for n, r in members.items() if r.summary.complete} or members
+    return max(complete, key=lambda n: complete[n].summary.main or 0.0) if complete else None
+
+
+def plot(root: Path, path: Path) -> None:
+    """One panel per ensemble and task: each setup minus the best member, paired 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for ensemble in sorted(p for p in root.iterdir() if p.is_dir()):
+        for where in sorted(p for p in ensemble.iterdir() if p.is_dir()):
+            runs = _runs(where)
+            best = _best_member(runs)
+            if not best:
+                continue
+            task = get_task(runs[best].summary.task)
+            scale = 1.0 if task.main_metric in task.corpus_metrics else 100.0
+            rows = []
+            for name in sorted(runs, key=lambda n: (next(i for i, p in enumerate(ORDER) if n.startswith(p)), n)):
+                if name == best:
+                    continue
+                d = paired_difference(runs[name], runs[best], task.main_metric)
+                if d is not None:
+                    label = name[len("single-") :] + " alone" if name.startswith("single-") else name
+                    rows.append((label + ("" if runs[name].summary.complete else " *"), [x * scale for x in d]))
+            if rows:
+                minus = f"{task.main_metric} minus {best[len('single-') :]}"
+                panels.append((f"{ensemble.name} / {where.name}", minus, rows))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.2), squeeze=False, layout="constrained")
+    for ax, (title, metric, rows) in zip(axes[0], panels):
+        ys = list(range(len(rows)))[::-1]
+        for y, (_, (d, lo, hi)) in zip(ys, rows):
+            colour = "tab:red" if hi < 0 else ("tab:green" if lo > 0 else "tab:gray")
+            ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o", color=colour, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(ys, [r[0] for r in rows])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"{metric} (paired 95%)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+def task_table(where: Path) -> str | None:
+    runs = _runs(where)
     if not runs:
         return None
     task = get_task(next(iter(runs.values())).summary.task)
     metric = task.main_metric
     scale = 1.0 if metric in task.corpus_metrics else 100.0
-    members = {n: r for n, r in runs.items() if n.startswith("single-")}
-    complete = {n: r for n, r in members.items() if r.summary.complete} or members
-    best_name = max(complete, key=lambda n: complete[n].summary.main or 0.0) if complete else None
+    best_name = _best_member(runs)
     cal_path = where / "calib.yaml"
     cal = yaml.safe_load(cal_path.read_text()) if cal_path.is_file() else None
     lines = [
@@ -91,8 +146,11 @@ def main() -> int:
     ap.add_argument("--root", default=str(ROOT / "runs" / "never-worse"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--print", action="store_true")
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "never-worse.png"), help="the picture ('' for none)")
     ns = ap.parse_args()
     text = tables(Path(ns.root))
+    if ns.plot and not ns.print:
+        plot(Path(ns.root), Path(ns.plot))
     if ns.print:
         print(text)
         return 0
