@@ -263,3 +263,15 @@ def test_prompt_weights_favour_the_model_that_knows_the_prompt(smol_tokenizer_di
     assert generate([x, y], "start b b", "fixed-span", gen, {"prompt_weights": 0.5}).text.startswith(" b")
     with pytest.raises(Exception, match="prompt_weights"):
         first([x, y], "start", prompt_weights=0)
+
+
+@pytest.mark.parametrize("combine, winner", [("mean", " b b"), ("median", " a"), ("trimmed", " a")])
+def test_a_robust_combination_keeps_one_outlier_from_deciding(smol_tokenizer_dir, combine, winner):  # noqa: F811
+    """Two models prefer " a" mildly; a third is sure of " b" and finds " a" all but impossible:
+    its NLL outweighs both in the mean, not in the median or the trimmed mean."""
+    x = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "x")
+    y = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "y")
+    z = constant_model(smol_tokenizer_dir, {" b": 9.0, " a": -20.0}, "z")
+    gen = GenerationConfig(max_new_tokens=2, chat="raw")
+    first = generate([x, y, z], "start", "adafuse", gen, {"branches": 1, "combine": combine}).trace[0]
+    assert [c.text for c in first.candidates] == [" a", " b b"] and first.text == winner

@@ -38,7 +38,6 @@ from .ensemble import (
     add_candidate,
     candidate_trace,
     decided_step,
-    ensemble_decide,
     resolve_model,
     token_at,
 )
@@ -151,7 +150,7 @@ class AdaFuse(EnsembleMethod):
             direct = next(i for i, c in enumerate(merged) if best in c.proposers and c.kind == "proposal")
         elif len(merged) == 1:
             direct = 0  # nothing to choose between: no scoring
-        decision = ensemble_decide(ctx, merged, self.weights_for(ctx), o.normalize) if direct is None else None
+        decision = self.decide(ctx, merged) if direct is None else None
         winner = decision.winner if decision is not None else direct
         margins_trace = {self.names[m]: round(x, 5) for m, x in margins.items()}
         if self.controller is not None and decision is not None:

@@ -40,6 +40,11 @@ class EnsembleMethod(FusionMethod):
         total = sum(raw.values())
         return PromptWeights([raw.get(m, 0.0) / total * len(raw) for m in range(len(self.models))], nll)
 
+    def decide(self, ctx: StepContext, candidates: list[Candidate]) -> Decision:
+        """:func:`ensemble_decide` with this method's weights, normalisation and combination."""
+        o = self.options
+        return ensemble_decide(ctx, candidates, self.weights_for(ctx), o.normalize, o.combine)
+
     def weights_for(self, ctx: StepContext) -> list[float]:
         """The weights of this generation (the configured ones, or the prompt's)."""
         return ctx.state.weights if isinstance(ctx.state, PromptWeights) else self.weights
@@ -141,15 +146,33 @@ class Decision:
     combined: list[float]  # weighted average per candidate, over the live models
 
 
+def combine_nlls(values: dict[int, float], weights: list[float], how: str = "mean") -> float:
+    """One candidate's score from the live models' NLLs: weighted mean, weighted median, or the
+    weighted mean without the highest and the lowest (3 models or more; else the mean)."""
+    items = sorted(values.items(), key=lambda kv: kv[1])
+    if how == "trimmed" and len(items) >= 3:
+        items = items[1:-1]
+    if how == "median":
+        half = sum(weights[m] for m, _ in items) / 2
+        seen = 0.0
+        for m, x in items:
+            seen += weights[m]
+            if seen >= half:
+                return x
+    total = sum(weights[m] for m, _ in items)
+    return sum(weights[m] * x for m, x in items) / total
+
+
 def ensemble_decide(
     ctx: StepContext,
     candidates: list[Candidate],
     weights: list[float],
     unit: NormUnit = "token",
+    combine: str = "mean",
 ) -> Decision:
     """Every live model scores every candidate under its own tokenization (one batched pass per
-    model, all models at once); the lowest weighted mean NLL wins; ties go to the earlier
-    candidate (proposal order)."""
+    model, all models at once); the lowest combined NLL wins (weighted mean, or `combine`); ties
+    go to the earlier candidate (proposal order)."""
     texts = [c.text for c in candidates if not c.eos]
     wants_eos = any(c.eos for c in candidates)
 
@@ -165,8 +188,7 @@ def ensemble_decide(
             sc = eos if c.eos else next(it)
             nll[ci][m] = sc.mean_nll("token" if c.eos else unit)
     live = list(scored)
-    total = sum(weights[m] for m in live)
-    combined = [sum(weights[m] * row[m] for m in live) / total for row in nll]
+    combined = [combine_nlls({m: row[m] for m in live}, weights, combine) for row in nll]
     winner = min(range(len(candidates)), key=lambda i: (combined[i], i))
     return Decision(winner, nll, combined)
 

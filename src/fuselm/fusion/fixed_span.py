@@ -6,7 +6,7 @@ from pydantic import Field
 
 from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
 from .base import Step, StepContext
-from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide, roll_words
+from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, roll_words
 from .experts import each
 from .options import EnsembleOptions
 
@@ -30,7 +30,7 @@ class FixedSpan(EnsembleMethod):
                 pool,
                 Candidate(r.text, eos=r.finished and not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)}),
             )
-        decision = ensemble_decide(ctx, pool, self.weights_for(ctx), o.normalize) if len(pool) > 1 else None
+        decision = self.decide(ctx, pool) if len(pool) > 1 else None
         winner = decision.winner if decision else 0
         w = pool[winner]
         src = w.proposers[0]

@@ -19,6 +19,11 @@ class EnsembleOptions(BaseModel):
         "token", description="mean negative log-likelihood per token (paper), per character or per byte"
     )
     max_word_tokens: int = Field(16, ge=1, description="longest rollout for one word, in tokens")
+    combine: Literal["mean", "median", "trimmed"] = Field(
+        "mean",
+        description="how the models' NLLs of a candidate combine: weighted mean (paper), weighted median, or"
+        " trimmed (the mean without each candidate's highest and lowest, with 3 models or more)",
+    )
     prompt_weights: float | None = Field(
         None,
         gt=0.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
 from ..text.words import earliest_stop
 from .base import Step, StepContext
-from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step, ensemble_decide
+from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step
 from .experts import each
 
 
@@ -24,7 +24,7 @@ class SequenceSelect(EnsembleMethod):
         rolls = each(ctx, lambda m, s: s.rollout(ctx.budget, until=until, choose=ctx.sampler, margins=False))
         for m, r in rolls.items():
             add_candidate(pool, Candidate(r.text, eos=not r.text, proposers=[m], tokens={m: max(r.text_tokens, 1)}))
-        decision = ensemble_decide(ctx, pool, self.weights_for(ctx), self.options.normalize) if len(pool) > 1 else None
+        decision = self.decide(ctx, pool) if len(pool) > 1 else None
         return decided_step(
             pool, decision.winner if decision else 0, decision, self.names, True, confident=decision is None
         )
