@@ -59,13 +59,13 @@ class PromptWeights:
 
 
 def prompt_nll(model, prompt: str) -> float:
-    """Mean NLL per token of `prompt` under `model` (from its first word on: a model without
-    BOS cannot score its first token)."""
+    """NLL per byte of `prompt` under `model` (per byte: models with different tokenizers
+    compare; from its first word on: a model without BOS cannot score its first token)."""
     end = first_word_end(prompt)
     if not end or end >= len(prompt):
         return 0.0
     with model.session(prompt[:end]) as s:
-        return s.score([prompt[end:]])[0].mean_nll()
+        return s.score([prompt[end:]])[0].mean_nll("byte")
 
 
 def resolve_model(names: list[str], ref: str | int | None, what: str, aliases: list[str] = ()) -> int:

@@ -27,7 +27,7 @@ class EnsembleOptions(BaseModel):
     prompt_weights: float | None = Field(
         None,
         gt=0.0,
-        description="per-prompt weights (PackLLM): softmax(-each model's NLL of the prompt / this temperature),"
+        description="per-prompt weights (PackLLM): softmax(-each model's NLL per byte of the prompt / this temperature),"
         " times its weight",
     )
 
