@@ -150,7 +150,7 @@ def calibrate(
         return load_run(out)
 
     alone = {m.name: run(f"single {m.name}", "single", [m], {}) for m in spec.models}
-    nll = _reference_nlls(spec, task, rows, data_dir, runs, explicit_generation or set(), say, step)
+    nll = _reference_nlls(spec, task, rows, data_dir, runs, explicit_generation or set(), say, (step, n_steps))
     step += len(spec.models)
     scores = {n: v.summary.main for n, v in alone.items()}
     # ties on the main metric (few dev rows, low scores) go to the finer metrics, then the NLL
@@ -236,7 +236,7 @@ def calibrate(
     )
 
 
-def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, step) -> dict[str, float | None]:
+def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, at: tuple[int, int]) -> dict[str, float | None]:
     """Each member's reference NLL, kept in runs/reference_nll.json (done once)."""
     cache = runs / "reference_nll.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -247,7 +247,7 @@ def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, step) -> di
     for i, m in enumerate(spec.models):
         if m.name in done["nll"]:
             continue
-        say(f"calibrate {step + i + 1}: {m.name}'s NLL of the {len(rows)} dev references")
+        say(f"calibrate {at[0] + i + 1}/{at[1]}: {m.name}'s NLL of the {len(rows)} dev references")
         try:
             value = reference_nll(m, task, rows, prefix, gen)
         except FuselmError:  # a task without reference texts (HumanEval): no quality weights
