@@ -155,6 +155,7 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     assert [t.label for t in cal.tried] == [
         "adafuse",
         f"adafuse weights={[1.0, cal.scores[1].weight]}",
+        "adafuse prompt_weights=0.1",
         "adafuse anchored theta=0.5 margin=0",
     ]
     anchored = cal.tried[-1]
@@ -165,7 +166,7 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     again = run_cli(*r.args[3:])  # the same command again: its runs are done, nothing is redone
     assert again.returncode == 0 and load_calibration(out) == cal
     runs = sorted((tmp_path / "calib.runs").glob("*/rows.jsonl"))
-    assert len(runs) == 5 and all(len(p.read_text().splitlines()) == 6 for p in runs)
+    assert len(runs) == 6 and all(len(p.read_text().splitlines()) == 6 for p in runs)
 
 
 def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch(answer_models, answer_data, tmp_path):

@@ -6,8 +6,9 @@ does not lose to its best member.
 2. Members more than `max_gap` points below the best are dropped (UniTE: members far apart
    hurt); the best member is the anchor.
 3. With two members or more left, a small grid of fused setups on the same rows: today's
-   `adafuse`, `adafuse` with the quality weights, and anchored AdaFuse over `thetas` x
-   `margins`; each with its paired 95% interval against the best member.
+   `adafuse`, `adafuse` with the quality weights, with per-prompt weights (PackLLM), with the
+   weighted median (three members or more), and anchored AdaFuse over `thetas` x `margins`;
+   each with its paired 95% interval against the best member.
 4. The best fused setup is chosen only if its dev score is above the best member's; otherwise
    the calibration falls back to the best member alone. Scores that tie on the main metric
    (few dev rows, low scores) are ranked by the task's finer metrics (F1 after exact match),
@@ -53,6 +54,9 @@ class CalibrateSpec(BaseModel):
     margins: list[float] = Field(default_factory=lambda: [0.0, 0.5])
     max_gap: float = Field(10.0, ge=0.0, description="drop members this many points below the best")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+PROMPT_TAU = 0.1  # per-prompt weights' temperature, in nats per byte of the prompt
 
 
 def dev_file(task: Task, given: str | None, data_dir: Path) -> tuple[Path, str]:
@@ -137,7 +141,7 @@ def calibrate(
     if not rows:
         raise FuselmError(f"no dev rows selected from {name} (offset {spec.offset}, limit {spec.limit})")
     runs.mkdir(parents=True, exist_ok=True)
-    n_steps = len(spec.models) * 2 + 2 + len(spec.thetas) * len(spec.margins)
+    n_steps = len(spec.models) * 2 + 3 + (len(spec.models) >= 3) + len(spec.thetas) * len(spec.margins)
     step = 0
 
     def run(label: str, method: str, models: list[ModelConfig], options: dict) -> RunView:
@@ -180,7 +184,13 @@ def calibrate(
     views: dict[str, RunView] = {}
     if len(kept_models) >= 2:
         weights = [next(s.weight for s in members if s.name == n) for n in kept_names]
-        grid: list[tuple[str, dict]] = [("adafuse", {}), (f"adafuse weights={weights}", {"weights": weights})]
+        grid: list[tuple[str, dict]] = [
+            ("adafuse", {}),
+            (f"adafuse weights={weights}", {"weights": weights}),
+            (f"adafuse prompt_weights={PROMPT_TAU:g}", {"prompt_weights": PROMPT_TAU}),
+        ]
+        if len(kept_models) >= 3:  # a median of two is their mean
+            grid.append(("adafuse combine=median", {"combine": "median"}))
         for theta in spec.thetas:
             for margin in spec.margins:
                 opts = {"policy": "anchored", "anchor": best, "theta": theta, "override_margin": margin}
