@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 import yaml
+from results_matrix import run_workers  # this folder
 
 ENSEMBLES = {
     "default": ["smollm2-135m", "qwen2.5-coder-0.5b"],  # a weak and a stronger member, two tokenizers
@@ -145,11 +146,7 @@ def main() -> int:
                     failures.append(f"{ensemble}/{task}/{name}")
                     break  # the rest of the chain needs this step
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(ns.workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_workers(ns.workers, worker)
     if failures:
         print(f"failed: {', '.join(failures)} (see their logs under {root})", file=sys.stderr)
     return 1 if failures else 0

@@ -69,6 +69,15 @@ def jobs(
     return out
 
 
+def run_workers(n: int, worker) -> None:
+    """`worker(cpu)` on n threads, one per CPU index, until all return (shared with never_worse_matrix)."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def finished(run: Path, limit: int | None) -> bool:
     """Complete at this limit (a run made with a smaller one is extended: `fuselm eval` keeps its rows)."""
     summary, config = run / "summary.json", run / "config.json"
@@ -132,11 +141,7 @@ def main() -> int:
             if rc != 0:
                 failures.append(name)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(ns.workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_workers(ns.workers, worker)
     if failures:
         print(f"failed: {', '.join(failures)} (see their logs under {root})", file=sys.stderr)
     return 1 if failures else 0
