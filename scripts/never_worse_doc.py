@@ -6,6 +6,10 @@
 It also draws docs/never-worse.png: per ensemble and task, each setup minus the best member with
 its paired interval (red: significantly below, green: significantly above).
 
+`runs/` does not outlive a machine, and the matrix takes more CPU-hours than one session has, so
+each (ensemble, task) summary (its table and its picture's panel) is kept in
+docs/never-worse.json: the runs under --root replace their own entries there, the others stay.
+
 Per ensemble and task: every member alone, today's adafuse, anchored AdaFuse and the calibrated
 setup on the test rows, each with its 95% bootstrap interval and its paired difference against
 the best member on these test rows (the same resampled rows for both), the cost per sample,
@@ -15,6 +19,7 @@ and what the calibration chose on its dev rows. A run still in progress is marke
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,37 +54,44 @@ def _best_member(runs: dict) -> str | None:
     return max(complete, key=lambda n: complete[n].summary.main or 0.0) if complete else None
 
 
-def plot(root: Path, path: Path) -> None:
+def panel(where: Path) -> dict | None:
+    """Each setup minus the best member, paired 95% interval, for the picture."""
+    runs = _runs(where)
+    best = _best_member(runs)
+    if not best:
+        return None
+    task = get_task(runs[best].summary.task)
+    scale = 1.0 if task.main_metric in task.corpus_metrics else 100.0
+    rows = []
+    for name in sorted(runs, key=lambda n: (next(i for i, p in enumerate(ORDER) if n.startswith(p)), n)):
+        if name == best:
+            continue
+        d = paired_difference(runs[name], runs[best], task.main_metric)
+        if d is not None:
+            label = name[len("single-") :] + " alone" if name.startswith("single-") else name
+            rows.append([label + ("" if runs[name].summary.complete else " *"), [round(x * scale, 2) for x in d]])
+    if not rows:
+        return None
+    return {"metric": f"{task.main_metric} minus {best[len('single-') :]}", "rows": rows}
+
+
+def plot(archive: dict, path: Path) -> None:
     """One panel per ensemble and task: each setup minus the best member, paired 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []
-    for ensemble in sorted(p for p in root.iterdir() if p.is_dir()):
-        for where in sorted(p for p in ensemble.iterdir() if p.is_dir()):
-            runs = _runs(where)
-            best = _best_member(runs)
-            if not best:
-                continue
-            task = get_task(runs[best].summary.task)
-            scale = 1.0 if task.main_metric in task.corpus_metrics else 100.0
-            rows = []
-            for name in sorted(runs, key=lambda n: (next(i for i, p in enumerate(ORDER) if n.startswith(p)), n)):
-                if name == best:
-                    continue
-                d = paired_difference(runs[name], runs[best], task.main_metric)
-                if d is not None:
-                    label = name[len("single-") :] + " alone" if name.startswith("single-") else name
-                    rows.append((label + ("" if runs[name].summary.complete else " *"), [x * scale for x in d]))
-            if rows:
-                minus = f"{task.main_metric} minus {best[len('single-') :]}"
-                panels.append((f"{ensemble.name} / {where.name}", minus, rows))
+    panels = [(key.replace("/", " / "), e["panel"]["metric"], e["panel"]["rows"])
+              for key, e in sorted(archive.items()) if e.get("panel")]  # fmt: skip
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.2), squeeze=False, layout="constrained")
-    for ax, (title, metric, rows) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.2 * n_rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, metric, rows) in zip(axes.flat, panels):
         ys = list(range(len(rows)))[::-1]
         for y, (_, (d, lo, hi)) in zip(ys, rows):
             colour = "tab:red" if hi < 0 else ("tab:green" if lo > 0 else "tab:gray")
@@ -131,14 +143,19 @@ def task_table(where: Path) -> str | None:
     return head + "\n\n" + "\n".join(lines)
 
 
-def tables(root: Path) -> str:
-    out = []
-    for ensemble in sorted(p for p in root.iterdir() if p.is_dir()):
-        for task in sorted(p for p in ensemble.iterdir() if p.is_dir()):
-            t = task_table(task)
+def summaries(root: Path) -> dict:
+    """{"ENSEMBLE/TASK": {"table": markdown, "panel": ...}} for every task with runs under root."""
+    out = {}
+    for ensemble in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for where in sorted(p for p in ensemble.iterdir() if p.is_dir()):
+            t = task_table(where)
             if t:
-                out.append(t)
-    return "\n\n".join(out) + "\n"
+                out[f"{ensemble.name}/{where.name}"] = {"table": t, "panel": panel(where)}
+    return out
+
+
+def tables(archive: dict) -> str:
+    return "\n\n".join(e["table"] for _, e in sorted(archive.items())) + "\n"
 
 
 def main() -> int:
@@ -147,13 +164,18 @@ def main() -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--print", action="store_true")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "never-worse.png"), help="the picture ('' for none)")
+    ap.add_argument("--archive", default=str(ROOT / "docs" / "never-worse.json"), help="kept summaries")
     ns = ap.parse_args()
-    text = tables(Path(ns.root))
-    if ns.plot and not ns.print:
-        plot(Path(ns.root), Path(ns.plot))
+    path = Path(ns.archive)
+    archive = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    archive.update(summaries(Path(ns.root)))
+    text = tables(archive)
     if ns.print:
         print(text)
         return 0
+    path.write_text(json.dumps(archive, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    if ns.plot:
+        plot(archive, Path(ns.plot))
     doc = Path(ns.doc)
     body = doc.read_text(encoding="utf-8")
     if START not in body or END not in body:
