@@ -7,8 +7,9 @@ Qwen2.5-Coder-0.5B in float32, each pinned to one core (`taskset`), and measures
 
 1. per-token cost of one model through its engine against the same weights in-process
    (transformers, float32, one thread: what the engine process gets), `single`, greedy;
-2. AdaFuse over the two experts, each on its own engine, against the sum and the maximum of
-   the members' own per-token time (each `single` on its engine), the same prompts;
+2. AdaFuse over the two experts, each on its own engine, today's policy and anchored on the
+   0.5B model, against the sum and the maximum of the members' own per-token time (each
+   `single` on its engine), the same prompts;
 3. `eval` rows (NQ) with AdaFuse over the two engines, 8 rows in flight against 1.
 
 Prints a table and writes it as JSON (--out). A benchmark, not a test: ratios in one run.
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -46,7 +48,7 @@ def start_vllm(model_dir: Path, core: int | None, log: Path) -> tuple[subprocess
     port = free_port()
     cmd = [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
-           "--kv-cache-memory-bytes", str(1 << 30)]  # fmt: skip
+           "--kv-cache-memory-bytes", str(1 << 30), "--block-size", "32"]  # fmt: skip
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -69,19 +71,27 @@ def wait_ready(procs: list[tuple[subprocess.Popen, str]], timeout: float = 900) 
             time.sleep(1)
 
 
-def per_token(models, method: str, prompts: list[str], gen) -> tuple[float, int]:
+def per_token(models, method: str, prompts: list[str], gen, options: dict | None = None) -> tuple[float, int]:
     """Seconds per generated token over `prompts` (after one warm-up generation)."""
     from fuselm.fusion.loop import decode
     from fuselm.fusion.methods import build_method
 
-    built = build_method(method, models)
+    built = build_method(method, models, options)
     decode(built, prompts[0], gen)
+    engines = [m.engine for m in models if getattr(m, "engine", None) is not None]
+    before = [(Counter(e.requests), Counter(e.request_seconds)) for e in engines]
     seconds, tokens = 0.0, 0
     for p in prompts:
         t0 = time.perf_counter()
         r = decode(built, p, gen)
         seconds += time.perf_counter() - t0
         tokens += r.stats.new_tokens
+    remote = [m for m in models if getattr(m, "engine", None) is not None]
+    for m, e, (n0, s0) in zip(remote, engines, before):  # where a token's time goes, per expert
+        n, s = e.requests - n0, e.request_seconds - s0
+        paths = ", ".join(f"{p} {n[p] / max(tokens, 1):.2f}/token {1e3 * s[p] / max(n[p], 1):.0f} ms each"
+                          for p in sorted(n))  # fmt: skip
+        print(f"  {method} {options or ''} {m.name}: {paths}", file=sys.stderr, flush=True)
     return seconds / max(tokens, 1), tokens
 
 
@@ -141,6 +151,12 @@ def main() -> None:
         add({"part": "2", "what": "adafuse over both engines", "ms_per_token": t_fused * 1e3,
                      "tokens": n_fused, "ratio": t_fused / max(t_remote, t_b), "ratio_of": "slowest member",
                      "ratio_sum": t_fused / (t_remote + t_b)})  # fmt: skip
+        # the anchored policy: the stronger member drafts, the other objects only where it is unsure
+        anchored = {"policy": "anchored", "anchor": remote[1].name}
+        t_anch, n_anch = per_token(remote, "adafuse", prompts, gen, anchored)
+        add({"part": "2", "what": f"adafuse, anchored on {names[1]}, over both engines", "ms_per_token": t_anch * 1e3,
+                     "tokens": n_anch, "ratio": t_anch / max(t_remote, t_b), "ratio_of": "slowest member",
+                     "ratio_sum": t_anch / (t_remote + t_b)})  # fmt: skip
         # 3. eval rows in flight
         if Path(args.data_dir, "nq").is_dir():
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

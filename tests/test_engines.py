@@ -93,7 +93,7 @@ def vllm(smollm_hf_dir, tmp_path_factory):
     port = _free_port()
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm_hf_dir),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
-           "--gpu-memory-utilization", "0.25"]  # fmt: skip
+           "--gpu-memory-utilization", "0.25", "--block-size", "32"]  # fmt: skip
     yield from _engine_process("vllm", cmd, port, "/v1/models", tmp_path_factory.mktemp("vllm"))
 
 
@@ -173,8 +173,8 @@ def test_the_engine_tokenizes_streams_and_scores_as_the_same_weights_in_process(
         scores = run(engine.score([full, ids + [other]], [len(ids), len(ids)]))
         assert scores[0][0] == pytest.approx(float(lp[full[-1]]), abs=TOL)
         assert scores[1][0] == pytest.approx(float(lp[other]), abs=TOL)
-        if served.kind == "vllm":  # `other` is outside the top-20: asked through prompt_logprobs
-            assert engine.rare_scores == 1
+        if served.kind == "vllm":  # one completion restricted to its token per scored pair
+            assert engine.forced_scores == 2
         with pytest.raises(ValueError):
             run(engine.score([full], [0]))
     finally:
@@ -206,6 +206,17 @@ def test_a_session_on_the_engine_answers_as_an_in_process_session(served, local)
         assert [x.text for x in rb] == [x.text for x in sb]
         for x, y in zip(rb, sb):
             assert x.logprob == pytest.approx(y.logprob, abs=3 * TOL)
+        # the branches' own texts are scored from what their streams brought: no scoring request
+        def asked() -> dict[str, int]:  # requests other than (de)tokenizing
+            return {p: n for p, n in r.engine.requests.items() if "tokenize" not in p}
+
+        before, reused = asked(), r.stats.reused_tokens
+        texts = [x.text for x in rb]
+        scored = r.score(texts)
+        for x, y in zip(scored, s.score(texts)):
+            assert x.logprob == pytest.approx(y.logprob, abs=3 * TOL)
+        assert asked() == before
+        assert r.stats.reused_tokens - reused == sum(x.n_tokens for x in scored) >= len(texts)
         # scores: the model's own proposal (read from its stream), others, and a candidate that
         # merges with the last prefix token (" brown" + "ish" is one token: " brownish")
         cands = [" fox", " dog", "ish", " fox jumps over"]

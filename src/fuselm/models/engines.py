@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -185,8 +187,12 @@ class Engine:
         self._http: httpx.AsyncClient | None = None
         self._facts: EngineFacts | None = None
         self._facts_lock: asyncio.Lock | None = None
-        self.rare_scores = 0  # scored tokens outside their prefix's top-k: asked the slow way
+        self.forced_scores = 0  # scored (prefix, token) pairs asked one by one (VLLMEngine.score)
         self.mangled_tops = 0  # top-k answers that came back mangled and were asked again (VLLMEngine._top)
+        # requests sent, and seconds until their answer (a stream: until its headers), by path:
+        # what a benchmark reads to see where a round's time goes
+        self.requests: Counter[str] = Counter()
+        self.request_seconds: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -226,6 +232,7 @@ class Engine:
         )
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        t0 = time.perf_counter()
         try:
             async for attempt in self._retrying():
                 with attempt:
@@ -234,6 +241,9 @@ class Engine:
                         raise _Transient(r)
         except (httpx.HTTPError, _Transient) as e:
             raise self._error(e, path) from None
+        finally:
+            self.requests[path] += 1
+            self.request_seconds[path] += time.perf_counter() - t0
         if r.status_code != 200:
             raise EngineError(f"{self.where} answered {r.status_code} to {path}: {r.text[:300]}")
         try:
@@ -245,6 +255,7 @@ class Engine:
         self, path: str, body: dict[str, Any], max_tokens: int, k: int, prompt: list[int]
     ) -> EngineStream:
         client = self._client()
+        t0 = time.perf_counter()
         try:
             async for attempt in self._retrying():
                 with attempt:
@@ -255,6 +266,9 @@ class Engine:
                         raise _Transient(r)
         except (httpx.HTTPError, _Transient) as e:
             raise self._error(e, path) from None
+        finally:
+            self.requests[path + " (stream)"] += 1
+            self.request_seconds[path + " (stream)"] += time.perf_counter() - t0
         if r.status_code != 200:
             text = (await r.aread()).decode(errors="replace")
             await r.aclose()
@@ -454,32 +468,43 @@ class VLLMEngine(Engine):
                 await self._end_stream(stream, choice["finish_reason"] == "stop")
 
     async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
-        """Each scored position is a one-token completion of its prefix with the top-20, all at
-        once: the engine batches them and reads every prefix from its prefix cache. A token
-        outside its prefix's top-20 (rare: scored tokens are other models' likely words) is asked
-        with `prompt_logprobs`, which is exact but recomputes the whole prefix (vLLM skips the
-        prefix cache for such requests: measured 31 s per NQ row with AdaFuse when every score
-        went that way). Not `logprob_token_ids`: in vLLM 0.32 one such request replaces the
-        top-k of every other request in its batch by placeholders (see _top)."""
+        """Each scored (prefix, token) is a one-token completion of its prefix restricted to that
+        token (`allowed_token_ids`), all at once: vLLM reports the raw log-prob, before the
+        restriction (exact, checked against `prompt_logprobs` for a token of rank 12,636), batches
+        them and reads every prefix from its prefix cache. Not `prompt_logprobs`, which is exact
+        too but recomputes the whole prefix (vLLM skips the prefix cache for such requests:
+        measured 31 s per NQ row with AdaFuse when every score went that way), nor a top-20 with
+        a second request for a token outside it (two waves per round). Not `logprob_token_ids`:
+        in vLLM 0.32 one such request replaces the top-k of every other request in its batch by
+        placeholders (see _top); `allowed_token_ids` leaves them alone (pinned by a test)."""
         if any(s < 1 for s in starts):
             raise ValueError("start must be >= 1: the first token has no context to be scored in")
-        wanted: dict[tuple[int, ...], set[int]] = {}
-        for seq, start in zip(sequences, starts):
-            for i in range(start, len(seq)):
-                wanted.setdefault(tuple(seq[:i]), set()).add(seq[i])
-        if not wanted:
+        pairs = list(dict.fromkeys((tuple(seq[:i]), seq[i]) for seq, start in zip(sequences, starts)
+                                   for i in range(start, len(seq))))  # fmt: skip
+        if not pairs:
             return [[] for _ in sequences]
         await self.facts()
-        prefixes = list(wanted)
-        tops = await asyncio.gather(*(self._top(list(p), self.max_top_k) for p in prefixes))
-        known = {(p, t): top[t] for p, top in zip(prefixes, tops) for t in wanted[p] if t in top}
-        rare = [(p, t) for p in prefixes for t in sorted(wanted[p]) if (p, t) not in known]
-        self.rare_scores += len(rare)
-        found = await asyncio.gather(*(self._prompt_logprobs(list(p) + [t]) for p, t in rare))
-        known.update((pt, lp) for pt, (lp, _) in zip(rare, found))
+        found = await asyncio.gather(*(self._forced_logprob(list(p), t) for p, t in pairs))
+        known = dict(zip(pairs, found))
         return [
             [known[tuple(seq[:i]), seq[i]] for i in range(start, len(seq))] for seq, start in zip(sequences, starts)
         ]
+
+    async def _forced_logprob(self, prefix: list[int], token: int) -> float:
+        """log p(token | prefix): a one-token completion that may only choose `token`."""
+        body = {"model": self.model_id, "prompt": prefix, "max_tokens": 1, "temperature": 0, "logprobs": 1,
+                "allowed_token_ids": [token], "return_tokens_as_token_ids": True}  # fmt: skip
+        choice = (await self._request("POST", "/v1/completions", body))["choices"][0]
+        try:
+            lp = choice["logprobs"]
+            got = _token_id(lp["tokens"][0])
+            value = float(lp["token_logprobs"][0])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise EngineError(f"{self.where} answered a completion without the log-prob of token {token}") from None
+        if got != token:
+            raise EngineError(f"{self.where} was asked for token {token} only and answered token {got}")
+        self.forced_scores += 1
+        return value
 
     async def _top(self, prefix: list[int], k: int) -> dict[int, float]:
         """The top-`k` next tokens after `prefix` (one-token completion), checked: vLLM 0.32 gives

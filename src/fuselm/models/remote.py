@@ -126,6 +126,10 @@ class RemoteSession:
         self._top_of: tuple[list[int], dict[int, float]] | None = None  # the last top-k asked, and after what
         self._samplings: dict[int, Sampling] = {}  # per sampler: its seed is drawn once per generation
         self._replayed: list[int] = []  # the tokens of the last `replay`
+        # log p(token | prefix) that streams brought (each streamed token's own and its top-k):
+        # `score` asks the engine only for the pairs not in here
+        self._known: dict[tuple[int, ...], dict[int, float]] = {}
+        self._n_committed = 0
 
     # --- the session's face --------------------------------------------------------------------
     @property
@@ -269,7 +273,16 @@ class RemoteSession:
             )
         if self.stats.prompt_tokens == 0:
             self.stats.prompt_tokens = len(ids)
+        self._n_committed = len(ids)
         return ids
+
+    def _learn(self, prefix: Sequence[int], tok: StreamToken) -> None:
+        """Keep what a streamed token tells about the distribution after `prefix`."""
+        if len(self._known) > 512:  # only prefixes at or after the committed text can be scored again
+            self._known = {p: v for p, v in self._known.items() if len(p) >= self._n_committed - 1}
+        known = self._known.setdefault(tuple(prefix), {})
+        known.update(tok.top)
+        known[tok.token_id] = tok.logprob
 
     def _tail_index(self, ids: list[int]) -> int | None:
         """Where `ids` ends in the open stream's tokens, if the stream continues `ids`."""
@@ -313,13 +326,14 @@ class RemoteSession:
         before = len(stream.tokens)
         await stream.read(j + 1)
         self.stats.tokens_forwarded += len(stream.tokens) - before
-        if j < len(stream.tokens):
-            return stream.tokens[j]
-        # the stream ended at its max_tokens just before: a new one goes on from here
-        stream, j = await self._seek(ids, lookahead, sampling, k)
-        await stream.read(j + 1)
         if j >= len(stream.tokens):
-            raise EngineError(f"{self.engine.where} ended a stream without a token")
+            # the stream ended at its max_tokens just before: a new one goes on from here
+            stream, j = await self._seek(ids, lookahead, sampling, k)
+            await stream.read(j + 1)
+            if j >= len(stream.tokens):
+                raise EngineError(f"{self.engine.where} ended a stream without a token")
+        if sampling == Sampling():  # a sampled stream's log-probs may be of the tempered distribution
+            self._learn(ids, stream.tokens[j])
         return stream.tokens[j]
 
     async def _top_at(self, ids: list[int], k: int = TOP_K) -> dict[int, float]:
@@ -382,6 +396,8 @@ class RemoteSession:
                     break
                 tok = stream.tokens[len(roll.token_ids) - 1]
                 self.stats.tokens_forwarded += 1
+                if sampling == Sampling():
+                    self._learn(ids + roll.token_ids, tok)
                 if not _push(roll, tok, margins) or _done(roll, until):
                     break
         finally:
@@ -425,12 +441,34 @@ class RemoteSession:
             else:
                 pending.append((i, full, max(k, 1)))
         if pending:
-            rows = await self.engine.score([full for _, full, _ in pending], [s for _, _, s in pending])
-            self.stats.forward_passes += 1
-            self.stats.tokens_forwarded += sum(len(r) for r in rows)
-            for (i, full, start), row in zip(pending, rows):
+            # each candidate's positions: from what streams brought, else asked, in runs of
+            # consecutive positions (one scored sequence each), all in one call
+            lps: list[list[float | None]] = []
+            runs: list[tuple[int, int, int]] = []  # (pending index, first position, end)
+            for r, (_, full, start) in enumerate(pending):
+                row = [self._known.get(tuple(full[:p]), {}).get(full[p]) for p in range(start, len(full))]
+                lps.append(row)
+                p = 0
+                while p < len(row):
+                    if row[p] is None:
+                        end = p
+                        while end < len(row) and row[end] is None:
+                            end += 1
+                        runs.append((r, start + p, start + end))
+                        p = end
+                    else:
+                        self.stats.reused_tokens += 1
+                        p += 1
+            if runs:
+                asked = await self.engine.score([pending[r][1][:end] for r, _, end in runs], [a for _, a, _ in runs])
+                self.stats.forward_passes += 1
+                self.stats.tokens_forwarded += sum(len(x) for x in asked)
+                for (r, a, _), got in zip(runs, asked):
+                    start = pending[r][2]
+                    lps[r][a - start : a - start + len(got)] = got
+            for (i, full, start), row in zip(pending, lps):
                 cand = candidates[i]
-                results[i] = Score(float(sum(row)), len(full) - start, len(cand), len(cand.encode("utf-8")))
+                results[i] = Score(float(sum(row)), len(full) - start, len(cand), len(cand.encode("utf-8")))  # type: ignore[arg-type]
         return [results[i] for i in range(len(candidates))]
 
     async def _eos_score(self) -> Score:
