@@ -206,6 +206,7 @@ def test_a_session_on_the_engine_answers_as_an_in_process_session(served, local)
         assert [x.text for x in rb] == [x.text for x in sb]
         for x, y in zip(rb, sb):
             assert x.logprob == pytest.approx(y.logprob, abs=3 * TOL)
+
         # the branches' own texts are scored from what their streams brought: no scoring request
         def asked() -> dict[str, int]:  # requests other than (de)tokenizing
             return {p: n for p, n in r.engine.requests.items() if "tokenize" not in p}
