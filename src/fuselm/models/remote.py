@@ -29,7 +29,10 @@ from .engines import Engine, EngineError, EngineStream, Sampling, StreamToken, e
 from .prompts import Prompt, chat_messages
 from .session import NextTokens, Rollout, Score, SessionStats, common_prefix_len, greedy, top_margin
 
-TOP_K = 4  # top-k asked of every stream: the margin needs 2, AdaFuse's default branches 3
+# top-k asked of every stream (the engine clamps it to what it gives): the margin needs 2,
+# AdaFuse's default branches 3; the rest is kept for scoring other models' candidates without
+# a request (AdaFuse over the default pair on vLLM: scoring requests per token 1.0 -> 0.65)
+TOP_K = 20
 
 
 class RemoteModel:
