@@ -35,8 +35,8 @@ class MemberScore(StrictModel):
     score: float | None = Field(description="dev main metric alone (single)")
     nll: float | None = Field(None, description="NLL per byte of the dev references")
     weight: float = Field(1.0, description="quality weight from the dev NLL (best member 1)")
-    kept: bool = True
-    why_dropped: str | None = None
+    kept: bool = Field(True, description="in the equal-vote setups (every member is in the anchored ones)")
+    why_dropped: str | None = Field(None, description="why it is not in the equal-vote setups")
     seconds_per_sample: float | None = None
 
 

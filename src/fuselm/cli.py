@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--thetas", default="0.5,0.8", help="anchored AdaFuse: thresholds to try (default 0.5,0.8)")
     c.add_argument("--margins", default="0,0.5", help="anchored AdaFuse: override margins to try (default 0,0.5)")
     c.add_argument("--max-gap", type=float, default=10.0,
-                   help="drop members more points than this below the best on dev (default 10)")  # fmt: skip
+                   help="no equal-vote setups with members more points than this below the best on dev; "
+                        "anchored ones keep them (default 10)")  # fmt: skip
     c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_flags(c, GenerationConfig, skip=_SPECIAL_FIELDS | {"stop"})
