@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html as html_lib
 import json
+import math
 import re
 
 import pytest
@@ -373,3 +374,25 @@ def test_a_top_k_mixture_keeps_the_greedy_choice_of_the_whole_one():
     for t in known:  # a lower bound of the whole mixture: the missing mass counts as 0
         assert float(approx[t]) <= float(exact[t]) + 1e-5
     assert mix_tokens([NextTokens(full=f) for f in full], [2.0, 1.0]).equal(exact)
+
+
+def test_a_top_k_read_as_a_whole_distribution_keeps_its_mass_and_order():
+    """FusionRoute on an engine: the top-k as given, the rest of the mass spread over the other
+    tokens, never above the k-th; a whole distribution is returned as it is."""
+    from fuselm.models.session import NextTokens
+
+    torch.manual_seed(0)
+    full = torch.log_softmax(torch.randn(500) * 3, 0)
+    values, ids = torch.topk(full, 20)
+    dense = NextTokens(top=dict(zip(ids.tolist(), values.tolist()))).dense(500)
+    assert dense[ids].equal(values)
+    assert float(dense.exp().sum()) == pytest.approx(1.0, abs=1e-4)
+    others = torch.ones(500, dtype=torch.bool)
+    others[ids] = False
+    assert dense[others].unique().numel() == 1 and float(dense[others][0]) <= float(values.min())
+    assert int(dense.argmax()) == int(full.argmax())
+    flat = NextTokens(top={t: math.log(0.04) for t in range(20)}).dense(30)  # 0.2 left for 10 tokens
+    assert float(flat[25]) == pytest.approx(math.log(0.02))
+    peaked = NextTokens(top={0: math.log(0.5), 1: math.log(0.001)}).dense(3)  # 0.499 left: capped at the 2nd
+    assert float(peaked[2]) == pytest.approx(math.log(0.001))
+    assert NextTokens(full=full).dense(500) is full

@@ -7,6 +7,11 @@ one; the next token comes from softmax(log p_router + log p_expert). Experts tha
 selected only record the committed text: their sessions catch up with one batched prefill
 when they are next selected (the session re-syncs lazily), never token by token.
 
+On an engine an expert gives its top-20, not its whole distribution: the router's log-probs are
+then added to the top-20 with the rest of the expert's mass spread over the other tokens
+(:meth:`NextTokens.dense`). Approximate, said when the method is built; `expert-route` stays
+exact for greedy decoding (the argmax is in the top-k). The router itself runs in process.
+
 Methods:
 
 * ``fusionroute``: routing plus complementary logits (the paper's method).
@@ -20,19 +25,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import FuselmError
-from ..models.backend import require_same_vocabulary, vocab_fingerprint
+from ..models.backend import (
+    OFFERS_FULL,
+    OFFERS_TOPK,
+    require_same_tokenization,
+    require_same_vocabulary,
+    vocab_fingerprint,
+)
 from ..models.prefix import PrefixCache
-from ..models.session import DecodingSession
+from ..models.session import DecodingSession, NextTokens
 from ..result import StepDetail
 from ..router.backend import load_router_backend
 from ..router.losses import combine_logprobs
 from .base import FusionMethod, Step, StepContext
+from .token_average import TOP_K
 
 
 class FusionRouteOptions(BaseModel):
@@ -62,6 +74,14 @@ def take_token(expert: DecodingSession, first_token: int, more, budget: int) -> 
     return text, len(toks), False
 
 
+@dataclass(frozen=True)
+class _Named:
+    """A router as :func:`require_same_tokenization` reads a model: a name and a tokenizer."""
+
+    name: str
+    tokenize: Callable[[str], list[int]]
+
+
 class _ExpertMethod(FusionMethod):
     """Per-token choice between experts that share one vocabulary."""
 
@@ -74,6 +94,8 @@ class FusionRoute(_ExpertMethod):
     description = "a trained router picks an expert per token and adds its complementary logits"
     Options = FusionRouteOptions
     complementary = True
+    needs = frozenset({OFFERS_TOPK})
+    exact_needs = frozenset({OFFERS_FULL})  # the router's logits are added over the whole vocabulary
 
     def __init__(self, models, options=None):
         super().__init__(models, options)
@@ -96,10 +118,15 @@ class FusionRoute(_ExpertMethod):
             )
         if list(meta.experts) != self.names:
             raise FuselmError(f"router {path} was trained for experts {list(meta.experts)}, got {self.names}")
+        first = self.models[0]
+        if getattr(first, "remote", False):  # an engine tells no vocabulary size: compare tokenizations
+            router = _Named(f"router {path}", self.router.tokenize)
+            require_same_tokenization(f"router {path} with its experts", [router, first])
+            return
         if meta.vocab_fingerprint.startswith("probe:"):
-            if vocab_fingerprint(self.models[0].backend) != meta.vocab_fingerprint:
+            if vocab_fingerprint(first.backend) != meta.vocab_fingerprint:
                 raise FuselmError(f"router {path} was trained on another vocabulary than {self.names[0]!r}'s")
-        require_same_vocabulary(f"router {path} with its experts", [self.router, self.models[0].backend])
+        require_same_vocabulary(f"router {path} with its experts", [self.router, first.backend])
 
     def open_sessions(self, prompt_texts: list[str]) -> list[DecodingSession]:
         # The router reads the experts' prompt text (one tokenizer, one template) and follows the
@@ -114,24 +141,27 @@ class FusionRoute(_ExpertMethod):
         weights = torch.softmax(route, dim=-1)
         e = int(torch.argmax(route))
         expert = ctx.sessions[e]
-        lp_e = expert.next_logprobs()
-        final = combine_logprobs(lp_r, lp_e) if self.complementary else lp_e
-        tok = ctx.sampler(final)
+        dist = expert.next_tokens(TOP_K)
+        tok = ctx.sampler(self._final(lp_r, dist))
 
         def more(toks: list[int]) -> int:
             r.replay(toks)
             expert.replay(toks)
-            lp = expert.tail_logprobs(len(toks))
-            return ctx.sampler(combine_logprobs(r.tail_logprobs(len(toks)), lp) if self.complementary else lp)
+            return ctx.sampler(self._final(r.tail_logprobs(len(toks)), expert.tail_tokens(len(toks), TOP_K)))
 
         text, used, eos = take_token(expert, tok, more, ctx.budget)
-        own = int(torch.argmax(lp_e))
+        own = dist.best(1)[0]
         detail = StepDetail(
             route={n: round(float(w), 4) for n, w in zip(self.names, weights)},
             expert_token=expert.continuation_text([own]) if not expert.is_eos(own) else "<eos>",
             changed=own != tok,  # the complementary logits moved the choice off the expert's argmax
         )
         return Step(text=text, new_tokens=used, source=e, finished=eos, detail=detail)
+
+    def _final(self, router: torch.Tensor, expert: NextTokens) -> torch.Tensor:
+        """The distribution the next token is drawn from."""
+        lp_e = expert.dense(router.shape[-1])
+        return combine_logprobs(router, lp_e) if self.complementary else lp_e
 
     def close(self) -> None:
         self._router_prefix.clear()

@@ -119,6 +119,21 @@ class NextTokens:
         """Probability of any of `token_ids`."""
         return sum(math.exp(self.logprob(t)) for t in token_ids)
 
+    def dense(self, size: int) -> torch.Tensor:
+        """Log-probs over `size` token ids: the whole distribution, or the top-k with the mass it
+        leaves spread evenly over the other tokens, none of them above the k-th (how FusionRoute
+        reads an engine's top-k, docs/scale-out.md)."""
+        if self.full is not None:
+            return self.full
+        assert self.top is not None
+        ids = torch.tensor(list(self.top), dtype=torch.long)
+        values = torch.tensor(list(self.top.values()), dtype=torch.float32)
+        rest = max(1.0 - float(values.exp().sum()), 1e-12)
+        fill = min(math.log(rest / max(size - len(ids), 1)), float(values.min()))
+        out = torch.full((size,), fill)
+        out[ids] = values
+        return out
+
     def best(self, k: int) -> list[int]:
         """The k most likely token ids (fewer when only a shorter top-k is known)."""
         if self.full is not None:
