@@ -4,6 +4,11 @@ single-model decode time per token, measured in the same run, per backend and po
     python benchmarks/fusion_speed.py --backend llamacpp --tokens 48 --repeats 2
     python benchmarks/fusion_speed.py --backend transformers --tokens 24 --prompts 2
     python benchmarks/fusion_speed.py --policies agree,anchored --short triviaqa --prompts 8
+    python benchmarks/fusion_speed.py --threads 1 --ensembles 1     # llama.cpp experts side by side
+
+`--threads N` gives each llama.cpp model N threads; where the ensemble's threads then fit on the
+free cores, its rounds run the models side by side (fusion.experts), and each policy is also
+timed in turn (one model after the other, as torch models run) in the same run.
 
 `--policies` runs AdaFuse under each policy in the same run (anchored: the anchor is the last
 model of each ensemble, `--anchor` to choose). `--short TASK` uses the task's few-shot prompts
@@ -22,6 +27,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from fuselm.config import GenerationConfig  # noqa: E402
 from fuselm.fusion.loop import generate  # noqa: E402
+from fuselm.models.backend import side_by_side  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 from fuselm.text.words import split_words  # noqa: E402
 
@@ -61,6 +67,7 @@ def main() -> int:
     ap.add_argument("--anchor", help="policy anchored: the anchor (default: each ensemble's last model)")
     ap.add_argument("--short", metavar="TASK", help="few-shot prompts of TASK (short answers), e.g. triviaqa")
     ap.add_argument("--ensembles", type=int, default=len(ENSEMBLES), help="how many of the built-in ensembles")
+    ap.add_argument("--threads", type=int, help="threads of each llama.cpp model (default: all usable)")
     a = ap.parse_args()
     gen = GenerationConfig(max_new_tokens=a.tokens)
     prompts = PROMPTS[: a.prompts]
@@ -71,11 +78,14 @@ def main() -> int:
     cache = {}
     rows = []
     for names in ENSEMBLES[: a.ensembles]:
-        models = [cache.setdefault(n, load_model(n, backend=a.backend)) for n in names]
+        models = [cache.setdefault(n, load_model(n, backend=a.backend, threads=a.threads)) for n in names]
+        backends = [m.backend for m in models]
+        apart = side_by_side(backends)
+        runs = [(p, True) for p in policies] + ([(p, False) for p in policies] if apart else [])
         single_sum = 0.0
-        fused = dict.fromkeys(policies, 0.0)
-        passes = dict.fromkeys(policies, 0)
-        words = dict.fromkeys(policies, 0)
+        fused = dict.fromkeys(runs, 0.0)
+        passes = dict.fromkeys(runs, 0)
+        words = dict.fromkeys(runs, 0)
         for prompt in prompts:
             if a.short:  # the prompt into every prefix cache: no prefill in the timed runs
                 for m in models:
@@ -83,22 +93,31 @@ def main() -> int:
             # Singles and the ensemble alternate, so drifts in machine speed hit both sides alike.
             for m in models:
                 single_sum += per_token(generate([m], prompt, "single", gen))
-            for policy in policies:
+            for run in runs:
+                policy, together = run
                 opts = {"policy": policy}
                 if policy == "anchored":
                     opts["anchor"] = a.anchor or names[-1]
+                threads = [b.threads_apart for b in backends]
+                if not together:  # as a torch model: the calling thread, one model after the other
+                    for b in backends:
+                        b.threads_apart = None
                 res = generate(models, prompt, "adafuse", gen, opts)
-                fused[policy] += per_token(res)
-                passes[policy] += sum(res.stats.forward_passes.values())
-                words[policy] += max(len(split_words(res.text)), 1)
+                for b, t in zip(backends, threads):
+                    b.threads_apart = t
+                fused[run] += per_token(res)
+                passes[run] += sum(res.stats.forward_passes.values())
+                words[run] += max(len(split_words(res.text)), 1)
                 print(f"{'+'.join(names)} {policy}: {res.text[:80]!r}", file=sys.stderr)
         k = len(prompts)
-        for policy in policies:
-            rows.append(("+".join(names), policy, single_sum / k, fused[policy] / k, fused[policy] / single_sum,
-                         passes[policy] / words[policy]))  # fmt: skip
+        for run in runs:
+            label = run[0] + ("" if not apart else " side by side" if run[1] else " in turn")
+            rows.append(("+".join(names), label, single_sum / k, fused[run] / k, fused[run] / single_sum,
+                         passes[run] / words[run]))  # fmt: skip
     print(
         f"backend: {a.backend}, max_new_tokens: {gen.max_new_tokens}, prompts: {a.prompts} x {a.repeats}"
-        f"{' (' + a.short + ', short answers)' if a.short else ''}, threads: {os.cpu_count()}\n"
+        f"{' (' + a.short + ', short answers)' if a.short else ''}, cores: {os.cpu_count()},"
+        f" threads per model: {a.threads or 'all'}\n"
     )
     print(
         "| ensemble | policy | sum of members' single s/token | AdaFuse s/token | ratio |"

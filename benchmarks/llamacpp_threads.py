@@ -28,7 +28,7 @@ PROMPTS = ["Tell me about the sea.", "What is the capital of France?", "Write a 
 
 def main() -> int:
     from fuselm.config import GenerationConfig
-    from fuselm.models.llamacpp import usable_cpus
+    from fuselm.models.backend import usable_cpus
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -82,7 +82,7 @@ def copies(a, prompts: list[str], gen) -> list:
     from fuselm.config import ModelConfig
     from fuselm.fusion.loop import decode
     from fuselm.fusion.methods import build_method
-    from fuselm.models.llamacpp import usable_cpus
+    from fuselm.models.backend import usable_cpus
     from fuselm.models.loading import load_model
 
     rows = []

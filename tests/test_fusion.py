@@ -28,6 +28,62 @@ def as_model(backend) -> Model:
     return Model(backend, ModelConfig(name=backend.info.name))
 
 
+# --- in-process experts side by side ----------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_llamacpp_experts_on_a_thread_each_run_side_by_side_with_the_same_text():
+    """Two llama.cpp models of one thread each on a machine with two free cores: a round's calls
+    run at once (on pool threads, overlapping), and AdaFuse gives the text it gives in turn."""
+    import threading
+    import time
+
+    from fuselm.fusion.base import StepContext
+    from fuselm.fusion.experts import each
+    from fuselm.models.backend import side_by_side, usable_cpus
+    from fuselm.sampling import Sampler
+
+    if not llamacpp.available() or not BUNDLED["smollm2-135m"].installed():
+        pytest.skip("needs llama-cpp-python and the smollm2 package")
+    if usable_cpus() < 2:
+        pytest.skip("needs two cores")
+    gguf = assets.ensure_gguf(BUNDLED["smollm2-135m"])
+    backends = [llamacpp.LlamaCppBackend(gguf, name=n, n_ctx=1024, n_threads=1) for n in ("smol-a", "smol-b")]
+    models = [as_model(b) for b in backends]
+    try:
+        assert side_by_side(backends) and not side_by_side([backends[0], backends[0]])
+        gen = GenerationConfig(max_new_tokens=16)
+
+        def spans(sessions) -> dict[int, tuple[str, float, float, str]]:
+            ctx = StepContext(sessions, 16, "", 1, gen, Sampler())
+
+            def roll(m, s):
+                t0 = time.perf_counter()
+                text = s.rollout(12).text
+                return threading.current_thread().name, t0, time.perf_counter(), text
+
+            return each(ctx, roll)
+
+        prompt = "Write one sentence about the sea."
+        with DecodingSession(backends[0], prompt) as sa, DecodingSession(backends[1], prompt) as sb:
+            (na, a0, a1, ta), (nb, b0, b1, tb) = spans([sa, sb]).values()
+        assert na.startswith("fuselm-expert") and nb.startswith("fuselm-expert")
+        assert a0 < b1 and b0 < a1, "the two rollouts did not overlap"
+        assert ta == tb  # one model's weights twice: the same greedy text
+        side = generate(models, "What is the capital of France?", "adafuse", gen)
+        for b in backends:
+            b.threads_apart = None  # as a torch model: in turn, on the calling thread
+        with DecodingSession(backends[0], prompt) as sa, DecodingSession(backends[1], prompt) as sb:
+            (na, a0, a1, _), (nb, b0, b1, _) = spans([sa, sb]).values()
+        assert na == nb == threading.current_thread().name and (a1 <= b0 or b1 <= a0)
+        in_turn = generate(models, "What is the capital of France?", "adafuse", gen)
+        assert side.text == in_turn.text and side.text
+        assert [t.candidates for t in side.trace] == [t.candidates for t in in_turn.trace]
+    finally:
+        for b in backends:
+            b.close()
+
+
 # --- identical models reproduce single-model greedy -------------------------------------------------
 
 

@@ -2,9 +2,11 @@
 
 Sessions on engines are I/O: their calls of a round go out together (each waits on a pool
 thread while the engine loop carries the requests), so a round costs about the slowest expert,
-not the sum. In-process sessions run in turn on the calling thread meanwhile: llama.cpp keeps
-a spinning OpenMP team per calling thread (see serve.engine.Replica), so moving an in-process
-model between threads costs more than running two of them side by side would save on a CPU.
+not the sum. In-process sessions run side by side too when their models can
+(`models.backend.side_by_side`: llama.cpp models, which run their passes on a thread of their
+own, whose threads together fit on the free cores) and decoding is greedy (a sampler's draws
+would come in changing order, and a seed would no longer give one text); otherwise in turn on
+the calling thread meanwhile (torch models share one thread pool).
 
 When an engine fails (it died, it timed out, it answered nonsense), the generation ends with
 its one-line error, which names the expert; with `on_expert_failure: drop` (and another
@@ -19,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from ..errors import EngineError, FuselmError
+from ..models.backend import side_by_side
 from .base import StepContext
 
 T = TypeVar("T")
@@ -30,8 +33,11 @@ def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | N
     """`fn(m, session)` for each live model `m` (or each of `models`); results by model index.
     A dropped expert has no result (and is no longer in `ctx.live`)."""
     todo = ctx.live if models is None else [m for m in models if m not in ctx.dropped]
-    remote = [m for m in todo if getattr(ctx.sessions[m], "remote", False)]
-    futures: dict[int, Future] = {m: _POOL.submit(fn, m, ctx.sessions[m]) for m in remote}
+    apart = [m for m in todo if getattr(ctx.sessions[m], "remote", False)]  # on pool threads
+    local = [m for m in todo if m not in apart]
+    if ctx.sampler.greedy and side_by_side([ctx.sessions[m].backend for m in local]):
+        apart += local
+    futures: dict[int, Future] = {m: _POOL.submit(fn, m, ctx.sessions[m]) for m in apart}
     out: dict[int, T] = {}
     failed: dict[int, EngineError] = {}
     other: BaseException | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ class Backend(ABC):
     """One model behind a small token-level interface (see :class:`fuselm.models.session.DecodingSession`)."""
 
     info: ModelInfo
+    # CPU threads of this backend's forward passes when it can run beside other models (it
+    # releases the GIL and runs its passes on a thread of its own: llama.cpp); None: it shares
+    # one thread pool with every model of the process (torch), so models run in turn.
+    threads_apart: int | None = None
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -181,3 +186,20 @@ def require_same_tokenization(what: str, models: Sequence[Any]) -> None:
 
 def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset / container CPU sets, unlike cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def side_by_side(backends: Sequence[Backend]) -> bool:
+    """Whether these models' forward passes may run at once: each on threads of its own, and
+    all their threads on free cores (spinning OpenMP teams on shared cores cost more than
+    running in turn)."""
+    threads = [b.threads_apart for b in backends]
+    distinct = len({id(b) for b in backends}) == len(backends)  # one model twice shares its context
+    return len(threads) > 1 and distinct and all(threads) and sum(threads) <= usable_cpus()  # type: ignore[arg-type]

@@ -12,9 +12,9 @@ the session). Logits are read only for the positions that need them.
 from __future__ import annotations
 
 import ctypes
-import os
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import FuselmError
-from .backend import END_OF_TURN_TOKENS, Backend, Forks, ModelInfo
+from .backend import END_OF_TURN_TOKENS, Backend, Forks, ModelInfo, usable_cpus
 
 MAX_SESSIONS = 4  # sequences 0..3 hold sessions' caches
 MAX_BRANCHES = 12  # sequences 4..15 score candidate branches
@@ -89,6 +89,11 @@ class LlamaCppBackend(Backend):
             params.embeddings = True
             params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # per position, not pooled
         self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        # Every pass runs on this one thread, whoever asks: llama.cpp keeps a spinning OpenMP team
+        # per calling thread, so passes from changing threads run slower (docs/benchmarks.md), and
+        # with a thread of its own the model can run beside another (fusion.experts).
+        self._passes = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llamacpp-{path.stem}")
+        self.threads_apart = threads
         self._batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._vocab = self._model.vocab
@@ -224,7 +229,7 @@ class LlamaCppBackend(Backend):
             for k, sid in enumerate(s):
                 b.seq_id[i][k] = sid
             b.logits[i] = lg
-        rc = self._llama_cpp.llama_decode(self._ctx.ctx, b)
+        rc = self._passes.submit(self._llama_cpp.llama_decode, self._ctx.ctx, b).result()
         if rc != 0:
             raise FuselmError(f"llama_decode failed with code {rc} (context of {self.info.context_length} full?)")
 
@@ -386,6 +391,7 @@ class LlamaCppBackend(Backend):
         return out, ((self._branch_epoch, cache.seq, keep), {tuple(b): s for b, s in zip(branches, slots)})
 
     def close(self) -> None:
+        self._passes.shutdown(wait=True)
         self._ctx.close()
         self._model.close()
 
@@ -396,14 +402,6 @@ def _token_scores(branches: Sequence[Sequence[int]], rows: list[list[torch.Tenso
         torch.tensor([float(r[b[i + 1]]) for i, r in enumerate(rs)], dtype=torch.float32)
         for b, rs in zip(branches, rows)
     ]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (respects taskset / container CPU sets, unlike cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 _LOG_CALLBACK = None

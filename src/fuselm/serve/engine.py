@@ -30,7 +30,7 @@ from ..config import GenerationConfig, ModelConfig
 from ..fusion.base import FusionMethod
 from ..fusion.loop import decode
 from ..fusion.methods import build_method, check_method
-from ..models.llamacpp import usable_cpus
+from ..models.backend import usable_cpus
 from ..models.loading import Model, Prompt, load_model
 from ..models.remote import RemoteModel
 from ..registry import Registry
