@@ -157,6 +157,18 @@ def main() -> None:
         add({"part": "2", "what": f"adafuse, anchored on {names[1]}, over both engines", "ms_per_token": t_anch * 1e3,
                      "tokens": n_anch, "ratio": t_anch / max(t_remote, t_b), "ratio_of": "slowest member",
                      "ratio_sum": t_anch / (t_remote + t_b)})  # fmt: skip
+        # the same two, every tokenization asked of the engines (above: tokenized here, with the
+        # engines' own model directories, checked against them)
+        asking = [
+            load_model(ModelConfig(name=f"{n}@vllm", engine="vllm", url=url, tokenizer="engine"))
+            for n, (_, url) in zip(names, engines)
+        ]
+        assert all(m.engine.tokenizes_here for m in remote) and not any(m.engine.tokenizes_here for m in asking)
+        for label, opts in (("adafuse", None), (f"adafuse, anchored on {names[1]}", anchored)):
+            t, n = per_token(asking, "adafuse", prompts, gen, opts)
+            add({"part": "2", "what": f"{label}, tokenizing on the engines", "ms_per_token": t * 1e3,
+                         "tokens": n, "ratio": t / max(t_remote, t_b), "ratio_of": "slowest member",
+                         "ratio_sum": t / (t_remote + t_b)})  # fmt: skip
         # 3. eval rows in flight
         if Path(args.data_dir, "nq").is_dir():
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

@@ -140,9 +140,10 @@ def remote_model(url: str, name: str = "smol-vllm", kind: str = "vllm", **kw):
 def test_the_engine_tokenizes_streams_and_scores_as_the_same_weights_in_process(served, local):
     from fuselm.models.engines import Sampling, engine_for
 
-    engine = engine_for(served.kind, served.url)
+    engine = engine_for(served.kind, served.url, tokenizer="engine")  # the engine's /tokenize, not one here
     try:
         facts = run(engine.facts())
+        assert not engine.tokenizes_here
         assert facts.bos_token_id is None and local.info.bos_token_id is None  # SmolLM2: no BOS
         assert facts.eos_token_ids & local.info.eos_token_ids
         prompt = "The capital of France is"
@@ -183,13 +184,18 @@ def test_the_engine_tokenizes_streams_and_scores_as_the_same_weights_in_process(
 
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_a_session_on_the_engine_answers_as_an_in_process_session(served, local):
+@pytest.mark.parametrize("tokenizer", ["here", "engine"])
+def test_a_session_on_the_engine_answers_as_an_in_process_session(served, local, tokenizer):
     from fuselm.errors import FuselmError
     from fuselm.text.words import first_word_end
 
-    remote = remote_model(served.url, kind=served.kind)
+    # "here": the engine serves a directory of this machine, so its tokenizer is used here
+    # (checked against the engine first); "engine": every tokenization asked of the engine
+    remote = remote_model(served.url, kind=served.kind, **({"tokenizer": "engine"} if tokenizer == "engine" else {}))
     prompt = "The quick brown fox jumps over the lazy dog. The quick brown"
     with remote.session(prompt) as r, local.session(prompt) as s:
+        assert r.committed_ids() == s.committed_ids()
+        assert remote.engine.tokenizes_here == (tokenizer == "here")
         # top-k, truncated to k, the same ranking and values
         top_r, top_s = r.next_top(5), s.next_top(5)
         assert len(top_r) == 5 and [t for t, _ in top_r[:2]] == [t for t, _ in top_s[:2]]
@@ -233,6 +239,31 @@ def test_a_session_on_the_engine_answers_as_an_in_process_session(served, local)
         nxt = r.rollout(8, until=until)
         assert nxt.text and nxt.text == s.rollout(8, until=until).text
     assert r.stats.forward_passes >= 1 and r.stats.prompt_tokens == s.stats.prompt_tokens
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
+@requires_bundled("qwen2.5-coder-0.5b")
+def test_a_tokenizer_here_is_used_only_where_it_gives_the_engines_tokens(served, local, caplog):
+    from fuselm.errors import FuselmError
+    from fuselm.models import assets
+    from fuselm.models.catalog import BUNDLED
+
+    text = " naïve café, 東京 🙂<|im_end|>"
+    mine = remote_model(served.url, kind=served.kind, tokenizer=str(local.backend.info.source))
+    assert mine.tokenize(text) == local.tokenize(text) and mine.engine.tokenizes_here
+    n = mine.engine.requests["/tokenize"]
+    mine.tokenize(text + " more")
+    assert mine.engine.requests["/tokenize"] == n  # tokenized here, nothing asked
+    # another model's tokenizer: it differs on the probes, so the engine is asked (said once)
+    other = remote_model(
+        served.url, kind=served.kind, tokenizer=str(assets.ensure_tokenizer(BUNDLED["qwen2.5-coder-0.5b"]))
+    )
+    caplog.clear()
+    assert other.tokenize(text) == local.tokenize(text) and not other.engine.tokenizes_here
+    assert "differs from the engine's" in caplog.text and "asking the engine" in caplog.text
+    with pytest.raises(FuselmError, match="not a tokenizer directory"):
+        remote_model(served.url, kind=served.kind, tokenizer="/nowhere", name="nowhere").tokenize("a")
 
 
 @pytest.mark.integration

@@ -19,7 +19,7 @@ from .files import load_yaml
 
 # Flags whose CLI spelling differs from a plain --field-name (or that belong to one model entry:
 # a model on an engine is given in --models as ENGINE:URL, see config.parse_model_ref).
-_SPECIAL_FIELDS = {"chat", "name", "weight", "trust_remote_code", "engine", "url", "model", "api_key_env"}
+_SPECIAL_FIELDS = {"chat", "name", "weight", "trust_remote_code", "engine", "url", "model", "api_key_env", "tokenizer"}
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str]) -> None:

@@ -81,6 +81,12 @@ class ModelConfig(StrictModel):
     model: str | None = Field(None, description="the engine's id of the model (default: the only one it serves)")
     timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="seconds an engine may take to connect or answer")
     api_key_env: str | None = Field(None, description="environment variable that holds the engine's API key")
+    tokenizer: str | None = Field(
+        None,
+        description="engine entries: a tokenizer directory to tokenize with here instead of asking the engine "
+        "(checked against the engine at first use); 'engine' always asks it; default: the engine's model "
+        "directory where it exists on this machine",
+    )
 
     @model_validator(mode="after")
     def _engine_fields(self) -> ModelConfig:
@@ -132,7 +138,7 @@ def parse_model_ref(ref: str) -> dict[str, Any]:
 # Fields that only mean something for one kind of model entry (checked above; the CLI applies its
 # flags to the entries they fit).
 LOCAL_FIELDS = ("backend", "device", "dtype", "n_ctx", "threads", "trust_remote_code")
-REMOTE_FIELDS = ("url", "model", "api_key_env")
+REMOTE_FIELDS = ("url", "model", "api_key_env", "tokenizer")
 
 
 class RunConfig(StrictModel):

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import httpx
@@ -35,6 +37,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop
 
 from ..errors import EngineError, FuselmError
 from .backend import OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
+
+log = logging.getLogger("fuselm")
 
 T = TypeVar("T")
 
@@ -177,8 +181,11 @@ class Engine:
         api_key: str | None = None,
         retries: int = 3,
         eos_token_ids: Sequence[int] | None = None,
+        tokenizer: str | None = None,
     ):
         self.url = url.rstrip("/")
+        self._tokenizer_spec = tokenizer  # a directory, "engine", or None: the model's directory if here
+        self._local: Any = None  # a tokenizer here that gives the engine's ids and texts (checked)
         self.model_id = model
         self.timeout_s = timeout_s
         self.retries = retries
@@ -316,7 +323,44 @@ class Engine:
         )
         bos = with_bos[0] if len(with_bos) > len(without) else None
         eos = self._eos_override or await self._eos_ids()
+        self._local = await self._local_tokenizer(model)
         return EngineFacts(model, int(served[model].get("max_model_len") or 4096), bos, eos, chat)
+
+    async def _local_tokenizer(self, model: str) -> Any:
+        """The tokenizer to use here instead of `/tokenize` and `/detokenize`: the entry's
+        `tokenizer:` directory or, by default, the engine's model directory where this machine
+        has it (vLLM serving a local path names the model by it), once it gave the engine's own
+        ids and texts on every probe text; None to ask the engine (said once, when it differed)."""
+        spec = self._tokenizer_spec
+        if spec == "engine":
+            return None
+        path = Path(spec or model).expanduser()
+        if not (path / "tokenizer_config.json").is_file():
+            if spec:
+                raise FuselmError(f"tokenizer: {spec} is not a tokenizer directory (no tokenizer_config.json)")
+            return None
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - any failure means: ask the engine
+            log.warning("%s: cannot load the tokenizer in %s (%s); asking the engine", self.where, path, e)
+            return None
+        probes = [(t, special) for t in _TOKENIZER_PROBES for special in (True, False)]
+        remote = await asyncio.gather(*(self._tokenize(t, special) for t, special in probes))
+        texts = await asyncio.gather(*(self._detokenize(ids) for ids in remote))
+        for (text, special), ids, back in zip(probes, remote, texts):
+            mine = list(tok(text, add_special_tokens=special)["input_ids"])
+            if mine != ids or self._local_decode(tok, ids) != back:
+                log.warning("%s: the tokenizer in %s differs from the engine's on %r; asking the engine",
+                            self.where, path, text)  # fmt: skip
+                return None
+        log.info("%s: tokenizing here with %s (the same ids and texts as the engine on every probe)", self.where, path)
+        return tok
+
+    def _local_decode(self, tok: Any, ids: Sequence[int]) -> str:
+        """What this engine's `/detokenize` answers, from a tokenizer here."""
+        return tok.decode(list(ids))
 
     async def _chat_probe(self) -> bool:
         try:
@@ -343,12 +387,21 @@ class Engine:
         return ids if len(ids) == 1 and await self._detokenize(ids) in ("", text) else []
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        await self.facts()  # the model id is known
+        await self.facts()  # the model id, and whether a tokenizer here gives the same ids
+        if self._local is not None:
+            return list(self._local(text, add_special_tokens=add_special_tokens)["input_ids"])
         return await self._tokenize(text, add_special_tokens)
 
     async def detokenize(self, ids: Sequence[int]) -> str:
         await self.facts()
+        if self._local is not None:
+            return self._local_decode(self._local, ids)
         return await self._detokenize(ids)
+
+    @property
+    def tokenizes_here(self) -> bool:
+        """Whether `tokenize` and `detokenize` run here (known after the first call)."""
+        return self._local is not None
 
     async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template, ending where the
@@ -617,6 +670,19 @@ NOT_YET = {
     "llamacpp-server": "llama-cpp-python's server takes text prompts only, keys its top-k by text, and"
     " shifts echoed log-probs by one position on models without BOS",
 }
+
+
+# Texts on which a tokenizer here must give the engine's ids (with and without special tokens)
+# and texts: spaces, newlines, code, digits, accents, CJK, emoji, special tokens written out.
+_TOKENIZER_PROBES = [
+    "",
+    "a",
+    " The capital of France is Paris.",
+    "Hello,  world!\n\n\tdef f(x):\n        return x ** 2  # 12345 67.8",
+    "naïve café, Übermaß, 東京タワー, 🙂🚀, ‘quotes’ — dash",
+    "<|im_start|>user\nhi<|im_end|><|endoftext|></s><s><eos><end_of_turn>",
+    "Question: Who wrote Hamlet?\nAnswer: William Shakespeare\n\nQuestion:",
+]
 
 
 def engine_for(kind: str, url: str, **kwargs) -> Engine:

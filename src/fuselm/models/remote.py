@@ -53,7 +53,9 @@ class RemoteModel:
             if not key:
                 raise FuselmError(f"model {cfg.name!r}: environment variable {cfg.api_key_env} is not set")
         assert cfg.engine is not None and cfg.url is not None
-        return cls(engine_for(cfg.engine, cfg.url, model=cfg.model, timeout_s=cfg.timeout_s, api_key=key), cfg)
+        engine = engine_for(cfg.engine, cfg.url, model=cfg.model, timeout_s=cfg.timeout_s, api_key=key,
+                            tokenizer=cfg.tokenizer)  # fmt: skip
+        return cls(engine, cfg)
 
     @property
     def name(self) -> str:
