@@ -84,6 +84,29 @@ def test_llamacpp_experts_on_a_thread_each_run_side_by_side_with_the_same_text()
             b.close()
 
 
+@pytest.mark.integration
+def test_prompt_nll_of_a_prompt_longer_than_one_candidate_is_its_whole_log_likelihood(smollm_llamacpp):
+    """Per-prompt weights score a few-shot prompt of more than 512 tokens (llama.cpp's limit for
+    one candidate) in pieces: the same NLL per byte as summing every token's log-prob after the
+    first word from one pass over the whole prompt."""
+    from fuselm.fusion.ensemble import prompt_nll
+    from fuselm.text.words import first_word_end
+
+    prompt = " ".join(f"Question {i}: how many legs do {i} spiders have? Answer: {8 * i}." for i in range(40))
+    backend = smollm_llamacpp.backend
+    ids = backend.tokenize(prompt)
+    assert 600 < len(ids) < 1000  # more than one candidate may be, within the fixture's context
+    head = len(backend.tokenize(prompt[: first_word_end(prompt)]))
+    cache = backend.new_cache()
+    try:
+        rows = backend.extend(cache, ids, all_logits=True)  # row i: log-probs after ids[: i + 1]
+        logprob = sum(float(rows[i - 1][ids[i]]) for i in range(head, len(ids)))
+    finally:
+        backend.release(cache)
+    n_bytes = len(prompt[first_word_end(prompt) :].encode())
+    assert prompt_nll(smollm_llamacpp, prompt) == pytest.approx(-logprob / n_bytes, rel=2e-3)
+
+
 # --- identical models reproduce single-model greedy -------------------------------------------------
 
 

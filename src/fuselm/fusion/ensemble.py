@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ..errors import FuselmError, UnknownNameError
 from ..models.session import DecodingSession, Rollout, Score
 from ..result import CandidateTrace, StepDetail
-from ..text.words import first_word_end, word_ends
+from ..text.words import first_word_end, split_words, word_ends
 from .base import EXACT_NEEDS, FusionMethod, Step, StepContext
 from .experts import each
 from .options import EnsembleOptions
@@ -64,8 +64,30 @@ def prompt_nll(model, prompt: str) -> float:
     end = first_word_end(prompt)
     if not end or end >= len(prompt):
         return 0.0
+    logprob, n_bytes = 0.0, 0
     with model.session(prompt[:end]) as s:
-        return s.score([prompt[end:]])[0].mean_nll("byte")
+        # in pieces of whole words, each committed once scored: a few-shot prompt can be longer
+        # than one candidate may be (512 tokens on llama.cpp)
+        for piece in _pieces(prompt[end:], PROMPT_PIECE_CHARS):
+            score = s.score([piece])[0]
+            logprob, n_bytes = logprob + score.logprob, n_bytes + score.n_bytes
+            s.append(piece)
+    return -logprob / n_bytes if n_bytes else math.inf
+
+
+PROMPT_PIECE_CHARS = 400  # under 512 tokens even at one token per character
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` cut into runs of whole words of about `size` characters (a longer word alone)."""
+    out: list[str] = []
+    words = [w[i : i + size] for w in split_words(text) for i in range(0, len(w), size)]
+    for word in words:
+        if out and len(out[-1]) + len(word) <= size:
+            out[-1] += word
+        else:
+            out.append(word)
+    return out
 
 
 def resolve_model(names: list[str], ref: str | int | None, what: str, aliases: list[str] = ()) -> int:
