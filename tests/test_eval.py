@@ -79,6 +79,8 @@ def test_humaneval_execution_limits():
     assert len(rows) == 164
     row = rows[0]
     assert task.metrics["pass@1"](row["canonical_solution"], "", row) == 1.0
+    # the text a model should write (the controller's and the router's target): a passing body
+    assert task.metrics["pass@1"](task.reference_text(row), "", row) == 1.0
     assert task.metrics["pass@1"]("    return None\n", "", row) == 0.0
     assert run_program("while True:\n    pass\n", timeout=1.0) is False
     assert run_program("x = bytearray(4 << 30)\n") is False  # over the memory limit

@@ -62,10 +62,12 @@ TASKS = [
     Task(
         name="humaneval",
         description="HumanEval Python functions, pass@1 (greedy)",
-        fields=("task_id", "prompt", "test", "entry_point"),
+        fields=("task_id", "prompt", "test", "entry_point", "canonical_solution"),
         build_prompt=lambda prefix, row: row["prompt"],
         extract=_extract,
         reference=lambda row: row["entry_point"],
+        # what a model should write: the body (the controller's and the router's training target)
+        target=lambda row: row["canonical_solution"],
         metrics={"pass@1": _passes},
         # The Codex stops (a new top-level statement ends the function), plus a closing code fence
         # and three blank lines in a row: PEP 8 code has at most two, and a weak model that has
