@@ -86,6 +86,26 @@ def test_humaneval_execution_limits():
     assert run_program("x = bytearray(4 << 30)\n") is False  # over the memory limit
 
 
+def test_a_run_made_before_a_config_field_existed_is_still_the_same_run(tmp_path):
+    """A field added to the config since (at its default) does not make an earlier run another
+    one; a changed setting does."""
+    from fuselm.eval.records import EvalSpec
+    from fuselm.eval.runner import prepare_run_dir
+
+    spec = EvalSpec(task="nq", models=[{"name": "smollm2-135m"}], limit=4)
+    prepare_run_dir(tmp_path, spec, "digest")
+    cfg = tmp_path / "config.json"
+    saved = json.loads(cfg.read_text())
+    for m in saved["spec"]["models"]:
+        m.pop("tokenizer")  # as written before `tokenizer:` was a model field
+    cfg.write_text(json.dumps(saved))
+    prepare_run_dir(tmp_path, spec, "digest")  # the same run: resumed
+    with pytest.raises(FuselmError, match="differs in: models"):
+        prepare_run_dir(
+            tmp_path, EvalSpec(task="nq", models=[{"name": "smollm2-135m", "weight": 2}], limit=4), "digest"
+        )
+
+
 def test_bad_data_is_named_by_file_and_line(tmp_path):
     task = get_task("nq")
     bad = tmp_path / "bad.jsonl"

@@ -89,6 +89,15 @@ def _extends(old: dict[str, Any], spec: EvalSpec, all_rows: list[dict[str, Any]]
     return _selection_digest(earlier) == old.get("data_sha256")
 
 
+def _as_today(spec: Any) -> Any:
+    """An earlier run's spec with the fields added to the config since, at their defaults (a new
+    option must not make every earlier run look like another one)."""
+    try:
+        return EvalSpec.model_validate(spec).model_dump(mode="json")
+    except ValueError:
+        return spec
+
+
 def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[dict[str, Any]] | None = None) -> None:
     """Record the run's config in `out`, or check that `out` holds this same run. A larger
     --limit over the same rows (given `all_rows`, the task's rows before selection) extends it."""
@@ -96,12 +105,12 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
     cfg = out / "config.json"
     if cfg.is_file():
         old = json.loads(cfg.read_text())
-        mine = {"spec": old.get("spec"), "data_sha256": old.get("data_sha256")}
+        mine = {"spec": _as_today(old.get("spec")), "data_sha256": old.get("data_sha256")}
         if mine != record and _extends(old, spec, all_rows):
             atomic_write_json(cfg, {**old, **record, "extended_from_limit": old["spec"]["limit"]})
             return
         if mine != record:
-            diff = [k for k in record["spec"] if record["spec"].get(k) != (old.get("spec") or {}).get(k)]
+            diff = [k for k in record["spec"] if record["spec"].get(k) != (mine["spec"] or {}).get(k)]
             if old.get("data_sha256") != data_digest:
                 diff.append("data")
             raise FuselmError(
