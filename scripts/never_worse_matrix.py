@@ -63,12 +63,13 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     test = ["fuselm", "eval", "--task", task, "--limit", str(n_test)]
     for m in models:
         out.append((f"single-{m}", [*test, "--model", m, "--out", str(where / f"single-{m}")]))
+    # what the calibration chose first: the never-worse claim needs it; then the hand policies
+    out.append(("calibrated", [*test, "--calibration", str(calib), "--out", str(where / "calibrated")]))
+    out.append(("anchored", [*test, "--method", "adafuse", "--models", ",".join(models), "-O", "policy=anchored",
+                             "-O", "anchor={anchor}", "--out", str(where / "anchored")]))  # fmt: skip
     out.append(
         ("adafuse", [*test, "--method", "adafuse", "--models", ",".join(models), "--out", str(where / "adafuse")])
     )
-    out.append(("anchored", [*test, "--method", "adafuse", "--models", ",".join(models), "-O", "policy=anchored",
-                             "-O", "anchor={anchor}", "--out", str(where / "anchored")]))  # fmt: skip
-    out.append(("calibrated", [*test, "--calibration", str(calib), "--out", str(where / "calibrated")]))
     # the learned controller: trained on dev rows (twice the calibration's), used over today's adafuse
     ctrl = where / "controller.json"
     train = ["fuselm", "train-controller", "--task", task, "--models", ",".join(models), "--limit", str(2 * n_dev),

@@ -34,6 +34,15 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def _cpu_has_amx() -> bool:
+    """Whether this CPU advertises AMX tiles (Linux's /proc/cpuinfo; elsewhere: no)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
 @dataclass(eq=False)
 class LlamaCppCache:
     seq: int
@@ -69,10 +78,13 @@ class LlamaCppBackend(Backend):
         if not path.is_file():
             raise FuselmError(f"GGUF file not found: {path}")
         _quiet_logs(llama_cpp)
+        model_params = llama_cpp.llama_model_default_params()
+        # On a CPU with AMX, no "extra" weight buffers (AMX and repacked layouts): llama.cpp
+        # 0.3.36's AMX matmul crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the first decode of
+        # the bundled Q4 models on such a Xeon; elsewhere the repacked kernels are kept (faster).
+        model_params.use_extra_bufts = not _cpu_has_amx()
         try:
-            self._model = _internals.LlamaModel(
-                path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False
-            )
+            self._model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
         except ValueError as e:
             raise FuselmError(f"cannot load {path}: not a valid GGUF model ({e})") from e
         threads = n_threads or usable_cpus()
