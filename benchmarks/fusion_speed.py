@@ -11,7 +11,8 @@ free cores, its rounds run the models side by side (fusion.experts), and each po
 timed in turn (one model after the other, as torch models run) in the same run.
 
 `--policies` runs AdaFuse under each policy in the same run (anchored: the anchor is the last
-model of each ensemble, `--anchor` to choose). `--short TASK` uses the task's few-shot prompts
+model of each ensemble, `--anchor` to choose; `anchored+draft8`: the anchor drafts 8 words, which
+the others read in one pass each). `--short TASK` uses the task's few-shot prompts
 (rows of its test file) and its stop strings and token budget: short answers. Each prompt is
 run once untimed by every member first, so the prompt is in every model's prefix cache and the
 timed runs (singles and fused alike) exclude its prefill.
@@ -95,9 +96,12 @@ def main() -> int:
                 single_sum += per_token(generate([m], prompt, "single", gen))
             for run in runs:
                 policy, together = run
-                opts = {"policy": policy}
-                if policy == "anchored":
+                base, _, draft = policy.partition("+draft")
+                opts = {"policy": base}
+                if base == "anchored":
                     opts["anchor"] = a.anchor or names[-1]
+                if draft:
+                    opts["draft_words"] = int(draft)
                 threads = [b.threads_apart for b in backends]
                 if not together:  # as a torch model: the calling thread, one model after the other
                     for b in backends:

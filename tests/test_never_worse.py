@@ -59,7 +59,45 @@ def test_the_anchor_must_be_one_of_the_models(smol_tokenizer_dir):  # noqa: F811
     assert anchored([a, b], max_new_tokens=1, anchor=1).text == " b"
 
 
-@pytest.mark.parametrize("options", [{}, {"anchor": 1, "theta": 1.0}])
+def test_a_draft_the_others_confirm_is_committed_in_one_step_and_one_pass_each(smol_tokenizer_dir):  # noqa: F811
+    unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9}, "unsure")
+    agrees = constant_model(smol_tokenizer_dir, {" a": 6.0, " b": 1.0}, "agrees")
+    word_by_word = anchored([unsure, agrees], max_new_tokens=8)
+    drafted = anchored([unsure, agrees], max_new_tokens=8, draft_words=4)
+    assert drafted.text == word_by_word.text == " a" * 8
+    # two drafts of four words, each checked by the other model in one pass
+    assert [t.text for t in drafted.trace] == [" a a a a"] * 2 and [t.checked for t in drafted.trace] == [4, 4]
+    assert all(t.confident and len(t.candidates) == 1 and t.source == "unsure" for t in drafted.trace)
+    assert len(word_by_word.trace) == 8
+    assert drafted.stats.forward_passes["agrees"] < word_by_word.stats.forward_passes["agrees"]
+
+
+def test_where_another_model_would_say_otherwise_the_draft_stops_and_a_round_decides(smol_tokenizer_dir):  # noqa: F811
+    # the anchor is unsure between " a" and " b" everywhere, the other always says " b": the draft
+    # stops at its first word, where the word-by-word round scores both proposals
+    unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9, " c": 0.5}, "unsure")
+    objects = constant_model(smol_tokenizer_dir, {" b": 6.0, " a": 1.0}, "objects")
+    word_by_word = anchored([unsure, objects], max_new_tokens=3)
+    drafted = anchored([unsure, objects], max_new_tokens=3, draft_words=4)
+    assert drafted.text == word_by_word.text
+    first = drafted.trace[0]
+    assert not first.confident and first.overridden and first.text.startswith(" b")  # a scored round
+    assert [t.text for t in drafted.trace] == [t.text for t in word_by_word.trace]
+
+
+def test_a_draft_needs_the_anchored_policy_and_models_in_this_process(smol_tokenizer_dir):  # noqa: F811
+    from fuselm.config import ModelConfig
+    from fuselm.models.remote import RemoteModel
+
+    a = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "alpha")
+    with pytest.raises(FuselmError, match="draft_words needs policy anchored"):
+        generate([a, a], "start", "adafuse", GenerationConfig(max_new_tokens=2, chat="raw"), {"draft_words": 3})
+    far = RemoteModel.from_config(ModelConfig(name="far", engine="vllm", url="http://127.0.0.1:9", model="m"))
+    with pytest.raises(FuselmError, match="'far' is on vllm at http://127.0.0.1:9: use draft_words 0"):
+        anchored([a, far], draft_words=3)  # refused before any request (nothing listens there)
+
+
+@pytest.mark.parametrize("options", [{}, {"anchor": 1, "theta": 1.0}, {"theta": 1.0, "draft_words": 5}])
 def test_anchored_fusion_of_identical_models_is_the_single_greedy_text(tiny_backends, options):
     """With theta 1.0 the anchor is unsure (but where its top-2 has no mass), so both models propose; being the same model, they
     propose the same word, which is committed unscored: the anchor's greedy text, unchanged.
@@ -74,8 +112,10 @@ def test_anchored_fusion_of_identical_models_is_the_single_greedy_text(tiny_back
         fused = generate([m, m], prompt, "adafuse", gen, {"policy": "anchored", **options})
         assert fused.text == single.text and fused.finish_reason == single.finish_reason
         assert all(len(t.candidates) == 1 and not t.overridden for t in fused.trace)
-        if options:  # rounds where the anchor was unsure asked both models
+        if "anchor" in options:  # rounds where the anchor was unsure asked both models
             assert any(len(t.margins or {}) == 2 for t in fused.trace)
+        if "draft_words" in options:  # unsure everywhere: every word checked by the other model
+            assert sum(t.checked or 0 for t in fused.trace) > len(fused.trace)
 
 
 # --- calibration -----------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class StepDetail(_Record):
     candidates: list[CandidateTrace] = Field(default_factory=list)
     winner: int | None = None  # index into candidates
     overridden: bool | None = None  # adafuse, policy anchored: the others outvoted the anchor's proposal
+    checked: int | None = None  # adafuse, anchored with a draft: the anchor's unsure words the others confirmed
     token_probs: dict[str, float] | None = None  # token-average: each model's probability of the token
     p_eos: float | None = None  # unite: the ensemble's end-of-sequence probability
     route: dict[str, float] | None = None  # fusionroute: routing weight per expert

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from ..errors import FuselmError
 from ..models.session import DecodingSession, Rollout, top_margin
 from ..text.words import first_word_end, word_ends
 from .base import Step, StepContext
@@ -60,9 +61,22 @@ class AdaFuseOptions(EnsembleOptions):
     override_margin: float = Field(
         0.0, ge=0.0, description="policy anchored: how much lower another candidate's combined NLL must be"
     )
+    draft_words: int = Field(
+        0,
+        ge=0,
+        description="policy anchored: the anchor drafts up to this many words, the others read the draft in one"
+        " pass each, and the words where the anchor is unsure and another would say otherwise are fused"
+        " (speculate, then collaborate; the same text as 0, word by word; in-process models only)",
+    )
     controller: str | None = Field(
         None, description="a learned fusion controller (`fuselm train-controller`) picks the winner of scored rounds"
     )
+
+    @model_validator(mode="after")
+    def _draft_is_anchored(self) -> AdaFuseOptions:
+        if self.draft_words and self.policy != "anchored":
+            raise ValueError("draft_words needs policy anchored (the anchor drafts, the others check)")
+        return self
 
 
 class AdaFuse(EnsembleMethod):
@@ -78,6 +92,12 @@ class AdaFuse(EnsembleMethod):
         if self.options.controller:
             self.controller = Controller.load(self.options.controller)
             self.controller.check_models(self.names, self.options.controller)
+        remote = [m for m in models if getattr(m, "remote", False)]
+        if self.options.draft_words and remote:
+            raise FuselmError(
+                f"adafuse -O draft_words needs models in this process (each reads the anchor's draft in one"
+                f" pass); {remote[0].name!r} is on {remote[0].where}: use draft_words 0 there"
+            )
 
     def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
         o = self.options
@@ -103,6 +123,10 @@ class AdaFuse(EnsembleMethod):
         if o.policy == "anchored":
             # the anchor alone first: while it is confident, no other model is asked anything
             anchor = self.anchor if self.anchor in ctx.live else ctx.live[0]
+            if o.draft_words:
+                drafted = self._draft_step(ctx, anchor)
+                if drafted is not None:
+                    return drafted  # else: another model would say otherwise at the first word
             tops = each(ctx, lambda m, s: s.next_top(k), [anchor])
             if top_margin(tops[anchor]) >= o.theta:
                 return self._anchor_step(ctx, anchor, top_margin(tops[anchor]), span_tokens)
@@ -183,3 +207,44 @@ class AdaFuse(EnsembleMethod):
         c = Candidate(r.text, eos=r.finished and not r.text, proposers=[anchor], tokens={anchor: max(r.text_tokens, 1)})
         margins = {self.names[anchor]: round(margin, 5)}
         return decided_step([c], 0, None, self.names, r.finished, confident=True, margins=margins)
+
+    def _draft_step(self, ctx: StepContext, anchor: int) -> Step | None:
+        """Speculate, then collaborate: the anchor drafts up to `draft_words` words greedily, the
+        others read the draft in one pass each, and the draft is committed up to the first word
+        where the anchor is unsure and another model's greedy word differs (what the word-by-word
+        rounds would score there). None when that is the first word: a collaborative round decides."""
+        o = self.options
+        s = ctx.sessions[anchor]
+
+        def until(r: Rollout) -> int | None:
+            ends = word_ends(r.text, o.draft_words)
+            return ends[-1] if len(ends) == o.draft_words else None
+
+        draft = s.rollout(min(ctx.budget, o.draft_words * o.max_word_tokens), until=until)
+        text = draft.text
+        starts = [x for x in [0, *word_ends(text, o.draft_words)] if x < len(text)]  # where each word begins
+        unsure = [x for x in starts if draft.margins[token_at(draft, x)] < o.theta]
+        others = [m for m in ctx.live if m != anchor]
+        stop = len(text)
+        if unsure and others:
+            follows = each(ctx, lambda m, sess: sess.follow(text), others)
+            for x in unsure:
+                word = text[x : next((e for e in starts if e > x), len(text))]
+                if not all(f.greedy_word(x) == word for f in follows.values()):
+                    stop = x
+                    break
+        cut_inside = stop not in draft.token_offsets and stop < len(s.continuation_text(draft.token_ids))
+        if stop == len(text) and not draft.finished and cut_inside:
+            # The draft's end falls inside one of the anchor's tokens (":\n"): cut there, the text
+            # would be read back tokenized otherwise and steer the anchor (" \n"). Commit up to the
+            # last word start that a token starts at too; the rest is drafted again (cached).
+            clean = [x for x in starts[1:] if x in draft.token_offsets]
+            stop = clean[-1] if clean else stop
+        if stop == 0:
+            return None
+        checked = sum(1 for x in unsure if x < stop)
+        finished = draft.finished and stop == len(text)
+        tokens = sum(1 for off in draft.token_offsets if off < stop)
+        c = Candidate(text[:stop], eos=finished and not text, proposers=[anchor], tokens={anchor: max(tokens, 1)})
+        margins = {self.names[anchor]: round(draft.margins[0], 5)} if draft.margins else None
+        return decided_step([c], 0, None, self.names, finished, confident=True, margins=margins, checked=checked)

@@ -207,6 +207,9 @@ class RemoteSession:
     def next_logprobs(self):
         raise FuselmError(f"{self.name!r} on {self.model.where} gives top-k log-probs, not full distributions")
 
+    def follow(self, text: str):
+        raise FuselmError(f"{self.name!r} on {self.model.where} does not read a given text in one pass (draft_words)")
+
     # --- what the token-level methods read (approximately: top-k, not whole distributions) ---------
     @property
     def eos_ids(self) -> list[int]:

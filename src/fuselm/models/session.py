@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import FuselmError
+from ..text.words import first_word_end
 from .backend import Backend, Forks
 from .prefix import PrefixCache
 
@@ -80,6 +81,41 @@ class Rollout:
         """Tokens whose text starts inside `text`: what the rollout's text costs. A rollout cut at
         a word end has run one token past it (the token that starts the next word) to see it."""
         return sum(1 for start in self.token_offsets if start < len(self.text))
+
+
+@dataclass
+class Followed:
+    """A given text read through in one pass after the committed text (`DecodingSession.follow`):
+    the model's tokens of it and, before each token and after the last, its own greedy token."""
+
+    text: str
+    token_ids: list[int]
+    offsets: list[int]  # where each token's text starts in `text`
+    own: list[int]  # own[i]: the greedy token before token i; own[len(token_ids)]: after the last
+    own_texts: dict[int, str]  # the text of own[i] where it is not token i (and after the last)
+    eos_ids: frozenset[int]
+    aligned: bool  # the text's tokens start at the committed end (no token merges across it)
+
+    def greedy_word(self, start: int) -> str | None:
+        """What a greedy rollout of this model from `text[:start]` proposes as its next word (the
+        text to its first word end, or to its end of sequence), read off the pass: None where the
+        pass cannot tell (no token starts at `start`, or the model leaves the text mid-word)."""
+        if not self.aligned or start not in self.offsets:
+            return None
+        ends = [*self.offsets[1:], len(self.text)]
+        acc = ""
+        for q in range(self.offsets.index(start), len(self.token_ids) + 1):
+            tok = self.own[q]
+            if tok in self.eos_ids:
+                return acc
+            on_text = q < len(self.token_ids) and tok == self.token_ids[q]
+            acc += self.text[self.offsets[q] : ends[q]] if on_text else self.own_texts[q]
+            end = first_word_end(acc)
+            if end is not None:
+                return acc[:end]
+            if not on_text:
+                return None
+        return None
 
 
 @dataclass(frozen=True)
@@ -336,6 +372,38 @@ class DecodingSession:
     def tail_logprobs(self, n_tokens: int) -> torch.Tensor:
         """Next-token log-probs after the committed text plus the first `n_tokens` of the last rollout."""
         return self._logprobs[len(self.committed_ids()) + n_tokens]
+
+    def follow(self, text: str) -> Followed:
+        """Put `text` after the committed text in one batched pass (its tokens stay as the
+        speculative tail, reusing what is cached) and read the model's greedy choice before each
+        of its tokens: how another model's draft is checked (AdaFuse, anchored with a draft)."""
+        self._sync()
+        n = len(self.committed_ids())
+        full = self._tokenize(self.prompt + self.text + text)
+        aligned = common_prefix_len(self.committed_ids(), full) == n
+        tail = full[n:] if aligned else []
+        c = 0  # cached tail tokens that are these
+        while c < len(tail) and n + c < len(self._ids) and self._ids[n + c] == tail[c] and n + c + 1 in self._logprobs:
+            c += 1
+        self.stats.reused_tokens += c
+        if c < len(tail):
+            self._truncate(n + c)
+            rows = self.backend.extend(self._cache, tail[c:], all_logits=True)
+            self._ids.extend(tail[c:])
+            for i, row in enumerate(rows):
+                self._logprobs[n + c + 1 + i] = row
+            self.stats.forward_passes += 1
+            self.stats.tokens_forwarded += len(tail) - c
+        offsets = [len(self.continuation_text(tail[:i])) for i in range(len(tail))]
+        # the tokens must spell the text piece by piece (a token that splits a character does not)
+        aligned = aligned and self.continuation_text(tail) == text and offsets == sorted(offsets)
+        own = [greedy(self._logprobs[n + i]) for i in range(len(tail) + 1)] if aligned else []
+        own_texts = {
+            i: self.continuation_text(tail[:i] + [g])[offsets[i] if i < len(tail) else len(text) :]
+            for i, g in enumerate(own)
+            if i == len(tail) or g != tail[i]
+        }
+        return Followed(text, tail, offsets, own, own_texts, frozenset(self.backend.info.eos_token_ids), aligned)
 
     def _advance(self, pos: int, tok: int) -> None:
         """Make `tok` the token at `pos`, reusing the cached tail when it already is."""
