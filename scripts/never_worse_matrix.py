@@ -7,8 +7,8 @@ then evaluate on test rows no calibration used, resumable.
 
 Each (ensemble, task) is one chain, run in order by one worker: `fuselm calibrate` into
 ``runs/never-worse/ENSEMBLE/TASK/calib.yaml``, then `fuselm eval` of every member alone, of
-today's `adafuse`, of anchored AdaFuse (the calibration's anchor, default theta and margin), of
-the calibrated setup (`--calibration`), and of `adafuse` with a learned controller
+the calibrated setup (`--calibration`: first, the never-worse claim rests on it), of anchored
+AdaFuse (the calibration's anchor, default theta and margin), of today's `adafuse`, and of `adafuse` with a learned controller
 (`fuselm train-controller` on dev rows, then `-O controller=`). Finished runs are skipped and interrupted ones go on
 where they stopped (calibrate and eval are both resumable), so the script can be stopped and
 started at any time. Workers are pinned to their own CPU with ``taskset``.
