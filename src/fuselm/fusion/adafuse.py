@@ -204,9 +204,13 @@ class AdaFuse(EnsembleMethod):
     def _anchor_step(self, ctx: StepContext, anchor: int, margin: float, span_tokens: int) -> Step:
         """The confident anchor's span, committed with no other model asked."""
         r = self._propose(ctx.sessions[anchor], True, span_tokens)
-        c = Candidate(r.text, eos=r.finished and not r.text, proposers=[anchor], tokens={anchor: max(r.text_tokens, 1)})
-        margins = {self.names[anchor]: round(margin, 5)}
-        return decided_step([c], 0, None, self.names, r.finished, confident=True, margins=margins)
+        return self._alone(anchor, r.text, r.finished, r.text_tokens, margin)
+
+    def _alone(self, anchor: int, text: str, finished: bool, tokens: int, margin: float | None, **detail) -> Step:
+        """The step that commits the anchor's own text, no other candidate scored."""
+        c = Candidate(text, eos=finished and not text, proposers=[anchor], tokens={anchor: max(tokens, 1)})
+        margins = None if margin is None else {self.names[anchor]: round(margin, 5)}
+        return decided_step([c], 0, None, self.names, finished, confident=True, margins=margins, **detail)
 
     def _draft_step(self, ctx: StepContext, anchor: int) -> Step | None:
         """Speculate, then collaborate: the anchor drafts up to `draft_words` words greedily, the
@@ -233,8 +237,12 @@ class AdaFuse(EnsembleMethod):
                 if not all(f.greedy_word(x) == word for f in follows.values()):
                     stop = x
                     break
-        cut_inside = stop not in draft.token_offsets and stop < len(s.continuation_text(draft.token_ids))
-        if stop == len(text) and not draft.finished and cut_inside:
+        if (
+            stop == len(text)
+            and not draft.finished
+            and stop not in draft.token_offsets
+            and stop < len(s.continuation_text(draft.token_ids))
+        ):
             # The draft's end falls inside one of the anchor's tokens (":\n"): cut there, the text
             # would be read back tokenized otherwise and steer the anchor (" \n"). Commit up to the
             # last word start that a token starts at too; the rest is drafted again (cached).
@@ -242,9 +250,7 @@ class AdaFuse(EnsembleMethod):
             stop = clean[-1] if clean else stop
         if stop == 0:
             return None
-        checked = sum(1 for x in unsure if x < stop)
-        finished = draft.finished and stop == len(text)
         tokens = sum(1 for off in draft.token_offsets if off < stop)
-        c = Candidate(text[:stop], eos=finished and not text, proposers=[anchor], tokens={anchor: max(tokens, 1)})
-        margins = {self.names[anchor]: round(draft.margins[0], 5)} if draft.margins else None
-        return decided_step([c], 0, None, self.names, finished, confident=True, margins=margins, checked=checked)
+        margin = draft.margins[0] if draft.margins else None
+        checked = sum(1 for x in unsure if x < stop)
+        return self._alone(anchor, text[:stop], draft.finished and stop == len(text), tokens, margin, checked=checked)
