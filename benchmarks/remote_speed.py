@@ -1,9 +1,11 @@
-"""Experts on serving engines (vLLM), against the same models in-process, in one run.
+"""Experts on serving engines (vLLM or SGLang), against the same models in-process, in one run.
 
     python benchmarks/remote_speed.py --prompts 6 --max-tokens 32 --rows 16
+    python benchmarks/remote_speed.py --engine sglang --prompts 4 --max-tokens 32 --rows 8
 
-Starts two vLLM processes on 127.0.0.1 (the venv of scripts/setup_vllm.sh), SmolLM2-135M and
-Qwen2.5-Coder-0.5B in float32, each pinned to one core (`taskset`), and measures:
+Starts two engine processes on 127.0.0.1 (vLLM from the venv of scripts/setup_vllm.sh, or
+SGLang's CPU path from scripts/setup_sglang.sh), SmolLM2-135M and Qwen2.5-Coder-0.5B in
+float32, each pinned to one core (`taskset`), and measures:
 
 1. per-token cost of one model through its engine against the same weights in-process
    (transformers, float32, one thread: what the engine process gets), `single`, greedy;
@@ -34,6 +36,7 @@ import httpx
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("FUSELM_VLLM_VENV", Path.home() / ".cache/fuselm/vllm-venv"))
+SGLANG_VENV = Path(os.environ.get("FUSELM_SGLANG_VENV", Path.home() / ".cache/fuselm/sglang-venv"))
 
 from serve_load import PROMPTS  # noqa: E402 - the same chat prompts as the server benchmark (this folder)
 
@@ -44,11 +47,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_vllm(model_dir: Path, core: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+def engine_command(engine: str, model_dir: Path, port: int, block_size: int) -> list[str]:
+    if engine == "sglang":  # its radix cache reuses any cached prefix, to the token
+        return [str(SGLANG_VENV / "bin" / "fuselm-sglang-server"), "--model-path", str(model_dir), "--host",
+                "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-total-tokens", "16384"]  # fmt: skip
+    return [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
+            "--kv-cache-memory-bytes", str(1 << 30), "--block-size", str(block_size)]  # fmt: skip
+
+
+def start_engine(
+    engine: str, model_dir: Path, core: int | None, log: Path, block_size: int = 32
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
-           "--kv-cache-memory-bytes", str(1 << 30), "--block-size", "32"]  # fmt: skip
+    cmd = engine_command(engine, model_dir, port, block_size)
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -60,14 +72,14 @@ def wait_ready(procs: list[tuple[subprocess.Popen, str]], timeout: float = 900) 
     for proc, url in procs:
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"vLLM at {url} exited (see its log)")
+                raise SystemExit(f"the engine at {url} exited (see its log)")
             try:
                 if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.time() > deadline:
-                raise SystemExit(f"vLLM at {url} not ready")
+                raise SystemExit(f"the engine at {url} is not ready")
             time.sleep(1)
 
 
@@ -103,9 +115,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default=None, help="write the results as JSON")
+    ap.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    ap.add_argument("--block-size", type=int, default=32, help="vLLM's KV block (its prefix cache keeps whole blocks)")
     args = ap.parse_args()
-    if not (VENV / "bin" / "python").is_file():
+    if args.engine == "vllm" and not (VENV / "bin" / "python").is_file():
         raise SystemExit(f"vLLM not set up in {VENV}: run scripts/setup_vllm.sh")
+    if args.engine == "sglang" and not (SGLANG_VENV / "bin" / "fuselm-sglang-server").is_file():
+        raise SystemExit(f"SGLang not set up in {SGLANG_VENV}: run scripts/setup_sglang.sh")
+    kind = args.engine
 
     import torch
 
@@ -118,7 +135,10 @@ def main() -> None:
     names = ["smollm2-135m", "qwen2.5-coder-0.5b"]
     dirs = [assets.ensure_converted(BUNDLED[n]) for n in names]
     tmp = Path(tempfile.mkdtemp(prefix="remote-speed-"))
-    engines = [start_vllm(d, core, tmp / f"vllm-{i}.log") for i, (d, core) in enumerate(zip(dirs, (0, 1)))]
+    engines = [
+        start_engine(kind, d, core, tmp / f"{kind}-{i}.log", args.block_size)
+        for i, (d, core) in enumerate(zip(dirs, (0, 1)))
+    ]
     prompts = (PROMPTS * 4)[: args.prompts]
     gen = GenerationConfig(max_new_tokens=args.max_tokens)
     rows: list[dict] = []
@@ -132,7 +152,7 @@ def main() -> None:
         wait_ready(engines)
         print(f"engines ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         remote = [
-            load_model(ModelConfig(name=f"{n}@vllm", engine="vllm", url=url)) for n, (_, url) in zip(names, engines)
+            load_model(ModelConfig(name=f"{n}@{kind}", engine=kind, url=url)) for n, (_, url) in zip(names, engines)
         ]
         # 1. one model: engine against in-process (same weights, one thread each)
         local = load_model(ModelConfig(name=names[0], backend="transformers"))
@@ -141,11 +161,11 @@ def main() -> None:
         t_remote, n_remote = per_token([remote[0]], "single", prompts, gen)
         add({"part": "1", "what": f"{names[0]} single, in-process (transformers, 1 thread)",
                      "ms_per_token": t_local * 1e3, "tokens": n_local})  # fmt: skip
-        add({"part": "1", "what": f"{names[0]} single, on vLLM (1 core)", "ms_per_token": t_remote * 1e3,
+        add({"part": "1", "what": f"{names[0]} single, on {kind} (1 core)", "ms_per_token": t_remote * 1e3,
                      "tokens": n_remote, "ratio": t_remote / t_local, "ratio_of": "in-process"})  # fmt: skip
         # 2. AdaFuse over two engines against its members alone on the same engines
         t_b, n_b = per_token([remote[1]], "single", prompts, gen)
-        add({"part": "2", "what": f"{names[1]} single, on vLLM (1 core)", "ms_per_token": t_b * 1e3,
+        add({"part": "2", "what": f"{names[1]} single, on {kind} (1 core)", "ms_per_token": t_b * 1e3,
                      "tokens": n_b})  # fmt: skip
         t_fused, n_fused = per_token(remote, "adafuse", prompts, gen)
         add({"part": "2", "what": "adafuse over both engines", "ms_per_token": t_fused * 1e3,
@@ -160,7 +180,7 @@ def main() -> None:
         # the same two, every tokenization asked of the engines (above: tokenized here, with the
         # engines' own model directories, checked against them)
         asking = [
-            load_model(ModelConfig(name=f"{n}@vllm", engine="vllm", url=url, tokenizer="engine"))
+            load_model(ModelConfig(name=f"{n}@{kind}", engine=kind, url=url, tokenizer="engine"))
             for n, (_, url) in zip(names, engines)
         ]
         assert all(m.engine.tokenizes_here for m in remote) and not any(m.engine.tokenizes_here for m in asking)
@@ -172,7 +192,7 @@ def main() -> None:
         # 3. eval rows in flight
         if Path(args.data_dir, "nq").is_dir():
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-            models = ",".join(f"{n}@vllm=vllm:{url}" for n, (_, url) in zip(names, engines))
+            models = ",".join(f"{n}@{kind}={kind}:{url}" for n, (_, url) in zip(names, engines))
             times = {}
             for c in (1, args.concurrency):
                 out = tmp / f"eval-c{c}"

@@ -557,11 +557,12 @@ def test_engine_entries_are_checked_in_the_config():
     assert parse_model_ref("smollm2-135m") == {"name": "smollm2-135m"}
 
 
-def test_engines_not_driven_yet_say_so_and_why():
+def test_an_unknown_engine_is_named_with_the_known_ones():
     from fuselm.errors import FuselmError
+    from fuselm.models.engines import engine_for
 
-    with pytest.raises(FuselmError, match="engine 'llamacpp-server' is not supported yet: .*text prompts only"):
-        remote_model("http://127.0.0.1:9", kind="llamacpp-server")
+    with pytest.raises(FuselmError, match="unknown engine 'tgi'; supported: llamacpp-server, sglang, vllm"):
+        engine_for("tgi", "http://127.0.0.1:9")
 
 
 # --- an engine that dies (last: it kills the module's vLLM) ---------------------------------------

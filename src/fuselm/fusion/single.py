@@ -20,4 +20,5 @@ class Single(FusionMethod):
 
     def step(self, ctx: StepContext) -> Step:
         roll = ctx.sessions[0].rollout(ctx.budget, until=complete_text, choose=ctx.sampler, margins=False)
-        return Step(text=roll.text, new_tokens=len(roll.token_ids), source=0, finished=roll.finished)
+        # counted by offsets: a text-only engine's rollout has no token ids (TextSession)
+        return Step(text=roll.text, new_tokens=len(roll.token_offsets), source=0, finished=roll.finished)

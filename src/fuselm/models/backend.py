@@ -22,7 +22,7 @@ from ..errors import FuselmError
 # What a model's sessions can do, matched against what a method needs (FusionMethod.needs) before
 # any request: in-process backends offer all of it, a serving engine no full distributions.
 OFFERS_TOPK = "topk"  # top-k next-token log-probs
-OFFERS_ROLLOUT = "rollout"  # greedy or sampled continuations with per-token top-k
+OFFERS_ROLLOUT = "rollout"  # greedy or sampled continuations (a method that reads margins needs topk too)
 OFFERS_SCORE = "score"  # log-likelihood of given continuations (candidates)
 OFFERS_FULL = "full_logprobs"  # the whole next-token distribution
 

@@ -15,8 +15,9 @@ before an answer, or a 429/502/503/504 (all calls here are reads, safe to repeat
 timeout; everything else is an :class:`EngineError` that names the engine.
 
 Checked against vLLM 0.32.0 (CPU build: `/v1/completions`, `/tokenize`, `/detokenize`,
-`/v1/models`) and SGLang 0.5.23 (its CPU path: `/generate`, `/tokenize`, `/detokenize`,
-`/v1/models`).
+`/v1/models`), SGLang 0.5.23 (its CPU path: `/generate`, `/tokenize`, `/detokenize`,
+`/v1/models`) and llama-cpp-python's server 0.3.36 (`/v1/completions` on text,
+`/extras/tokenize`, `/v1/models`; generation only, see LlamaCppServerEngine).
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def engine_loop() -> _EngineLoop:
         if _LOOP is None:
             _LOOP = _EngineLoop()
         return _LOOP
+
+
+# The token id of a streamed token from an engine that does not say it (LlamaCppServerEngine), and
+# the context length of an engine that does not say it (its own error then tells).
+TEXT_ONLY = -1
+UNKNOWN_CONTEXT = 1 << 30
 
 
 @dataclass
@@ -172,6 +179,7 @@ class Engine:
     kind: ClassVar[str] = "?"
     offers: ClassVar[frozenset[str]] = frozenset()
     max_top_k: ClassVar[int] = 20
+    takes_text: ClassVar[bool] = False  # prompts as text, streams without token ids (generation only)
 
     def __init__(
         self,
@@ -663,12 +671,92 @@ class SGLangEngine(Engine):
         return out
 
 
-ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "sglang": SGLangEngine}
+class LlamaCppServerEngine(Engine):
+    """llama-cpp-python's server (`python -m llama_cpp.server --model FILE.gguf`), for
+    generation only. It takes text prompts (no token ids), keys its top-k by token text, and its
+    `echo` log-probs are shifted by one position on models without BOS (measured with 0.3.36:
+    -8.45 for " Paris" after "The capital of France is", the log-prob of " Paris" after " Paris";
+    the right value, -0.26, sits in the previous position's top-k; pinned by a test), so fuselm
+    neither scores candidates nor reads a top-k through it: `single` runs on it, every other
+    method is refused before any request. Its streamed chunks carry text, one chunk per token
+    (a character that spans tokens comes as one chunk): a rollout on it has its text and a token
+    count, no token ids. It serves one request at a time (a new one interrupts a running stream,
+    which is then asked again from where it stopped), keeps its own prefix cache, renders no chat
+    template for a client (prompts go raw) and does not say its context length (a prompt too
+    long for it is its error)."""
 
-# Engines the config knows but fuselm does not drive yet, and why (docs/scale-out.md).
-NOT_YET = {
-    "llamacpp-server": "llama-cpp-python's server takes text prompts only, keys its top-k by text, and"
-    " shifts echoed log-probs by one position on models without BOS",
+    kind = "llamacpp-server"
+    offers = frozenset({OFFERS_ROLLOUT})
+    takes_text = True
+
+    async def _ask_facts(self) -> EngineFacts:
+        listed = await self._request("GET", "/v1/models")
+        try:
+            served = [m["id"] for m in listed["data"]]
+        except (KeyError, TypeError):
+            raise EngineError(f"{self.where}: /v1/models answered without a model list") from None
+        model = self.model_id
+        if model is None:
+            if len(served) != 1:
+                raise EngineError(f"{self.where} serves {sorted(served)}; say which with `model:`")
+            model = served[0]
+        elif model not in served:
+            raise EngineError(f"{self.where} does not serve {model!r}; it serves {sorted(served)}")
+        self.model_id = model
+        empty = await self._tokenize("")  # [BOS] where the model adds one, else []
+        return EngineFacts(model, UNKNOWN_CONTEXT, empty[0] if empty else None, frozenset(), False)
+
+    async def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        out = await self._request("POST", "/extras/tokenize", {"model": self.model_id, "input": text})
+        ids = list(out["tokens"])
+        if not add_special_tokens and self._facts is not None and self._facts.bos_token_id is not None:
+            ids = ids[1:] if ids[:1] == [self._facts.bos_token_id] else ids
+        return ids
+
+    async def _detokenize(self, ids: Sequence[int]) -> str:
+        out = await self._request("POST", "/extras/detokenize", {"model": self.model_id, "tokens": list(ids)})
+        return str(out["text"])
+
+    async def _local_tokenizer(self, model: str) -> Any:
+        return None  # it tokenizes what it is sent itself; fuselm only counts with it
+
+    async def text_stream(self, prompt: str, max_tokens: int, sampling: Sampling) -> EngineStream:
+        """A completion of the text `prompt`, streamed: each token is a `StreamToken` with its
+        text only (`token_id` TEXT_ONLY, no log-probs)."""
+        await self.facts()
+        body = {"model": self.model_id, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                # its request defaults differ from greedy/plain sampling: no penalty, no min-p cut
+                "repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "min_p": 0.0,
+                "typical_p": 1.0, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                "temperature": sampling.temperature}  # fmt: skip
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        return await self._open_stream("/v1/completions", body, max_tokens, 0, [])
+
+    async def _stream_chunk(self, stream: EngineStream, chunk: dict[str, Any]) -> None:
+        if "error" in chunk:
+            raise EngineError(f"{self.where}: {chunk['error'].get('message', chunk['error'])}")
+        for choice in chunk.get("choices", []):
+            text = choice.get("text") or ""
+            finish = choice.get("finish_reason")
+            if text or finish is None:
+                stream.tokens.append(StreamToken(TEXT_ONLY, 0.0, {}, text))
+            if finish is not None:
+                # "stop" is the end of sequence (fuselm sends no stop strings), "length" max_tokens
+                stream.finished = finish == "stop"
+                await stream.aclose()
+
+    async def stream(self, ids: Sequence[int], max_tokens: int, k: int, sampling: Sampling) -> EngineStream:
+        raise FuselmError(f"{self.where} takes text prompts, not token ids")
+
+    async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        raise FuselmError(f"{self.where} does not score continuations (its echoed log-probs are shifted)")
+
+
+ENGINES: dict[str, type[Engine]] = {
+    "vllm": VLLMEngine,
+    "sglang": SGLangEngine,
+    "llamacpp-server": LlamaCppServerEngine,
 }
 
 
@@ -686,8 +774,6 @@ _TOKENIZER_PROBES = [
 
 
 def engine_for(kind: str, url: str, **kwargs) -> Engine:
-    if kind in NOT_YET:
-        raise FuselmError(f"engine {kind!r} is not supported yet: {NOT_YET[kind]}; use vllm (docs/scale-out.md)")
     try:
         cls = ENGINES[kind]
     except KeyError:

@@ -102,8 +102,8 @@ class RemoteModel:
     def tokenize(self, text: str) -> list[int]:
         return self.run(self.engine.tokenize(text))
 
-    def session(self, prompt_text: str) -> RemoteSession:
-        return RemoteSession(self, prompt_text)
+    def session(self, prompt_text: str) -> RemoteSession | TextSession:
+        return TextSession(self, prompt_text) if self.engine.takes_text else RemoteSession(self, prompt_text)
 
     def close(self) -> None:
         self.engine.close()
@@ -489,6 +489,126 @@ class RemoteSession:
         lps = [r[0] for r in rows]
         top = max(lps)
         return Score(top + math.log(sum(math.exp(x - top) for x in lps)), 1, 0, 0)
+
+
+class TextSession:
+    """A generation's session on an engine that takes text prompts and streams text without
+    token ids (llama-cpp-python's server): rollouts only, which is what `single` needs; the
+    methods that need more are refused before they get here (its `offers`). Like
+    `RemoteSession` it keeps the open stream, opened on the prompt plus the committed text with
+    the rest of the budget: while the committed text grows by what the stream produced, the next
+    rollout reads on in it, so a generation is one request. A stream the engine ended early (it
+    serves one request at a time and a new one interrupts it) is opened again from there."""
+
+    remote = True
+
+    def __init__(self, model: RemoteModel, prompt: str):
+        self.model = model
+        self.engine = model.engine
+        self.prompt = prompt
+        self.text = ""
+        self.stats = SessionStats()
+        self._closed = False
+        self._stream: EngineStream | None = None
+        self._base = ""  # the text the open stream continues
+        self._sampling = Sampling()
+        self._samplings: dict[int, Sampling] = {}
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def append(self, text: str) -> None:
+        self.text += text
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            try:
+                engine_loop().run(stream.aclose())
+            except Exception:  # closing a dead connection: nothing to give back
+                pass
+
+    def __enter__(self) -> TextSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def rollout(
+        self,
+        max_tokens: int,
+        *,
+        until: Callable[[Rollout], int | None] | None = None,
+        first_token: int | None = None,
+        choose: Callable[..., int] = greedy,
+        margins: bool = True,
+    ) -> Rollout:
+        """Up to `max_tokens` tokens after the committed text: their text and count (no ids, no
+        log-probs: the engine does not give them reliably)."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if first_token is not None:
+            raise FuselmError(f"{self.name!r} on {self.model.where} takes text: no forced first token")
+        if id(choose) not in self._samplings:
+            self._samplings[id(choose)] = _sampling(choose, self.name)
+        return self.model.run(self._rollout(max_tokens, until, self._samplings[id(choose)]))
+
+    async def _rollout(self, max_tokens: int, until, sampling: Sampling) -> Rollout:
+        if self._closed:
+            raise FuselmError(f"the session on {self.name!r} is closed")
+        roll = Rollout("", [], [], [], [])
+        stream, j = await self._seek(self.prompt + self.text, max_tokens, sampling)
+        while len(roll.token_offsets) < max_tokens:
+            await stream.read(j + 1)
+            if j >= len(stream.tokens):
+                if stream.finished:
+                    roll.finished = True
+                    break
+                # ended at its max_tokens, or interrupted by another request: go on from here
+                rest = max_tokens - len(roll.token_offsets)
+                stream, j = await self._open(self.prompt + self.text + roll.text, rest, sampling), 0
+                await stream.read(1)
+                if not stream.tokens and not stream.finished:
+                    raise EngineError(f"{self.engine.where} ended a stream without a token")
+                continue
+            tok = stream.tokens[j]
+            j += 1
+            self.stats.tokens_forwarded += 1
+            roll.token_offsets.append(len(roll.text))
+            roll.text += tok.text
+            if _done(roll, until):
+                break
+        return roll
+
+    async def _seek(self, full: str, max_tokens: int, sampling: Sampling) -> tuple[EngineStream, int]:
+        """The open stream and the index of its token after `full`, when it continues `full`;
+        else a new stream on `full`."""
+        s = self._stream
+        if s is not None and sampling == self._sampling and full.startswith(self._base):
+            rest, seen, j = full[len(self._base) :], "", 0
+            while len(seen) < len(rest):
+                await s.read(j + 1)
+                if j >= len(s.tokens):
+                    break
+                seen += s.tokens[j].text
+                j += 1
+            if seen == rest and (j < len(s.tokens) or not s.done or s.finished):
+                return s, j
+        return await self._open(full, max_tokens, sampling), 0
+
+    async def _open(self, full: str, max_tokens: int, sampling: Sampling) -> EngineStream:
+        if self._stream is not None:
+            await self._stream.aclose()
+        if self.stats.prompt_tokens == 0:  # asked first: any request interrupts a running stream there
+            self.stats.prompt_tokens = len(await self.engine.tokenize(full))
+        self._stream = await self.engine.text_stream(full, max_tokens, sampling)
+        self._base, self._sampling = full, sampling
+        self.stats.forward_passes += 1
+        return self._stream
 
 
 def _push(roll: Rollout, tok: StreamToken, margins: bool) -> bool:
