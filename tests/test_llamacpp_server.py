@@ -164,3 +164,37 @@ def test_cli_generate_over_the_server_and_its_one_line_refusal(llamacpp_server, 
     refused = run_cli("generate", "--method", "adafuse", "--models", f"{ref},smollm2-135m", "--raw", PROMPTS[0])
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "method 'adafuse' needs" in refused.stderr and "'smol' on llamacpp-server" in refused.stderr
+
+
+def test_fuselm_serve_with_the_server_as_its_model_from_the_command_line(llamacpp_server, in_process, tmp_path):
+    import subprocess
+    import time
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "fuselm.cli", "serve", "--models", f"smol=llamacpp-server:{llamacpp_server.url}",
+           "--id", "smol-lcs", "--port", str(port)]  # fmt: skip
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "fuselm serve not ready"
+            time.sleep(0.5)
+        body = {"model": "smol-lcs", "prompt": COUNT, "max_tokens": 12}
+        answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        assert answer["choices"][0]["text"] == own_greedy(in_process, COUNT, 12).text
+        assert answer["usage"]["completion_tokens"] == 12
+        chat = {"model": "smol-lcs", "messages": [{"role": "user", "content": "hi"}]}
+        refused = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60)
+        assert refused.status_code == 400 and "no chat template" in refused.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -502,6 +502,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         if ns.calibration and not ns.id:
             default_id = Path(ns.calibration).stem
         setup = {"id": ns.id or Path(default_id).name, "replicas": ns.replicas, **run.model_dump(mode="json")}
+        # each entry as given: its defaults written out would read as set (an engine entry refuses local fields)
+        setup["models"] = [m.model_dump(mode="json", exclude_unset=True) for m in run.models]
         data["setups"] = [*(data.get("setups") or []), setup]
     elif not data.get("setups"):
         raise FuselmError("nothing to serve: give --models NAMES (and --method) or a --config with setups")

@@ -93,7 +93,10 @@ class RemoteModel:
         if messages is None:
             return prompt  # type: ignore[return-value]
         if not facts.has_chat_template:
-            raise FuselmError(f"model {self.name!r} on {self.where} has no chat template; use --raw")
+            raise FuselmError(
+                f"model {self.name!r} on {self.where} has no chat template here; give a raw prompt"
+                " (--raw; /v1/completions when served)"
+            )
         ids = self.run(self.engine.chat_ids(messages))
         if facts.bos_token_id is not None and ids[:1] == [facts.bos_token_id]:
             ids = ids[1:]
