@@ -30,7 +30,7 @@ from fuselm.eval.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- generated: never-worse -->", "<!-- /generated: never-worse -->"
-ORDER = ["single-", "adafuse", "anchored", "calibrated", "controller"]
+ORDER = ["single-", "adafuse", "token-average", "anchored", "calibrated", "controller"]
 
 
 def _fmt(x: float | None, scale: float) -> str:

@@ -7,7 +7,8 @@ then evaluate on test rows no calibration used, resumable.
 
 Each (ensemble, task) is one chain, run in order by one worker: `fuselm calibrate` into
 ``runs/never-worse/ENSEMBLE/TASK/calib.yaml``, then `fuselm eval` of every member alone, of
-the calibrated setup (`--calibration`: first, the never-worse claim rests on it), of anchored
+the calibrated setup (`--calibration`: first, the never-worse claim rests on it), of
+`token-average` (ensembles of one vocabulary), of anchored
 AdaFuse (the calibration's anchor, default theta and margin), of today's `adafuse`, and of `adafuse` with a learned controller
 (`fuselm train-controller` on dev rows, then `-O controller=`). Finished runs are skipped and interrupted ones go on
 where they stopped (calibrate and eval are both resumable), so the script can be stopped and
@@ -33,6 +34,7 @@ ENSEMBLES = {
     "gemma-qwen": ["gemma3-270m", "qwen2.5-coder-1.5b"],  # close on TriviaQA, two tokenizers
     "qwens": ["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"],  # one tokenizer
 }
+ONE_VOCABULARY = {"qwens"}  # token-average runs beside adafuse
 # Test rows (the first N of the task's test file) and dev rows (file, offset, limit): dev rows
 # come from a dev/train split, or, where a task has none, from its test file after the test rows.
 TASKS = {
@@ -65,6 +67,9 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
         out.append((f"single-{m}", [*test, "--model", m, "--out", str(where / f"single-{m}")]))
     # what the calibration chose first: the never-worse claim needs it; then the hand policies
     out.append(("calibrated", [*test, "--calibration", str(calib), "--out", str(where / "calibrated")]))
+    if ensemble in ONE_VOCABULARY:
+        out.append(("token-average", [*test, "--method", "token-average", "--models", ",".join(models), "--out",
+                                      str(where / "token-average")]))  # fmt: skip
     out.append(("anchored", [*test, "--method", "adafuse", "--models", ",".join(models), "-O", "policy=anchored",
                              "-O", "anchor={anchor}", "--out", str(where / "anchored")]))  # fmt: skip
     out.append(

@@ -195,12 +195,18 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     r, out = calibrate_cli(answer_models, answer_data, tmp_path, ("right", "wrong"), "--max-gap", "100")
     assert r.returncode == 0, r.stderr
     cal = load_calibration(out)
+    weights = [1.0, cal.scores[1].weight]
     assert [t.label for t in cal.tried] == [
         "adafuse",
-        f"adafuse weights={[1.0, cal.scores[1].weight]}",
+        f"adafuse weights={weights}",
         "adafuse prompt_weights=0.1",
+        "token-average",  # the two share one vocabulary
+        f"token-average weights={weights}",
         "adafuse anchored theta=0.5 margin=0",
     ]
+    assert [t.method for t in cal.tried].count("token-average") == 2
+    # averaging right's " a" (p ~ 1) with wrong's (p ~ 1e-3): right's answer, at every weight
+    assert all(t.score == 1.0 for t in cal.tried if t.method == "token-average")
     anchored = cal.tried[-1]
     assert anchored.score == 1.0 and anchored.versus_best[0] == 0.0  # the anchor decides alone
     assert anchored.method_options["anchor"] == answer_models["right"]
@@ -209,7 +215,16 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     again = run_cli(*r.args[3:])  # the same command again: its runs are done, nothing is redone
     assert again.returncode == 0 and load_calibration(out) == cal
     runs = sorted((tmp_path / "calib.runs").glob("*/rows.jsonl"))
-    assert len(runs) == 6 and all(len(p.read_text().splitlines()) == 6 for p in runs)
+    assert len(runs) == 8 and all(len(p.read_text().splitlines()) == 6 for p in runs)
+
+
+def test_token_average_is_tried_only_where_the_members_share_one_vocabulary(tiny_dirs):
+    from fuselm.config import ModelConfig
+    from fuselm.eval.calibrate import one_vocabulary
+
+    llama, qwen = (ModelConfig(name=str(tiny_dirs[a]), backend="transformers") for a in ("llama", "qwen2"))
+    assert one_vocabulary([llama, llama.model_copy(update={"weight": 2.0})])
+    assert not one_vocabulary([llama, qwen])
 
 
 def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch(answer_models, answer_data, tmp_path):

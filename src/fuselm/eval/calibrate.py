@@ -8,7 +8,9 @@ does not lose to its best member.
 3. A small grid of fused setups on the same rows, each with its paired 95% interval against
    the best member: with two members or more left, today's `adafuse`, `adafuse` with the
    quality weights, with per-prompt weights (PackLLM) and with the weighted median (three
-   members or more); and, over all members, anchored AdaFuse over `thetas` x `margins`. The
+   members or more), and, where they share one vocabulary, `token-average` equal and with the
+   quality weights (on Qwen 1.5B + 0.5B it is the one method above its best member on
+   TriviaQA, +4.5 EM); and, over all members, anchored AdaFuse over `thetas` x `margins`. The
    anchor commits alone while it is confident and a far weaker member can only override it
    by a margin, so the gap rule does not apply to it (FLORES en->de on the default pair:
    SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
@@ -35,6 +37,7 @@ from ..calibration import Calibration, DevRows, MemberScore, Trial
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..files import atomic_write_json
+from ..models.backend import require_one_vocabulary
 from ..models.loading import load_model
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
@@ -107,6 +110,19 @@ def rank_key(task: Task, view: RunView) -> tuple[float, ...]:
     return tuple(
         (x if (x := view.summary.metrics.get(m)) is not None else -math.inf) for m in [task.main_metric, *_finer(task)]
     )
+
+
+def one_vocabulary(models: list[ModelConfig]) -> bool:
+    """Whether the models share one vocabulary (token-average can mix them)."""
+    loaded = [load_model(m) for m in models]
+    try:
+        require_one_vocabulary("token-average", loaded)
+        return True
+    except FuselmError:
+        return False
+    finally:
+        for m in loaded:
+            m.close()
 
 
 def reference_nll(model_cfg: ModelConfig, task: Task, rows: list[dict], prefix: str, gen: GenerationConfig) -> float:
@@ -189,29 +205,34 @@ def calibrate(
     kept_names = [m.name for m in kept_models]
     tried: list[Trial] = []
     views: dict[str, RunView] = {}
-    grid: list[tuple[str, list[ModelConfig], dict]] = []
+    grid: list[tuple[str, str, list[ModelConfig], dict]] = []  # (label, method, models, options)
     if len(kept_models) >= 2:
         weights = [next(s.weight for s in members if s.name == n) for n in kept_names]
         grid += [
-            ("adafuse", kept_models, {}),
-            (f"adafuse weights={weights}", kept_models, {"weights": weights}),
-            (f"adafuse prompt_weights={PROMPT_TAU:g}", kept_models, {"prompt_weights": PROMPT_TAU}),
+            ("adafuse", "adafuse", kept_models, {}),
+            (f"adafuse weights={weights}", "adafuse", kept_models, {"weights": weights}),
+            (f"adafuse prompt_weights={PROMPT_TAU:g}", "adafuse", kept_models, {"prompt_weights": PROMPT_TAU}),
         ]
         if len(kept_models) >= 3:  # a median of two is their mean
-            grid.append(("adafuse combine=median", kept_models, {"combine": "median"}))
+            grid.append(("adafuse combine=median", "adafuse", kept_models, {"combine": "median"}))
+        if one_vocabulary(kept_models):  # token-level averaging is open to them too
+            grid += [
+                ("token-average", "token-average", kept_models, {}),
+                (f"token-average weights={weights}", "token-average", kept_models, {"weights": weights}),
+            ]
     for theta in spec.thetas:  # over every member: the anchor decides while it is sure
         for margin in spec.margins:
             opts = {"policy": "anchored", "anchor": best, "theta": theta, "override_margin": margin}
-            grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", list(spec.models), opts))
+            grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", "adafuse", list(spec.models), opts))
     n_steps += len(grid) - len(spec.thetas) * len(spec.margins)
-    for label, models, opts in grid:
+    for label, method, models, opts in grid:
         fused = [m.name for m in models]
-        view = views[label] = run(f"{label} {'+'.join(fused)}", "adafuse", models, opts)
+        view = views[label] = run(f"{label} {'+'.join(fused)}", method, models, opts)
         d = paired_difference(view, alone[best], task.main_metric)
         tried.append(
             Trial(
                 label=label,
-                method="adafuse",
+                method=method,
                 models=fused,
                 method_options=opts,
                 score=view.summary.main,

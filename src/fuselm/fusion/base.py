@@ -23,8 +23,7 @@ from ..models.backend import (
     OFFERS_ROLLOUT,
     OFFERS_SCORE,
     OFFERS_TOPK,
-    require_same_tokenization,
-    require_same_vocabulary,
+    require_one_vocabulary,
 )
 from ..models.loading import Model
 from ..models.session import DecodingSession
@@ -90,10 +89,7 @@ class FusionMethod(ABC):
         self.validate_models(len(models))
         self.check_offers(models)
         if self.same_vocabulary:
-            if any(getattr(m, "remote", False) for m in models):
-                require_same_tokenization(self.name, models)
-            else:
-                require_same_vocabulary(self.name, [m.backend for m in models])
+            require_one_vocabulary(self.name, models)
         self.approximate = [m.name for m in models if self.exact_needs - m.offers]
         if self.approximate:
             log.warning(

@@ -184,6 +184,14 @@ def require_same_tokenization(what: str, models: Sequence[Any]) -> None:
             raise FuselmError(f"{what} needs models with one vocabulary; {models[0].name!r} and {m.name!r} differ")
 
 
+def require_one_vocabulary(what: str, models: Sequence[Any]) -> None:
+    """Refuse models (in process or on engines) that do not share one vocabulary."""
+    if any(getattr(m, "remote", False) for m in models):
+        require_same_tokenization(what, models)
+    else:
+        require_same_vocabulary(what, [m.backend for m in models])
+
+
 def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
