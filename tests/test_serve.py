@@ -211,6 +211,10 @@ def test_n_choices_and_models_loaded_once(server):
                                            seed=7)  # fmt: skip
     assert [c.index for c in r.choices] == [0, 1]
     assert r.usage.completion_tokens <= 8 and all(c.text for c in r.choices)
+    # the largest seed: choice 1's own seed wraps around the 64-bit range
+    top = server.post("/v1/completions", {"model": "tiny", "prompt": "The weather is", "max_tokens": 2, "n": 2,
+                                          "temperature": 1.0, "seed": 2**63 - 1})  # fmt: skip
+    assert top.status_code == 200 and len(top.json()["choices"]) == 2, top.text
     # two setups share the tiny llama model: it is loaded once (llama + qwen = 2 models)
     assert server.metric("fuselm_models_loaded") == 2
 
@@ -233,6 +237,7 @@ def test_the_fuselm_extension_picks_another_method(server):
         ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "tiny", "prompt": "x", "n": 3}, 400, "n"),
         ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed"),  # found by the fuzzer: a 500 before
         ({"model": "tiny", "prompt": "word " * 300}, 400, "prompt"),
         ({"model": "tiny", "prompt": "x", "max_tokens": 500, "stop": [""]}, 400, "stop"),
         ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),

@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 
+# A seed is a 64-bit signed integer (what torch's generators take; larger ones overflow there).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 EngineKind = Literal["vllm", "sglang", "llamacpp-server"]
 ENGINE_KINDS = typing.get_args(EngineKind)
 
@@ -41,7 +44,7 @@ class GenerationConfig(StrictModel):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="sampling temperature; 0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0: all)")
-    seed: int | None = Field(None, description="random seed for sampling")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="random seed for sampling")
     stop: list[str] = Field(default_factory=list, description="stop string (repeatable)")
     chat: Literal["auto", "chat", "raw"] = Field(
         "auto", description="chat template (chat), raw text (raw), or chat where the model has a template (auto)"

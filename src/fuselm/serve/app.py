@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import GenerationConfig, validation_message
+from ..config import SEED_MIN, GenerationConfig, validation_message
 from ..errors import FuselmError, UnknownNameError
 from ..fusion.loop import GenerationCancelled
 from ..result import GenerationResult, TextSpan, unique_names
@@ -322,7 +322,10 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             raise APIError(400, validation_message(e)) from None
 
     def seeded(gen: GenerationConfig, i: int) -> GenerationConfig:
-        return gen if gen.seed is None or i == 0 else gen.model_copy(update={"seed": gen.seed + i})
+        if gen.seed is None or i == 0:
+            return gen
+        # choice i's own seed, wrapped into the 64-bit range
+        return gen.model_copy(update={"seed": (gen.seed + i - SEED_MIN) % 2**64 + SEED_MIN})
 
     def account(setup: ServedSetup, result: GenerationResult) -> None:
         metrics.generated_tokens.labels(setup.id).inc(result.stats.new_tokens)
