@@ -169,10 +169,16 @@ def test_calibration_keeps_the_member_that_is_always_right_and_drops_the_other(a
     assert by_name[right].weight == 1.0 and by_name[wrong].weight == pytest.approx(
         by_name[right].nll / by_name[wrong].nll, abs=1e-3
     )
-    # far apart: no equal-vote setup, but anchored over both members (the anchor decides while sure)
-    assert [t.label for t in cal.tried] == ["adafuse anchored theta=0.5 margin=0"]
-    assert cal.tried[0].models == [wrong, right] and cal.tried[0].method_options["anchor"] == right
-    assert cal.tried[0].score == 1.0 and "no fused setup beat it" in cal.reason
+    # far apart: no equal-vote adafuse, but over both members the soft votes: token-average (one
+    # vocabulary: right's sure " a" outweighs wrong's unsure one) and anchored (the anchor decides while sure)
+    weights = [by_name[wrong].weight, 1.0]
+    assert [t.label for t in cal.tried] == [
+        "token-average",
+        f"token-average weights={weights}",
+        "adafuse anchored theta=0.5 margin=0",
+    ]
+    assert all(t.models == [wrong, right] and t.score == 1.0 for t in cal.tried)
+    assert cal.tried[-1].method_options["anchor"] == right and "no fused setup beat it" in cal.reason
     assert cal.dev.ids == list(range(6)) and cal.dev.file == "triviaqa/rows.jsonl"
     assert "fall back to" in r.stderr and "calibration of triviaqa" in r.stderr  # the table and the choice
     # used by eval: the chosen model on rows the calibration did not use; its rows are refused

@@ -11,9 +11,8 @@ does not lose to its best member.
    members or more); where all members share one vocabulary, over all of them, `token-average`
    equal and with the quality weights (on Qwen 1.5B + 0.5B it is the one method above its
    best member on TriviaQA, +4.5 EM); and, over all members, anchored AdaFuse over `thetas` x
-   `margins`. The
-   anchor commits alone while it is confident and a far weaker member can only override it
-   by a margin, so the gap rule does not apply to it (FLORES en->de on the default pair:
+   `margins`. The anchor commits alone while it is confident and a far weaker member can only
+   override it by a margin, so the gap rule does not apply to it (FLORES en->de on the default pair:
    SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
 4. The best fused setup is chosen only if its dev score is above the best member's; otherwise
    the calibration falls back to the best member alone. Scores that tie on the main metric
