@@ -312,7 +312,9 @@ class Engine:
     _detokenized_key: ClassVar[str] = "text"
     _detokenize_options: ClassVar[dict[str, Any]] = {}
 
-    async def _ask_facts(self) -> EngineFacts:
+    async def _served_model(self) -> dict[str, Any]:
+        """The `/v1/models` entry of the model (the entry's `model:`, or the only one served);
+        sets `model_id`."""
         listed = await self._request("GET", "/v1/models")
         try:
             served = {m["id"]: m for m in listed["data"]}
@@ -326,13 +328,19 @@ class Engine:
         elif model not in served:
             raise EngineError(f"{self.where} does not serve {model!r}; it serves {sorted(served)}")
         self.model_id = model
+        return served[model]
+
+    async def _ask_facts(self) -> EngineFacts:
+        entry = await self._served_model()
+        model = self.model_id
+        assert model is not None
         with_bos, without, chat = await asyncio.gather(
             self._tokenize("a", True), self._tokenize("a", False), self._chat_probe(), return_exceptions=False
         )
         bos = with_bos[0] if len(with_bos) > len(without) else None
         eos = self._eos_override or await self._eos_ids()
         self._local = await self._local_tokenizer(model)
-        return EngineFacts(model, int(served[model].get("max_model_len") or 4096), bos, eos, chat)
+        return EngineFacts(model, int(entry.get("max_model_len") or 4096), bos, eos, chat)
 
     async def _local_tokenizer(self, model: str) -> Any:
         """The tokenizer to use here instead of `/tokenize` and `/detokenize`: the entry's
@@ -690,21 +698,9 @@ class LlamaCppServerEngine(Engine):
     takes_text = True
 
     async def _ask_facts(self) -> EngineFacts:
-        listed = await self._request("GET", "/v1/models")
-        try:
-            served = [m["id"] for m in listed["data"]]
-        except (KeyError, TypeError):
-            raise EngineError(f"{self.where}: /v1/models answered without a model list") from None
-        model = self.model_id
-        if model is None:
-            if len(served) != 1:
-                raise EngineError(f"{self.where} serves {sorted(served)}; say which with `model:`")
-            model = served[0]
-        elif model not in served:
-            raise EngineError(f"{self.where} does not serve {model!r}; it serves {sorted(served)}")
-        self.model_id = model
+        await self._served_model()
         empty = await self._tokenize("")  # [BOS] where the model adds one, else []
-        return EngineFacts(model, UNKNOWN_CONTEXT, empty[0] if empty else None, frozenset(), False)
+        return EngineFacts(str(self.model_id), UNKNOWN_CONTEXT, empty[0] if empty else None, frozenset(), False)
 
     async def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         out = await self._request("POST", "/extras/tokenize", {"model": self.model_id, "input": text})

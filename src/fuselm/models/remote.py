@@ -115,8 +115,8 @@ class RemoteModel:
         return f"RemoteModel({self.name!r}, {self.engine.where!r})"
 
 
-class RemoteSession:
-    """One model's view of one generation's text, on an engine (see the module docstring)."""
+class _EngineSession:
+    """What the sessions on an engine share: the committed text, the open stream, closing."""
 
     remote = True
 
@@ -127,19 +127,10 @@ class RemoteSession:
         self.text = ""
         self.stats = SessionStats()
         self._closed = False
-        self._ids: dict[str, list[int]] = {}  # the engine's tokenizations, by text
         self._stream: EngineStream | None = None
-        self._base: list[int] = []  # the ids the open stream continues
         self._sampling = Sampling()
-        self._top_of: tuple[list[int], dict[int, float]] | None = None  # the last top-k asked, and after what
         self._samplings: dict[int, Sampling] = {}  # per sampler: its seed is drawn once per generation
-        self._replayed: list[int] = []  # the tokens of the last `replay`
-        # log p(token | prefix) that streams brought (each streamed token's own and its top-k):
-        # `score` asks the engine only for the pairs not in here
-        self._known: dict[tuple[int, ...], dict[int, float]] = {}
-        self._n_committed = 0
 
-    # --- the session's face --------------------------------------------------------------------
     @property
     def name(self) -> str:
         return self.model.name
@@ -158,12 +149,33 @@ class RemoteSession:
             except Exception:  # closing a dead connection: nothing to give back
                 pass
 
-    def __enter__(self) -> RemoteSession:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _sampling_of(self, choose: Any) -> Sampling:
+        if id(choose) not in self._samplings:
+            self._samplings[id(choose)] = _sampling(choose, self.name)
+        return self._samplings[id(choose)]
+
+
+class RemoteSession(_EngineSession):
+    """One model's view of one generation's text, on an engine (see the module docstring)."""
+
+    def __init__(self, model: RemoteModel, prompt: str):
+        super().__init__(model, prompt)
+        self._ids: dict[str, list[int]] = {}  # the engine's tokenizations, by text
+        self._base: list[int] = []  # the ids the open stream continues
+        self._top_of: tuple[list[int], dict[int, float]] | None = None  # the last top-k asked, and after what
+        self._replayed: list[int] = []  # the tokens of the last `replay`
+        # log p(token | prefix) that streams brought (each streamed token's own and its top-k):
+        # `score` asks the engine only for the pairs not in here
+        self._known: dict[tuple[int, ...], dict[int, float]] = {}
+        self._n_committed = 0
+
+    # --- the session's face --------------------------------------------------------------------
     def is_eos(self, token_id: int) -> bool:
         return token_id in self.model.run(self.engine.facts()).eos_token_ids
 
@@ -239,11 +251,6 @@ class RemoteSession:
         self._replayed = list(token_ids)
         text = self.continuation_text(self._replayed)
         return Rollout(text, list(self._replayed), [], [], [0] * len(self._replayed))
-
-    def _sampling_of(self, choose: Any) -> Sampling:
-        if id(choose) not in self._samplings:
-            self._samplings[id(choose)] = _sampling(choose, self.name)
-        return self._samplings[id(choose)]
 
     # --- internals (on the engine loop) ---------------------------------------------------------
     async def _tail_tokens(self, tokens: list[int], k: int) -> NextTokens:
@@ -494,7 +501,7 @@ class RemoteSession:
         return Score(top + math.log(sum(math.exp(x - top) for x in lps)), 1, 0, 0)
 
 
-class TextSession:
+class TextSession(_EngineSession):
     """A generation's session on an engine that takes text prompts and streams text without
     token ids (llama-cpp-python's server): rollouts only, which is what `single` needs; the
     methods that need more are refused before they get here (its `offers`). Like
@@ -503,43 +510,9 @@ class TextSession:
     rollout reads on in it, so a generation is one request. A stream the engine ended early (it
     serves one request at a time and a new one interrupts it) is opened again from there."""
 
-    remote = True
-
     def __init__(self, model: RemoteModel, prompt: str):
-        self.model = model
-        self.engine = model.engine
-        self.prompt = prompt
-        self.text = ""
-        self.stats = SessionStats()
-        self._closed = False
-        self._stream: EngineStream | None = None
+        super().__init__(model, prompt)
         self._base = ""  # the text the open stream continues
-        self._sampling = Sampling()
-        self._samplings: dict[int, Sampling] = {}
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    def append(self, text: str) -> None:
-        self.text += text
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            try:
-                engine_loop().run(stream.aclose())
-            except Exception:  # closing a dead connection: nothing to give back
-                pass
-
-    def __enter__(self) -> TextSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def rollout(
         self,
@@ -556,9 +529,7 @@ class TextSession:
             raise ValueError("max_tokens must be >= 1")
         if first_token is not None:
             raise FuselmError(f"{self.name!r} on {self.model.where} takes text: no forced first token")
-        if id(choose) not in self._samplings:
-            self._samplings[id(choose)] = _sampling(choose, self.name)
-        return self.model.run(self._rollout(max_tokens, until, self._samplings[id(choose)]))
+        return self.model.run(self._rollout(max_tokens, until, self._sampling_of(choose)))
 
     async def _rollout(self, max_tokens: int, until, sampling: Sampling) -> Rollout:
         if self._closed:
