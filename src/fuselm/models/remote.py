@@ -513,6 +513,7 @@ class TextSession(_EngineSession):
     def __init__(self, model: RemoteModel, prompt: str):
         super().__init__(model, prompt)
         self._base = ""  # the text the open stream continues
+        self._matched: tuple[int, str] = (0, "")  # its tokens the committed text covered at the last seek
 
     def rollout(
         self,
@@ -563,7 +564,9 @@ class TextSession(_EngineSession):
         else a new stream on `full`."""
         s = self._stream
         if s is not None and sampling == self._sampling and full.startswith(self._base):
-            rest, seen, j = full[len(self._base) :], "", 0
+            rest = full[len(self._base) :]
+            # go on from where the last seek matched (a generation commits token by token)
+            j, seen = self._matched if rest.startswith(self._matched[1]) else (0, "")
             while len(seen) < len(rest):
                 await s.read(j + 1)
                 if j >= len(s.tokens):
@@ -571,6 +574,7 @@ class TextSession(_EngineSession):
                 seen += s.tokens[j].text
                 j += 1
             if seen == rest and (j < len(s.tokens) or not s.done or s.finished):
+                self._matched = (j, seen)
                 return s, j
         return await self._open(full, max_tokens, sampling), 0
 
@@ -580,7 +584,7 @@ class TextSession(_EngineSession):
         if self.stats.prompt_tokens == 0:  # asked first: any request interrupts a running stream there
             self.stats.prompt_tokens = len(await self.engine.tokenize(full))
         self._stream = await self.engine.text_stream(full, max_tokens, sampling)
-        self._base, self._sampling = full, sampling
+        self._base, self._sampling, self._matched = full, sampling, (0, "")
         self.stats.forward_passes += 1
         return self._stream
 
