@@ -294,6 +294,36 @@ def test_a_controller_learns_to_pick_the_right_member_where_the_vote_ties(answer
     assert Controller.load(tmp_path / "again.json").choose(rows) == ctl.choose(rows) == 1
 
 
+def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(answer_models, answer_data, tmp_path):
+    """--controller-rows 3: a controller learns from dev rows 3-5, then the calibration on rows
+    0-2 tries it beside the hand rules; eval refuses its rows as it refuses the calibration's."""
+    out = tmp_path / "calib.yaml"
+    models = f"{answer_models['wrong']},{answer_models['right']}"  # adafuse's tie goes to `wrong`
+    common = ["--task", "triviaqa", "--models", models, "--dev-data", "triviaqa/rows.jsonl", "--max-new-tokens",
+              "3", "--data-dir", str(answer_data), "--thetas", "0.5", "--margins", "0", "--max-gap", "100",
+              "--no-progress"]  # fmt: skip
+    r = run_cli("calibrate", *common, "--limit", "3", "--controller-rows", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    cal = load_calibration(out)
+    ctl = tmp_path / "calib.controller.json"
+    assert cal.dev.ids == [0, 1, 2] and cal.controller_dev.ids == [3, 4, 5]
+    assert cal.controller_dev.file == "triviaqa/rows.jsonl" and cal.controller_dev.offset == 3
+    tried = {t.label: t for t in cal.tried}
+    assert tried["adafuse"].score == 0.0 and tried["adafuse controller"].score == 1.0
+    assert tried["adafuse controller"].method_options == {"controller": str(ctl.resolve())}
+    assert tried["adafuse controller"].models == [answer_models["wrong"], answer_models["right"]]
+    used = run_cli("eval", "--task", "triviaqa", "--calibration", str(out), "--data-dir", str(answer_data),
+                   "--data", str(answer_data / "triviaqa/rows.jsonl"), "--offset", "4", "--out",
+                   str(tmp_path / "run"), "--no-progress")  # fmt: skip
+    assert used.returncode == 1
+    assert "2 of the 6 rows to evaluate (ids 4..5) were used to train the controller of" in used.stderr
+    # a controller tried on the rows it learnt from: refused before any model loads
+    own = run_cli("calibrate", *common, "--offset", "2", "--limit", "3", "--controller", str(ctl), "--out",
+                  str(tmp_path / "own.yaml"))  # fmt: skip
+    assert own.returncode == 1 and "learnt from 2 of these dev rows" in own.stderr
+    assert not (tmp_path / "own.runs").exists()
+
+
 def test_a_controller_file_is_checked(answer_models, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"fuselm_controller": 1, "kind": "forest"}')

@@ -58,6 +58,9 @@ class Calibration(StrictModel):
     task: str
     metric: str
     dev: DevRows
+    controller_dev: DevRows | None = Field(
+        None, description="the rows the tried controller learnt from (never to be used for test scores either)"
+    )
     members: list[ModelConfig] = Field(min_length=1, description="every model given to calibrate, in order")
     scores: list[MemberScore]
     anchor: str = Field(description="the best member on the dev rows")

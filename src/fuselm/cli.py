@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-gap", type=float, default=10.0,
                    help="no equal-vote setups with members more points than this below the best on dev; "
                         "anchored ones keep them (default 10)")  # fmt: skip
+    c.add_argument("--controller-rows", type=int, default=0, metavar="N",
+                   help="also try adafuse with a learned controller, trained first on the N dev rows after"
+                        " --offset + --limit (saved as CALIB.controller.json; default 0: none)")  # fmt: skip
+    c.add_argument("--controller", metavar="FILE.json",
+                   help="also try adafuse with this controller (trained on other dev rows)")  # fmt: skip
     c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_flags(c, GenerationConfig, skip=_SPECIAL_FIELDS | {"stop"})
@@ -331,7 +336,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         spec = CalibrateSpec(
             task=ns.task, models=models, dev_data=ns.dev_data, offset=ns.offset, limit=ns.limit,
             thetas=_floats(ns.thetas, "--thetas"), margins=_floats(ns.margins, "--margins"), max_gap=ns.max_gap,
-            generation=GenerationConfig(**_pick(ns, GenerationConfig)),
+            generation=GenerationConfig(**_pick(ns, GenerationConfig)), controller=ns.controller,
         )  # fmt: skip
     except ValidationError as e:
         raise FuselmError(validation_message(e, "options")) from None
@@ -340,6 +345,21 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     get_task(ns.task)  # unknown task: fail before loading any model
     out = Path(ns.out)
     runs = Path(ns.runs) if ns.runs else out.with_suffix(".runs")
+    if ns.controller_rows:
+        if ns.controller:
+            raise FuselmError("give --controller FILE or --controller-rows N, not both")
+        from .training.controller_train import ControllerTrainSpec, train_controller
+
+        try:
+            train = ControllerTrainSpec(task=ns.task, models=models, data=ns.dev_data, offset=ns.offset + ns.limit,
+                                        limit=ns.controller_rows)  # fmt: skip
+        except ValidationError as e:
+            raise FuselmError(validation_message(e, "--controller-rows")) from None
+        path = out.with_suffix(".controller.json")
+        console.print(f"[bold]calibrate: a controller on {ns.controller_rows} dev rows from row {train.offset}[/]")
+        train_controller(train, path, Path(ns.data_dir) if ns.data_dir else None, not ns.no_progress,
+                         say=console.print)  # fmt: skip
+        spec = spec.model_copy(update={"controller": str(path)})
     cal = calibrate(
         spec,
         runs,

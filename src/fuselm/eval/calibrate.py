@@ -14,6 +14,8 @@ does not lose to its best member.
    `margins`. The anchor commits alone while it is confident and a far weaker member can only
    override it by a margin, so the gap rule does not apply to it (FLORES en->de on the default pair:
    SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
+   With a learned controller (`controller`, trained on other dev rows: `fuselm calibrate
+   --controller-rows N` trains one on the N rows after these), `adafuse` steered by it.
 4. The best fused setup is chosen only if its dev score is above the best member's; otherwise
    the calibration falls back to the best member alone. Scores that tie on the main metric
    (few dev rows, low scores) are ranked by the task's finer metrics (F1 after exact match),
@@ -37,6 +39,7 @@ from ..calibration import Calibration, DevRows, MemberScore, Trial
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..files import atomic_write_json
+from ..fusion.controller import Controller
 from ..models.backend import require_one_vocabulary
 from ..models.loading import load_model
 from .records import EvalSpec
@@ -62,6 +65,9 @@ class CalibrateSpec(BaseModel):
         10.0, ge=0.0, description="leave members this many points below the best out of the equal-vote setups"
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    controller: str | None = Field(
+        None, description="a controller file for these models (`fuselm train-controller` on other dev rows), tried"
+    )
 
 
 PROMPT_TAU = 0.1  # per-prompt weights' temperature, in nats per byte of the prompt
@@ -161,6 +167,9 @@ def calibrate(
     rows = base.select(load_rows(task, str(path), data_dir))
     if not rows:
         raise FuselmError(f"no dev rows selected from {name} (offset {spec.offset}, limit {spec.limit})")
+    controller, controller_dev = None, None
+    if spec.controller:  # checked before any model loads
+        controller, controller_dev = _controller_rows(spec, task, data_dir, name, {r["id"] for r in rows})
     runs.mkdir(parents=True, exist_ok=True)
     n_steps = len(spec.models) * 2 + len(spec.thetas) * len(spec.margins)  # grows once it is known who is kept
     step = 0
@@ -228,6 +237,8 @@ def calibrate(
         for margin in spec.margins:
             opts = {"policy": "anchored", "anchor": best, "theta": theta, "override_margin": margin}
             grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", "adafuse", list(spec.models), opts))
+    if controller is not None:
+        grid.append(("adafuse controller", "adafuse", list(spec.models), {"controller": str(controller)}))
     n_steps += len(grid) - len(spec.thetas) * len(spec.margins)
     for label, method, models, opts in grid:
         fused = [m.name for m in models]
@@ -266,6 +277,7 @@ def calibrate(
         task=task.name,
         metric=task.main_metric,
         dev=DevRows(file=name, offset=spec.offset, limit=spec.limit, ids=[r["id"] for r in rows]),
+        controller_dev=controller_dev,
         members=spec.models,
         scores=members,
         anchor=best,
@@ -279,6 +291,26 @@ def calibrate(
         ),
         versions=_versions(),
     )
+
+
+def _controller_rows(
+    spec: CalibrateSpec, task: Task, data_dir: Path, dev_name: str, dev_ids: set
+) -> tuple[Path, DevRows]:
+    """The controller's file (absolute: a calibration is used from anywhere) and the rows it
+    learnt from, which must not be the calibration's own: its dev score would flatter it."""
+    path = Path(spec.controller or "").resolve()
+    ctl = Controller.load(path)
+    ctl.check_models([m.name for m in spec.models], str(path))
+    dev = ctl.info.get("dev") or {}
+    if "ids" not in dev:
+        raise FuselmError(f"{path} does not say which rows it learnt from: train it again with this fuselm")
+    _, name = dev_file(task, dev.get("data"), data_dir)
+    if name == dev_name and dev_ids & set(dev["ids"]):
+        raise FuselmError(
+            f"{path} learnt from {len(dev_ids & set(dev['ids']))} of these dev rows: its score on them says"
+            " nothing; train it on other rows (--offset past them)"
+        )
+    return path, DevRows(file=name, offset=dev.get("offset", 0), limit=dev.get("limit"), ids=list(dev["ids"]))
 
 
 def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, at: tuple[int, int]) -> dict[str, float | None]:
@@ -313,13 +345,14 @@ def check_unused(path: str | Path, spec: EvalSpec, data_dir: Path | None = None)
         return
     data_dir = data_dir or default_data_dir()
     file = Path(spec.data) if spec.data else data_dir / (task.data_file or "")
-    if data_name(file, data_dir) != cal.dev.file:
-        return
-    selected = spec.select(load_rows(task, spec.data, data_dir))
-    used = [r["id"] for r in selected if r["id"] in set(cal.dev.ids)]
-    if used:
-        raise FuselmError(
-            f"{len(used)} of the {len(selected)} rows to evaluate (ids {used[0]}..{used[-1]}) were used to calibrate"
-            f" {path} ({cal.dev.file}, offset {cal.dev.offset}); evaluate other rows (--offset) or calibrate on"
-            " other data"
-        )
+    for rows, what in ((cal.dev, "calibrate"), (cal.controller_dev, "train the controller of")):
+        if rows is None or data_name(file, data_dir) != rows.file:
+            continue
+        selected = spec.select(load_rows(task, spec.data, data_dir))
+        used = [r["id"] for r in selected if r["id"] in set(rows.ids)]
+        if used:
+            raise FuselmError(
+                f"{len(used)} of the {len(selected)} rows to evaluate (ids {used[0]}..{used[-1]}) were used to {what}"
+                f" {path} ({rows.file}, offset {rows.offset}); evaluate other rows (--offset) or calibrate on"
+                " other data"
+            )

@@ -210,7 +210,8 @@ def train_controller(
     n_rounds = sum(len(it["rounds"]) for it in items)
     controller.info = {
         "task": spec.task, "models": [m.name for m in spec.models], "options": spec.options,
-        "dev": {"data": spec.data, "offset": spec.offset, "limit": spec.limit, "rows": len(items)},
+        "dev": {"data": spec.data, "offset": spec.offset, "limit": spec.limit, "rows": len(items),
+                "ids": [it["id"] for it in items]},
         "rounds": n_rounds, "held_out_rows": len(held), "held_out_accuracy": table,
     }  # fmt: skip
     controller.save(out)
