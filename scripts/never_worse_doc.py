@@ -44,7 +44,7 @@ def _fmt(x: float | None, scale: float) -> str:
 def _runs(where: Path) -> dict:
     runs = {}
     for d in sorted(where.iterdir()):
-        if d.is_dir() and (d / "config.json").is_file():
+        if d.is_dir() and (d / "config.json").is_file() and not d.name.endswith(".superseded"):
             try:
                 runs[d.name] = load_run(d)
             except Exception:  # noqa: BLE001 - a run with no rows yet
@@ -133,7 +133,8 @@ def task_table(where: Path) -> str | None:
                 diff = f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
         label = name[len("single-") :] + " alone" if name.startswith("single-") else name
         if name == "calibrated" and cal:
-            label += f" (= {cal['method']} {'+'.join(cal['models'])})"
+            steer = " with its controller" if "controller" in (cal.get("method_options") or {}) else ""
+            label += f" (= {cal['method']} {'+'.join(cal['models'])}{steer})"
         if name == best_name:
             label += " (best member)"
         star = "" if r.summary.complete else "*"

@@ -6,18 +6,22 @@ then evaluate on test rows no calibration used, resumable.
     python scripts/never_worse_matrix.py --ensembles default --tasks nq,triviaqa
 
 Each (ensemble, task) is one chain, run in order by one worker: `fuselm calibrate` into
-``runs/never-worse/ENSEMBLE/TASK/calib.yaml``, then `fuselm eval` of every member alone, of
-the calibrated setup (`--calibration`: first, the never-worse claim rests on it), of
-`token-average` (ensembles of one vocabulary), of anchored
-AdaFuse (the calibration's anchor, default theta and margin), of today's `adafuse`, and of `adafuse` with a learned controller
-(`fuselm train-controller` on dev rows, then `-O controller=`). Finished runs are skipped and interrupted ones go on
-where they stopped (calibrate and eval are both resumable), so the script can be stopped and
-started at any time. Workers are pinned to their own CPU with ``taskset``.
+``runs/never-worse/ENSEMBLE/TASK/calib.yaml`` (with `--controller-rows`: a learned controller
+trained on the dev rows after the calibration's, tried in its grid), then `fuselm eval` of every
+member alone, of the calibrated setup (`--calibration`: first, the never-worse claim rests on
+it), of `token-average` (ensembles of one vocabulary), of anchored AdaFuse (the calibration's
+anchor, default theta and margin), of today's `adafuse`, and of `adafuse` with the
+calibration's controller (`-O controller=`). Finished runs are skipped and interrupted ones go
+on where they stopped (calibrate and eval are both resumable), so the script can be stopped and
+started at any time. A test run whose setup no longer matches (a calibration made again chose
+otherwise) is moved aside to NAME.superseded/ and run again. Workers are pinned to their own
+CPU with ``taskset``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -49,14 +53,21 @@ TASKS = {
 }
 
 
+# a controller learns along reference texts; HumanEval's references are tests, not text
+NO_REFERENCE_TEXT = {"humaneval"}
+
+
 def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     """The commands of one (ensemble, task), in order; `{anchor}` is filled from the calibration."""
     models = ENSEMBLES[ensemble]
     n_test, dev, offset, n_dev = TASKS[task]
     where = root / ensemble / task
     calib = where / "calib.yaml"
+    ctrl = where / "calib.controller.json"  # calibrate --controller-rows writes it
     cal = ["fuselm", "calibrate", "--task", task, "--models", ",".join(models), "--limit", str(n_dev),
            "--out", str(calib)]  # fmt: skip
+    if task not in NO_REFERENCE_TEXT:
+        cal += ["--controller-rows", str(2 * n_dev)]
     if dev == "HUMANEVAL":
         cal += ["--dev-data", "{humaneval}", "--offset", str(offset)]
     elif dev:
@@ -75,15 +86,9 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     out.append(
         ("adafuse", [*test, "--method", "adafuse", "--models", ",".join(models), "--out", str(where / "adafuse")])
     )
-    # the learned controller: trained on dev rows (twice the calibration's), used over today's adafuse
-    ctrl = where / "controller.json"
-    train = ["fuselm", "train-controller", "--task", task, "--models", ",".join(models), "--limit", str(2 * n_dev),
-             "--out", str(ctrl)]  # fmt: skip
-    if dev == "HUMANEVAL":
-        train += ["--data", "{humaneval}", "--offset", str(offset)]
-    elif dev:
-        train += ["--data", dev, "--offset", str(offset)]
-    out.append(("train-controller", train))
+    if task in NO_REFERENCE_TEXT:
+        return out
+    # the calibration's controller (trained on twice its dev rows, after them) over today's adafuse
     out.append(("controller", [*test, "--method", "adafuse", "--models", ",".join(models), "-O",
                                f"controller={ctrl}", "--out", str(where / "controller")]))  # fmt: skip
     return out
@@ -93,6 +98,33 @@ def humaneval_file() -> str:
     from fuselm.eval.tasks import get_task
 
     return get_task("humaneval").data_file or ""
+
+
+def _asked(args: list[str]) -> tuple[str, list[str], dict]:
+    """(method, model names, method options) that an eval command line asks for."""
+    if "--calibration" in args:
+        cal = yaml.safe_load(Path(args[args.index("--calibration") + 1]).read_text())
+        return cal["method"], cal["models"], cal["method_options"]
+    flag = "--models" if "--models" in args else "--model"
+    method = args[args.index("--method") + 1] if "--method" in args else "single"
+    opts = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "-O")
+    return method, args[args.index(flag) + 1].split(","), {k: yaml.safe_load(v) for k, v in opts.items()}
+
+
+def set_aside_if_stale(args: list[str]) -> str | None:
+    """Move an eval run aside when it holds another setup than `args` asks for now (the
+    calibration was made again and chose otherwise): a resumed run must keep its config."""
+    run = Path(args[args.index("--out") + 1]) if args[:2] == ["fuselm", "eval"] else None
+    if run is None or not (run / "config.json").is_file():
+        return None
+    have = json.loads((run / "config.json").read_text())["spec"]
+    got = (have["method"], [m["name"] for m in have["models"]], have.get("method_options") or {})
+    if json.dumps(got, sort_keys=True) == json.dumps(_asked(args), sort_keys=True):
+        return None
+    aside = run.with_name(run.name + ".superseded")
+    shutil.rmtree(aside, ignore_errors=True)
+    run.rename(aside)
+    return str(aside)
 
 
 def fill(args: list[str], calib: Path) -> list[str]:
@@ -145,6 +177,9 @@ def main() -> int:
                     (["taskset", "-c", str(cpu)] if pin else []) + fill(args, where / "calib.yaml") + ["--no-progress"]
                 )
                 print(f"[cpu {cpu}] {ensemble}/{task}: {name}\n", end="", flush=True)
+                aside = set_aside_if_stale(cmd[cmd.index("fuselm") :])
+                if aside:
+                    print(f"[cpu {cpu}] {ensemble}/{task}: {name} held another setup: moved to {aside}\n", end="")
                 with open(where / f"{name}.log", "a") as log:
                     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
                 if rc != 0:
