@@ -312,6 +312,8 @@ def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(an
     assert tried["adafuse"].score == 0.0 and tried["adafuse controller"].score == 1.0
     assert tried["adafuse controller"].method_options == {"controller": str(ctl.resolve())}
     assert tried["adafuse controller"].models == [answer_models["wrong"], answer_models["right"]]
+    trained = json.loads(ctl.read_text())["info"]["seconds"]  # its training counts in the cost
+    assert trained > 0 and cal.dev_seconds > trained
     used = run_cli("eval", "--task", "triviaqa", "--calibration", str(out), "--data-dir", str(answer_data),
                    "--data", str(answer_data / "triviaqa/rows.jsonl"), "--offset", "4", "--out",
                    str(tmp_path / "run"), "--no-progress")  # fmt: skip

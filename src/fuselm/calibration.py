@@ -69,7 +69,9 @@ class Calibration(StrictModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     reason: str = ""
     tried: list[Trial] = Field(default_factory=list)
-    dev_seconds: float | None = Field(None, description="generation time of every dev run, summed (the cost)")
+    dev_seconds: float | None = Field(
+        None, description="generation time of every dev run and of the controller's training rows, summed (the cost)"
+    )
     versions: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -167,9 +167,11 @@ def calibrate(
     rows = base.select(load_rows(task, str(path), data_dir))
     if not rows:
         raise FuselmError(f"no dev rows selected from {name} (offset {spec.offset}, limit {spec.limit})")
-    controller, controller_dev = None, None
+    controller, controller_dev, controller_seconds = None, None, 0.0
     if spec.controller:  # checked before any model loads
-        controller, controller_dev = _controller_rows(spec, task, data_dir, name, {r["id"] for r in rows})
+        controller, controller_dev, controller_seconds = _controller_rows(
+            spec, task, data_dir, name, {r["id"] for r in rows}
+        )
     runs.mkdir(parents=True, exist_ok=True)
     n_steps = len(spec.models) * 2 + len(spec.thetas) * len(spec.margins)  # grows once it is known who is kept
     step = 0
@@ -287,7 +289,9 @@ def calibrate(
         reason=reason,
         tried=tried,
         dev_seconds=round(
-            sum((v.summary.seconds_per_sample or 0.0) * v.summary.n for v in [*alone.values(), *views.values()]), 1
+            sum((v.summary.seconds_per_sample or 0.0) * v.summary.n for v in [*alone.values(), *views.values()])
+            + controller_seconds,
+            1,
         ),
         versions=_versions(),
     )
@@ -295,9 +299,10 @@ def calibrate(
 
 def _controller_rows(
     spec: CalibrateSpec, task: Task, data_dir: Path, dev_name: str, dev_ids: set
-) -> tuple[Path, DevRows]:
-    """The controller's file (absolute: a calibration is used from anywhere) and the rows it
-    learnt from, which must not be the calibration's own: its dev score would flatter it."""
+) -> tuple[Path, DevRows, float]:
+    """The controller's file (absolute: a calibration is used from anywhere), the rows it learnt
+    from, which must not be the calibration's own (its dev score would flatter it), and the
+    seconds its training decoded for."""
     path = Path(spec.controller or "").resolve()
     ctl = Controller.load(path)
     ctl.check_models([m.name for m in spec.models], str(path))
@@ -310,7 +315,8 @@ def _controller_rows(
             f"{path} learnt from {len(dev_ids & set(dev['ids']))} of these dev rows: its score on them says"
             " nothing; train it on other rows (--offset past them)"
         )
-    return path, DevRows(file=name, offset=dev.get("offset", 0), limit=dev.get("limit"), ids=list(dev["ids"]))
+    rows = DevRows(file=name, offset=dev.get("offset", 0), limit=dev.get("limit"), ids=list(dev["ids"]))
+    return path, rows, float(ctl.info.get("seconds") or 0.0)
 
 
 def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, at: tuple[int, int]) -> dict[str, float | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,9 @@ def collect(
                                         completed=len(rows) - len(todo))  # fmt: skip
                 for row in todo:
                     reference = task.reference_text(row)
+                    t0 = time.perf_counter()
                     result = decode(method, task.build_prompt(prefix, row), gen, reference=reference)
-                    item = {"id": row["id"], "names": names,
+                    item = {"id": row["id"], "names": names, "seconds": round(time.perf_counter() - t0, 3),
                             "rounds": examples_from_trace(result.trace, names, reference)}  # fmt: skip
                     append_jsonl(path, item)
                     done[row["id"]] = item
@@ -213,6 +215,7 @@ def train_controller(
         "dev": {"data": spec.data, "offset": spec.offset, "limit": spec.limit, "rows": len(items),
                 "ids": [it["id"] for it in items]},
         "rounds": n_rounds, "held_out_rows": len(held), "held_out_accuracy": table,
+        "seconds": round(sum(it.get("seconds", 0.0) for it in items), 1),  # decoding the rows: the cost
     }  # fmt: skip
     controller.save(out)
     atomic_write_json(work / "summary.json", controller.info)
