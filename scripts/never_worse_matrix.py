@@ -127,6 +127,21 @@ def set_aside_if_stale(args: list[str]) -> str | None:
     return str(aside)
 
 
+def same_as_done(args: list[str], earlier: list[list[str]]) -> Path | None:
+    """A finished run of an earlier step of the chain with the very setup `args` asks for (the
+    calibration chose the controller, say): greedy decoding gives the same rows, so it is copied."""
+    from fuselm.eval.report import load_run
+
+    if args[:2] != ["fuselm", "eval"] or (Path(args[args.index("--out") + 1]) / "config.json").exists():
+        return None
+    for other in earlier:
+        run = Path(other[other.index("--out") + 1])
+        if other[:2] == ["fuselm", "eval"] and (run / "summary.json").is_file() and _asked(other) == _asked(args):
+            if load_run(run).summary.complete:
+                return run
+    return None
+
+
 def fill(args: list[str], calib: Path) -> list[str]:
     values = {"humaneval": humaneval_file() if any("{humaneval}" in a for a in args) else ""}
     if any("{anchor}" in a for a in args):
@@ -172,14 +187,22 @@ def main() -> int:
                 ensemble, task, steps = chains.pop(0)
             where = root / ensemble / task
             where.mkdir(parents=True, exist_ok=True)
+            done: list[list[str]] = []
             for name, args in steps:
                 cmd = (
                     (["taskset", "-c", str(cpu)] if pin else []) + fill(args, where / "calib.yaml") + ["--no-progress"]
                 )
                 print(f"[cpu {cpu}] {ensemble}/{task}: {name}\n", end="", flush=True)
-                aside = set_aside_if_stale(cmd[cmd.index("fuselm") :])
+                line = cmd[cmd.index("fuselm") :]
+                aside = set_aside_if_stale(line)
                 if aside:
                     print(f"[cpu {cpu}] {ensemble}/{task}: {name} held another setup: moved to {aside}\n", end="")
+                same = same_as_done(line, done)
+                done.append(line)
+                if same is not None:
+                    shutil.copytree(same, line[line.index("--out") + 1])
+                    print(f"[cpu {cpu}] {ensemble}/{task}: {name} is the setup of {same.name}: copied\n", end="")
+                    continue
                 with open(where / f"{name}.log", "a") as log:
                     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
                 if rc != 0:
