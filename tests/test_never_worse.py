@@ -312,8 +312,15 @@ def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(an
     assert tried["adafuse"].score == 0.0 and tried["adafuse controller"].score == 1.0
     assert tried["adafuse controller"].method_options == {"controller": str(ctl.resolve())}
     assert tried["adafuse controller"].models == [answer_models["wrong"], answer_models["right"]]
-    trained = json.loads(ctl.read_text())["info"]["seconds"]  # its training counts in the cost
-    assert trained > 0 and cal.dev_seconds > trained
+    # its training counts in the cost: a controller that took 100 s adds 100 s
+    timed = json.loads(ctl.read_text())
+    assert timed["info"]["seconds"] > 0
+    timed["info"]["seconds"] += 100.0
+    (tmp_path / "timed.json").write_text(json.dumps(timed))
+    again = run_cli("calibrate", *common, "--limit", "3", "--controller", str(tmp_path / "timed.json"), "--out",
+                    str(tmp_path / "timed.yaml"))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert load_calibration(tmp_path / "timed.yaml").dev_seconds == pytest.approx(cal.dev_seconds + 100.0, abs=1.0)
     used = run_cli("eval", "--task", "triviaqa", "--calibration", str(out), "--data-dir", str(answer_data),
                    "--data", str(answer_data / "triviaqa/rows.jsonl"), "--offset", "4", "--out",
                    str(tmp_path / "run"), "--no-progress")  # fmt: skip

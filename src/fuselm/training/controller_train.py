@@ -215,7 +215,7 @@ def train_controller(
         "dev": {"data": spec.data, "offset": spec.offset, "limit": spec.limit, "rows": len(items),
                 "ids": [it["id"] for it in items]},
         "rounds": n_rounds, "held_out_rows": len(held), "held_out_accuracy": table,
-        "seconds": round(sum(it.get("seconds", 0.0) for it in items), 1),  # decoding the rows: the cost
+        "seconds": round(sum(it.get("seconds", 0.0) for it in items), 3),  # decoding the rows: the cost
     }  # fmt: skip
     controller.save(out)
     atomic_write_json(work / "summary.json", controller.info)
