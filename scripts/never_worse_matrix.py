@@ -14,7 +14,8 @@ anchor, default theta and margin), of today's `adafuse`, and of `adafuse` with t
 calibration's controller (`-O controller=`). Finished runs are skipped and interrupted ones go
 on where they stopped (calibrate and eval are both resumable), so the script can be stopped and
 started at any time. A test run whose setup no longer matches (a calibration made again chose
-otherwise) is moved aside to NAME.superseded/ and run again. Workers are pinned to their own
+otherwise) is moved aside to NAME.superseded/ and run again; a step with the setup of a finished
+earlier step (the calibration chose the controller) copies that run (greedy: the same rows). Workers are pinned to their own
 CPU with ``taskset``.
 """
 
@@ -53,10 +54,6 @@ TASKS = {
 }
 
 
-# a controller learns along reference texts; HumanEval's references are tests, not text
-NO_REFERENCE_TEXT = {"humaneval"}
-
-
 def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     """The commands of one (ensemble, task), in order; `{anchor}` is filled from the calibration."""
     models = ENSEMBLES[ensemble]
@@ -65,9 +62,7 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     calib = where / "calib.yaml"
     ctrl = where / "calib.controller.json"  # calibrate --controller-rows writes it
     cal = ["fuselm", "calibrate", "--task", task, "--models", ",".join(models), "--limit", str(n_dev),
-           "--out", str(calib)]  # fmt: skip
-    if task not in NO_REFERENCE_TEXT:
-        cal += ["--controller-rows", str(2 * n_dev)]
+           "--controller-rows", str(2 * n_dev), "--out", str(calib)]  # fmt: skip
     if dev == "HUMANEVAL":
         cal += ["--dev-data", "{humaneval}", "--offset", str(offset)]
     elif dev:
@@ -86,8 +81,6 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     out.append(
         ("adafuse", [*test, "--method", "adafuse", "--models", ",".join(models), "--out", str(where / "adafuse")])
     )
-    if task in NO_REFERENCE_TEXT:
-        return out
     # the calibration's controller (trained on twice its dev rows, after them) over today's adafuse
     out.append(("controller", [*test, "--method", "adafuse", "--models", ",".join(models), "-O",
                                f"controller={ctrl}", "--out", str(where / "controller")]))  # fmt: skip

@@ -333,7 +333,7 @@ def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, at: tuple[i
         say(f"calibrate {at[0] + i + 1}/{at[1]}: {m.name}'s NLL of the {len(rows)} dev references")
         try:
             value = reference_nll(m, task, rows, prefix, gen)
-        except FuselmError:  # a task without reference texts (HumanEval): no quality weights
+        except FuselmError:  # a task without reference texts: no quality weights
             value = None
         done["nll"][m.name] = value
         atomic_write_json(cache, done)
@@ -351,10 +351,11 @@ def check_unused(path: str | Path, spec: EvalSpec, data_dir: Path | None = None)
         return
     data_dir = data_dir or default_data_dir()
     file = Path(spec.data) if spec.data else data_dir / (task.data_file or "")
+    selected = None
     for rows, what in ((cal.dev, "calibrate"), (cal.controller_dev, "train the controller of")):
         if rows is None or data_name(file, data_dir) != rows.file:
             continue
-        selected = spec.select(load_rows(task, spec.data, data_dir))
+        selected = selected or spec.select(load_rows(task, spec.data, data_dir))
         used = [r["id"] for r in selected if r["id"] in set(rows.ids)]
         if used:
             raise FuselmError(
