@@ -369,6 +369,47 @@ def test_prompt_weights_favour_the_model_that_knows_the_prompt(smol_tokenizer_di
         first([x, y], "start", prompt_weights=0)
 
 
+def test_prompt_weights_score_a_repeated_few_shot_prefix_once(tiny_backends, monkeypatch):
+    """Per-prompt weights remember the pieces of the prompts they scored: the next row's prompt,
+    the same shots before another question, costs its own text only (its session starts from
+    the warm shots), its NLL is the one scored from scratch, and the session that generates
+    next finds the whole prompt in the cache."""
+    from fuselm.fusion.ensemble import PromptPieceMemo, prompt_nll
+
+    backend = next(iter(tiny_backends.values()))
+    forwarded = []
+    for name in ("extend", "fork_branches"):
+        run = getattr(backend, name)
+
+        def counting(cache, *args, _run=run, _name=name, **kw):
+            runs = args[-1] if _name == "fork_branches" else [args[0]]
+            forwarded.append(sum(len(r) for r in runs))
+            return _run(cache, *args, **kw)
+
+        monkeypatch.setattr(backend, name, counting)
+    model = as_model(backend)
+    shots = "".join(f"Question: what is {i} and {i}? Answer: {2 * i}.\n" for i in range(24))
+    first, second = shots + "Question: who wrote Hamlet? Answer:", shots + "Question: where is Ulm? Answer:"
+    assert 900 < len(shots) and len(backend.tokenize(second)) < backend.info.context_length
+
+    forwarded.clear()
+    alone = prompt_nll(model, second)  # no memo: every piece scored, from a cold side session
+    cost_alone = sum(forwarded)
+    memo = PromptPieceMemo()
+    prompt_nll(model, first, memo)
+    forwarded.clear()
+    remembered = prompt_nll(model, second, memo)
+    assert remembered == pytest.approx(alone, rel=1e-4)
+    assert cost_alone > len(backend.tokenize(shots)) and sum(forwarded) < cost_alone / 4
+    with model.session(second) as s:
+        s.next_logprobs()
+        assert s.stats.cached_prompt_tokens >= s.stats.prompt_tokens - 1
+    # bounded: the oldest pieces go first
+    small = PromptPieceMemo(capacity=2)
+    prompt_nll(model, first, small)
+    assert len(small) == 2
+
+
 @pytest.mark.parametrize("combine, winner", [("mean", " b b"), ("median", " a"), ("trimmed", " a")])
 def test_a_robust_combination_keeps_one_outlier_from_deciding(smol_tokenizer_dir, combine, winner):  # noqa: F811
     """Two models prefer " a" mildly; a third is sure of " b" and finds " a" all but impossible:

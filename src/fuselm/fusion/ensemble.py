@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,13 +31,18 @@ class EnsembleMethod(FusionMethod):
     def __init__(self, models, options=None):
         super().__init__(models, options)
         self.weights = self.options.model_weights([m.config.weight for m in models])
+        self._prompt_memos = [PromptPieceMemo() for _ in models]
 
     def start(self, ctx: StepContext) -> Any:
         """With `prompt_weights`: this generation's weights, from each model's NLL of its prompt."""
         tau = getattr(self.options, "prompt_weights", None)
         if tau is None:
             return None
-        nll = each(ctx, lambda m, s: prompt_nll(self.models[m], s.prompt), list(range(len(self.models))))
+        nll = each(
+            ctx,
+            lambda m, s: prompt_nll(self.models[m], s.prompt, self._prompt_memos[m]),
+            list(range(len(self.models))),
+        )
         low = min(nll.values())
         raw = {m: self.weights[m] * math.exp(-(x - low) / tau) for m, x in nll.items()}
         total = sum(raw.values())
@@ -58,32 +66,80 @@ class PromptWeights:
     nll: dict[int, float]
 
 
-def prompt_nll(model, prompt: str) -> float:
+def prompt_nll(model, prompt: str, memo: PromptPieceMemo | None = None) -> float:
     """NLL per byte of `prompt` under `model` (per byte: models with different tokenizers
-    compare; from its first word on: a model without BOS cannot score its first token)."""
+    compare; from its first word on: a model without BOS cannot score its first token).
+
+    Scored in pieces of whole words, each committed once scored: a few-shot prompt can be longer
+    than one candidate may be (512 tokens on llama.cpp). With a `memo` (one per model), the pieces
+    an earlier prompt began with are not scored again: a few-shot evaluation repeats its shots
+    before every row, so only the row's own text is, on a session that starts from the model's
+    warm prefix (the shots) and leaves the whole prompt there for the generation's session."""
     end = first_word_end(prompt)
     if not end or end >= len(prompt):
         return 0.0
-    logprob, n_bytes = 0.0, 0
-    with model.session(prompt[:end]) as s:
-        # in pieces of whole words, each committed once scored: a few-shot prompt can be longer
-        # than one candidate may be (512 tokens on llama.cpp)
-        for piece in _pieces(prompt[end:], PROMPT_PIECE_CHARS):
-            score = s.score([piece])[0]
-            logprob, n_bytes = logprob + score.logprob, n_bytes + score.n_bytes
-            s.append(piece)
+    pieces = _pieces(prompt[end:], PROMPT_PIECE_CHARS)
+    keys, digest = [], hashlib.sha256(prompt[:end].encode())
+    for piece in pieces:  # the text through each piece, with the cuts (a score depends on them)
+        data = piece.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+        keys.append(digest.copy().digest())
+    done, logprob, n_bytes = 0, 0.0, 0
+    for k in reversed(range(len(keys)) if memo is not None else ()):  # the longest piece run seen
+        hit = memo.get(keys[k])
+        if hit is not None:
+            done, (logprob, n_bytes) = k + 1, hit
+            break
+    if done < len(pieces):
+        with model.session(prompt[: end + sum(map(len, pieces[:done]))]) as s:
+            for piece, key in zip(pieces[done:], keys[done:]):
+                score = s.score([piece])[0]
+                logprob, n_bytes = logprob + score.logprob, n_bytes + score.n_bytes
+                s.append(piece)
+                if memo is not None:
+                    memo.put(key, (logprob, n_bytes))
+            s.next_logprobs()  # keeps the last piece's scored key/values: the whole prompt stays warm
     return -logprob / n_bytes if n_bytes else math.inf
+
+
+class PromptPieceMemo:
+    """One model's log-likelihood of prompt text through the end of each piece scored so far
+    (keyed by a digest of that text and its cuts), the oldest dropped beyond `capacity`."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._scores: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()  # a server runs generations on one method side by side
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def get(self, key: bytes) -> tuple[float, int] | None:
+        with self._lock:
+            hit = self._scores.get(key)
+            if hit is not None:
+                self._scores.move_to_end(key)
+            return hit
+
+    def put(self, key: bytes, value: tuple[float, int]) -> None:
+        with self._lock:
+            self._scores[key] = value
+            self._scores.move_to_end(key)
+            while len(self._scores) > self.capacity:
+                self._scores.popitem(last=False)
 
 
 PROMPT_PIECE_CHARS = 400  # under 512 tokens even at one token per character
 
 
 def _pieces(text: str, size: int) -> list[str]:
-    """`text` cut into runs of whole words of about `size` characters (a longer word alone)."""
+    """`text` cut into runs of whole words of about `size` characters (a longer word alone), and
+    at every blank line: few-shot prompts repeat their shots before each question, so the pieces
+    of the shots are the same from row to row and only the question's need scoring."""
     out: list[str] = []
     words = [w[i : i + size] for w in split_words(text) for i in range(0, len(w), size)]
     for word in words:
-        if out and len(out[-1]) + len(word) <= size:
+        if out and len(out[-1]) + len(word) <= size and not word.lstrip(" \t").startswith("\n\n"):
             out[-1] += word
         else:
             out.append(word)

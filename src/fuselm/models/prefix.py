@@ -4,8 +4,9 @@ A few-shot evaluation runs the same long prefix (the shots) before every row. Wh
 a backend finishes, its cache (key/values and token ids) is given to the backend's
 :class:`PrefixCache`; the next session opened with that prefix cache takes it, keeps the common
 token prefix with its own prompt and runs only the rest (5.7x per NQ sample, see
-docs/benchmarks.md). Taking is exclusive: two sessions open at once on one backend never share a
-cache (the second starts empty), so they cannot disturb each other.
+docs/benchmarks.md). A session takes the cache when it first runs, not when it opens. Taking is
+exclusive: two sessions running at once on one backend never share a cache (the second starts
+empty), so they cannot disturb each other.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -203,11 +203,11 @@ class DecodingSession:
 
     def __post_init__(self) -> None:
         self.text = ""
-        self._cache = self.prefix_cache.take() if self.prefix_cache is not None else self.backend.new_cache()
+        self._cache: Any = None  # taken on first use: see _take_cache
         self._closed = False
         # Tokens in the cache: committed prefix + speculative tail. A warm cache starts with an
         # earlier session's tokens; _sync keeps their common prefix with the prompt.
-        self._ids: list[int] = self.backend.cached_ids(self._cache)
+        self._ids: list[int] = []
         self._logprobs: dict[int, torch.Tensor] = {}  # n -> next-token log-probs after _ids[:n]
         self._target: list[int] | None = None  # tokenize(prompt + text), cached until append
         self._synced = False
@@ -219,6 +219,8 @@ class DecodingSession:
             return
         self._closed = True
         self._forks = None
+        if self._cache is None:
+            return
         if self.prefix_cache is not None:
             self.prefix_cache.give(self._cache)
         else:
@@ -238,6 +240,7 @@ class DecodingSession:
     @property
     def cache(self):
         """The backend's cache object (for backends that keep side outputs per position)."""
+        self._take_cache()
         return self._cache
 
     def append(self, text: str) -> None:
@@ -487,6 +490,7 @@ class DecodingSession:
             return
         if self._closed:
             raise FuselmError(f"the session on {self.name!r} is closed")
+        self._take_cache()
         target = self.committed_ids()
         n = len(target)
         if n == 0:
@@ -514,6 +518,14 @@ class DecodingSession:
         for key in [key for key in self._logprobs if key < n]:
             del self._logprobs[key]
         self._synced = True
+
+    def _take_cache(self) -> None:
+        """Take the cache on first use, not when the session opens: a session that runs between
+        the generation's opening and its first step (the prompt's NLL, for per-prompt weights)
+        then starts from the warm prefix, and leaves it warmer for the generation."""
+        if self._cache is None:
+            self._cache = self.prefix_cache.take() if self.prefix_cache is not None else self.backend.new_cache()
+            self._ids = self.backend.cached_ids(self._cache)
 
     def _adopt(self, forks: tuple[Forks, list[list[int]]], target: list[int]) -> bool:
         """Take the committed text's key/values from the last scoring pass, if it scored exactly it."""
