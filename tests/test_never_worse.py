@@ -398,12 +398,12 @@ def test_prompt_weights_score_a_repeated_few_shot_prefix_once(tiny_backends, mon
     memo = PromptPieceMemo()
     prompt_nll(model, first, memo)
     forwarded.clear()
-    remembered = prompt_nll(model, second, memo)
+    with model.session(second) as generation:  # opened first, as a generation's session is
+        remembered = prompt_nll(model, second, memo)
+        generation.next_logprobs()
+        assert generation.stats.cached_prompt_tokens >= generation.stats.prompt_tokens - 1
     assert remembered == pytest.approx(alone, rel=1e-4)
     assert cost_alone > len(backend.tokenize(shots)) and sum(forwarded) < cost_alone / 4
-    with model.session(second) as s:
-        s.next_logprobs()
-        assert s.stats.cached_prompt_tokens >= s.stats.prompt_tokens - 1
     # bounded: the oldest pieces go first
     small = PromptPieceMemo(capacity=2)
     prompt_nll(model, first, small)

@@ -375,10 +375,17 @@ def test_two_sessions_on_one_backend_do_not_disturb_each_other(tiny_backends, ar
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
 def test_two_llamacpp_sessions_on_one_model_do_not_disturb_each_other():
+    from fuselm.errors import FuselmError
+
     b = smollm_llamacpp()
     assert _interleaved_sessions_problems(b) == []
-    # closed sessions give their sequences back: as many live sessions as before, again
-    sessions = [DecodingSession(b, "x") for _ in range(4)]
-    for s in sessions:
-        s.close()
-    assert len([DecodingSession(b, "y") for _ in range(4)]) == 4
+    # A session takes its sequence when it first runs; closed sessions give theirs back: as many
+    # live sessions as before, again, and no more.
+    for text in ("x", "y"):
+        sessions = [DecodingSession(b, text) for _ in range(4)]
+        for s in sessions:
+            s.next_logprobs()
+        with pytest.raises(FuselmError, match="at most 4 live sessions"):
+            DecodingSession(b, "z").next_logprobs()
+        for s in sessions:
+            s.close()
