@@ -59,6 +59,34 @@ def test_the_anchor_must_be_one_of_the_models(smol_tokenizer_dir):  # noqa: F811
     assert anchored([a, b], max_new_tokens=1, anchor=1).text == " b"
 
 
+@pytest.mark.parametrize("method", ["token-average", "unite"])
+def test_token_fusion_gated_by_the_anchor(smol_tokenizer_dir, method):  # noqa: F811
+    """Policy anchored on the token-level methods (GaC's gate): a sure anchor's token stands
+    against a heavier-weighted other model, which is never asked; an unsure one is outvoted."""
+    sure = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "sure")
+    unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9}, "unsure")
+    heavy = constant_model(smol_tokenizer_dir, {" b": 8.0, " a": 1.0}, "heavy")
+    gen = GenerationConfig(max_new_tokens=4, chat="raw")
+
+    def run(models, **opts):
+        return generate(models, "start", method, gen, {"weights": [1.0, 3.0], **opts})
+
+    assert run([sure, heavy]).text == " b b b b"  # the plain average follows the heavier model
+    gated = run([sure, heavy], policy="anchored")
+    assert gated.text == " a a a a" and all(t.confident and t.source == "sure" for t in gated.trace)
+    assert gated.trace[0].margins == {"sure": pytest.approx(0.998, abs=1e-3)}
+    assert gated.stats.forward_passes["heavy"] == 0  # it only read the committed text, lazily
+    outvoted = run([unsure, heavy], policy="anchored")
+    assert outvoted.text == " b b b b" and not any(t.confident for t in outvoted.trace)
+    # the anchor by name; a theta above its margin lets the others in
+    assert run([heavy, sure], policy="anchored", anchor="sure").text == " a a a a"
+    assert run([sure, heavy], policy="anchored", theta=1.0).text == " b b b b"
+    with pytest.raises(FuselmError, match="Did you mean 'sure'"):
+        run([sure, heavy], policy="anchored", anchor="suer")
+    with pytest.raises(Exception, match="anchor needs policy anchored"):
+        run([sure, heavy], anchor="sure")
+
+
 def test_a_draft_the_others_confirm_is_committed_in_one_step_and_one_pass_each(smol_tokenizer_dir):  # noqa: F811
     unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9}, "unsure")
     agrees = constant_model(smol_tokenizer_dir, {" a": 6.0, " b": 1.0}, "agrees")
@@ -175,6 +203,7 @@ def test_calibration_keeps_the_member_that_is_always_right_and_drops_the_other(a
     assert [t.label for t in cal.tried] == [
         "token-average",
         f"token-average weights={weights}",
+        "token-average anchored theta=0.5",
         "adafuse anchored theta=0.5 margin=0",
     ]
     assert all(t.models == [wrong, right] and t.score == 1.0 for t in cal.tried)
@@ -208,10 +237,11 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
         "adafuse prompt_weights=0.1",
         "token-average",  # the two share one vocabulary
         f"token-average weights={weights}",
+        "token-average anchored theta=0.5",
         "adafuse anchored theta=0.5 margin=0",
     ]
-    assert [t.method for t in cal.tried].count("token-average") == 2
-    # averaging right's " a" (p ~ 1) with wrong's (p ~ 1e-3): right's answer, at every weight
+    assert [t.method for t in cal.tried].count("token-average") == 3
+    # averaging right's " a" (p ~ 1) with wrong's (p ~ 1e-3): right's answer, at every weight, gated or not
     assert all(t.score == 1.0 for t in cal.tried if t.method == "token-average")
     anchored = cal.tried[-1]
     assert anchored.score == 1.0 and anchored.versus_best[0] == 0.0  # the anchor decides alone
@@ -221,7 +251,7 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     again = run_cli(*r.args[3:])  # the same command again: its runs are done, nothing is redone
     assert again.returncode == 0 and load_calibration(out) == cal
     runs = sorted((tmp_path / "calib.runs").glob("*/rows.jsonl"))
-    assert len(runs) == 8 and all(len(p.read_text().splitlines()) == 6 for p in runs)
+    assert len(runs) == 9 and all(len(p.read_text().splitlines()) == 6 for p in runs)
 
 
 def test_token_average_is_tried_only_where_the_members_share_one_vocabulary(tiny_dirs):

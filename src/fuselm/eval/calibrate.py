@@ -10,7 +10,8 @@ does not lose to its best member.
    quality weights, with per-prompt weights (PackLLM) and with the weighted median (three
    members or more); where all members share one vocabulary, over all of them, `token-average`
    equal and with the quality weights (on Qwen 1.5B + 0.5B it is the one method above its
-   best member on TriviaQA, +4.5 EM); and, over all members, anchored AdaFuse over `thetas` x
+   best member on TriviaQA, +4.5 EM) and gated by the anchor over `thetas` (GaC: the anchor's
+   token while it is sure); and, over all members, anchored AdaFuse over `thetas` x
    `margins`. The anchor commits alone while it is confident and a far weaker member can only
    override it by a margin, so the gap rule does not apply to it (FLORES en->de on the default pair:
    SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
@@ -235,6 +236,12 @@ def calibrate(
             ("token-average", "token-average", list(spec.models), {}),
             (f"token-average weights={all_weights}", "token-average", list(spec.models), {"weights": all_weights}),
         ]
+        # gated (GaC): the anchor's token while it is sure, the average where it is not
+        grid += [
+            (f"token-average anchored theta={theta:g}", "token-average", list(spec.models),
+             {"policy": "anchored", "anchor": best, "theta": theta})
+            for theta in spec.thetas
+        ]  # fmt: skip
     for theta in spec.thetas:  # over every member: the anchor decides while it is sure
         for margin in spec.margins:
             opts = {"policy": "anchored", "anchor": best, "theta": theta, "override_margin": margin}

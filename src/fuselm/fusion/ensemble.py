@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import FuselmError, UnknownNameError
-from ..models.session import DecodingSession, Rollout, Score
+from ..models.session import DecodingSession, Rollout, Score, top_margin
 from ..result import CandidateTrace, StepDetail
 from ..text.words import first_word_end, split_words, word_ends
 from .base import EXACT_NEEDS, FusionMethod, Step, StepContext
 from .experts import each
-from .options import EnsembleOptions
+from .options import EnsembleOptions, TokenFusionOptions
 
 NormUnit = Literal["token", "char", "byte"]
 
@@ -56,6 +56,29 @@ class EnsembleMethod(FusionMethod):
     def weights_for(self, ctx: StepContext) -> list[float]:
         """The weights of this generation (the configured ones, or the prompt's)."""
         return ctx.state.weights if isinstance(ctx.state, PromptWeights) else self.weights
+
+
+class TokenFusionMethod(EnsembleMethod):
+    """Base of the methods that fuse one token per step. Policy anchored gates them as GaC does:
+    while the anchor's top-1/top-2 margin is at least `theta` its token stands and no other
+    model is asked; only where it is unsure do all the models decide."""
+
+    Options = TokenFusionOptions
+
+    def __init__(self, models, options=None):
+        super().__init__(models, options)
+        entries = [m.config.name for m in models]  # the model entries' names (paths, for a directory)
+        anchored = self.options.policy == "anchored"
+        self.anchor = resolve_model(self.names, self.options.anchor, "anchor", entries) if anchored else None
+
+    def voters(self, ctx: StepContext) -> tuple[list[int], dict[str, float] | None]:
+        """The models that choose this token (the anchor alone while it is sure, else all), and
+        the anchor's margin for the trace (None without policy anchored)."""
+        if self.anchor is None:
+            return list(range(len(ctx.sessions))), None
+        margin = top_margin(ctx.sessions[self.anchor].next_top(2))
+        voters = [self.anchor] if margin >= self.options.theta else list(range(len(ctx.sessions)))
+        return voters, {self.names[self.anchor]: round(margin, 5)}
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import FuselmError
 
@@ -40,3 +40,23 @@ class EnsembleOptions(BaseModel):
         if len(self.weights) != n or any(w <= 0 for w in self.weights):
             raise FuselmError(f"weights must be {n} positive numbers, one per model; got {self.weights}")
         return list(self.weights)
+
+
+class TokenFusionOptions(EnsembleOptions):
+    """Options of the methods that fuse one token per step (`token-average`, `unite`)."""
+
+    policy: Literal["average", "anchored"] = Field(
+        "average",
+        description="average: every token by the weighted average; anchored (GaC's gate): the anchor's own token"
+        " while its top-1/top-2 margin is >= theta, no other model asked, and the average only where it is unsure",
+    )
+    anchor: str | int | None = Field(
+        None, description="policy anchored: the trusted model, by name or index (default: the first model)"
+    )
+    theta: float = Field(0.7, ge=0.0, le=1.0, description="policy anchored: the anchor's margin to decide alone")
+
+    @model_validator(mode="after")
+    def _anchor_is_anchored(self) -> TokenFusionOptions:
+        if self.anchor is not None and self.policy != "anchored":
+            raise ValueError("anchor needs policy anchored (-O policy=anchored)")
+        return self

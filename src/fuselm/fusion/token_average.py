@@ -16,7 +16,7 @@ from ..models.backend import OFFERS_FULL, OFFERS_TOPK
 from ..models.session import NextTokens
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
-from .ensemble import EnsembleMethod
+from .ensemble import TokenFusionMethod
 
 TOP_K = 20  # tokens asked of a model on an engine, and taken from a whole distribution beside one
 
@@ -42,7 +42,7 @@ def mix_tokens(dists: list[NextTokens], weights: list[float]) -> torch.Tensor:
     return out
 
 
-class TokenAverage(EnsembleMethod):
+class TokenAverage(TokenFusionMethod):
     needs = frozenset({OFFERS_TOPK})
     exact_needs = frozenset({OFFERS_FULL})  # it averages whole distributions
     name = "token-average"
@@ -50,26 +50,30 @@ class TokenAverage(EnsembleMethod):
     same_vocabulary = True
 
     def step(self, ctx: StepContext) -> Step:
-        sessions = ctx.sessions
+        voters, margins = self.voters(ctx)
+        sessions = [ctx.sessions[m] for m in voters]
+        weights = [self.weights_for(ctx)[m] for m in voters]
         toks: list[int] = []
         text = ""
         first = [s.next_tokens(TOP_K) for s in sessions]
         # one token, or a few when a token is half a UTF-8 character
         for _ in range(min(8, ctx.budget)):
             dists = [s.tail_tokens(len(toks), TOP_K) for s in sessions] if toks else first
-            tok = ctx.sampler(mix_tokens(dists, self.weights_for(ctx)))
+            tok = ctx.sampler(mix_tokens(dists, weights))
             if sessions[0].is_eos(tok):
-                return Step(text=text, new_tokens=max(len(toks), 1), source=0, finished=True)
+                return Step(text=text, new_tokens=max(len(toks), 1), source=voters[0], finished=True)
             toks.append(tok)
             rolls = [s.replay(toks) for s in sessions]
             text = rolls[0].text
             if not text.endswith("\ufffd"):
                 break
         # credit the model that gave the chosen token the highest probability
-        source = max(range(len(sessions)), key=lambda m: (first[m].logprob(toks[0]), -m))
+        source = voters[max(range(len(sessions)), key=lambda i: (first[i].logprob(toks[0]), -i))]
         detail = StepDetail(
+            confident=None if margins is None else len(voters) == 1,
+            margins=margins,
             candidates=[CandidateTrace(text=text, kind="token", proposers=[self.names[source]])],
             winner=0,
-            token_probs={n: round(math.exp(d.logprob(toks[0])), 5) for n, d in zip(self.names, first)},
+            token_probs={self.names[m]: round(math.exp(d.logprob(toks[0])), 5) for m, d in zip(voters, first)},
         )
         return Step(text=text, new_tokens=len(toks), source=source, detail=detail)

@@ -20,15 +20,15 @@ from ..models.backend import OFFERS_FULL, OFFERS_TOPK
 from ..models.session import NextTokens, common_prefix_len
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
-from .ensemble import EnsembleMethod
-from .options import EnsembleOptions
+from .ensemble import TokenFusionMethod
+from .options import TokenFusionOptions
 
 
-class UniteOptions(EnsembleOptions):
+class UniteOptions(TokenFusionOptions):
     top_k: int = Field(10, ge=1, description="tokens taken from each model's distribution")
 
 
-class Unite(EnsembleMethod):
+class Unite(TokenFusionMethod):
     needs = frozenset({OFFERS_TOPK})
     exact_needs = frozenset({OFFERS_FULL})  # it reads each model's probability of the others' tokens
     name = "unite"
@@ -44,15 +44,16 @@ class Unite(EnsembleMethod):
         return math.exp(dist.logprob(full[k]))
 
     def step(self, ctx: StepContext) -> Step:
-        sessions = ctx.sessions
+        voters, margins = self.voters(ctx)
+        sessions = [ctx.sessions[m] for m in voters]
         k = self.options.top_k
         lps = [s.next_tokens(k) for s in sessions]
         union: dict[str, list[int]] = {}
         eos_votes = 0.0
-        weights = self.weights_for(ctx)
+        weights = [self.weights_for(ctx)[m] for m in voters]
         total_w = sum(weights)
-        for m, (s, lp) in enumerate(zip(sessions, lps)):
-            eos_votes += weights[m] * lp.prob(s.eos_ids) / total_w
+        for m, w, s, lp in zip(voters, weights, sessions, lps):
+            eos_votes += w * lp.prob(s.eos_ids) / total_w
             for tok in lp.best(k):
                 if s.is_eos(tok):
                     continue
@@ -68,13 +69,20 @@ class Unite(EnsembleMethod):
             CandidateTrace(text=t, kind="token", p=round(p, 5), proposers=[self.names[i] for i in pr])
             for p, t, pr in scored[:8]
         ]
+        confident = None if margins is None else len(voters) == 1
         if not scored or eos_votes > scored[0][0]:
-            detail = StepDetail(candidates=candidates, p_eos=round(eos_votes, 5))
-            return Step(text="", new_tokens=1, source=0, finished=True, detail=detail)
+            detail = StepDetail(confident=confident, margins=margins, candidates=candidates, p_eos=round(eos_votes, 5))
+            return Step(text="", new_tokens=1, source=voters[0], finished=True, detail=detail)
         i = 0
         if not ctx.sampler.greedy:
             probs = torch.tensor([x[0] for x in scored])
             i = int(torch.multinomial(probs / probs.sum(), 1, generator=ctx.sampler.generator))
         p, text, proposers = scored[i]
-        detail = StepDetail(candidates=candidates, winner=i if i < len(candidates) else None, p_eos=round(eos_votes, 5))
+        detail = StepDetail(
+            confident=confident,
+            margins=margins,
+            candidates=candidates,
+            winner=i if i < len(candidates) else None,
+            p_eos=round(eos_votes, 5),
+        )
         return Step(text=text, new_tokens=1, source=proposers[0], detail=detail)
