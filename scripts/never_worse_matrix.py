@@ -9,7 +9,8 @@ Each (ensemble, task) is one chain, run in order by one worker: `fuselm calibrat
 ``runs/never-worse/ENSEMBLE/TASK/calib.yaml`` (with `--controller-rows`: a learned controller
 trained on the dev rows after the calibration's, tried in its grid), then `fuselm eval` of every
 member alone, of the calibrated setup (`--calibration`: first, the never-worse claim rests on
-it), of `token-average` (ensembles of one vocabulary), of anchored AdaFuse (the calibration's
+it), of `token-average` equal and gated by the calibration's anchor (ensembles of one
+vocabulary), of anchored AdaFuse (the calibration's
 anchor, default theta and margin), of today's `adafuse`, and of `adafuse` with the
 calibration's controller (`-O controller=`). Finished runs are skipped and interrupted ones go
 on where they stopped (calibrate and eval are both resumable), so the script can be stopped and
@@ -76,6 +77,10 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     if ensemble in ONE_VOCABULARY:
         out.append(("token-average", [*test, "--method", "token-average", "--models", ",".join(models), "--out",
                                       str(where / "token-average")]))  # fmt: skip
+        # gated by the calibration's anchor (GaC), default theta
+        out.append(("token-average-gated", [*test, "--method", "token-average", "--models", ",".join(models), "-O",
+                                            "policy=anchored", "-O", "anchor={anchor}", "--out",
+                                            str(where / "token-average-gated")]))  # fmt: skip
     out.append(("anchored", [*test, "--method", "adafuse", "--models", ",".join(models), "-O", "policy=anchored",
                              "-O", "anchor={anchor}", "--out", str(where / "anchored")]))  # fmt: skip
     out.append(
