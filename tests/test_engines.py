@@ -292,6 +292,9 @@ def test_single_and_adafuse_on_engines_give_the_in_process_text(served, local):
                     assert x == pytest.approx(y, abs=5 * TOL)
                     compared += 1
     assert compared > 0
+    # per-prompt weights score the prompt on the engine too (one model twice: equal weights)
+    weighted = generate([remote, local], question, "adafuse", gen, {"prompt_weights": 0.5})
+    assert weighted.text == in_process.text
     gen_raw = GenerationConfig(max_new_tokens=12, chat="raw")
     fixed = generate([remote, local], "The capital of France is", "fixed-span", gen_raw)
     assert fixed.text == generate([local, local], "The capital of France is", "fixed-span", gen_raw).text
@@ -309,7 +312,11 @@ def test_token_average_and_unite_on_engines_follow_the_in_process_text(served, l
     other = remote_model(served.url, name="smol-2", kind=served.kind)
     gen = GenerationConfig(max_new_tokens=16)
     question = "Name a large city in Japan."
-    for method, opts in [("token-average", {"weights": [2, 1]}), ("unite", {"top_k": 5})]:
+    for method, opts in [
+        ("token-average", {"weights": [2, 1]}),
+        ("token-average", {"policy": "anchored", "theta": 0.5}),
+        ("unite", {"top_k": 5}),
+    ]:
         caplog.clear()
         in_process = generate([local, local], question, method, gen, opts)
         mixed = generate([remote, local], question, method, gen, opts)

@@ -121,7 +121,8 @@ def prompt_nll(model, prompt: str, memo: PromptPieceMemo | None = None) -> float
                 s.append(piece)
                 if memo is not None:
                     memo.put(key, (logprob, n_bytes))
-            s.next_logprobs()  # keeps the last piece's scored key/values: the whole prompt stays warm
+            if not s.remote:  # keep the last piece's scored key/values: the whole prompt stays warm
+                s.next_logprobs()
     return -logprob / n_bytes if n_bytes else math.inf
 
 
