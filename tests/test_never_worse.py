@@ -418,9 +418,9 @@ def test_prompt_weights_score_a_repeated_few_shot_prefix_once(tiny_backends, mon
 
         monkeypatch.setattr(backend, name, counting)
     model = as_model(backend)
-    shots = "".join(f"Question: what is {i} and {i}? Answer: {2 * i}.\n" for i in range(24))
+    shots = "".join(f"Question: what is {i} and {i}?\nAnswer: {2 * i}.\n\n" for i in range(22))
     first, second = shots + "Question: who wrote Hamlet? Answer:", shots + "Question: where is Ulm? Answer:"
-    assert 900 < len(shots) and len(backend.tokenize(second)) < backend.info.context_length
+    assert 800 < len(shots) and len(backend.tokenize(second)) < backend.info.context_length
 
     forwarded.clear()
     alone = prompt_nll(model, second)  # no memo: every piece scored, from a cold side session
@@ -433,7 +433,11 @@ def test_prompt_weights_score_a_repeated_few_shot_prefix_once(tiny_backends, mon
         generation.next_logprobs()
         assert generation.stats.cached_prompt_tokens >= generation.stats.prompt_tokens - 1
     assert remembered == pytest.approx(alone, rel=1e-4)
-    assert cost_alone > len(backend.tokenize(shots)) and sum(forwarded) < cost_alone / 4
+    # the pieces are cut at blank lines: the shots' pieces are remembered whole, and only the
+    # question is run (a token or so more: each new session runs its last token again to read
+    # its next log-probs, and the blank line may tokenize with the question)
+    question = len(backend.tokenize(second)) - len(backend.tokenize(shots))
+    assert cost_alone > len(backend.tokenize(shots)) and sum(forwarded) <= question + 3
     # bounded: the oldest pieces go first
     small = PromptPieceMemo(capacity=2)
     prompt_nll(model, first, small)
