@@ -39,7 +39,6 @@ from .ensemble import (
     add_candidate,
     candidate_trace,
     decided_step,
-    resolve_model,
     token_at,
 )
 from .experts import each
@@ -86,8 +85,7 @@ class AdaFuse(EnsembleMethod):
 
     def __init__(self, models, options=None):
         super().__init__(models, options)
-        entries = [m.config.name for m in models]  # the model entries' names (paths, for a directory)
-        self.anchor = resolve_model(self.names, self.options.anchor, "anchor", entries)
+        self.anchor = self.model_index(self.options.anchor, "anchor")
         self.controller = None
         if self.options.controller:
             self.controller = Controller.load(self.options.controller)

@@ -33,6 +33,10 @@ class EnsembleMethod(FusionMethod):
         self.weights = self.options.model_weights([m.config.weight for m in models])
         self._prompt_memos = [PromptPieceMemo() for _ in models]
 
+    def model_index(self, ref: str | int | None, what: str) -> int:
+        """The model an option names (`anchor`): by name, by its entry's name (a path), or by index."""
+        return resolve_model(self.names, ref, what, [m.config.name for m in self.models])
+
     def start(self, ctx: StepContext) -> Any:
         """With `prompt_weights`: this generation's weights, from each model's NLL of its prompt."""
         tau = getattr(self.options, "prompt_weights", None)
@@ -67,16 +71,16 @@ class TokenFusionMethod(EnsembleMethod):
 
     def __init__(self, models, options=None):
         super().__init__(models, options)
-        entries = [m.config.name for m in models]  # the model entries' names (paths, for a directory)
-        anchored = self.options.policy == "anchored"
-        self.anchor = resolve_model(self.names, self.options.anchor, "anchor", entries) if anchored else None
+        self.anchor = self.model_index(self.options.anchor, "anchor") if self.options.policy == "anchored" else None
 
-    def voters(self, ctx: StepContext) -> tuple[list[int], dict[str, float] | None]:
+    def voters(self, ctx: StepContext, k: int) -> tuple[list[int], dict[str, float] | None]:
         """The models that choose this token (the anchor alone while it is sure, else all), and
-        the anchor's margin for the trace (None without policy anchored)."""
+        the anchor's margin for the trace (None without policy anchored). The margin is read
+        off the anchor's top-`k`, which the step asks for next (one request on an engine)."""
         if self.anchor is None:
             return list(range(len(ctx.sessions))), None
-        margin = top_margin(ctx.sessions[self.anchor].next_top(2))
+        top = ctx.sessions[self.anchor].next_tokens(k)
+        margin = top_margin({t: top.logprob(t) for t in top.best(2)})
         voters = [self.anchor] if margin >= self.options.theta else list(range(len(ctx.sessions)))
         return voters, {self.names[self.anchor]: round(margin, 5)}
 

@@ -50,9 +50,10 @@ class TokenAverage(TokenFusionMethod):
     same_vocabulary = True
 
     def step(self, ctx: StepContext) -> Step:
-        voters, margins = self.voters(ctx)
+        voters, margins = self.voters(ctx, TOP_K)
         sessions = [ctx.sessions[m] for m in voters]
-        weights = [self.weights_for(ctx)[m] for m in voters]
+        all_weights = self.weights_for(ctx)
+        weights = [all_weights[m] for m in voters]
         toks: list[int] = []
         text = ""
         first = [s.next_tokens(TOP_K) for s in sessions]

@@ -44,13 +44,14 @@ class Unite(TokenFusionMethod):
         return math.exp(dist.logprob(full[k]))
 
     def step(self, ctx: StepContext) -> Step:
-        voters, margins = self.voters(ctx)
-        sessions = [ctx.sessions[m] for m in voters]
         k = self.options.top_k
+        voters, margins = self.voters(ctx, k)
+        sessions = [ctx.sessions[m] for m in voters]
         lps = [s.next_tokens(k) for s in sessions]
         union: dict[str, list[int]] = {}
         eos_votes = 0.0
-        weights = [self.weights_for(ctx)[m] for m in voters]
+        all_weights = self.weights_for(ctx)
+        weights = [all_weights[m] for m in voters]
         total_w = sum(weights)
         for m, w, s, lp in zip(voters, weights, sessions, lps):
             eos_votes += w * lp.prob(s.eos_ids) / total_w
