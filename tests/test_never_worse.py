@@ -18,35 +18,42 @@ from .conftest import run_cli
 from .test_fusion import as_model, constant_model, smol_tokenizer_dir  # noqa: F401 - the fixture
 
 
-def anchored(models, max_new_tokens=6, **opts):
+def anchored(models, max_new_tokens=6, method="adafuse", **opts):
     gen = GenerationConfig(max_new_tokens=max_new_tokens, chat="raw")
-    return generate(models, "start", "adafuse", gen, {"policy": "anchored", **opts})
+    return generate(models, "start", method, gen, {"policy": "anchored", **opts})
 
 
-def test_a_confident_anchor_commits_alone_and_the_others_are_never_asked(smol_tokenizer_dir):  # noqa: F811
+SPAN_METHODS = ["adafuse", "fixed-span"]  # the anchored methods that score candidates
+
+
+@pytest.mark.parametrize("method", SPAN_METHODS)
+def test_a_confident_anchor_commits_alone_and_the_others_are_never_asked(smol_tokenizer_dir, method):  # noqa: F811
     sure = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "sure")
     other = constant_model(smol_tokenizer_dir, {" b": 8.0, " a": 1.0}, "other")
-    res = anchored([sure, other], max_new_tokens=9)
+    res = anchored([sure, other], max_new_tokens=9, method=method)
     assert res.text == " a" * 9 and all(t.confident and t.source == "sure" for t in res.trace)
     assert res.stats.forward_passes["other"] == 0  # it only read the committed text, lazily
     # the same models with the anchor named: the other one decides now
-    res = anchored([sure, other], max_new_tokens=3, anchor="other")
+    res = anchored([sure, other], max_new_tokens=3, method=method, anchor="other")
     assert res.text == " b b b" and res.trace[0].margins == {"other": pytest.approx(0.998, abs=1e-3)}
 
 
-def test_an_unsure_anchor_is_overridden_only_by_the_margin(smol_tokenizer_dir):  # noqa: F811
+@pytest.mark.parametrize("method", SPAN_METHODS)
+def test_an_unsure_anchor_is_overridden_only_by_the_margin(smol_tokenizer_dir, method):  # noqa: F811
     unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9, " c": 0.5}, "unsure")
     sure = constant_model(smol_tokenizer_dir, {" b": 6.0, " a": 1.0}, "sure")
-    first = anchored([unsure, sure], max_new_tokens=2).trace[0]
+    first = anchored([unsure, sure], max_new_tokens=2, method=method).trace[0]
     assert not first.confident and first.overridden and first.text.startswith(" b")
     own = next(c for c in first.candidates if c.kind == "proposal" and "unsure" in c.proposers)
     assert own.text == " a" and first.candidates[first.winner].score < own.score
     gap = own.score - first.candidates[first.winner].score
-    kept = anchored([unsure, sure], max_new_tokens=2, override_margin=gap + 0.01).trace[0]
+    kept = anchored([unsure, sure], max_new_tokens=2, method=method, override_margin=gap + 0.01).trace[0]
     assert kept.text == " a" and kept.overridden is False and kept.source == "unsure"
-    # the equal vote of policy "agree" picks the same candidate as the overriding anchor above
-    agree = generate([unsure, sure], "start", "adafuse", GenerationConfig(max_new_tokens=2, chat="raw"))
-    assert agree.trace[0].text == first.text and agree.trace[0].overridden is None
+    # the method's equal vote picks the same candidate as the overriding anchor above
+    vote = generate([unsure, sure], "start", method, GenerationConfig(max_new_tokens=2, chat="raw"))
+    assert vote.trace[0].text == first.text and vote.trace[0].overridden is None
+    with pytest.raises(Exception, match="anchor needs policy anchored"):
+        generate([unsure, sure], "start", method, GenerationConfig(max_new_tokens=2, chat="raw"), {"anchor": "sure"})
 
 
 def test_the_anchor_must_be_one_of_the_models(smol_tokenizer_dir):  # noqa: F811
@@ -125,8 +132,16 @@ def test_a_draft_needs_the_anchored_policy_and_models_in_this_process(smol_token
         anchored([a, far], draft_words=3)  # refused before any request (nothing listens there)
 
 
-@pytest.mark.parametrize("options", [{}, {"anchor": 1, "theta": 1.0}, {"theta": 1.0, "draft_words": 5}])
-def test_anchored_fusion_of_identical_models_is_the_single_greedy_text(tiny_backends, options):
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("adafuse", {}),
+        ("adafuse", {"anchor": 1, "theta": 1.0}),
+        ("adafuse", {"theta": 1.0, "draft_words": 5}),
+        ("fixed-span", {"anchor": 1, "theta": 1.0, "n_words": 2}),
+    ],
+)
+def test_anchored_fusion_of_identical_models_is_the_single_greedy_text(tiny_backends, method, options):
     """With theta 1.0 the anchor is unsure (but where its top-2 has no mass), so both models propose; being the same model, they
     propose the same word, which is committed unscored: the anchor's greedy text, unchanged.
     (The llama tiny model: a random byte-level model's greedy text cuts UTF-8 characters, which
@@ -137,11 +152,11 @@ def test_anchored_fusion_of_identical_models_is_the_single_greedy_text(tiny_back
     gen = GenerationConfig(max_new_tokens=20, chat="raw")
     for prompt in ["The capital of France is", "def add(a, b):"]:
         single = generate([m], prompt, "single", gen)
-        fused = generate([m, m], prompt, "adafuse", gen, {"policy": "anchored", **options})
+        fused = generate([m, m], prompt, method, gen, {"policy": "anchored", **options})
         assert fused.text == single.text and fused.finish_reason == single.finish_reason
         assert all(len(t.candidates) == 1 and not t.overridden for t in fused.trace)
         if "anchor" in options:  # rounds where the anchor was unsure asked both models
-            assert any(len(t.margins or {}) == 2 for t in fused.trace)
+            assert any(len(t.candidates[0].proposers) == 2 for t in fused.trace)
         if "draft_words" in options:  # unsure everywhere: every word checked by the other model
             assert sum(t.checked or 0 for t in fused.trace) > len(fused.trace)
 

@@ -37,15 +37,16 @@ from .ensemble import (
     Candidate,
     EnsembleMethod,
     add_candidate,
+    anchor_stands,
     candidate_trace,
     decided_step,
     token_at,
 )
 from .experts import each
-from .options import EnsembleOptions
+from .options import OverridableOptions
 
 
-class AdaFuseOptions(EnsembleOptions):
+class AdaFuseOptions(OverridableOptions):
     theta: float = Field(0.7, ge=0.0, le=1.0, description="confidence threshold on the top-1/top-2 margin")
     max_words: int = Field(3, ge=1, description="longest span a confident model proposes, in words")
     branches: int = Field(
@@ -53,12 +54,6 @@ class AdaFuseOptions(EnsembleOptions):
     )
     policy: Literal["agree", "per-proposal", "anchored"] = Field(
         "agree", description="when a round counts as confident, and who decides (see the module docstring)"
-    )
-    anchor: str | int | None = Field(
-        None, description="policy anchored: the trusted model, by name or index (default: the first model)"
-    )
-    override_margin: float = Field(
-        0.0, ge=0.0, description="policy anchored: how much lower another candidate's combined NLL must be"
     )
     draft_words: int = Field(
         0,
@@ -85,7 +80,6 @@ class AdaFuse(EnsembleMethod):
 
     def __init__(self, models, options=None):
         super().__init__(models, options)
-        self.anchor = self.model_index(self.options.anchor, "anchor")
         self.controller = None
         if self.options.controller:
             self.controller = Controller.load(self.options.controller)
@@ -120,7 +114,7 @@ class AdaFuse(EnsembleMethod):
         tops: dict[int, list[tuple[int, float]]] = {}
         if o.policy == "anchored":
             # the anchor alone first: while it is confident, no other model is asked anything
-            anchor = self.anchor if self.anchor in ctx.live else ctx.live[0]
+            anchor = self.live_anchor(ctx)
             if o.draft_words:
                 drafted = self._draft_step(ctx, anchor)
                 if drafted is not None:
@@ -181,10 +175,7 @@ class AdaFuse(EnsembleMethod):
                                   len(ctx.generated))  # fmt: skip
             winner = self.controller.choose(rows)
         elif anchor is not None and decision is not None:
-            own = next(i for i, c in enumerate(merged) if anchor in c.proposers and c.kind == "proposal")
-            if decision.combined[winner] + o.override_margin >= decision.combined[own]:
-                winner = own  # not better by the margin: the anchor's proposal stands
-            overridden = winner != own
+            winner, overridden = anchor_stands(merged, decision, anchor, o.override_margin)
         w = merged[winner]
         source = w.proposers[0]
         finished = w.eos or (rolls[source].finished and w.text == rolls[source].text and w.kind == "proposal")
@@ -202,13 +193,7 @@ class AdaFuse(EnsembleMethod):
     def _anchor_step(self, ctx: StepContext, anchor: int, margin: float, span_tokens: int) -> Step:
         """The confident anchor's span, committed with no other model asked."""
         r = self._propose(ctx.sessions[anchor], True, span_tokens)
-        return self._alone(anchor, r.text, r.finished, r.text_tokens, margin)
-
-    def _alone(self, anchor: int, text: str, finished: bool, tokens: int, margin: float | None, **detail) -> Step:
-        """The step that commits the anchor's own text, no other candidate scored."""
-        c = Candidate(text, eos=finished and not text, proposers=[anchor], tokens={anchor: max(tokens, 1)})
-        margins = None if margin is None else {self.names[anchor]: round(margin, 5)}
-        return decided_step([c], 0, None, self.names, finished, confident=True, margins=margins, **detail)
+        return self.anchor_alone(anchor, r.text, r.finished, r.text_tokens, margin)
 
     def _draft_step(self, ctx: StepContext, anchor: int) -> Step | None:
         """Speculate, then collaborate: the anchor drafts up to `draft_words` words greedily, the
@@ -251,4 +236,4 @@ class AdaFuse(EnsembleMethod):
         tokens = sum(1 for off in draft.token_offsets if off < stop)
         margin = draft.margins[0] if draft.margins else None
         checked = sum(1 for x in unsure if x < stop)
-        return self._alone(anchor, text[:stop], draft.finished and stop == len(text), tokens, margin, checked=checked)
+        return self.anchor_alone(anchor, text[:stop], draft.finished and stop == len(text), tokens, margin, checked=checked)

@@ -32,10 +32,22 @@ class EnsembleMethod(FusionMethod):
         super().__init__(models, options)
         self.weights = self.options.model_weights([m.config.weight for m in models])
         self._prompt_memos = [PromptPieceMemo() for _ in models]
+        anchored = getattr(self.options, "policy", None) == "anchored"
+        self.anchor = self.model_index(self.options.anchor, "anchor") if anchored else None
 
     def model_index(self, ref: str | int | None, what: str) -> int:
         """The model an option names (`anchor`): by name, by its entry's name (a path), or by index."""
         return resolve_model(self.names, ref, what, [m.config.name for m in self.models])
+
+    def live_anchor(self, ctx: StepContext) -> int:
+        """Policy anchored's anchor, or the first live model where it has dropped out."""
+        return self.anchor if self.anchor in ctx.live else ctx.live[0]
+
+    def anchor_alone(self, anchor: int, text: str, finished: bool, tokens: int, margin: float | None, **detail) -> Step:
+        """The step that commits the anchor's own text, no other candidate scored."""
+        c = Candidate(text, eos=finished and not text, proposers=[anchor], tokens={anchor: max(tokens, 1)})
+        margins = None if margin is None else {self.names[anchor]: round(margin, 5)}
+        return decided_step([c], 0, None, self.names, finished, confident=True, margins=margins, **detail)
 
     def start(self, ctx: StepContext) -> Any:
         """With `prompt_weights`: this generation's weights, from each model's NLL of its prompt."""
@@ -68,10 +80,6 @@ class TokenFusionMethod(EnsembleMethod):
     model is asked; only where it is unsure do all the models decide."""
 
     Options = TokenFusionOptions
-
-    def __init__(self, models, options=None):
-        super().__init__(models, options)
-        self.anchor = self.model_index(self.options.anchor, "anchor") if self.options.policy == "anchored" else None
 
     def voters(self, ctx: StepContext, k: int) -> tuple[list[int], dict[str, float] | None]:
         """The models that choose this token (the anchor alone while it is sure, else all), and
@@ -297,6 +305,17 @@ def ensemble_decide(
     combined = [combine_nlls({m: row[m] for m in live}, weights, combine) for row in nll]
     winner = min(range(len(candidates)), key=lambda i: (combined[i], i))
     return Decision(winner, nll, combined)
+
+
+def anchor_stands(pool: list[Candidate], decision: Decision, anchor: int, override_margin: float) -> tuple[int, bool]:
+    """Policy anchored's winner of a scored round, and whether the anchor was overridden: its own
+    proposal, unless another candidate's combined NLL is lower by more than `override_margin`
+    (the others override the anchor, they do not average it away)."""
+    own = next(i for i, c in enumerate(pool) if anchor in c.proposers and c.kind == "proposal")
+    winner = decision.winner
+    if decision.combined[winner] + override_margin >= decision.combined[own]:
+        winner = own
+    return winner, winner != own
 
 
 def candidate_trace(candidates: list[Candidate], names: list[str], decision: Decision | None) -> list[CandidateTrace]:

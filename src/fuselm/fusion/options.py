@@ -42,7 +42,34 @@ class EnsembleOptions(BaseModel):
         return list(self.weights)
 
 
-class TokenFusionOptions(EnsembleOptions):
+class AnchoredOptions(EnsembleOptions):
+    """Options of the methods with a policy "anchored": one trusted model, the anchor (calibration
+    picks the best member on dev rows), decides alone while its top-1/top-2 margin is at least
+    `theta`. Each method names its policies (`policy` is narrowed there)."""
+
+    policy: str = "anchored"
+    anchor: str | int | None = Field(
+        None, description="policy anchored: the trusted model, by name or index (default: the first model)"
+    )
+    theta: float = Field(0.7, ge=0.0, le=1.0, description="policy anchored: the anchor's margin to decide alone")
+
+    @model_validator(mode="after")
+    def _anchor_is_anchored(self) -> AnchoredOptions:
+        if self.anchor is not None and self.policy != "anchored":
+            raise ValueError("anchor needs policy anchored (-O policy=anchored)")
+        return self
+
+
+class OverridableOptions(AnchoredOptions):
+    """Anchored methods that score candidates: where the anchor is unsure, another model's
+    candidate overrides its proposal only when clearly better."""
+
+    override_margin: float = Field(
+        0.0, ge=0.0, description="policy anchored: how much lower another candidate's combined NLL must be"
+    )
+
+
+class TokenFusionOptions(AnchoredOptions):
     """Options of the methods that fuse one token per step (`token-average`, `unite`)."""
 
     policy: Literal["average", "anchored"] = Field(
@@ -50,13 +77,3 @@ class TokenFusionOptions(EnsembleOptions):
         description="average: every token by the weighted average; anchored (GaC's gate): the anchor's own token"
         " while its top-1/top-2 margin is >= theta, no other model asked, and the average only where it is unsure",
     )
-    anchor: str | int | None = Field(
-        None, description="policy anchored: the trusted model, by name or index (default: the first model)"
-    )
-    theta: float = Field(0.7, ge=0.0, le=1.0, description="policy anchored: the anchor's margin to decide alone")
-
-    @model_validator(mode="after")
-    def _anchor_is_anchored(self) -> TokenFusionOptions:
-        if self.anchor is not None and self.policy != "anchored":
-            raise ValueError("anchor needs policy anchored (-O policy=anchored)")
-        return self
