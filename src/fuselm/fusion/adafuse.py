@@ -236,4 +236,6 @@ class AdaFuse(EnsembleMethod):
         tokens = sum(1 for off in draft.token_offsets if off < stop)
         margin = draft.margins[0] if draft.margins else None
         checked = sum(1 for x in unsure if x < stop)
-        return self.anchor_alone(anchor, text[:stop], draft.finished and stop == len(text), tokens, margin, checked=checked)
+        return self.anchor_alone(
+            anchor, text[:stop], draft.finished and stop == len(text), tokens, margin, checked=checked
+        )
