@@ -296,8 +296,9 @@ def test_single_and_adafuse_on_engines_give_the_in_process_text(served, local):
     weighted = generate([remote, local], question, "adafuse", gen, {"prompt_weights": 0.5})
     assert weighted.text == in_process.text
     gen_raw = GenerationConfig(max_new_tokens=12, chat="raw")
-    fixed = generate([remote, local], "The capital of France is", "fixed-span", gen_raw)
-    assert fixed.text == generate([local, local], "The capital of France is", "fixed-span", gen_raw).text
+    for opts in ({}, {"policy": "anchored", "theta": 0.5, "n_words": 2}):  # the anchor asked alone first
+        fixed = generate([remote, local], "The capital of France is", "fixed-span", gen_raw, opts)
+        assert fixed.text == generate([local, local], "The capital of France is", "fixed-span", gen_raw, opts).text
 
 
 @pytest.mark.integration
