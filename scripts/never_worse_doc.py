@@ -133,8 +133,7 @@ def task_table(where: Path) -> str | None:
                 diff = f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
         label = name[len("single-") :] + " alone" if name.startswith("single-") else name
         if name == "calibrated" and cal:
-            steer = " with its controller" if "controller" in (cal.get("method_options") or {}) else ""
-            label += f" (= {cal['method']} {'+'.join(cal['models'])}{steer})"
+            label += f" (= {_chosen(cal)})"
         if name == best_name:
             label += " (best member)"
         star = "" if r.summary.complete else "*"
@@ -146,6 +145,16 @@ def task_table(where: Path) -> str | None:
         head += (f" (calibrated on {len(cal['dev']['ids'])} dev rows of `{cal['dev']['file']}`"
                  f" from row {cal['dev']['offset']}{cost}: {cal['reason']})")  # fmt: skip
     return head + "\n\n" + "\n".join(lines)
+
+
+def _chosen(cal: dict) -> str:
+    """What a calibration chose, as its table of tried setups names it, and over which models."""
+    if cal["method"] == "single":  # the fallback to the best member
+        return f"single {cal['models'][0]}"
+    setup = (cal["method"], cal["models"], cal.get("method_options") or {})
+    tried = (t for t in cal.get("tried") or [] if (t["method"], t["models"], t.get("method_options") or {}) == setup)
+    label = next((t["label"] for t in tried), cal["method"])
+    return f"{label}, {'+'.join(cal['models'])}"
 
 
 def _table_rows(entry: dict) -> dict[str, list[str]]:
