@@ -8,7 +8,8 @@ its paired interval (red: significantly below, green: significantly above).
 
 `runs/` does not outlive a machine, and the matrix takes more CPU-hours than one session has, so
 each (ensemble, task) summary (its table and its picture's panel) is kept in
-docs/never-worse.json: the runs under --root replace their own entries there, the others stay.
+docs/never-worse.json: the runs under --root replace their own entries there, the others stay
+(a chain made again replaces a finished record only once its calibrated run is complete).
 
 Per ensemble and task: every member alone, today's adafuse, anchored AdaFuse and the calibrated
 setup on the test rows, each with its 95% bootstrap interval and its paired difference against
@@ -167,6 +168,11 @@ def _table_rows(entry: dict) -> dict[str, list[str]]:
     return rows
 
 
+def _finished(entry: dict) -> bool:
+    """Whether a record has a complete calibrated run (a chain made again replaces one only then)."""
+    return any(k.startswith("calibrated") and not v[0].endswith("*") for k, v in _table_rows(entry).items())
+
+
 def overview(archive: dict) -> str:
     """Per ensemble and task: calibrated and controller minus the best member, and the means."""
     lines = [
@@ -228,7 +234,11 @@ def main() -> int:
     ns = ap.parse_args()
     path = Path(ns.archive)
     archive = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    archive.update(summaries(Path(ns.root)))
+    for key, entry in summaries(Path(ns.root)).items():
+        if key in archive and _finished(archive[key]) and not _finished(entry):
+            print(f"{key}: kept the finished record; its new chain has no finished calibrated run yet", file=sys.stderr)
+            continue
+        archive[key] = entry
     text = tables(archive)
     if ns.print:
         print(text)
