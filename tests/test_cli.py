@@ -117,7 +117,15 @@ def test_config_file_and_flag_override(tiny_dirs, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"models:\n  - name: {d}\n    colour: red\n")
     err = one_line_error(run_cli("generate", "--config", str(bad), "Hello"))
-    assert "colour" in err
+    assert "models.0.colour: unknown key (known: " in err and "weight" in err
+    # a misspelt key, nested or a method option, gets the closest known one
+    bad.write_text(f"models:\n  - name: {d}\ngeneration:\n  max_new_token: 3\n")
+    err = one_line_error(run_cli("generate", "--config", str(bad), "Hello"))
+    assert "generation.max_new_token: unknown key; did you mean 'max_new_tokens'?" in err
+    err = one_line_error(run_cli("generate", "--model", str(d), "--method", "fixed-span", "-O", "polcy=x", "Hello"))
+    assert "options of method 'fixed-span': polcy: unknown key; did you mean 'policy'?" in err
+    err = one_line_error(run_cli("generate", "--model", str(d), "--method", "fixed-span", "-O", "anchor=0", "Hello"))
+    assert err.endswith("options of method 'fixed-span': anchor needs policy anchored (-O policy=anchored)")
 
 
 def test_stop_strings_and_stdin_prompt(tiny_dirs):

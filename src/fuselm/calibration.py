@@ -102,7 +102,7 @@ def load_calibration(path: str | Path) -> Calibration:
     try:
         return Calibration(**data)
     except ValidationError as e:
-        raise FuselmError(validation_message(e, str(path))) from None
+        raise FuselmError(validation_message(e, str(path), Calibration)) from None
 
 
 def _names(models: list[Any]) -> list[str]:

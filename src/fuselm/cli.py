@@ -232,7 +232,7 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None, task
     try:
         cfg = RunConfig(**data)
     except ValidationError as e:
-        raise FuselmError(validation_message(e, ns.config or "options")) from None
+        raise FuselmError(validation_message(e, ns.config or "options", RunConfig)) from None
     from .fusion.methods import check_method
 
     check_method(cfg.method, len(cfg.models), cfg.method_options)  # before any model is loaded
@@ -488,7 +488,7 @@ def cmd_train_router(ns: argparse.Namespace) -> int:
         try:
             cfg = RouterTrainConfig(**overrides)
         except ValidationError as e:
-            raise FuselmError(validation_message(e, "options")) from None
+            raise FuselmError(validation_message(e, "options", RouterTrainConfig)) from None
     summary = RouterTrainer(cfg, show_progress=not ns.no_progress).run()
     print(json.dumps(summary, ensure_ascii=False))
     print(
@@ -537,7 +537,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         cfg = ServeConfig(**data)
     except ValidationError as e:
-        raise FuselmError(validation_message(e, ns.config or "options")) from None
+        raise FuselmError(validation_message(e, ns.config or "options", ServeConfig)) from None
     from .fusion.methods import check_method
 
     for s in cfg.setups:  # before the server starts: a bad method or option is a one-line error here

@@ -16,6 +16,7 @@ A config file looks like::
 
 from __future__ import annotations
 
+import difflib
 import typing
 from typing import Any, Literal
 
@@ -151,10 +152,38 @@ class RunConfig(StrictModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
-def validation_message(e: ValidationError, where: str = "") -> str:
+def validation_message(e: ValidationError, where: str = "", model: type[BaseModel] | None = None) -> str:
+    """One line for a pydantic error: each problem at its place; an unknown key of `model` (or of
+    a model nested in it) with the closest known one ("did you mean")."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+            known = _fields_at(model, err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.5)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     prefix = f"{where}: " if where else ""
     return prefix + "; ".join(parts)
+
+
+def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """The field names of the model found at `path` inside `model` (through lists, dicts and
+    optional fields); none when the path leads elsewhere."""
+    for key in path:
+        if isinstance(key, int) or model is None:
+            continue  # a list index: the same item type
+        field = model.model_fields.get(str(key))
+        model = _model_in(field.annotation) if field is not None else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

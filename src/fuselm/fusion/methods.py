@@ -32,7 +32,7 @@ def method_options(name: str, options: dict[str, Any] | BaseModel | None) -> Bas
     try:
         return cls.Options(**(options or {}))
     except ValidationError as e:
-        raise FuselmError(validation_message(e, f"options of method {name!r}")) from None
+        raise FuselmError(validation_message(e, f"options of method {name!r}", cls.Options)) from None
 
 
 def check_method(name: str, n_models: int, options: dict[str, Any] | None) -> None:

@@ -112,7 +112,7 @@ class RouterTrainConfig(StrictModel):
         try:
             return cls(**data)
         except ValidationError as e:
-            raise FuselmError(validation_message(e, str(p))) from None
+            raise FuselmError(validation_message(e, str(p), cls)) from None
 
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed (paths and the checkpoint cadence excluded)."""
