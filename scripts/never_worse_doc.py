@@ -9,7 +9,7 @@ its paired interval (red: significantly below, green: significantly above).
 `runs/` does not outlive a machine, and the matrix takes more CPU-hours than one session has, so
 each (ensemble, task) summary (its table and its picture's panel) is kept in
 docs/never-worse.json: the runs under --root replace their own entries there, the others stay
-(a chain made again replaces a finished record only once its calibrated run is complete).
+(a chain made again replaces its record only once every run complete there is complete again).
 
 Per ensemble and task: every member alone, today's adafuse, anchored AdaFuse and the calibrated
 setup on the test rows, each with its 95% bootstrap interval and its paired difference against
@@ -168,9 +168,14 @@ def _table_rows(entry: dict) -> dict[str, list[str]]:
     return rows
 
 
-def _finished(entry: dict) -> bool:
-    """Whether a record has a complete calibrated run (a chain made again replaces one only then)."""
-    return any(k.startswith("calibrated") and not v[0].endswith("*") for k, v in _table_rows(entry).items())
+def _covers(new: dict, old: dict) -> bool:
+    """Whether a record made again has every setup the old one had complete, complete too (a
+    chain run again replaces its record only then, not with runs still in progress)."""
+
+    def complete(entry: dict) -> set[str]:  # setups by name: "calibrated", "adafuse", "x alone"
+        return {k.split(" (")[0] for k, v in _table_rows(entry).items() if not v[0].endswith("*")}
+
+    return complete(old) <= complete(new)
 
 
 def overview(archive: dict) -> str:
@@ -235,8 +240,10 @@ def main() -> int:
     path = Path(ns.archive)
     archive = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for key, entry in summaries(Path(ns.root)).items():
-        if key in archive and _finished(archive[key]) and not _finished(entry):
-            print(f"{key}: kept the finished record; its new chain has no finished calibrated run yet", file=sys.stderr)
+        if key in archive and not _covers(entry, archive[key]):
+            print(
+                f"{key}: kept the archived record; runs that were complete there are still in progress", file=sys.stderr
+            )
             continue
         archive[key] = entry
     text = tables(archive)

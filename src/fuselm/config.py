@@ -162,14 +162,15 @@ def validation_message(e: ValidationError, where: str = "", model: type[BaseMode
         if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
             known = _fields_at(model, err["loc"][:-1])
             close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.5)
-            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})")
+            hint = f"; did you mean {close[0]!r}?" if close else (f" (known: {', '.join(known)})" if known else "")
+            msg = "unknown key" + hint
         parts.append(f"{loc}: {msg}" if loc else msg)
     prefix = f"{where}: " if where else ""
     return prefix + "; ".join(parts)
 
 
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
-    """The field names of the model found at `path` inside `model` (through lists, dicts and
+    """The field names of the model found at `path` inside `model` (through list items and
     optional fields); none when the path leads elsewhere."""
     for key in path:
         if isinstance(key, int) or model is None:

@@ -119,9 +119,9 @@ class AdaFuse(EnsembleMethod):
                 drafted = self._draft_step(ctx, anchor)
                 if drafted is not None:
                     return drafted  # else: another model would say otherwise at the first word
-            tops = each(ctx, lambda m, s: s.next_top(k), [anchor])
-            if top_margin(tops[anchor]) >= o.theta:
-                return self._anchor_step(ctx, anchor, top_margin(tops[anchor]), span_tokens)
+            tops[anchor], margin = self.anchor_top(ctx, anchor, k)
+            if margin >= o.theta:
+                return self._anchor_step(ctx, anchor, margin, span_tokens)
         tops.update(each(ctx, lambda m, s: s.next_top(k), [m for m in ctx.live if m not in tops]))
         tops = {m: tops[m] for m in sorted(tops)}
         margins = {m: top_margin(top) for m, top in tops.items()}

@@ -43,6 +43,11 @@ class EnsembleMethod(FusionMethod):
         """Policy anchored's anchor, or the first live model where it has dropped out."""
         return self.anchor if self.anchor in ctx.live else ctx.live[0]
 
+    def anchor_top(self, ctx: StepContext, anchor: int, k: int = 2) -> tuple[list[tuple[int, float]], float]:
+        """The anchor's top-`k` next tokens and its top-1/top-2 margin (asked of it alone)."""
+        top = each(ctx, lambda m, s: s.next_top(k), [anchor])[anchor]
+        return top, top_margin(top)
+
     def anchor_alone(self, anchor: int, text: str, finished: bool, tokens: int, margin: float | None, **detail) -> Step:
         """The step that commits the anchor's own text, no other candidate scored."""
         c = Candidate(text, eos=finished and not text, proposers=[anchor], tokens={anchor: max(tokens, 1)})

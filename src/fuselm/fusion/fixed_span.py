@@ -12,7 +12,6 @@ from typing import Literal
 from pydantic import Field
 
 from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
-from ..models.session import top_margin
 from .base import Step, StepContext
 from .ensemble import Candidate, EnsembleMethod, add_candidate, anchor_stands, decided_step, roll_words
 from .experts import each
@@ -40,7 +39,7 @@ class FixedSpan(EnsembleMethod):
         anchor = margins = None
         if self.anchor is not None:
             anchor = self.live_anchor(ctx)
-            margin = top_margin(each(ctx, lambda m, s: s.next_top(2), [anchor])[anchor])
+            _, margin = self.anchor_top(ctx, anchor)
             if margin >= o.theta:  # sure: its span stands, no other model asked
                 r = roll_words(ctx.sessions[anchor], o.n_words, max_tokens)
                 return self.anchor_alone(anchor, r.text, r.finished, r.text_tokens, margin)
