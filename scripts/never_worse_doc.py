@@ -143,9 +143,14 @@ def task_table(where: Path) -> str | None:
     head = f"**{where.parent.name} / {where.name}**"
     if cal:
         cost = f", {cal['dev_seconds'] / 60:.0f} CPU-minutes of dev runs" if cal.get("dev_seconds") else ""
-        head += (f" (calibrated on {len(cal['dev']['ids'])} dev rows of `{cal['dev']['file']}`"
+        head += (f" (calibrated on {len(cal['dev']['ids'])} dev rows of {_dev_file(cal['dev']['file'])}"
                  f" from row {cal['dev']['offset']}{cost}: {cal['reason']})")  # fmt: skip
     return head + "\n\n" + "\n".join(lines)
+
+
+def _dev_file(file: str) -> str:
+    """`test` (or, from an older calibration, a package file's absolute path): its own test file."""
+    return "its test file" if file == "test" or Path(file).is_absolute() else f"`{file}`"
 
 
 def _chosen(cal: dict) -> str:

@@ -51,7 +51,7 @@ TASKS = {
     "flores-en-de": (100, "flores/eng2deu_0-399.jsonl", 100, 30),
     "flores-de-en": (100, "flores/deu2eng_0-399.jsonl", 100, 30),
     "flores-en-ro": (100, "flores/eng2ron_0-399.jsonl", 100, 30),
-    "humaneval": (82, "HUMANEVAL", 82, 30),  # problems 0-81 tested, 82-111 for calibration
+    "humaneval": (82, "test", 82, 30),  # problems 0-81 tested, 82-111 for calibration (its own test file)
 }
 
 
@@ -64,9 +64,7 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     ctrl = where / "calib.controller.json"  # calibrate --controller-rows writes it
     cal = ["fuselm", "calibrate", "--task", task, "--models", ",".join(models), "--limit", str(n_dev),
            "--controller-rows", str(2 * n_dev), "--out", str(calib)]  # fmt: skip
-    if dev == "HUMANEVAL":
-        cal += ["--dev-data", "{humaneval}", "--offset", str(offset)]
-    elif dev:
+    if dev:
         cal += ["--dev-data", dev, "--offset", str(offset)]
     out = [("calibrate", cal)]
     test = ["fuselm", "eval", "--task", task, "--limit", str(n_test)]
@@ -90,12 +88,6 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     out.append(("controller", [*test, "--method", "adafuse", "--models", ",".join(models), "-O",
                                f"controller={ctrl}", "--out", str(where / "controller")]))  # fmt: skip
     return out
-
-
-def humaneval_file() -> str:
-    from fuselm.eval.tasks import get_task
-
-    return get_task("humaneval").data_file or ""
 
 
 def _asked(args: list[str]) -> tuple[str, list[str], dict]:
@@ -141,10 +133,10 @@ def same_as_done(args: list[str], earlier: list[list[str]]) -> Path | None:
 
 
 def fill(args: list[str], calib: Path) -> list[str]:
-    values = {"humaneval": humaneval_file() if any("{humaneval}" in a for a in args) else ""}
-    if any("{anchor}" in a for a in args):
-        values["anchor"] = yaml.safe_load(calib.read_text())["anchor"]
-    return [a.format(**values) if "{" in a else a for a in args]
+    if not any("{anchor}" in a for a in args):
+        return args
+    anchor = yaml.safe_load(calib.read_text())["anchor"]
+    return [a.format(anchor=anchor) if "{" in a else a for a in args]
 
 
 def main() -> int:

@@ -10,7 +10,11 @@ import pytest
 
 from fuselm import GenerationConfig
 from fuselm.calibration import load_calibration
+from fuselm.config import ModelConfig
 from fuselm.errors import FuselmError
+from fuselm.eval.calibrate import check_unused
+from fuselm.eval.records import EvalSpec
+from fuselm.eval.tasks import get_task
 from fuselm.fusion.loop import generate
 from fuselm.serve.config import Setup
 
@@ -298,6 +302,32 @@ def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch
     assert b.returncode == 1 and "nobody: not among the members" in b.stderr
     nosuch = run_cli("calibrate", "--task", "squad", "--models", "a,b", "--out", str(tmp_path / "c.yaml"))
     assert nosuch.returncode == 1 and "task squad has no dev split: give --dev-data FILE" in nosuch.stderr
+
+
+def test_a_task_without_a_dev_split_calibrates_on_its_own_test_file_named_test(answer_models, answer_data, tmp_path):
+    """HumanEval's file lies inside an installed package: `--dev-data test` names it, the
+    calibration records it as `test` (the same on every machine), and its rows are refused to eval."""
+    out = tmp_path / "calib.yaml"
+    models = ",".join(answer_models[n] for n in ("right", "wrong"))
+    r = run_cli("calibrate", "--task", "humaneval", "--models", models, "--dev-data", "test", "--offset", "160",
+                "--limit", "2", "--max-new-tokens", "2", "--data-dir", str(answer_data), "--out", str(out),
+                "--thetas", "0.5", "--margins", "0", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cal = load_calibration(out)
+    assert cal.dev.file == "test" and len(cal.dev.ids) == 2
+    used = run_cli("eval", "--task", "humaneval", "--calibration", str(out), "--offset", "159", "--limit", "3",
+                   "--data-dir", str(answer_data), "--out", str(tmp_path / "run"), "--no-progress")  # fmt: skip
+    assert used.returncode == 1 and "2 of the 3 rows to evaluate" in used.stderr, used.stderr
+    # a calibration of an older fuselm recorded the package file's absolute path: still recognised
+    task = get_task("humaneval")
+    old = tmp_path / "old.yaml"
+    old.write_text(out.read_text().replace("file: test", f"file: {task.data_file}"))
+    assert load_calibration(old).dev.file == task.data_file
+    with pytest.raises(FuselmError, match="2 of the 3 rows to evaluate"):
+        check_unused(old, EvalSpec(task="humaneval", models=[ModelConfig(name="m")], offset=159, limit=3), answer_data)
+    missing = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "nowhere.jsonl",
+                      "--data-dir", str(answer_data), "--out", str(tmp_path / "c.yaml"))  # fmt: skip
+    assert missing.returncode == 1 and "data file not found: nowhere.jsonl (nor under" in missing.stderr
 
 
 # --- the learned controller --------------------------------------------------------------------------

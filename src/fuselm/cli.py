@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", "--models", dest="models", metavar="NAMES", required=True,
                    help="the ensemble's models, comma-separated (as for generate)")  # fmt: skip
     c.add_argument(
-        "--dev-data", metavar="FILE", help="dev rows (default: the task's dev file; path or under --data-dir)"
+        "--dev-data",
+        metavar="FILE",
+        help="dev rows (default: the task's dev file; path or under --data-dir; `test`: the task's test file,"
+        " with --offset past the rows you evaluate)",
     )
     c.add_argument("--offset", type=int, default=0, help="first dev row")
     c.add_argument("--limit", type=int, default=50, help="dev rows (default 50)")
@@ -173,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--task", required=True, help=f"task: {_task_list()}")
     tc.add_argument("--model", "--models", dest="models", metavar="NAMES", required=True,
                     help="the ensemble's models, comma-separated, in the order they will run")  # fmt: skip
-    tc.add_argument("--data", metavar="FILE", help="dev rows (default: the task's dev file)")
+    tc.add_argument("--data", metavar="FILE", help="dev rows (default: the task's dev file; `test` as for calibrate)")
     tc.add_argument("--offset", type=int, default=0, help="first dev row")
     tc.add_argument("--limit", type=int, default=100, help="dev rows (default 100)")
     tc.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",

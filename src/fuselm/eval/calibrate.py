@@ -46,7 +46,7 @@ from ..models.loading import load_model
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
 from .runner import _versions, run_eval, task_generation
-from .task import Task, default_data_dir, load_rows
+from .task import TEST_FILE, Task, data_name, data_path, default_data_dir, load_rows
 from .tasks import get_task
 
 
@@ -75,28 +75,16 @@ PROMPT_TAU = 0.1  # per-prompt weights' temperature, in nats per byte of the pro
 
 
 def dev_file(task: Task, given: str | None, data_dir: Path) -> tuple[Path, str]:
-    """The dev data file, and its name as a calibration records it (relative to the data
-    directory when inside it)."""
+    """The dev data file, and its name as a calibration records it (`data_name`)."""
     if given is None:
         if task.dev_file is None:
             raise FuselmError(
                 f"task {task.name} has no dev split: give --dev-data FILE, e.g. its test file with --offset past"
-                f" the rows you evaluate (--dev-data {task.data_file} --offset 200)"
+                f" the rows you evaluate (--dev-data {TEST_FILE} --offset 200)"
             )
         given = task.dev_file
-    path = Path(given)
-    if not path.is_file() and (data_dir / given).is_file():
-        path = data_dir / given
-    if not path.is_file():
-        raise FuselmError(f"dev data not found: {given} (nor under {data_dir})")
-    return path, data_name(path, data_dir)
-
-
-def data_name(path: Path, data_dir: Path) -> str:
-    try:
-        return path.resolve().relative_to(data_dir.resolve()).as_posix()
-    except ValueError:
-        return str(path.resolve())
+    path = data_path(task, given, data_dir)
+    return path, data_name(task, path, data_dir)
 
 
 def _slug(text: str) -> str:
@@ -360,7 +348,7 @@ def check_unused(path: str | Path, spec: EvalSpec, data_dir: Path | None = None)
     file = Path(spec.data) if spec.data else data_dir / (task.data_file or "")
     selected = None
     for rows, what in ((cal.dev, "calibrate"), (cal.controller_dev, "train the controller of")):
-        if rows is None or data_name(file, data_dir) != rows.file:
+        if rows is None or not _same_file(task, rows.file, file, data_dir):
             continue
         selected = selected or spec.select(load_rows(task, spec.data, data_dir))
         used = [r["id"] for r in selected if r["id"] in set(rows.ids)]
@@ -370,3 +358,12 @@ def check_unused(path: str | Path, spec: EvalSpec, data_dir: Path | None = None)
                 f" {path} ({rows.file}, offset {rows.offset}); evaluate other rows (--offset) or calibrate on"
                 " other data"
             )
+
+
+def _same_file(task: Task, recorded: str, file: Path, data_dir: Path) -> bool:
+    """Whether a calibration's recorded dev file is `file` (a name, `test`, or an absolute path,
+    as older calibrations recorded a package's file)."""
+    try:
+        return data_path(task, recorded, data_dir).resolve() == file.resolve()
+    except FuselmError:  # not on this machine: it cannot be the file evaluated here
+        return False

@@ -105,6 +105,38 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.cwd() / "data"
 
 
+# `--dev-data test`: the task's own test file, for tasks without a dev split (rows past those
+# evaluated, with --offset). Recorded by that name, so a calibration made on HumanEval, whose file
+# lies inside an installed package, names its rows the same way on every machine.
+TEST_FILE = "test"
+
+
+def data_path(task: Task, given: str, data_dir: Path) -> Path:
+    """The data file that `given` names: `test` (the task's test file), a path, or a path under
+    the data directory; an error naming both places when it is in neither."""
+    if given == TEST_FILE:
+        given = task.data_file or ""
+    path = Path(given)
+    if not path.is_file() and (data_dir / given).is_file():
+        path = data_dir / given
+    if not path.is_file():
+        raise FuselmError(f"task {task.name}: data file not found: {given} (nor under {data_dir})")
+    return path
+
+
+def data_name(task: Task, path: Path, data_dir: Path) -> str:
+    """How a data file is recorded (calibrations, controllers): relative to the data directory,
+    `test` for the task's own test file outside it, else the absolute path."""
+    try:
+        return path.resolve().relative_to(data_dir.resolve()).as_posix()
+    except ValueError:
+        pass
+    own = Path(task.data_file or "")
+    if own.is_absolute() and own.is_file() and own.resolve() == path.resolve():
+        return TEST_FILE
+    return str(path.resolve())
+
+
 def load_rows(task: Task, data: str | None, data_dir: Path | None = None) -> list[dict[str, Any]]:
     """Rows from a local JSONL (.gz allowed) or, when `data` is `hub:NAME[:CONFIG]:SPLIT`, from the hub.
 

@@ -29,7 +29,7 @@ from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..eval.records import EvalSpec
 from ..eval.runner import task_generation
-from ..eval.task import default_data_dir, load_rows
+from ..eval.task import TEST_FILE, data_name, data_path, default_data_dir, load_rows
 from ..eval.tasks import get_task
 from ..files import DirLock, append_jsonl, atomic_write_json, read_jsonl
 from ..fusion.adafuse import AdaFuse, AdaFuseOptions
@@ -111,10 +111,11 @@ def collect(
     """Each dev row's examples, in `out`/examples.jsonl (rows done earlier are kept)."""
     task = get_task(spec.task)
     if spec.data is None and task.dev_file is None:
-        raise FuselmError(f"task {task.name} has no dev split: give --data FILE (rows no evaluation uses)")
-    data = spec.data or str(data_dir / (task.dev_file or ""))
-    if not Path(data).is_file() and (data_dir / data).is_file():
-        data = str(data_dir / data)
+        raise FuselmError(
+            f"task {task.name} has no dev split: give --data FILE (rows no evaluation uses; `{TEST_FILE}`"
+            " with --offset: the task's test file past the rows you evaluate)"
+        )
+    data = str(data_path(task, spec.data or task.dev_file or "", data_dir))
     sel = EvalSpec(task=task.name, models=spec.models, data=data, offset=spec.offset, limit=spec.limit)
     rows = sel.select(load_rows(task, data, data_dir))
     path = out / "examples.jsonl"
@@ -179,6 +180,15 @@ def fit(items: list[dict[str, Any]], names: list[str], l2: float) -> Controller:
     )  # fmt: skip
 
 
+def _recorded(spec: ControllerTrainSpec, data_dir: Path) -> str | None:
+    """The dev file as the controller records it: None for the task's dev split, else its name
+    (`data_name`), which a calibration on another machine or directory still finds."""
+    if spec.data is None:
+        return None
+    task = get_task(spec.task)
+    return data_name(task, data_path(task, spec.data, data_dir), data_dir)
+
+
 def accuracy(items: list[dict[str, Any]], pick: Callable[[dict[str, Any]], int]) -> float | None:
     rounds = [r for it in items for r in it["rounds"]]
     return sum(pick(r) == r["label"] for r in rounds) / len(rounds) if rounds else None
@@ -194,7 +204,8 @@ def train_controller(
     work = out.with_suffix(".examples")
     work.mkdir(parents=True, exist_ok=True)
     with DirLock(work, "train-controller"):
-        items, names = collect(spec, work, data_dir or default_data_dir(), show_progress, say)
+        data_dir = data_dir or default_data_dir()
+        items, names = collect(spec, work, data_dir, show_progress, say)
     order = list(range(len(items)))
     random.Random(spec.seed).shuffle(order)
     cut = max(1, math.ceil(len(items) * 0.8)) if len(items) > 1 else len(items)
@@ -212,7 +223,7 @@ def train_controller(
     n_rounds = sum(len(it["rounds"]) for it in items)
     controller.info = {
         "task": spec.task, "models": [m.name for m in spec.models], "options": spec.options,
-        "dev": {"data": spec.data, "offset": spec.offset, "limit": spec.limit, "rows": len(items),
+        "dev": {"data": _recorded(spec, data_dir), "offset": spec.offset, "limit": spec.limit, "rows": len(items),
                 "ids": [it["id"] for it in items]},
         "rounds": n_rounds, "held_out_rows": len(held), "held_out_accuracy": table,
         "seconds": round(sum(it.get("seconds", 0.0) for it in items), 3),  # decoding the rows: the cost
