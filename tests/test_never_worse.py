@@ -14,6 +14,7 @@ from fuselm.config import ModelConfig
 from fuselm.errors import FuselmError
 from fuselm.eval.calibrate import check_unused
 from fuselm.eval.records import EvalSpec
+from fuselm.eval.report import calibration_points
 from fuselm.eval.tasks import get_task
 from fuselm.fusion.loop import generate
 from fuselm.serve.config import Setup
@@ -229,6 +230,24 @@ def test_calibration_keeps_the_member_that_is_always_right_and_drops_the_other(a
     assert cal.tried[-1].method_options["anchor"] == right and "no fused setup beat it" in cal.reason
     assert cal.dev.ids == list(range(6)) and cal.dev.file == "triviaqa/rows.jsonl"
     assert "fall back to" in r.stderr and "calibration of triviaqa" in r.stderr  # the table and the choice
+    # its picture: the members alone (the right one chosen), then each tried setup, whose interval is
+    # the best member's score plus the paired difference's; drawn again without running anything
+    points = calibration_points(cal)
+    assert [(p.label, p.kind, p.chosen) for p in points[:2]] == [
+        (f"{wrong} alone (dropped)", "member", False), (f"{right} alone (best)", "anchor", True)
+    ]  # fmt: skip
+    assert [p.label for p in points[2:]] == [t.label for t in cal.tried] and not any(p.chosen for p in points[2:])
+    assert points[2].score == 100.0 and points[2].interval == (
+        100.0 + 100 * cal.tried[0].versus_best[1],
+        100.0 + 100 * cal.tried[0].versus_best[2],
+    )
+    rows = {f: f.stat().st_mtime_ns for f in out.with_suffix(".runs").rglob("rows.jsonl")}
+    again, _ = calibrate_cli(
+        answer_models, answer_data, tmp_path, ("wrong", "right"), "--plot", str(tmp_path / "c.png")
+    )
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and rows
+    assert {f: f.stat().st_mtime_ns for f in out.with_suffix(".runs").rglob("rows.jsonl")} == rows
     # used by eval: the chosen model on rows the calibration did not use; its rows are refused
     ev = run_cli("eval", "--task", "triviaqa", "--calibration", str(out), "--data-dir", str(answer_data),
                  "--data", str(answer_data / "triviaqa/rows.jsonl"), "--offset", "6", "--max-new-tokens", "3",

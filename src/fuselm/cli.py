@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--offset", type=int, default=0, help="first dev row")
     c.add_argument("--limit", type=int, default=50, help="dev rows (default 50)")
     c.add_argument("--out", required=True, metavar="CALIB.yaml", help="the calibration file to write")
+    c.add_argument("--plot", metavar="OUT.png",
+                   help="also draw what it tried: dev scores with paired intervals (run again to redraw: nothing reruns)")  # fmt: skip
     c.add_argument("--runs", metavar="DIR", help="where the dev runs go (default: CALIB.runs/ beside --out)")
     c.add_argument("--thetas", default="0.5,0.8", help="anchored AdaFuse: thresholds to try (default 0.5,0.8)")
     c.add_argument("--margins", default="0,0.5", help="anchored AdaFuse: override margins to try (default 0,0.5)")
@@ -389,6 +391,11 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         table.add_row(t.label, "+".join(t.models), fmt(t.score), diff, cost, "[green]chosen[/]" if chosen else "")
     console.print(table)
     console.print(f"chose: {cal.reason}")
+    if ns.plot:
+        from .eval.report import plot_calibration
+
+        plot_calibration(cal, ns.plot)
+        console.print(f"wrote {ns.plot}")
     console.print(f"wrote {out}; use it: fuselm eval --task {cal.task} --calibration {out} --out DIR (on other rows)")
     print(json.dumps({"calibration": str(out), "method": cal.method, "models": cal.models,
                       "method_options": cal.method_options, "reason": cal.reason}, ensure_ascii=False))  # fmt: skip

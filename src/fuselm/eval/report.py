@@ -1,5 +1,6 @@
 """Runs side by side: per task and metric, mean and 95% bootstrap interval, cost per sample;
-as a terminal table, Markdown, and a PNG of quality against cost."""
+as a terminal table, Markdown, and a PNG of quality against cost; and the picture of a
+calibration (what it tried, with paired intervals)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibration import Calibration
 from ..errors import FuselmError, UnknownNameError
 from .metrics import bootstrap_indices, percentile_interval
 from .records import EvalRow, EvalSpec, EvalSummary
@@ -358,5 +360,86 @@ def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
         ncol = min(5, len(labels))
         fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.25 * math.ceil(len(labels) / ncol) / (4.0 * rows + 1.0), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class CalibrationPoint:
+    """One line of a calibration's picture: a member alone or a tried setup, its dev score (in
+    the task's units: % for per-row metrics) and, for a tried setup, the 95% interval of that
+    score paired against the best member (the best member's score plus the difference's interval)."""
+
+    label: str
+    score: float | None
+    interval: tuple[float, float] | None
+    kind: str  # "anchor" (the best member), "member", "tried"
+    chosen: bool
+
+
+def calibration_points(cal: Calibration) -> list[CalibrationPoint]:
+    """The members alone, then every tried setup, in the calibration's order."""
+    scale = 1.0 if cal.metric in get_task(cal.task).corpus_metrics else 100.0
+    best = next((m.score for m in cal.scores if m.name == cal.anchor), None)
+    out = []
+    for m in cal.scores:
+        chosen = cal.method == "single" and cal.models == [m.name]
+        label = m.name + " alone" + (" (best)" if m.name == cal.anchor else "" if m.kept else " (dropped)")
+        score = None if m.score is None else m.score * scale
+        out.append(CalibrationPoint(label, score, None, "anchor" if m.name == cal.anchor else "member", chosen))
+    for t in cal.tried:
+        chosen = (t.method, t.models, t.method_options) == (cal.method, cal.models, cal.method_options)
+        d = t.versus_best
+        interval = None if d is None or best is None else ((best + d[1]) * scale, (best + d[2]) * scale)
+        score = None if t.score is None else t.score * scale
+        out.append(CalibrationPoint(t.label, score, interval, "tried", chosen))
+    return out
+
+
+def plot_calibration(cal: Calibration, path: str | Path) -> None:
+    """What a calibration tried, one line each, on the dev score's axis: the members alone
+    (circles; the best, the anchor, marks a dashed line), each fused setup (squares) with its
+    paired 95% interval against the best member, the chosen one in green."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = calibration_points(cal)
+    scored = [p for p in points if p.score is not None]
+    if not scored:
+        raise FuselmError("the calibration has no dev score to plot")
+    fig, ax = plt.subplots(figsize=(8.0, 1.4 + 0.42 * len(points)))
+    ys = list(range(len(points)))[::-1]  # the first line on top
+    for y, p in zip(ys, points):
+        if p.score is None:
+            continue
+        colour = (
+            "tab:green"
+            if p.chosen
+            else ("black" if p.kind == "anchor" else "tab:grey" if p.kind == "member" else "tab:blue")
+        )
+        if p.interval is not None:
+            ax.plot(p.interval, [y, y], color=colour, linewidth=2, alpha=0.7)
+        ax.scatter(p.score, y, marker="s" if p.kind == "tried" else "o", s=60, color=colour, zorder=3)
+    best = next((p.score for p in points if p.kind == "anchor"), None)
+    if best is not None:
+        ax.axvline(best, color="black", linestyle="--", linewidth=1, alpha=0.6)
+    ax.set_yticks(ys, [p.label + ("  (chosen)" if p.chosen else "") for p in points])
+    for tick, p in zip(ax.get_yticklabels(), points):
+        if p.chosen:
+            tick.set_color("tab:green")
+            tick.set_fontweight("bold")
+    unit = cal.metric if cal.metric in get_task(cal.task).corpus_metrics else f"{cal.metric} (%)"
+    ax.set_xlabel(f"{unit} on {len(cal.dev.ids)} dev rows\n(lines: 95% interval paired against the best member)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.1, y=0.5 / max(1, len(points)))
+    title = f"calibration of {cal.task}: " + cal.reason
+    head = 0.25 + 0.17 * len(textwrap.wrap(title, 110))  # inches above the axes
+    fig.set_figheight(fig.get_figheight() + head)
+    fig.text(0.01, 0.99, textwrap.fill(title, 110), ha="left", va="top", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - head / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
