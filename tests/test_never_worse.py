@@ -321,6 +321,15 @@ def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch
     assert b.returncode == 1 and "nobody: not among the members" in b.stderr
     nosuch = run_cli("calibrate", "--task", "squad", "--models", "a,b", "--out", str(tmp_path / "c.yaml"))
     assert nosuch.returncode == 1 and "task squad has no dev split: give --dev-data FILE" in nosuch.stderr
+    # a misspelt member fails before the members named before it run; a bad grid before anything
+    right = answer_models["right"]
+    typo = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},smollm2-135n", "--dev-data",
+                   "triviaqa/rows.jsonl", "--data-dir", str(answer_data), "--out", str(tmp_path / "t.yaml"))  # fmt: skip
+    assert typo.returncode == 1 and "unknown model 'smollm2-135n'" in typo.stderr and "smollm2-135m" in typo.stderr
+    assert not (tmp_path / "t.runs").exists()
+    grid = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--thetas", "0.5,1.5",
+                   "--out", str(tmp_path / "g.yaml"))  # fmt: skip
+    assert grid.returncode == 1 and "calibrate: --thetas[1]: Input should be less than or equal to 1" in grid.stderr
 
 
 def test_a_task_without_a_dev_split_calibrates_on_its_own_test_file_named_test(answer_models, answer_data, tmp_path):

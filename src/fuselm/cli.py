@@ -344,7 +344,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
             generation=GenerationConfig(**_pick(ns, GenerationConfig)), controller=ns.controller,
         )  # fmt: skip
     except ValidationError as e:
-        raise FuselmError(validation_message(e, "options")) from None
+        raise FuselmError(validation_message(e, "calibrate", flags=True)) from None
     from .eval.tasks import get_task
 
     get_task(ns.task)  # unknown task: fail before loading any model
@@ -426,7 +426,7 @@ def cmd_train_controller(ns: argparse.Namespace) -> int:
         spec = ControllerTrainSpec(task=ns.task, models=models, data=ns.data, offset=ns.offset, limit=ns.limit,
                                    options=opts)  # fmt: skip
     except ValidationError as e:
-        raise FuselmError(validation_message(e, "options")) from None
+        raise FuselmError(validation_message(e, "train-controller", flags=True)) from None
     info = train_controller(spec, ns.out, Path(ns.data_dir) if ns.data_dir else None, not ns.no_progress,
                             say=console.print)  # fmt: skip
     table = Table(title=f"choosing the right candidate, {info['held_out_rows']} held-out dev rows")

@@ -152,12 +152,15 @@ class RunConfig(StrictModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
-def validation_message(e: ValidationError, where: str = "", model: type[BaseModel] | None = None) -> str:
+def validation_message(
+    e: ValidationError, where: str = "", model: type[BaseModel] | None = None, flags: bool = False
+) -> str:
     """One line for a pydantic error: each problem at its place; an unknown key of `model` (or of
-    a model nested in it) with the closest known one ("did you mean")."""
+    a model nested in it) with the closest known one ("did you mean"). With `flags`, the places
+    are named as the command line's flags (`--dev-data`, `--thetas[0]`)."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
+        loc = _flag(err["loc"]) if flags and err["loc"] else ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
             known = _fields_at(model, err["loc"][:-1])
@@ -167,6 +170,11 @@ def validation_message(e: ValidationError, where: str = "", model: type[BaseMode
         parts.append(f"{loc}: {msg}" if loc else msg)
     prefix = f"{where}: " if where else ""
     return prefix + "; ".join(parts)
+
+
+def _flag(loc: tuple) -> str:
+    head, *rest = loc
+    return "--" + str(head).replace("_", "-") + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in rest)
 
 
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:

@@ -33,8 +33,9 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..calibration import Calibration, DevRows, MemberScore, Trial
 from ..config import GenerationConfig, ModelConfig
@@ -42,7 +43,7 @@ from ..errors import FuselmError
 from ..files import atomic_write_json
 from ..fusion.controller import Controller
 from ..models.backend import require_one_vocabulary
-from ..models.loading import load_model
+from ..models.loading import check_reference, load_model
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
 from .runner import _versions, run_eval, task_generation
@@ -56,12 +57,13 @@ class CalibrateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str
-    models: list[ModelConfig] = Field(min_length=2)
+    models: list[ModelConfig]
     dev_data: str | None = Field(None, description="dev rows (default: the task's dev file)")
     offset: int = Field(0, ge=0)
     limit: int = Field(50, ge=1)
-    thetas: list[float] = Field(default_factory=lambda: [0.5, 0.8])
-    margins: list[float] = Field(default_factory=lambda: [0.0, 0.5])
+    # the anchored policy's options, checked here so that a bad grid fails before any model runs
+    thetas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=lambda: [0.5, 0.8], min_length=1)
+    margins: list[Annotated[float, Field(ge=0.0)]] = Field(default_factory=lambda: [0.0, 0.5], min_length=1)
     max_gap: float = Field(
         10.0, ge=0.0, description="leave members this many points below the best out of the equal-vote setups"
     )
@@ -69,6 +71,16 @@ class CalibrateSpec(BaseModel):
     controller: str | None = Field(
         None, description="a controller file for these models (`fuselm train-controller` on other dev rows), tried"
     )
+
+    @field_validator("models")
+    @classmethod
+    def _an_ensemble(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        if len(models) < 2:
+            raise ValueError(f"calibrate chooses how to fuse two models or more; got {len(models)}")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"calibrate needs distinct model names; got {', '.join(names)}")
+        return models
 
 
 PROMPT_TAU = 0.1  # per-prompt weights' temperature, in nats per byte of the prompt
@@ -149,8 +161,8 @@ def calibrate(
     data_dir = data_dir or default_data_dir()
     path, name = dev_file(task, spec.dev_data, data_dir)
     names = [m.name for m in spec.models]
-    if len(set(names)) != len(names):
-        raise FuselmError(f"calibrate needs distinct model names; got {', '.join(names)}")
+    for m in spec.models:  # a misspelt name fails now, not after the members before it have run
+        check_reference(m)
     base = EvalSpec(task=task.name, models=spec.models[:1], generation=spec.generation, data=str(path),
                     limit=spec.limit, offset=spec.offset)  # fmt: skip
     rows = base.select(load_rows(task, str(path), data_dir))

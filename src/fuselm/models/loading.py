@@ -99,10 +99,9 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
                 assets.ensure_converted(bundled), name=ref, device=cfg.device, dtype=cfg.dtype
             )
         return Model(backend, cfg)
+    check_reference(cfg)
     path = Path(ref).expanduser()
-    if path.suffix == ".gguf" or path.is_file():
-        if not path.is_file():
-            raise FuselmError(f"model file not found: {path}")
+    if path.is_file():
         kind = resolve_backend_kind(cfg, is_gguf=True)
         if kind == "llamacpp":
             return Model(llamacpp.LlamaCppBackend(path, name=path.stem, n_ctx=cfg.n_ctx, n_threads=cfg.threads), cfg)
@@ -113,17 +112,30 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
         from .hf import TransformersBackend
 
         return Model(TransformersBackend.from_directory(out, name=path.stem, device=cfg.device, dtype=cfg.dtype), cfg)
-    if path.is_dir():
-        if cfg.backend == "llamacpp":
-            raise FuselmError(f"{path} is a directory; the llama.cpp backend needs a .gguf file")
-        from .hf import TransformersBackend
+    if cfg.backend == "llamacpp":
+        raise FuselmError(f"{path} is a directory; the llama.cpp backend needs a .gguf file")
+    from .hf import TransformersBackend
 
-        return Model(
-            TransformersBackend.from_directory(
-                path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
-            ),
-            cfg,
-        )
-    if "/" in ref or ref.startswith("."):
-        raise FuselmError(f"model path not found: {ref}")
-    raise UnknownNameError("model", ref, BUNDLED)
+    return Model(
+        TransformersBackend.from_directory(
+            path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+        ),
+        cfg,
+    )
+
+
+def check_reference(cfg: ModelConfig) -> None:
+    """The error `load_model` would give for a name that names nothing (an unknown bundled
+    name, with "did you mean"; a missing file or directory), without loading anything, so that
+    commands running several models fail before the first one runs. An engine is asked only
+    when used."""
+    if cfg.engine is not None or cfg.name in BUNDLED:
+        return
+    path = Path(cfg.name).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise FuselmError(f"model file not found: {path}")
+    if path.is_file() or path.is_dir():
+        return
+    if "/" in cfg.name or cfg.name.startswith("."):
+        raise FuselmError(f"model path not found: {cfg.name}")
+    raise UnknownNameError("model", cfg.name, BUNDLED)
