@@ -86,6 +86,11 @@ class Calibration(StrictModel):
         by_name = {m.name: m for m in self.members}
         return [by_name[n] for n in self.models]
 
+    def chosen_trial(self) -> Trial | None:
+        """The tried setup that was chosen; None for the fallback to the best member alone."""
+        setup = (self.method, self.models, self.method_options)
+        return next((t for t in self.tried if (t.method, t.models, t.method_options) == setup), None)
+
     def save(self, path: str | Path) -> None:
         data = self.model_dump(mode="json")
         data["members"] = [m.model_dump(mode="json", exclude_defaults=True) for m in self.members]  # short

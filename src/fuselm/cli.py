@@ -386,11 +386,15 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     for t in cal.tried:
         d = t.versus_best
         diff = "" if d is None else f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
-        chosen = cal.method == t.method and cal.method_options == t.method_options and cal.models == t.models
+        chosen = t is cal.chosen_trial()
         cost = f"{t.seconds_per_sample:.2f}" if t.seconds_per_sample is not None else ""
         table.add_row(t.label, "+".join(t.models), fmt(t.score), diff, cost, "[green]chosen[/]" if chosen else "")
     console.print(table)
     console.print(f"chose: {cal.reason}")
+    picked = cal.chosen_trial()
+    if picked is not None and picked.versus_best is not None and picked.versus_best[1] <= 0:
+        console.print(f"[yellow]note: its interval against {cal.anchor} alone includes 0: on {len(cal.dev.ids)} dev rows"
+                      " the gain may be noise; more dev rows (--limit) would tell[/]")  # fmt: skip
     if ns.plot:
         from .eval.report import plot_calibration
 

@@ -388,7 +388,7 @@ def calibration_points(cal: Calibration) -> list[CalibrationPoint]:
         score = None if m.score is None else m.score * scale
         out.append(CalibrationPoint(label, score, None, "anchor" if m.name == cal.anchor else "member", chosen))
     for t in cal.tried:
-        chosen = (t.method, t.models, t.method_options) == (cal.method, cal.models, cal.method_options)
+        chosen = t is cal.chosen_trial()
         d = t.versus_best
         interval = None if d is None or best is None else ((best + d[1]) * scale, (best + d[2]) * scale)
         score = None if t.score is None else t.score * scale
