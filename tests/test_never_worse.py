@@ -9,12 +9,12 @@ import json
 import pytest
 
 from fuselm import GenerationConfig
-from fuselm.calibration import load_calibration
+from fuselm.calibration import Trial, load_calibration
 from fuselm.config import ModelConfig
 from fuselm.errors import FuselmError
-from fuselm.eval.calibrate import check_unused
+from fuselm.eval.calibrate import check_unused, choose
 from fuselm.eval.records import EvalSpec
-from fuselm.eval.report import calibration_points
+from fuselm.eval.report import RunView, calibration_points, paired_difference
 from fuselm.eval.tasks import get_task
 from fuselm.fusion.loop import generate
 from fuselm.serve.config import Setup
@@ -356,6 +356,40 @@ def test_a_task_without_a_dev_split_calibrates_on_its_own_test_file_named_test(a
     missing = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "nowhere.jsonl",
                       "--data-dir", str(answer_data), "--out", str(tmp_path / "c.yaml"))  # fmt: skip
     assert missing.returncode == 1 and "data file not found: nowhere.jsonl (nor under" in missing.stderr
+
+
+def _dev_run(method: str, right: set[int], n: int = 30) -> RunView:
+    """A TriviaQA dev run right on the rows in `right` (every metric 1 there, 0 elsewhere)."""
+    rows = [{"id": i, "metrics": dict.fromkeys(("em", "f1", "paper_match"), float(i in right))} for i in range(n)]
+    mean = len(right) / n
+    summary = {"task": "triviaqa", "method": method, "models": ["m"] if method == "single" else ["m", "o"],
+               "main_metric": "em", "n": n, "seconds_per_sample": 1.0, "metrics": dict.fromkeys(("em", "f1"), mean)}  # fmt: skip
+    return RunView(method, summary, rows)
+
+
+def test_significant_fuses_only_on_a_gain_the_dev_rows_are_sure_of():
+    """The best member is right on rows 0-9. `noisy` is right on 16 rows (loses 6 of them, gains
+    12): above it, its paired interval across 0; `steady` on 15 (gains 5, loses none): lower,
+    but surely above. By default the higher one is chosen; with `significant` the sure one; and
+    with neither sure, the best member alone."""
+    task = get_task("triviaqa")
+    best = _dev_run("single", set(range(10)))
+    views = {"noisy": _dev_run("noisy", set(range(6, 22))), "steady": _dev_run("steady", set(range(15)))}
+    tried = []
+    for label, view in views.items():
+        d = paired_difference(view, best, "em")
+        tried.append(
+            Trial(label=label, method="adafuse", models=["m", "o"], score=view.summary.main, versus_best=list(d))
+        )
+    assert tried[0].versus_best[1] < 0 < tried[1].versus_best[1]  # the premise: noisy unsure, steady sure
+    assert choose(task, best, tried, views)[0] is tried[0]
+    chosen, reason = choose(task, best, tried, views, significant=True)
+    assert chosen is tried[1] and reason.startswith("steady scored 50.0 on the dev rows against 33.3 for m alone")
+    chosen, reason = choose(task, best, tried[:1], views, significant=True)
+    assert chosen is None
+    assert reason.startswith("fall back to m alone (33.3): no fused setup's gain was significant on the dev rows")
+    chosen, reason = choose(task, best, [], views)
+    assert chosen is None and reason == "fall back to m alone (33.3): nothing was tried"
 
 
 # --- the learned controller --------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class Calibration(StrictModel):
     method: str
     method_options: dict[str, Any] = Field(default_factory=dict)
     reason: str = ""
+    significant: bool = Field(False, description="made with --significant: a fused setup needed a significant dev gain")
     tried: list[Trial] = Field(default_factory=list)
     dev_seconds: float | None = Field(
         None, description="generation time of every dev run and of the controller's training rows, summed (the cost)"

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " --offset + --limit (saved as CALIB.controller.json; default 0: none)")  # fmt: skip
     c.add_argument("--controller", metavar="FILE.json",
                    help="also try adafuse with this controller (trained on other dev rows)")  # fmt: skip
+    c.add_argument("--significant", action="store_true",
+                   help="fuse only where the gain over the best member is significant on the dev rows (its paired"
+                        " 95%% interval above 0); safer, fewer gains")  # fmt: skip
     c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_flags(c, GenerationConfig, skip=_SPECIAL_FIELDS | {"stop"})
@@ -342,6 +345,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
             task=ns.task, models=models, dev_data=ns.dev_data, offset=ns.offset, limit=ns.limit,
             thetas=_floats(ns.thetas, "--thetas"), margins=_floats(ns.margins, "--margins"), max_gap=ns.max_gap,
             generation=GenerationConfig(**_pick(ns, GenerationConfig)), controller=ns.controller,
+            significant=ns.significant,
         )  # fmt: skip
     except ValidationError as e:
         raise FuselmError(validation_message(e, "calibrate", flags=True)) from None
@@ -394,7 +398,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     picked = cal.chosen_trial()
     if picked is not None and picked.versus_best is not None and picked.versus_best[1] <= 0:
         console.print(f"[yellow]note: its interval against {cal.anchor} alone includes 0: on {len(cal.dev.ids)} dev rows"
-                      " the gain may be noise; more dev rows (--limit) would tell[/]")  # fmt: skip
+                      " the gain may be noise; more dev rows (--limit) would tell, --significant would not fuse[/]")  # fmt: skip
     if ns.plot:
         from .eval.report import plot_calibration
 

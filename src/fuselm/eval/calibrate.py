@@ -71,6 +71,11 @@ class CalibrateSpec(BaseModel):
     controller: str | None = Field(
         None, description="a controller file for these models (`fuselm train-controller` on other dev rows), tried"
     )
+    significant: bool = Field(
+        False,
+        description="choose only a fused setup whose paired 95% interval against the best member lies above 0 on the"
+        " dev rows (safer, fewer gains); otherwise the best fused setup that scores above it",
+    )
 
     @field_validator("models")
     @classmethod
@@ -265,23 +270,10 @@ def calibrate(
                 n=view.summary.n,
             )  # fmt: skip
         )
-    keys = {id(t): rank_key(task, views[t.label]) for t in tried}
-    chosen = max(tried, key=lambda t: keys[id(t)], default=None)
-    best_score = scores[best] if scores[best] is not None else -math.inf
-    if chosen is not None and keys[id(chosen)] > rank_key(task, alone[best]):
-        d = chosen.versus_best
-        reason = f"{chosen.label} scored {chosen.score * scale:.1f} on the dev rows against {best_score * scale:.1f} for {best} alone"
-        if chosen.score == best_score:
-            reason += f" (a tie on {task.main_metric}, decided by {', '.join(_finer(task))})"
-        if d is not None:
-            reason += f" ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}], paired 95%)"
-        method, models, options = chosen.method, chosen.models, chosen.method_options
-    else:
-        why = "nothing was tried" if chosen is None else (
-            f"no fused setup beat it on the dev rows (best: {chosen.label}, {(chosen.score or 0) * scale:.1f})"
-        )  # fmt: skip
-        reason = f"fall back to {best} alone ({best_score * scale:.1f}): {why}"
-        method, models, options = "single", [best], {}
+    chosen, reason = choose(task, alone[best], tried, views, spec.significant)
+    method, models, options = (
+        (chosen.method, chosen.models, chosen.method_options) if chosen else ("single", [best], {})
+    )
     return Calibration(
         task=task.name,
         metric=task.main_metric,
@@ -294,6 +286,7 @@ def calibrate(
         method=method,
         method_options=options,
         reason=reason,
+        significant=spec.significant,
         tried=tried,
         dev_seconds=round(
             sum((v.summary.seconds_per_sample or 0.0) * v.summary.n for v in [*alone.values(), *views.values()])
@@ -302,6 +295,39 @@ def calibrate(
         ),
         versions=_versions(),
     )
+
+
+def choose(
+    task: Task, best: RunView, tried: list[Trial], views: dict[str, RunView], significant: bool = False
+) -> tuple[Trial | None, str]:
+    """The tried setup to run, or None for the best member alone, and why. A setup must rank
+    above the best member on the dev rows (the main metric, ties decided by the finer ones);
+    with `significant`, its paired interval against it must also lie above 0."""
+    scale = _scale(task)
+    name = best.summary.models[0]
+    best_score = best.summary.main if best.summary.main is not None else -math.inf
+    keys = {id(t): rank_key(task, views[t.label]) for t in tried}
+    above = [t for t in tried if keys[id(t)] > rank_key(task, best)]
+    sure = [t for t in above if t.versus_best is not None and t.versus_best[1] > 0]
+    chosen = max(sure if significant else above, key=lambda t: keys[id(t)], default=None)
+    if chosen is not None:
+        d = chosen.versus_best
+        reason = f"{chosen.label} scored {chosen.score * scale:.1f} on the dev rows against {best_score * scale:.1f} for {name} alone"
+        if chosen.score == best_score:
+            reason += f" (a tie on {task.main_metric}, decided by {', '.join(_finer(task))})"
+        if d is not None:
+            reason += f" ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}], paired 95%)"
+        return chosen, reason
+    top = max(tried, key=lambda t: keys[id(t)], default=None)
+    if top is None:
+        why = "nothing was tried"
+    elif above:  # only with `significant`
+        d = top.versus_best or [0.0, 0.0, 0.0]
+        why = (f"no fused setup's gain was significant on the dev rows (best: {top.label}, {d[0] * scale:+.1f}"
+               f" [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}])")  # fmt: skip
+    else:
+        why = f"no fused setup beat it on the dev rows (best: {top.label}, {(top.score or 0) * scale:.1f})"
+    return None, f"fall back to {name} alone ({best_score * scale:.1f}): {why}"
 
 
 def _controller_rows(
