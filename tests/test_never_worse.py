@@ -292,6 +292,27 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     assert len(runs) == 9 and all(len(p.read_text().splitlines()) == 6 for p in runs)
 
 
+def test_with_three_members_the_calibration_also_fuses_the_best_two_on_the_dev_rows(
+    answer_models, answer_data, tmp_path
+):
+    """AdaFuse's paper fuses the best two of its models per task; calibrate picks them on the dev
+    rows: of `wrong`, `right` and a copy of `wrong` (a tie broken by the order given), `right`
+    and `wrong`, in the order given."""
+    copy = tmp_path / "wrong-copy"
+    copy.symlink_to(answer_models["wrong"], target_is_directory=True)
+    models = [answer_models["wrong"], answer_models["right"], str(copy)]
+    out = tmp_path / "calib.yaml"
+    r = run_cli("calibrate", "--task", "triviaqa", "--models", ",".join(models), "--dev-data", "triviaqa/rows.jsonl",
+                "--limit", "3", "--max-new-tokens", "3", "--data-dir", str(answer_data), "--out", str(out),
+                "--thetas", "0.5", "--margins", "0", "--max-gap", "100", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cal = load_calibration(out)
+    tried = {t.label: t for t in cal.tried}
+    assert tried["adafuse"].models == models and tried["adafuse combine=median"].models == models
+    assert tried["adafuse top-2"].models == models[:2] and tried["adafuse top-2"].n == 3
+    assert cal.anchor == answer_models["right"] and cal.method == "single"
+
+
 def test_token_average_is_tried_only_where_the_members_share_one_vocabulary(tiny_dirs):
     from fuselm.config import ModelConfig
     from fuselm.eval.calibrate import one_vocabulary

@@ -196,8 +196,9 @@ def calibrate(
     step += len(spec.models)
     scores = {n: v.summary.main for n, v in alone.items()}
     # ties on the main metric (few dev rows, low scores) go to the finer metrics, then the NLL
-    best = max(names, key=lambda n: (*rank_key(task, alone[n]), -(nll[n] if nll[n] is not None else math.inf),
-                                     -names.index(n)))  # fmt: skip
+    ranked = sorted(names, key=lambda n: (*rank_key(task, alone[n]), -(nll[n] if nll[n] is not None else math.inf),
+                                          -names.index(n)), reverse=True)  # fmt: skip
+    best = ranked[0]
     best_nll = min((x for x in nll.values() if x is not None), default=None)
     scale = _scale(task)
     members = []
@@ -232,6 +233,10 @@ def calibrate(
         ]
         if len(kept_models) >= 3:  # a median of two is their mean
             grid.append(("adafuse combine=median", "adafuse", kept_models, {"combine": "median"}))
+            # AdaFuse's paper fuses the best two of four models per task (chosen on test data): here
+            # the two best on the dev rows
+            top2 = [m for m in kept_models if m.name in [n for n in ranked if n in kept_names][:2]]
+            grid.append(("adafuse top-2", "adafuse", top2, {}))
     if one_vocabulary(list(spec.models)):
         # over every member, as anchored below: an average of next-token probabilities is a soft
         # vote (a member sure of its token outweighs an unsure one), and over Qwen 1.5B + 0.5B, 8.5
