@@ -2,6 +2,7 @@
 then evaluate on test rows no calibration used, resumable.
 
     python scripts/never_worse_matrix.py --list                       # the commands, in order
+    python scripts/never_worse_matrix.py --status                     # how far each chain has come
     python scripts/never_worse_matrix.py --workers 2                  # run them (one CPU each)
     python scripts/never_worse_matrix.py --ensembles default --tasks nq,triviaqa
 
@@ -90,6 +91,27 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def progress(args: list[str]) -> str:
+    """How far one step has come, from its files: `done`, `rows/N`, or `-` (not started)."""
+    out = Path(args[args.index("--out") + 1])
+    if args[1] == "calibrate":
+        if out.is_file():
+            return "done"
+        runs = out.with_suffix(".runs")
+        examples = out.with_suffix(".controller.examples") / "examples.jsonl"
+        parts = [f"controller examples {_lines(examples)}"] if examples.is_file() else []
+        if runs.is_dir():
+            parts.append(f"{sum(1 for d in runs.iterdir() if d.is_dir())} dev runs")
+        return "(" + ", ".join(parts) + ")" if parts else "-"
+    n = int(args[args.index("--limit") + 1])
+    rows = _lines(out / "rows.jsonl")
+    return "done" if rows >= n else f"{rows}/{n}" if rows else "-"
+
+
+def _lines(path: Path) -> int:
+    return sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
+
+
 def _asked(args: list[str]) -> tuple[str, list[str], dict]:
     """(method, model names, method options) that an eval command line asks for."""
     if "--calibration" in args:
@@ -151,6 +173,7 @@ def main() -> int:
     )
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
+    ap.add_argument("--status", action="store_true", help="print how far each chain has come and exit")
     ns = ap.parse_args()
     ensembles, tasks = ns.ensembles.split(","), ns.tasks.split(",")
     for names, known in ((ensembles, ENSEMBLES), (tasks, TASKS)):
@@ -163,6 +186,16 @@ def main() -> int:
         for _, _, steps in chains:
             for _, args in steps:
                 print(shlex.join(args))
+        return 0
+    if ns.status:
+        record = Path(__file__).resolve().parents[1] / "docs" / "never-worse.json"
+        archived = json.loads(record.read_text()) if record.is_file() else {}
+        for ensemble, task, steps in chains:
+            done = [progress(args) for _, args in steps]
+            line = ", ".join(f"{name} {d}" for (name, _), d in zip(steps, done))
+            if all(d == "-" for d in done) and f"{ensemble}/{task}" in archived:
+                line = "no runs here; its tables are kept in docs/never-worse.json"
+            print(f"{ensemble}/{task}: {line}")
         return 0
     env = {**os.environ, "FUSELM_DATA": ns.data_dir}
     lock = threading.Lock()
