@@ -606,7 +606,7 @@ def cmd_models(ns: argparse.Namespace) -> int:
 def cmd_generate(ns: argparse.Namespace) -> int:
     from .fusion.loop import decode
     from .fusion.methods import build_method
-    from .models.loading import load_model
+    from .models.loading import load_models
 
     prompt = ns.prompt
     if prompt == "-":
@@ -614,7 +614,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if not prompt:
         raise FuselmError("no prompt given")
     cfg = _run_config(ns)
-    models = [load_model(m) for m in cfg.models]
+    models = load_models(cfg.models)
     stream = None if ns.json else _stdout_stream
     method = build_method(cfg.method, models, cfg.method_options)
     try:

@@ -43,7 +43,7 @@ from ..errors import FuselmError
 from ..files import atomic_write_json
 from ..fusion.controller import Controller
 from ..models.backend import require_one_vocabulary
-from ..models.loading import check_reference, load_model
+from ..models.loading import check_reference, load_model, load_models
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
 from .runner import _versions, run_eval, task_generation
@@ -126,7 +126,7 @@ def rank_key(task: Task, view: RunView) -> tuple[float, ...]:
 
 def one_vocabulary(models: list[ModelConfig]) -> bool:
     """Whether the models share one vocabulary (token-average can mix them)."""
-    loaded = [load_model(m) for m in models]
+    loaded = load_models(models)
     try:
         require_one_vocabulary("token-average", loaded)
         return True

@@ -27,7 +27,7 @@ from ..errors import FuselmError
 from ..files import DirLock, append_jsonl, atomic_write_json, read_jsonl
 from ..fusion.loop import decode
 from ..fusion.methods import build_method
-from ..models.loading import load_model
+from ..models.loading import load_models
 from .records import EvalRow, EvalSpec, EvalSummary
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
@@ -162,7 +162,7 @@ def _run_locked(
     if todo:
         prefix = task.prompt_prefix(data_dir)
         gen = task_generation(task, spec.generation, explicit)
-        models = [load_model(m) for m in spec.models]
+        models = load_models(spec.models)
         method = build_method(spec.method, models, spec.method_options)  # once for the run
         try:
             _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency)

@@ -124,6 +124,15 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
     )
 
 
+def load_models(models: list[str | ModelConfig]) -> list[Model]:
+    """`load_model` for each, after every name has been checked (`check_reference`): a misspelt
+    last name fails before the first model loads."""
+    cfgs = [m if isinstance(m, ModelConfig) else ModelConfig(name=m) for m in models]
+    for cfg in cfgs:
+        check_reference(cfg)
+    return [load_model(cfg) for cfg in cfgs]
+
+
 def check_reference(cfg: ModelConfig) -> None:
     """The error `load_model` would give for a name that names nothing (an unknown bundled
     name, with "did you mean"; a missing file or directory), without loading anything, so that

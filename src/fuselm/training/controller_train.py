@@ -36,7 +36,7 @@ from ..fusion.adafuse import AdaFuse, AdaFuseOptions
 from ..fusion.base import Step, StepContext
 from ..fusion.controller import Controller, feature_names, round_features
 from ..fusion.loop import decode
-from ..models.loading import check_reference, load_model
+from ..models.loading import load_models
 from ..result import TraceStep
 from ..text.words import first_word_end
 
@@ -123,9 +123,7 @@ def collect(
     todo = [r for r in rows if r["id"] not in done]
     names: list[str] = []
     if todo:
-        for m in spec.models:  # every name checked before the first model loads
-            check_reference(m)
-        models = [load_model(m) for m in spec.models]
+        models = load_models(spec.models)
         method = ReferenceFollowingAdaFuse(models, AdaFuseOptions(**spec.options))
         names = method.names
         gen = task_generation(task, GenerationConfig(), set())
