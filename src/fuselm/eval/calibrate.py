@@ -7,8 +7,8 @@ does not lose to its best member.
    the equal-vote setups (UniTE: members far apart hurt when each has a vote).
 3. A small grid of fused setups on the same rows, each with its paired 95% interval against
    the best member: with two members or more left, today's `adafuse`, `adafuse` with the
-   quality weights, with per-prompt weights (PackLLM) and with the weighted median (three
-   members or more); where all members share one vocabulary, over all of them, `token-average`
+   quality weights, with per-prompt weights (PackLLM), and with three members or more the
+   weighted median and the best two on the dev rows alone (AdaFuse's top-2); where all members share one vocabulary, over all of them, `token-average`
    equal and with the quality weights (on Qwen 1.5B + 0.5B it is the one method above its
    best member on TriviaQA, +4.5 EM) and gated by the anchor over `thetas` (GaC: the anchor's
    token while it is sure); and, over all members, anchored AdaFuse over `thetas` x
@@ -17,10 +17,11 @@ does not lose to its best member.
    SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
    With a learned controller (`controller`, trained on other dev rows: `fuselm calibrate
    --controller-rows N` trains one on the N rows after these), `adafuse` steered by it.
-4. The best fused setup is chosen only if its dev score is above the best member's; otherwise
-   the calibration falls back to the best member alone. Scores that tie on the main metric
-   (few dev rows, low scores) are ranked by the task's finer metrics (F1 after exact match),
-   and members then by their reference NLL.
+4. The best fused setup is chosen only if its dev score is above the best member's (with
+   `significant`, only if its paired interval lies above 0 too); otherwise the calibration
+   falls back to the best member alone (`choose`). Scores that tie on the main metric (few dev
+   rows, low scores) are ranked by the task's finer metrics (F1 after exact match), and members
+   then by their reference NLL.
 
 Every run is an ordinary resumable eval run under the runs directory, so an interrupted
 calibration goes on where it stopped when the same command is run again.
