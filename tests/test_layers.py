@@ -15,7 +15,7 @@ PACKAGE = SRC / "fuselm"
 # import anything and nothing imports it.
 LAYERS = [
     ["_version", "errors"],
-    ["files", "registry"],
+    ["files", "registry", "progress"],
     ["config"],
     ["calibration"],
     ["text"],

@@ -45,6 +45,7 @@ from ..files import atomic_write_json
 from ..fusion.controller import Controller
 from ..models.backend import require_one_vocabulary
 from ..models.loading import check_reference, load_model, load_models
+from ..progress import progress_bar
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
 from .runner import _versions, run_eval, task_generation
@@ -138,17 +139,27 @@ def one_vocabulary(models: list[ModelConfig]) -> bool:
             m.close()
 
 
-def reference_nll(model_cfg: ModelConfig, task: Task, rows: list[dict], prefix: str, gen: GenerationConfig) -> float:
+def reference_nll(
+    model_cfg: ModelConfig,
+    task: Task,
+    rows: list[dict],
+    prefix: str,
+    gen: GenerationConfig,
+    show_progress: bool = False,
+) -> float:
     """NLL per byte of the rows' reference texts after their prompts, under one model (per
     byte, not per token: models with different tokenizers compare)."""
     model = load_model(model_cfg)
     try:
         logprob, nbytes = 0.0, 0
-        for row in rows:
-            prompt = model.prompt_text(task.build_prompt(prefix, row), gen)
-            with model.session(prompt) as s:
-                sc = s.score([task.reference_text(row)])[0]
-            logprob, nbytes = logprob + sc.logprob, nbytes + sc.n_bytes
+        with progress_bar(show_progress) as progress:
+            bar = progress.add_task(f"{model_cfg.name}: NLL of the references", total=len(rows))
+            for row in rows:
+                prompt = model.prompt_text(task.build_prompt(prefix, row), gen)
+                with model.session(prompt) as s:
+                    sc = s.score([task.reference_text(row)])[0]
+                logprob, nbytes = logprob + sc.logprob, nbytes + sc.n_bytes
+                progress.update(bar, advance=1)
         return -logprob / nbytes if nbytes else math.inf
     finally:
         model.close()
@@ -193,7 +204,8 @@ def calibrate(
         return load_run(out)
 
     alone = {m.name: run(f"single {m.name}", "single", [m], {}) for m in spec.models}
-    nll = _reference_nlls(spec, task, rows, data_dir, runs, explicit_generation or set(), say, (step, n_steps))
+    nll = _reference_nlls(spec, task, rows, data_dir, runs, explicit_generation or set(), say, (step, n_steps),
+                          show_progress)  # fmt: skip
     step += len(spec.models)
     scores = {n: v.summary.main for n, v in alone.items()}
     # ties on the main metric (few dev rows, low scores) go to the finer metrics, then the NLL
@@ -358,7 +370,9 @@ def _controller_rows(
     return path, rows, float(ctl.info.get("seconds") or 0.0)
 
 
-def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, at: tuple[int, int]) -> dict[str, float | None]:
+def _reference_nlls(
+    spec, task, rows, data_dir, runs, explicit, say, at: tuple[int, int], show_progress: bool
+) -> dict[str, float | None]:
     """Each member's reference NLL, kept in runs/reference_nll.json (done once)."""
     cache = runs / "reference_nll.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -371,7 +385,7 @@ def _reference_nlls(spec, task, rows, data_dir, runs, explicit, say, at: tuple[i
             continue
         say(f"calibrate {at[0] + i + 1}/{at[1]}: {m.name}'s NLL of the {len(rows)} dev references")
         try:
-            value = reference_nll(m, task, rows, prefix, gen)
+            value = reference_nll(m, task, rows, prefix, gen, show_progress)
         except FuselmError:  # a task without reference texts: no quality weights
             value = None
         done["nll"][m.name] = value

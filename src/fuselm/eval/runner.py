@@ -28,6 +28,7 @@ from ..files import DirLock, append_jsonl, atomic_write_json, read_jsonl
 from ..fusion.loop import decode
 from ..fusion.methods import build_method
 from ..models.loading import load_models
+from ..progress import progress_bar
 from .records import EvalRow, EvalSpec, EvalSummary
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
@@ -176,27 +177,9 @@ def _run_locked(
 
 
 def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     main = task.main_metric
     scores = [r.metrics[main] for r in done if r.metrics.get(main) is not None]
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-        transient=False,
-    ) as progress:
+    with progress_bar(show_progress) as progress:
         bar = progress.add_task(_label(task.name, main, scores), total=len(rows), completed=len(done))
 
         def one(row) -> EvalRow:

@@ -37,6 +37,7 @@ from ..fusion.base import Step, StepContext
 from ..fusion.controller import Controller, feature_names, round_features
 from ..fusion.loop import decode
 from ..models.loading import load_models
+from ..progress import progress_bar
 from ..result import TraceStep
 from ..text.words import first_word_end
 
@@ -128,11 +129,8 @@ def collect(
         names = method.names
         gen = task_generation(task, GenerationConfig(), set())
         prefix = task.prompt_prefix(data_dir)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         try:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          disable=not show_progress) as progress:  # fmt: skip
+            with progress_bar(show_progress) as progress:
                 bar = progress.add_task(f"{task.name}: rounds along the references", total=len(rows),
                                         completed=len(rows) - len(todo))  # fmt: skip
                 for row in todo:

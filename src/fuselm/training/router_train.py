@@ -37,6 +37,7 @@ from ..errors import FuselmError
 from ..eval.tasks import get_task
 from ..files import DirLock, atomic_write, load_yaml
 from ..models.backend import require_same_vocabulary, vocab_fingerprint
+from ..progress import progress_bar
 from ..router.losses import cdpo_loss, informative_mask, routing_accuracy, sequence_logprob, sft_loss
 from ..router.model import RouterMeta, RouterModel, RouterOutput, add_lora, load_router, save_router
 from .router_data import (
@@ -208,7 +209,7 @@ class RouterTrainer:
         experts = [load_model(n, backend=cfg.expert_backend) for n in cfg.experts]
 
         require_same_vocabulary("router training", [self.backbone, *(m.backend for m in experts)])
-        with _progress(self.show_progress) as progress:
+        with progress_bar(self.show_progress) as progress:
             for kind, spec, rows in jobs:
                 prefix = get_task(spec.task).prompt_prefix(self.data_dir, spec.shots)
                 bar = progress.add_task(f"annotate {kind} {spec.task}", total=len(rows))
@@ -311,7 +312,7 @@ class RouterTrainer:
         router.train()
         t0 = time.perf_counter()
         tokens_seen = 0
-        with _progress(self.show_progress) as progress:
+        with progress_bar(self.show_progress) as progress:
             bar = progress.add_task("train", total=total_steps, completed=state["global_step"])
             for i, kind, steps in plan:
                 if i < state["phase"]:
@@ -520,26 +521,3 @@ def _unflatten_optimizer(flat: dict[str, torch.Tensor], layout: dict[str, Any], 
         state.setdefault(int(pid), {}).update(vals)
     groups = layout.get("param_groups") or optimizer.state_dict()["param_groups"]
     return {"state": state, "param_groups": groups}
-
-
-class _progress:
-    """A rich progress bar with ETA, or nothing when disabled."""
-
-    def __init__(self, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            disable=not enabled,
-            transient=False,
-        )
-
-    def __enter__(self):
-        self.p.__enter__()
-        return self.p
-
-    def __exit__(self, *exc):
-        return self.p.__exit__(*exc)
