@@ -290,6 +290,21 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     assert again.returncode == 0 and load_calibration(out) == cal
     runs = sorted((tmp_path / "calib.runs").glob("*/rows.jsonl"))
     assert len(runs) == 9 and all(len(p.read_text().splitlines()) == 6 for p in runs)
+    # a run there that holds another setup (the anchor of an earlier calibration, whose dev rows
+    # named another best member): moved aside and run again, not a config mismatch
+    cfg = next((tmp_path / "calib.runs").glob("adafuse_anchored*")) / "config.json"
+    record = json.loads(cfg.read_text())
+    record["spec"]["method_options"]["anchor"] = answer_models["wrong"]
+    cfg.write_text(json.dumps(record))
+    third = run_cli(*r.args[3:])
+    assert third.returncode == 0, third.stderr
+    assert "held another setup" in " ".join(third.stderr.split())
+    redone = load_calibration(out)  # the same choice and scores (its cost changed: a run was decoded again)
+    assert (redone.method, redone.models, redone.anchor) == (cal.method, cal.models, cal.anchor)
+    assert [(t.label, t.score) for t in redone.tried] == [(t.label, t.score) for t in cal.tried]
+    aside = cfg.parent.with_name(cfg.parent.name + ".superseded")
+    assert json.loads((aside / "config.json").read_text())["spec"]["method_options"]["anchor"] == answer_models["wrong"]
+    assert json.loads(cfg.read_text())["spec"]["method_options"]["anchor"] == answer_models["right"]
 
 
 def test_with_three_members_the_calibration_also_fuses_the_best_two_on_the_dev_rows(

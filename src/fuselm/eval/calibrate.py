@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -48,7 +49,7 @@ from ..models.loading import check_reference, load_model, load_models
 from ..progress import progress_bar
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
-from .runner import _versions, run_eval, task_generation
+from .runner import _as_today, _versions, run_eval, task_generation
 from .task import TEST_FILE, Task, data_name, data_path, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -200,6 +201,7 @@ def calibrate(
         say(f"calibrate {step}/{n_steps}: {label} on {len(rows)} dev rows of {name}")
         out = runs / _slug(label)
         ev = base.model_copy(update={"method": method, "models": models, "method_options": options})
+        _set_aside_if_other_setup(out, ev, say)
         run_eval(ev, out, data_dir, explicit_generation, show_progress=show_progress)
         return load_run(out)
 
@@ -313,6 +315,25 @@ def calibrate(
         ),
         versions=_versions(),
     )
+
+
+def _set_aside_if_other_setup(out: Path, spec: EvalSpec, say: Callable[[str], None]) -> None:
+    """A run directory is named by its setup's label, which does not name the anchor: when the
+    dev rows name another anchor (a calibration run again with more rows), the anchored runs
+    there hold another setup. They are moved to NAME.superseded/ (one kept) and run again,
+    rather than stopping the calibration on a config mismatch."""
+    cfg = out / "config.json"
+    if not cfg.is_file():
+        return
+    old = _as_today(json.loads(cfg.read_text()).get("spec")) or {}
+    had = (old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {})
+    now = spec.model_dump(mode="json")
+    if had == (now["method"], [m["name"] for m in now["models"]], now["method_options"] or {}):
+        return
+    aside = out.with_name(out.name + ".superseded")
+    shutil.rmtree(aside, ignore_errors=True)
+    out.rename(aside)
+    say(f"calibrate: {out.name} held another setup ({had[2] or had[0]}): moved to {aside.name}, run again")
 
 
 def choose(
