@@ -66,7 +66,7 @@ def panel(where: Path) -> dict | None:
     if not best:
         return None
     task = get_task(runs[best].summary.task)
-    scale = 1.0 if task.main_metric in task.corpus_metrics else 100.0
+    scale = task.scale()
     rows = []
     for name in sorted(runs, key=lambda n: (next(i for i, p in enumerate(ORDER) if n.startswith(p)), n)):
         if name == best:

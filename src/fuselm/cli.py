@@ -378,7 +378,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         say=lambda text: console.print(f"[bold]{text}[/]"),
     )
     cal.save(out)
-    scale = 1.0 if cal.metric in get_task(cal.task).corpus_metrics else 100.0
+    scale = get_task(cal.task).scale(cal.metric)
     table = Table(title=f"calibration of {cal.task} on {len(cal.dev.ids)} dev rows ({cal.dev.file}), {cal.metric}")
     for col in ("setup", "models", cal.metric, f"minus {cal.anchor} [95%]", "s/sample", ""):
         table.add_column(col)
@@ -387,15 +387,15 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         note = "best: anchor" if m.name == cal.anchor else (m.why_dropped or f"weight {m.weight:g}")
         cost = f"{m.seconds_per_sample:.2f}" if m.seconds_per_sample is not None else ""
         table.add_row("single", m.name, fmt(m.score), "", cost, note)
+    picked = cal.chosen_trial()
     for t in cal.tried:
         d = t.versus_best
         diff = "" if d is None else f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
-        chosen = t is cal.chosen_trial()
+        chosen = t is picked
         cost = f"{t.seconds_per_sample:.2f}" if t.seconds_per_sample is not None else ""
         table.add_row(t.label, "+".join(t.models), fmt(t.score), diff, cost, "[green]chosen[/]" if chosen else "")
     console.print(table)
     console.print(f"chose: {cal.reason}")
-    picked = cal.chosen_trial()
     if picked is not None and picked.versus_best is not None and picked.versus_best[1] <= 0:
         console.print(f"[yellow]note: its interval against {cal.anchor} alone includes 0: on {len(cal.dev.ids)} dev rows"
                       " the gain may be noise; more dev rows (--limit) would tell, --significant would not fuse[/]")  # fmt: skip

@@ -111,10 +111,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")[:80]
 
 
-def _scale(task: Task) -> float:
-    return 1.0 if task.main_metric in task.corpus_metrics else 100.0
-
-
 def _finer(task: Task) -> list[str]:
     return [m for m in [*task.metrics, *task.corpus_metrics] if m != task.main_metric]
 
@@ -215,7 +211,7 @@ def calibrate(
                                           -names.index(n)), reverse=True)  # fmt: skip
     best = ranked[0]
     best_nll = min((x for x in nll.values() if x is not None), default=None)
-    scale = _scale(task)
+    scale = task.scale()
     members = []
     for m in spec.models:
         gap = ((scores[best] or 0.0) - (scores[m.name] or 0.0)) * scale
@@ -342,7 +338,7 @@ def choose(
     """The tried setup to run, or None for the best member alone, and why. A setup must rank
     above the best member on the dev rows (the main metric, ties decided by the finer ones);
     with `significant`, its paired interval against it must also lie above 0."""
-    scale = _scale(task)
+    scale = task.scale()
     name = best.summary.models[0]
     best_score = best.summary.main if best.summary.main is not None else -math.inf
     keys = {id(t): rank_key(task, views[t.label]) for t in tried}

@@ -379,8 +379,9 @@ class CalibrationPoint:
 
 def calibration_points(cal: Calibration) -> list[CalibrationPoint]:
     """The members alone, then every tried setup, in the calibration's order."""
-    scale = 1.0 if cal.metric in get_task(cal.task).corpus_metrics else 100.0
+    scale = get_task(cal.task).scale(cal.metric)
     best = next((m.score for m in cal.scores if m.name == cal.anchor), None)
+    picked = cal.chosen_trial()
     out = []
     for m in cal.scores:
         chosen = cal.method == "single" and cal.models == [m.name]
@@ -388,7 +389,7 @@ def calibration_points(cal: Calibration) -> list[CalibrationPoint]:
         score = None if m.score is None else m.score * scale
         out.append(CalibrationPoint(label, score, None, "anchor" if m.name == cal.anchor else "member", chosen))
     for t in cal.tried:
-        chosen = t is cal.chosen_trial()
+        chosen = t is picked
         d = t.versus_best
         interval = None if d is None or best is None else ((best + d[1]) * scale, (best + d[2]) * scale)
         score = None if t.score is None else t.score * scale
@@ -432,7 +433,7 @@ def plot_calibration(cal: Calibration, path: str | Path) -> None:
         if p.chosen:
             tick.set_color("tab:green")
             tick.set_fontweight("bold")
-    unit = cal.metric if cal.metric in get_task(cal.task).corpus_metrics else f"{cal.metric} (%)"
+    unit = cal.metric if get_task(cal.task).scale(cal.metric) == 1.0 else f"{cal.metric} (%)"
     ax.set_xlabel(f"{unit} on {len(cal.dev.ids)} dev rows\n(lines: 95% interval paired against the best member)")
     ax.grid(axis="x", alpha=0.3)
     ax.margins(x=0.1, y=0.5 / max(1, len(points)))

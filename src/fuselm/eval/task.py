@@ -54,6 +54,11 @@ class Task:
     # newline (GSM8K: a rationale in the shots' format).
     target: Callable[[dict[str, Any]], str] | None = None
 
+    def scale(self, metric: str | None = None) -> float:
+        """How a metric (default: the main one) is shown: per-row scores in %, corpus metrics
+        (chrF, BLEU) on their own scale."""
+        return 1.0 if (metric or self.main_metric) in self.corpus_metrics else 100.0
+
     def prompt_prefix(self, data_dir: Path | None = None, shots: int | None = None) -> str:
         """The task's prompt file (few-shot examples or an instruction), with only its last `shots`
         examples when `shots` is given."""
