@@ -12,7 +12,7 @@ from fuselm import GenerationConfig
 from fuselm.calibration import Trial, load_calibration
 from fuselm.config import ModelConfig
 from fuselm.errors import FuselmError
-from fuselm.eval.calibrate import check_unused, choose
+from fuselm.eval.calibrate import check_unused, choose, choose_anchor
 from fuselm.eval.records import EvalSpec
 from fuselm.eval.report import RunView, calibration_points, paired_difference
 from fuselm.eval.tasks import get_task
@@ -228,13 +228,14 @@ def test_calibration_keeps_the_member_that_is_always_right_and_drops_the_other(a
     ]
     assert all(t.models == [wrong, right] and t.score == 1.0 for t in cal.tried)
     assert cal.tried[-1].method_options["anchor"] == right and "no fused setup beat it" in cal.reason
+    assert cal.anchor_reason == f"{right} (100.0): the best dev score"  # wrong is surely below: not weighed
     assert cal.dev.ids == list(range(6)) and cal.dev.file == "triviaqa/rows.jsonl"
     assert "fall back to" in r.stderr and "calibration of triviaqa" in r.stderr  # the table and the choice
     # its picture: the members alone (the right one chosen), then each tried setup, whose interval is
     # the best member's score plus the paired difference's; drawn again without running anything
     points = calibration_points(cal)
     assert [(p.label, p.kind, p.chosen) for p in points[:2]] == [
-        (f"{wrong} alone (dropped)", "member", False), (f"{right} alone (best)", "anchor", True)
+        (f"{wrong} alone (dropped)", "member", False), (f"{right} alone (anchor)", "anchor", True)
     ]  # fmt: skip
     assert [p.label for p in points[2:]] == [t.label for t in cal.tried] and not any(p.chosen for p in points[2:])
     assert points[2].score == 100.0 and points[2].interval == (
@@ -426,6 +427,28 @@ def test_significant_fuses_only_on_a_gain_the_dev_rows_are_sure_of():
     assert reason.startswith("fall back to m alone (33.3): no fused setup's gain was significant on the dev rows")
     chosen, reason = choose(task, best, [], views)
     assert chosen is None and reason == "fall back to m alone (33.3): nothing was tried"
+
+
+def test_the_anchor_is_the_member_with_the_lowest_reference_nll_among_those_within_noise_of_the_best():
+    """`small` solves 8 of 30 dev problems, `big` 6 (4 and 2 of them the other's misses): a
+    lead the paired interval cannot tell from noise, so the NLL of the references decides;
+    `weak`, lower still in NLL but far below (0 of 30), never anchors. By score, or without
+    NLLs, the best dev score anchors."""
+    task = get_task("triviaqa")
+    alone = {"small": _dev_run("single", set(range(8))), "big": _dev_run("single", {0, 1, 2, 3, 20, 21}),
+             "weak": _dev_run("single", set())}  # fmt: skip
+    ranked = ["small", "big", "weak"]
+    nll = {"small": 0.9, "big": 0.7, "weak": 0.5}
+    d = paired_difference(alone["small"], alone["weak"], "em")
+    assert d[1] > 0  # the premise: weak surely below
+    anchor, why = choose_anchor(task, ranked, alone, nll)
+    assert anchor == "big"
+    assert why.startswith("big (20.0): the lowest reference NLL (0.700 per byte against 0.900) of the members"
+                          " within noise of the best dev score, small (26.7), ahead by +6.7 [")  # fmt: skip
+    assert choose_anchor(task, ranked, alone, nll, by="score") == ("small", "small (26.7): the best dev score")
+    assert choose_anchor(task, ranked, alone, {**nll, "small": None})[0] == "small"
+    anchor, why = choose_anchor(task, ranked, alone, {**nll, "big": 1.2})
+    assert anchor == "small" and why.endswith("the lowest reference NLL of the 2 within noise of it")
 
 
 # --- the learned controller --------------------------------------------------------------------------

@@ -63,7 +63,8 @@ class Calibration(StrictModel):
     )
     members: list[ModelConfig] = Field(min_length=1, description="every model given to calibrate, in order")
     scores: list[MemberScore]
-    anchor: str = Field(description="the best member on the dev rows")
+    anchor: str = Field(description="the member fused setups were measured against and the fallback")
+    anchor_reason: str = Field("", description="why this member (empty: an older calibration, the best dev score)")
     models: list[str] = Field(min_length=1, description="the chosen setup's models, by name")
     method: str
     method_options: dict[str, Any] = Field(default_factory=dict)

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " --offset + --limit (saved as CALIB.controller.json; default 0: none)")  # fmt: skip
     c.add_argument("--controller", metavar="FILE.json",
                    help="also try adafuse with this controller (trained on other dev rows)")  # fmt: skip
+    c.add_argument("--anchor-by", choices=["nll", "score"], default="nll",
+                   help="the anchor (and fallback): nll, of the members within noise of the best dev score, the one"
+                        " with the lowest NLL of the dev references (default); score, the best dev score")  # fmt: skip
     c.add_argument("--significant", action="store_true",
                    help="fuse only where the gain over the best member is significant on the dev rows (its paired"
                         " 95%% interval above 0); safer, fewer gains")  # fmt: skip
@@ -345,7 +348,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
             task=ns.task, models=models, dev_data=ns.dev_data, offset=ns.offset, limit=ns.limit,
             thetas=_floats(ns.thetas, "--thetas"), margins=_floats(ns.margins, "--margins"), max_gap=ns.max_gap,
             generation=GenerationConfig(**_pick(ns, GenerationConfig)), controller=ns.controller,
-            significant=ns.significant,
+            significant=ns.significant, anchor_by=ns.anchor_by,
         )  # fmt: skip
     except ValidationError as e:
         raise FuselmError(validation_message(e, "calibrate", flags=True)) from None
@@ -384,7 +387,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         table.add_column(col)
     fmt = lambda x: "n/a" if x is None else f"{x * scale:.1f}"  # noqa: E731
     for m in cal.scores:
-        note = "best: anchor" if m.name == cal.anchor else (m.why_dropped or f"weight {m.weight:g}")
+        note = "anchor" if m.name == cal.anchor else (m.why_dropped or f"weight {m.weight:g}")
         cost = f"{m.seconds_per_sample:.2f}" if m.seconds_per_sample is not None else ""
         table.add_row("single", m.name, fmt(m.score), "", cost, note)
     picked = cal.chosen_trial()
@@ -395,6 +398,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         cost = f"{t.seconds_per_sample:.2f}" if t.seconds_per_sample is not None else ""
         table.add_row(t.label, "+".join(t.models), fmt(t.score), diff, cost, "[green]chosen[/]" if chosen else "")
     console.print(table)
+    console.print(f"anchor: {cal.anchor_reason}")
     console.print(f"chose: {cal.reason}")
     if picked is not None and picked.versus_best is not None and picked.versus_best[1] <= 0:
         console.print(f"[yellow]note: its interval against {cal.anchor} alone includes 0: on {len(cal.dev.ids)} dev rows"

@@ -368,12 +368,12 @@ def plot_quality_cost(runs: list[RunView], path: str | Path) -> None:
 class CalibrationPoint:
     """One line of a calibration's picture: a member alone or a tried setup, its dev score (in
     the task's units: % for per-row metrics) and, for a tried setup, the 95% interval of that
-    score paired against the best member (the best member's score plus the difference's interval)."""
+    score paired against the anchor (the anchor's score plus the difference's interval)."""
 
     label: str
     score: float | None
     interval: tuple[float, float] | None
-    kind: str  # "anchor" (the best member), "member", "tried"
+    kind: str  # "anchor" (what the setups are measured against), "member", "tried"
     chosen: bool
 
 
@@ -385,7 +385,7 @@ def calibration_points(cal: Calibration) -> list[CalibrationPoint]:
     out = []
     for m in cal.scores:
         chosen = cal.method == "single" and cal.models == [m.name]
-        label = m.name + " alone" + (" (best)" if m.name == cal.anchor else "" if m.kept else " (dropped)")
+        label = m.name + " alone" + (" (anchor)" if m.name == cal.anchor else "" if m.kept else " (dropped)")
         score = None if m.score is None else m.score * scale
         out.append(CalibrationPoint(label, score, None, "anchor" if m.name == cal.anchor else "member", chosen))
     for t in cal.tried:
@@ -399,8 +399,8 @@ def calibration_points(cal: Calibration) -> list[CalibrationPoint]:
 
 def plot_calibration(cal: Calibration, path: str | Path) -> None:
     """What a calibration tried, one line each, on the dev score's axis: the members alone
-    (circles; the best, the anchor, marks a dashed line), each fused setup (squares) with its
-    paired 95% interval against the best member, the chosen one in green."""
+    (circles; the anchor, which the setups are measured against, marks a dashed line), each
+    fused setup (squares) with its paired 95% interval against the anchor, the chosen one in green."""
     import textwrap
 
     import matplotlib
@@ -434,7 +434,7 @@ def plot_calibration(cal: Calibration, path: str | Path) -> None:
             tick.set_color("tab:green")
             tick.set_fontweight("bold")
     unit = cal.metric if get_task(cal.task).scale(cal.metric) == 1.0 else f"{cal.metric} (%)"
-    ax.set_xlabel(f"{unit} on {len(cal.dev.ids)} dev rows\n(lines: 95% interval paired against the best member)")
+    ax.set_xlabel(f"{unit} on {len(cal.dev.ids)} dev rows\n(lines: 95% interval paired against the anchor)")
     ax.grid(axis="x", alpha=0.3)
     ax.margins(x=0.1, y=0.5 / max(1, len(points)))
     title = f"calibration of {cal.task}: " + cal.reason
