@@ -1,7 +1,7 @@
 """What other choice rules would have done with the calibrations of the never-worse matrix, read
 from their files and dev runs (nothing decodes): which tried setups pass `--significant` (paired
-interval above 0), and which members' dev scores are within noise of the anchor's while their
-reference NLL is lower (the anchor rule docs/results.md proposes).
+interval above 0), and which member each anchor rule picks (`--anchor-by score` and `nll`, the
+default since 2026-12-06).
 
     python scripts/calibration_whatif.py [--root runs/never-worse]
 """
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from fuselm.calibration import load_calibration
-from fuselm.eval.report import load_run, paired_difference
+from fuselm.eval.calibrate import choose_anchor, rank_members
+from fuselm.eval.report import load_run
 from fuselm.eval.tasks import get_task
 
 
@@ -24,20 +25,15 @@ def main() -> int:
     for path in sorted(Path(ns.root).glob("*/*/calib.yaml")):
         cal = load_calibration(path)
         task = get_task(cal.task)
-        scale = task.scale(cal.metric)
         significant = [t.label for t in cal.tried if t.versus_best and t.versus_best[1] > 0]
         runs = {r.summary.models[0]: r for d in path.with_suffix(".runs").glob("single_*") if (r := load_run(d))}
+        alone = {m.name: runs[m.name] for m in cal.scores if m.name in runs}
         nll = {m.name: m.nll for m in cal.scores}
-        close = []
-        for m in cal.scores:
-            if m.name == cal.anchor or m.name not in runs or cal.anchor not in runs:
-                continue
-            d = paired_difference(runs[cal.anchor], runs[m.name], task.main_metric)
-            if d and d[1] <= 0 and None not in (nll[m.name], nll[cal.anchor]) and nll[m.name] < nll[cal.anchor]:
-                close.append(f"{m.name} ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}] behind)")
+        rules = {by: choose_anchor(task, rank_members(task, alone, nll), alone, nll, by)[0] for by in ("score", "nll")}
         where = f"{path.parent.parent.name}/{path.parent.name}"
-        print(f"{where}: anchor {cal.anchor}; passes --significant: {', '.join(significant) or 'none'};"
-              f" NLL-rule anchor: {', '.join(close) or 'unchanged'}")  # fmt: skip
+        print(f"{where}: anchor {cal.anchor} ({cal.anchor_reason or 'the best dev score'});"
+              f" passes --significant: {', '.join(significant) or 'none'};"
+              f" anchor by score: {rules['score']}, by NLL: {rules['nll']}")  # fmt: skip
     return 0
 
 

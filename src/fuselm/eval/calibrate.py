@@ -131,6 +131,14 @@ def rank_key(task: Task, view: RunView) -> tuple[float, ...]:
     )
 
 
+def rank_members(task: Task, alone: dict[str, RunView], nll: dict[str, float | None]) -> list[str]:
+    """Member names, best first on the dev rows: ties on the main metric (few dev rows, low
+    scores) go to the finer metrics, then the lower reference NLL, then the order given."""
+    names = list(alone)
+    return sorted(names, key=lambda n: (*rank_key(task, alone[n]), -(nll[n] if nll[n] is not None else math.inf),
+                                        -names.index(n)), reverse=True)  # fmt: skip
+
+
 def one_vocabulary(models: list[ModelConfig]) -> bool:
     """Whether the models share one vocabulary (token-average can mix them)."""
     loaded = load_models(models)
@@ -182,7 +190,6 @@ def calibrate(
     task = get_task(spec.task)
     data_dir = data_dir or default_data_dir()
     path, name = dev_file(task, spec.dev_data, data_dir)
-    names = [m.name for m in spec.models]
     for m in spec.models:  # a misspelt name fails now, not after the members before it have run
         check_reference(m)
     base = EvalSpec(task=task.name, models=spec.models[:1], generation=spec.generation, data=str(path),
@@ -214,9 +221,7 @@ def calibrate(
                           show_progress)  # fmt: skip
     step += len(spec.models)
     scores = {n: v.summary.main for n, v in alone.items()}
-    # ties on the main metric (few dev rows, low scores) go to the finer metrics, then the NLL
-    ranked = sorted(names, key=lambda n: (*rank_key(task, alone[n]), -(nll[n] if nll[n] is not None else math.inf),
-                                          -names.index(n)), reverse=True)  # fmt: skip
+    ranked = rank_members(task, alone, nll)
     best, anchor_reason = choose_anchor(task, ranked, alone, nll, spec.anchor_by)
     best_nll = min((x for x in nll.values() if x is not None), default=None)
     scale = task.scale()
