@@ -144,7 +144,9 @@ def task_table(where: Path) -> str | None:
     if cal:
         cost = f", {cal['dev_seconds'] / 60:.0f} CPU-minutes of dev runs" if cal.get("dev_seconds") else ""
         head += (f" (calibrated on {len(cal['dev']['ids'])} dev rows of {_dev_file(cal['dev']['file'])}"
-                 f" from row {cal['dev']['offset']}{cost}: {cal['reason']})")  # fmt: skip
+                 f" from row {cal['dev']['offset']}{cost}: {cal['reason']}")  # fmt: skip
+        # calibrations before 2026-12-06 anchored the best dev score and did not say so
+        head += f"; anchor {cal.get('anchor_reason') or cal['anchor'] + ': the best dev score'})"
     return head + "\n\n" + "\n".join(lines)
 
 
