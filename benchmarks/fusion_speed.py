@@ -12,7 +12,9 @@ timed in turn (one model after the other, as torch models run) in the same run.
 
 `--policies` runs AdaFuse under each policy in the same run (anchored: the anchor is the last
 model of each ensemble, `--anchor` to choose; `anchored+draft8`: the anchor drafts 8 words, which
-the others read in one pass each). `--short TASK` uses the task's few-shot prompts
+the others read in one pass each; `anchored@0.5`: theta 0.5 instead of AdaFuse's 0.7). With
+`--repeats R` the ratio's range over the R passes through the prompts is printed beside it: the
+spread of this machine's timings. `--short TASK` uses the task's few-shot prompts
 (rows of its test file) and its stop strings and token budget: short answers. Each prompt is
 run once untimed by every member first, so the prompt is in every model's prefix cache and the
 timed runs (singles and fused alike) exclude its prefill.
@@ -85,19 +87,28 @@ def main() -> int:
         runs = [(p, True) for p in policies] + ([(p, False) for p in policies] if apart else [])
         single_sum = 0.0
         fused = dict.fromkeys(runs, 0.0)
+        # per pass through the prompts (repeat r covers prompts r*n .. r*n+n-1)
+        single_by = [0.0] * a.repeats
+        fused_by = {run: [0.0] * a.repeats for run in runs}
         passes = dict.fromkeys(runs, 0)
         words = dict.fromkeys(runs, 0)
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            rep = i // max(len(prompts) // a.repeats, 1)
             if a.short:  # the prompt into every prefix cache: no prefill in the timed runs
                 for m in models:
                     generate([m], prompt, "single", gen)
             # Singles and the ensemble alternate, so drifts in machine speed hit both sides alike.
             for m in models:
-                single_sum += per_token(generate([m], prompt, "single", gen))
+                t = per_token(generate([m], prompt, "single", gen))
+                single_sum += t
+                single_by[rep] += t
             for run in runs:
                 policy, together = run
                 base, _, draft = policy.partition("+draft")
+                base, _, theta = base.partition("@")
                 opts = {"policy": base}
+                if theta:
+                    opts["theta"] = float(theta)
                 if base == "anchored":
                     opts["anchor"] = a.anchor or names[-1]
                 if draft:
@@ -110,26 +121,29 @@ def main() -> int:
                 for b, t in zip(backends, threads):
                     b.threads_apart = t
                 fused[run] += per_token(res)
+                fused_by[run][rep] += per_token(res)
                 passes[run] += sum(res.stats.forward_passes.values())
                 words[run] += max(len(split_words(res.text)), 1)
                 print(f"{'+'.join(names)} {policy}: {res.text[:80]!r}", file=sys.stderr)
         k = len(prompts)
         for run in runs:
             label = run[0] + ("" if not apart else " side by side" if run[1] else " in turn")
-            rows.append(("+".join(names), label, single_sum / k, fused[run] / k, fused[run] / single_sum,
-                         passes[run] / words[run]))  # fmt: skip
+            each_ratio = [f / s for f, s in zip(fused_by[run], single_by) if s]
+            spread = f" ({min(each_ratio):.2f}-{max(each_ratio):.2f})" if a.repeats > 1 and each_ratio else ""
+            rows.append(("+".join(names), label, single_sum / k, fused[run] / k,
+                         f"{fused[run] / single_sum:.2f}{spread}", passes[run] / words[run]))  # fmt: skip
     print(
         f"backend: {a.backend}, max_new_tokens: {gen.max_new_tokens}, prompts: {a.prompts} x {a.repeats}"
         f"{' (' + a.short + ', short answers)' if a.short else ''}, cores: {os.cpu_count()},"
         f" threads per model: {a.threads or 'all'}\n"
     )
     print(
-        "| ensemble | policy | sum of members' single s/token | AdaFuse s/token | ratio |"
+        f"| ensemble | policy | sum of members' single s/token | AdaFuse s/token | ratio{' (range)' if a.repeats > 1 else ''} |"
         " forward passes per committed word (all models) |"
     )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.1f} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} | {r[5]:.1f} |")
     return 0
 
 
