@@ -367,6 +367,9 @@ def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch
     grid = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--thetas", "0.5,1.5",
                    "--out", str(tmp_path / "g.yaml"))  # fmt: skip
     assert grid.returncode == 1 and "calibrate: --thetas[1]: Input should be less than or equal to 1" in grid.stderr
+    rule = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--anchor-by", "best",
+                   "--out", str(tmp_path / "r.yaml"))  # fmt: skip
+    assert rule.returncode == 2 and "--anchor-by: invalid choice: 'best' (choose from" in rule.stderr
 
 
 def test_a_task_without_a_dev_split_calibrates_on_its_own_test_file_named_test(answer_models, answer_data, tmp_path):
