@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the anchor (and fallback): nll, of the members within noise of the best dev score, the one"
                         " with the lowest NLL of the dev references (default); score, the best dev score")  # fmt: skip
     c.add_argument("--significant", action="store_true",
-                   help="fuse only where the gain over the best member is significant on the dev rows (its paired"
+                   help="fuse only where the gain over the anchor is significant on the dev rows (its paired"
                         " 95%% interval above 0); safer, fewer gains")  # fmt: skip
     c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -6,10 +6,10 @@ does not lose to its best member.
 2. The anchor, the member fused setups are measured against and fallen back to: of the members
    whose dev score is not significantly below the best one's, the one with the lowest reference
    NLL (`anchor_by="nll"`; `"score"`: the best dev score). Members more than `max_gap` points
-   below it are left out of the equal-vote setups (UniTE: members far apart hurt when each has
+   below the best dev score are left out of the equal-vote setups (UniTE: members far apart hurt when each has
    a vote).
 3. A small grid of fused setups on the same rows, each with its paired 95% interval against
-   the best member: with two members or more left, today's `adafuse`, `adafuse` with the
+   the anchor: with two members or more left, today's `adafuse`, `adafuse` with the
    quality weights, with per-prompt weights (PackLLM), and with three members or more the
    weighted median and the best two on the dev rows alone (AdaFuse's top-2); where all members share one vocabulary, over all of them, `token-average`
    equal and with the quality weights (on Qwen 1.5B + 0.5B it is the one method above its
@@ -20,9 +20,9 @@ does not lose to its best member.
    SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
    With a learned controller (`controller`, trained on other dev rows: `fuselm calibrate
    --controller-rows N` trains one on the N rows after these), `adafuse` steered by it.
-4. The best fused setup is chosen only if its dev score is above the best member's (with
+4. The best fused setup is chosen only if its dev score is above the anchor's (with
    `significant`, only if its paired interval lies above 0 too); otherwise the calibration
-   falls back to the best member alone (`choose`). Scores that tie on the main metric (few dev
+   falls back to the anchor alone (`choose`). Scores that tie on the main metric (few dev
    rows, low scores) are ranked by the task's finer metrics (F1 after exact match), and members
    then by their reference NLL.
 
@@ -84,7 +84,7 @@ class CalibrateSpec(BaseModel):
     )
     significant: bool = Field(
         False,
-        description="choose only a fused setup whose paired 95% interval against the best member lies above 0 on the"
+        description="choose only a fused setup whose paired 95% interval against the anchor lies above 0 on the"
         " dev rows (safer, fewer gains); otherwise the best fused setup that scores above it",
     )
 
@@ -227,7 +227,7 @@ def calibrate(
     scale = task.scale()
     members = []
     for m in spec.models:
-        gap = ((scores[best] or 0.0) - (scores[m.name] or 0.0)) * scale
+        gap = ((scores[ranked[0]] or 0.0) - (scores[m.name] or 0.0)) * scale  # below the best dev score
         kept = m.name == best or gap <= spec.max_gap
         weight = 1.0 if not best_nll or nll[m.name] is None else round(best_nll / nll[m.name], 4)
         members.append(
@@ -239,7 +239,7 @@ def calibrate(
                 kept=kept,
                 why_dropped=None
                 if kept
-                else f"{gap:.1f} points below {best}: anchored only (max gap {spec.max_gap:g})",
+                else f"{gap:.1f} points below {ranked[0]}: anchored only (max gap {spec.max_gap:g})",
                 seconds_per_sample=alone[m.name].summary.seconds_per_sample,
             )  # fmt: skip
         )
@@ -379,8 +379,8 @@ def choose_anchor(
 def choose(
     task: Task, best: RunView, tried: list[Trial], views: dict[str, RunView], significant: bool = False
 ) -> tuple[Trial | None, str]:
-    """The tried setup to run, or None for the best member alone, and why. A setup must rank
-    above the best member on the dev rows (the main metric, ties decided by the finer ones);
+    """The tried setup to run, or None for the anchor alone (`best`), and why. A setup must rank
+    above the anchor on the dev rows (the main metric, ties decided by the finer ones);
     with `significant`, its paired interval against it must also lie above 0."""
     scale = task.scale()
     name = best.summary.models[0]
