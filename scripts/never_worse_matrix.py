@@ -62,7 +62,9 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     n_test, dev, offset, n_dev = TASKS[task]
     where = root / ensemble / task
     calib = where / "calib.yaml"
-    ctrl = where / "calib.controller.json"  # calibrate --controller-rows writes it
+    # calibrate --controller-rows writes it; absolute, as the calibration records it: an eval run
+    # records its -O options as given, and resumes only with the same spelling
+    ctrl = (where / "calib.controller.json").resolve()
     cal = ["fuselm", "calibrate", "--task", task, "--models", ",".join(models), "--limit", str(n_dev),
            "--controller-rows", str(2 * n_dev), "--out", str(calib)]  # fmt: skip
     if dev:
@@ -123,6 +125,17 @@ def _asked(args: list[str]) -> tuple[str, list[str], dict]:
     return method, args[args.index(flag) + 1].split(","), {k: yaml.safe_load(v) for k, v in opts.items()}
 
 
+def _same_paths(options: dict) -> dict:
+    """Option values that name a file, as absolute paths: the controller of a chain run from
+    another directory (or with a relative --root) is the same file under another spelling."""
+    return {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).is_file() else v for k, v in options.items()}
+
+
+def _setup(args: list[str]) -> tuple[str, list[str], dict]:
+    method, models, options = _asked(args)
+    return method, models, _same_paths(options)
+
+
 def set_aside_if_stale(args: list[str]) -> str | None:
     """Move an eval run aside when it holds another setup than `args` asks for now (the
     calibration was made again and chose otherwise): a resumed run must keep its config."""
@@ -130,8 +143,8 @@ def set_aside_if_stale(args: list[str]) -> str | None:
     if run is None or not (run / "config.json").is_file():
         return None
     have = json.loads((run / "config.json").read_text())["spec"]
-    got = (have["method"], [m["name"] for m in have["models"]], have.get("method_options") or {})
-    if json.dumps(got, sort_keys=True) == json.dumps(_asked(args), sort_keys=True):
+    got = (have["method"], [m["name"] for m in have["models"]], _same_paths(have.get("method_options") or {}))
+    if json.dumps(got, sort_keys=True) == json.dumps(_setup(args), sort_keys=True):
         return None
     aside = run.with_name(run.name + ".superseded")
     shutil.rmtree(aside, ignore_errors=True)
@@ -148,7 +161,7 @@ def same_as_done(args: list[str], earlier: list[list[str]]) -> Path | None:
         return None
     for other in earlier:
         run = Path(other[other.index("--out") + 1])
-        if other[:2] == ["fuselm", "eval"] and (run / "summary.json").is_file() and _asked(other) == _asked(args):
+        if other[:2] == ["fuselm", "eval"] and (run / "summary.json").is_file() and _setup(other) == _setup(args):
             if load_run(run).summary.complete:
                 return run
     return None
@@ -203,6 +216,8 @@ def main() -> int:
     pin = ns.workers > 1 and shutil.which("taskset") is not None
 
     def worker(cpu: int) -> None:
+        # the CPU it is pinned to, or those it may use (one worker under an outer `taskset -c 1`)
+        tag = f"cpu {cpu}" if pin else f"cpus {','.join(map(str, sorted(os.sched_getaffinity(0))))}"
         while True:
             with lock:
                 if not chains:
@@ -215,21 +230,21 @@ def main() -> int:
                 cmd = (
                     (["taskset", "-c", str(cpu)] if pin else []) + fill(args, where / "calib.yaml") + ["--no-progress"]
                 )
-                print(f"[cpu {cpu}] {ensemble}/{task}: {name}\n", end="", flush=True)
+                print(f"[{tag}] {ensemble}/{task}: {name}\n", end="", flush=True)
                 line = cmd[cmd.index("fuselm") :]
                 aside = set_aside_if_stale(line)
                 if aside:
-                    print(f"[cpu {cpu}] {ensemble}/{task}: {name} held another setup: moved to {aside}\n", end="")
+                    print(f"[{tag}] {ensemble}/{task}: {name} held another setup: moved to {aside}\n", end="")
                 same = same_as_done(line, done)
                 done.append(line)
                 if same is not None:
                     shutil.copytree(same, line[line.index("--out") + 1])
-                    print(f"[cpu {cpu}] {ensemble}/{task}: {name} is the setup of {same.name}: copied\n", end="")
+                    print(f"[{tag}] {ensemble}/{task}: {name} is the setup of {same.name}: copied\n", end="")
                     continue
                 with open(where / f"{name}.log", "a") as log:
                     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
                 if rc != 0:
-                    print(f"[cpu {cpu}] FAILED ({rc}) {ensemble}/{task}: {name}\n", end="", flush=True)
+                    print(f"[{tag}] FAILED ({rc}) {ensemble}/{task}: {name}\n", end="", flush=True)
                     failures.append(f"{ensemble}/{task}/{name}")
                     break  # the rest of the chain needs this step
 
