@@ -110,8 +110,8 @@ def tiny_backends(tiny_dirs):
     return {arch: TransformersBackend.from_directory(d, name=f"tiny-{arch}") for arch, d in tiny_dirs.items()}
 
 
-def run_cli(*args: str, input: str | None = None, timeout: int = 600, env: dict | None = None):
-    """Run the real `fuselm` entry point in a subprocess."""
+def run_cli(*args: str, input: str | None = None, timeout: int = 600, env: dict | None = None, cwd=None):
+    """Run the real `fuselm` entry point in a subprocess (in `cwd`, default this one)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "fuselm.cli", *args],
@@ -120,4 +120,5 @@ def run_cli(*args: str, input: str | None = None, timeout: int = 600, env: dict 
         input=input,
         timeout=timeout,
         env=full_env,
+        cwd=cwd,
     )

@@ -491,6 +491,19 @@ def test_a_controller_learns_to_pick_the_right_member_where_the_vote_ties(answer
     ctl.save(tmp_path / "again.json")
     assert json.loads((tmp_path / "again.json").read_text()) == json.loads(out.read_text())
     assert Controller.load(tmp_path / "again.json").choose(rows) == ctl.choose(rows) == 1
+    # an eval run records the controller's absolute path: started with a relative one, it
+    # resumes with the path spelled otherwise (from another directory)
+    ev = ["eval", "--task", "triviaqa", "--models", models, "--method", "adafuse", "--data-dir", str(answer_data),
+          "--data", str(answer_data / "triviaqa/rows.jsonl"), "--offset", "6", "--max-new-tokens", "3",
+          "--out", str(tmp_path / "steered"), "--no-progress"]  # fmt: skip
+    first = run_cli(*ev, "--limit", "1", "-O", "controller=ctrl.json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    spec = json.loads((tmp_path / "steered" / "config.json").read_text())["spec"]
+    assert spec["method_options"] == {"controller": str(out.resolve())}
+    more = run_cli(*ev, "--limit", "2", "-O", f"controller={out}")
+    assert more.returncode == 0, more.stderr
+    summary = json.loads(more.stdout)
+    assert summary["n"] == 2 and summary["metrics"]["em"] == 1.0  # right's answer, both rows
 
 
 def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(answer_models, answer_data, tmp_path):

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import GenerationConfig, ModelConfig
+
+PATH_OPTIONS = ("controller", "router")  # method options that name a file or directory
 
 
 class EvalSpec(BaseModel):
@@ -25,6 +28,16 @@ class EvalSpec(BaseModel):
     limit: int | None = Field(None, ge=1)
     offset: int = Field(0, ge=0)
     seed: int | None = None  # shuffle the rows with this seed before offset/limit
+
+    @field_validator("method_options")
+    @classmethod
+    def _paths_absolute(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # a controller file or router directory is recorded absolute: the run is the same when
+        # it is resumed from another directory or with the path spelled otherwise
+        return {
+            k: str(Path(v).resolve()) if k in PATH_OPTIONS and isinstance(v, str) and Path(v).exists() else v
+            for k, v in options.items()
+        }
 
     def select(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """This run's rows of the task's data."""
