@@ -85,9 +85,7 @@ def main() -> int:
         backends = [m.backend for m in models]
         apart = side_by_side(backends)
         runs = [(p, True) for p in policies] + ([(p, False) for p in policies] if apart else [])
-        single_sum = 0.0
-        fused = dict.fromkeys(runs, 0.0)
-        # per pass through the prompts (repeat r covers prompts r*n .. r*n+n-1)
+        # seconds per token summed per pass through the prompts (pass r: prompts r*n .. r*n+n-1)
         single_by = [0.0] * a.repeats
         fused_by = {run: [0.0] * a.repeats for run in runs}
         passes = dict.fromkeys(runs, 0)
@@ -99,9 +97,7 @@ def main() -> int:
                     generate([m], prompt, "single", gen)
             # Singles and the ensemble alternate, so drifts in machine speed hit both sides alike.
             for m in models:
-                t = per_token(generate([m], prompt, "single", gen))
-                single_sum += t
-                single_by[rep] += t
+                single_by[rep] += per_token(generate([m], prompt, "single", gen))
             for run in runs:
                 policy, together = run
                 base, _, draft = policy.partition("+draft")
@@ -120,18 +116,19 @@ def main() -> int:
                 res = generate(models, prompt, "adafuse", gen, opts)
                 for b, t in zip(backends, threads):
                     b.threads_apart = t
-                fused[run] += per_token(res)
                 fused_by[run][rep] += per_token(res)
                 passes[run] += sum(res.stats.forward_passes.values())
                 words[run] += max(len(split_words(res.text)), 1)
                 print(f"{'+'.join(names)} {policy}: {res.text[:80]!r}", file=sys.stderr)
         k = len(prompts)
+        single_sum = sum(single_by)
         for run in runs:
             label = run[0] + ("" if not apart else " side by side" if run[1] else " in turn")
             each_ratio = [f / s for f, s in zip(fused_by[run], single_by) if s]
             spread = f" ({min(each_ratio):.2f}-{max(each_ratio):.2f})" if a.repeats > 1 and each_ratio else ""
-            rows.append(("+".join(names), label, single_sum / k, fused[run] / k,
-                         f"{fused[run] / single_sum:.2f}{spread}", passes[run] / words[run]))  # fmt: skip
+            fused = sum(fused_by[run])
+            rows.append(("+".join(names), label, single_sum / k, fused / k, f"{fused / single_sum:.2f}{spread}",
+                         passes[run] / words[run]))  # fmt: skip
     print(
         f"backend: {a.backend}, max_new_tokens: {gen.max_new_tokens}, prompts: {a.prompts} x {a.repeats}"
         f"{' (' + a.short + ', short answers)' if a.short else ''}, cores: {os.cpu_count()},"

@@ -36,6 +36,8 @@ from pathlib import Path
 import yaml
 from results_matrix import run_workers  # this folder
 
+from fuselm.eval.records import absolute_paths
+
 ENSEMBLES = {
     "default": ["smollm2-135m", "qwen2.5-coder-0.5b"],  # a weak and a stronger member, two tokenizers
     "gemma-qwen": ["gemma3-270m", "qwen2.5-coder-1.5b"],  # close on TriviaQA, two tokenizers
@@ -125,15 +127,11 @@ def _asked(args: list[str]) -> tuple[str, list[str], dict]:
     return method, args[args.index(flag) + 1].split(","), {k: yaml.safe_load(v) for k, v in opts.items()}
 
 
-def _same_paths(options: dict) -> dict:
-    """Option values that name a file, as absolute paths: the controller of a chain run from
-    another directory (or with a relative --root) is the same file under another spelling."""
-    return {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).is_file() else v for k, v in options.items()}
-
-
 def _setup(args: list[str]) -> tuple[str, list[str], dict]:
+    """What `_asked` says, with file options as a run records them (absolute: the same file
+    spelled otherwise, e.g. under a relative --root, is the same setup)."""
     method, models, options = _asked(args)
-    return method, models, _same_paths(options)
+    return method, models, absolute_paths(options)
 
 
 def set_aside_if_stale(args: list[str]) -> str | None:
@@ -143,7 +141,7 @@ def set_aside_if_stale(args: list[str]) -> str | None:
     if run is None or not (run / "config.json").is_file():
         return None
     have = json.loads((run / "config.json").read_text())["spec"]
-    got = (have["method"], [m["name"] for m in have["models"]], _same_paths(have.get("method_options") or {}))
+    got = (have["method"], [m["name"] for m in have["models"]], absolute_paths(have.get("method_options") or {}))
     if json.dumps(got, sort_keys=True) == json.dumps(_setup(args), sort_keys=True):
         return None
     aside = run.with_name(run.name + ".superseded")

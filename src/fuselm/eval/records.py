@@ -14,6 +14,15 @@ from ..config import GenerationConfig, ModelConfig
 PATH_OPTIONS = ("controller", "router")  # method options that name a file or directory
 
 
+def absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with a controller file or router directory as an absolute path: a run is the
+    same when it is resumed from another directory or with the path spelled otherwise."""
+    return {
+        k: str(Path(v).resolve()) if k in PATH_OPTIONS and isinstance(v, str) and Path(v).exists() else v
+        for k, v in options.items()
+    }
+
+
 class EvalSpec(BaseModel):
     """What a run is: the selection of rows and how each is generated."""
 
@@ -32,12 +41,7 @@ class EvalSpec(BaseModel):
     @field_validator("method_options")
     @classmethod
     def _paths_absolute(cls, options: dict[str, Any]) -> dict[str, Any]:
-        # a controller file or router directory is recorded absolute: the run is the same when
-        # it is resumed from another directory or with the path spelled otherwise
-        return {
-            k: str(Path(v).resolve()) if k in PATH_OPTIONS and isinstance(v, str) and Path(v).exists() else v
-            for k, v in options.items()
-        }
+        return absolute_paths(options)
 
     def select(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """This run's rows of the task's data."""
