@@ -1,7 +1,8 @@
 """What other choice rules would have done with the calibrations of the never-worse matrix, read
 from their files and dev runs (nothing decodes): which tried setups pass `--significant` (paired
-interval above 0), and which member each anchor rule picks (`--anchor-by score` and `nll`, the
-default since 2026-12-06).
+interval above 0), which member each anchor rule picks (`--anchor-by score` and `nll`, the
+default since 2026-12-06), and what the calibration chooses with and without `--max-loss`
+(default 0.1 since 2026-12-06).
 
     python scripts/calibration_whatif.py [--root runs/never-worse]
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fuselm.calibration import load_calibration
-from fuselm.eval.calibrate import choose_anchor, rank_members
+from fuselm.eval.calibrate import _slug, choose, choose_anchor, rank_members
 from fuselm.eval.report import load_run
 from fuselm.eval.tasks import get_task
 
@@ -21,6 +22,7 @@ from fuselm.eval.tasks import get_task
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="runs/never-worse")
+    ap.add_argument("--max-loss", type=float, default=0.1)
     ns = ap.parse_args()
     for path in sorted(Path(ns.root).glob("*/*/calib.yaml")):
         cal = load_calibration(path)
@@ -31,9 +33,17 @@ def main() -> int:
         nll = {m.name: m.nll for m in cal.scores}
         rules = {by: choose_anchor(task, rank_members(task, alone, nll), alone, nll, by)[0] for by in ("score", "nll")}
         where = f"{path.parent.parent.name}/{path.parent.name}"
+        # the dev runs of what was tried, as calibrate names their directories
+        views = {t.label: load_run(path.with_suffix(".runs") / _slug(f"{t.label} {'+'.join(t.models)}"))
+                 for t in cal.tried}  # fmt: skip
+        picks = {bound: choose(task, alone[cal.anchor], cal.tried, views, cal.significant, bound)[0]
+                 for bound in (None, ns.max_loss)}  # fmt: skip
+        label = lambda t: t.label if t else f"{cal.anchor} alone"  # noqa: E731
         print(f"{where}: anchor {cal.anchor} ({cal.anchor_reason or 'the best dev score'});"
               f" passes --significant: {', '.join(significant) or 'none'};"
-              f" anchor by score: {rules['score']}, by NLL: {rules['nll']}")  # fmt: skip
+              f" anchor by score: {rules['score']}, by NLL: {rules['nll']};"
+              f" chosen without a loss bound: {label(picks[None])}, with --max-loss {ns.max_loss:g}:"
+              f" {label(picks[ns.max_loss])}")  # fmt: skip
     return 0
 
 

@@ -370,6 +370,9 @@ def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch
     rule = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--anchor-by", "best",
                    "--out", str(tmp_path / "r.yaml"))  # fmt: skip
     assert rule.returncode == 2 and "--anchor-by: invalid choice: 'best' (choose from" in rule.stderr
+    loss = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--max-loss", "-0.1",
+                   "--out", str(tmp_path / "l.yaml"))  # fmt: skip
+    assert loss.returncode == 1 and "calibrate: --max-loss: Input should be greater than or equal to 0" in loss.stderr
 
 
 def test_a_task_without_a_dev_split_calibrates_on_its_own_test_file_named_test(answer_models, answer_data, tmp_path):
@@ -430,6 +433,29 @@ def test_significant_fuses_only_on_a_gain_the_dev_rows_are_sure_of():
     assert reason.startswith("fall back to m alone (33.3): no fused setup's gain was significant on the dev rows")
     chosen, reason = choose(task, best, [], views)
     assert chosen is None and reason == "fall back to m alone (33.3): nothing was tried"
+
+
+def test_max_loss_leaves_the_anchor_only_for_a_setup_that_cannot_lose_much_of_its_score():
+    """The anchor is right on rows 0-5 (20%, as Qwen 1.5B on HumanEval's problems 82-111).
+    `risky` is right on 7 rows, 4 of them the anchor's misses, and misses 3 of the anchor's: one
+    row above it, its paired interval down to more than a tenth of 20 points below. `safe` adds
+    one row and loses none. With max_loss 0.1 only `safe` may be chosen; with `risky` alone the
+    anchor stays, and says why; with max_loss 1 the higher mean wins again."""
+    task = get_task("triviaqa")
+    best = _dev_run("single", set(range(6)))
+    views = {"risky": _dev_run("risky", {3, 4, 5, 10, 11, 12, 13}), "safe": _dev_run("safe", set(range(7)))}
+    tried = [Trial(label=label, method="adafuse", models=["m", "o"], score=view.summary.main,
+                   versus_best=list(paired_difference(view, best, "em"))) for label, view in views.items()]  # fmt: skip
+    assert tried[0].versus_best[1] < -0.1 * 0.2 <= tried[1].versus_best[1]  # the premise
+    assert choose(task, best, tried, views, max_loss=0.1)[0] is tried[1]
+    chosen, reason = choose(task, best, tried[:1], views, max_loss=0.1)
+    assert chosen is None
+    assert reason.startswith(
+        "fall back to m alone (20.0): the fused setups that beat it on the dev rows may lose more than 0.1 of its"
+        " score (best: risky, +3.3 ["
+    ) and reason.endswith("the interval may reach -2.0)"), reason
+    assert choose(task, best, tried[:1], views, max_loss=1.0)[0] is tried[0]
+    assert choose(task, best, tried[:1], views)[0] is tried[0]  # no bound: an older calibration's rule
 
 
 def test_the_anchor_is_the_member_with_the_lowest_reference_nll_among_those_within_noise_of_the_best():

@@ -70,6 +70,10 @@ class Calibration(StrictModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     reason: str = ""
     significant: bool = Field(False, description="made with --significant: a fused setup needed a significant dev gain")
+    max_loss: float | None = Field(
+        None, description="made with --max-loss: how far below the anchor a chosen setup's dev interval could reach,"
+        " as a fraction of the anchor's score (None: an older calibration, no such bound)"
+    )
     tried: list[Trial] = Field(default_factory=list)
     dev_seconds: float | None = Field(
         None, description="generation time of every dev run and of the controller's training rows, summed (the cost)"

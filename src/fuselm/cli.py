@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--significant", action="store_true",
                    help="fuse only where the gain over the anchor is significant on the dev rows (its paired"
                         " 95%% interval above 0); safer, fewer gains")  # fmt: skip
+    c.add_argument("--max-loss", type=float, default=0.1, metavar="FRACTION",
+                   help="fuse only where the paired 95%% interval against the anchor on the dev rows reaches no"
+                        " lower than this fraction of the anchor's score below it (default 0.1; 0: no plausible"
+                        " loss at all)")  # fmt: skip
     c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_flags(c, GenerationConfig, skip=_SPECIAL_FIELDS | {"stop"})
@@ -348,7 +352,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
             task=ns.task, models=models, dev_data=ns.dev_data, offset=ns.offset, limit=ns.limit,
             thetas=_floats(ns.thetas, "--thetas"), margins=_floats(ns.margins, "--margins"), max_gap=ns.max_gap,
             generation=GenerationConfig(**_pick(ns, GenerationConfig)), controller=ns.controller,
-            significant=ns.significant, anchor_by=ns.anchor_by,
+            significant=ns.significant, max_loss=ns.max_loss, anchor_by=ns.anchor_by,
         )  # fmt: skip
     except ValidationError as e:
         raise FuselmError(validation_message(e, "calibrate", flags=True)) from None

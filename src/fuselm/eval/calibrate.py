@@ -20,9 +20,10 @@ does not lose to its best member.
    SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
    With a learned controller (`controller`, trained on other dev rows: `fuselm calibrate
    --controller-rows N` trains one on the N rows after these), `adafuse` steered by it.
-4. The best fused setup is chosen only if its dev score is above the anchor's (with
-   `significant`, only if its paired interval lies above 0 too); otherwise the calibration
-   falls back to the anchor alone (`choose`). Scores that tie on the main metric (few dev
+4. The best fused setup is chosen only if its dev score is above the anchor's and its paired
+   interval against the anchor reaches no lower than `max_loss` of the anchor's score below 0
+   (with `significant`, only if it lies above 0); otherwise the calibration falls back to the
+   anchor alone (`choose`). Scores that tie on the main metric (few dev
    rows, low scores) are ranked by the task's finer metrics (F1 after exact match), and members
    then by their reference NLL.
 
@@ -86,6 +87,13 @@ class CalibrateSpec(BaseModel):
         False,
         description="choose only a fused setup whose paired 95% interval against the anchor lies above 0 on the"
         " dev rows (safer, fewer gains); otherwise the best fused setup that scores above it",
+    )
+    max_loss: float = Field(
+        0.1,
+        ge=0.0,
+        description="choose only a fused setup whose paired 95% interval against the anchor on the dev rows"
+        " reaches no lower than this fraction of the anchor's dev score below it (0.1: a setup that may lose"
+        " more than a tenth of the anchor's score is not chosen, however high its mean)",
     )
 
     @field_validator("models")
@@ -299,7 +307,7 @@ def calibrate(
                 n=view.summary.n,
             )  # fmt: skip
         )
-    chosen, reason = choose(task, alone[best], tried, views, spec.significant)
+    chosen, reason = choose(task, alone[best], tried, views, spec.significant, spec.max_loss)
     method, models, options = (
         (chosen.method, chosen.models, chosen.method_options) if chosen else ("single", [best], {})
     )
@@ -317,6 +325,7 @@ def calibrate(
         method_options=options,
         reason=reason,
         significant=spec.significant,
+        max_loss=spec.max_loss,
         tried=tried,
         dev_seconds=round(
             sum((v.summary.seconds_per_sample or 0.0) * v.summary.n for v in [*alone.values(), *views.values()])
@@ -377,33 +386,52 @@ def choose_anchor(
 
 
 def choose(
-    task: Task, best: RunView, tried: list[Trial], views: dict[str, RunView], significant: bool = False
+    task: Task,
+    best: RunView,
+    tried: list[Trial],
+    views: dict[str, RunView],
+    significant: bool = False,
+    max_loss: float | None = None,
 ) -> tuple[Trial | None, str]:
     """The tried setup to run, or None for the anchor alone (`best`), and why. A setup must rank
-    above the anchor on the dev rows (the main metric, ties decided by the finer ones);
-    with `significant`, its paired interval against it must also lie above 0."""
+    above the anchor on the dev rows (the main metric, ties decided by the finer ones); with
+    `max_loss`, its paired interval against it must reach no lower than that fraction of the
+    anchor's score below 0 (a mean gain of one problem in 30, with an interval down to -13
+    points on an anchor at 20, is not a reason to leave the anchor); with `significant`, the
+    interval must lie above 0."""
     scale = task.scale()
     name = best.summary.models[0]
     best_score = best.summary.main if best.summary.main is not None else -math.inf
+    floor = None if max_loss is None else -max_loss * max(best_score, 0.0)
     keys = {id(t): rank_key(task, views[t.label]) for t in tried}
     above = [t for t in tried if keys[id(t)] > rank_key(task, best)]
-    sure = [t for t in above if t.versus_best is not None and t.versus_best[1] > 0]
-    chosen = max(sure if significant else above, key=lambda t: keys[id(t)], default=None)
+    if floor is not None:
+        bounded = [t for t in above if t.versus_best is not None and t.versus_best[1] >= floor]
+    else:
+        bounded = above
+    sure = [t for t in bounded if t.versus_best is not None and t.versus_best[1] > 0]
+    chosen = max(sure if significant else bounded, key=lambda t: keys[id(t)], default=None)
+    interval = lambda d: f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"  # noqa: E731
     if chosen is not None:
         d = chosen.versus_best
         reason = f"{chosen.label} scored {chosen.score * scale:.1f} on the dev rows against {best_score * scale:.1f} for {name} alone"
         if chosen.score == best_score:
             reason += f" (a tie on {task.main_metric}, decided by {', '.join(_finer(task))})"
         if d is not None:
-            reason += f" ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}], paired 95%)"
+            reason += f" ({interval(d)}, paired 95%)"
         return chosen, reason
     top = max(tried, key=lambda t: keys[id(t)], default=None)
     if top is None:
         why = "nothing was tried"
-    elif above:  # only with `significant`
-        d = top.versus_best or [0.0, 0.0, 0.0]
-        why = (f"no fused setup's gain was significant on the dev rows (best: {top.label}, {d[0] * scale:+.1f}"
-               f" [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}])")  # fmt: skip
+    elif bounded:  # only with `significant`
+        top = max(bounded, key=lambda t: keys[id(t)])
+        why = f"no fused setup's gain was significant on the dev rows (best: {top.label}, {interval(top.versus_best)})"
+    elif above:  # only with `max_loss`
+        top = max(above, key=lambda t: keys[id(t)])
+        d = top.versus_best
+        risk = "no paired interval" if d is None else f"{interval(d)}, paired 95%"
+        why = (f"the fused setups that beat it on the dev rows may lose more than {max_loss:g} of its score"
+               f" (best: {top.label}, {risk}; the interval may reach {floor * scale:+.1f})")  # fmt: skip
     else:
         why = f"no fused setup beat it on the dev rows (best: {top.label}, {(top.score or 0) * scale:.1f})"
     return None, f"fall back to {name} alone ({best_score * scale:.1f}): {why}"
