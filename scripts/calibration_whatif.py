@@ -38,12 +38,12 @@ def main() -> int:
                  for t in cal.tried}  # fmt: skip
         picks = {bound: choose(task, alone[cal.anchor], cal.tried, views, cal.significant, bound)[0]
                  for bound in (None, ns.max_loss)}  # fmt: skip
-        label = lambda t: t.label if t else f"{cal.anchor} alone"  # noqa: E731
+        label = {bound: t.label if t else f"{cal.anchor} alone" for bound, t in picks.items()}
         print(f"{where}: anchor {cal.anchor} ({cal.anchor_reason or 'the best dev score'});"
               f" passes --significant: {', '.join(significant) or 'none'};"
               f" anchor by score: {rules['score']}, by NLL: {rules['nll']};"
-              f" chosen without a loss bound: {label(picks[None])}, with --max-loss {ns.max_loss:g}:"
-              f" {label(picks[ns.max_loss])}")  # fmt: skip
+              f" chosen without a loss bound: {label[None]}, with --max-loss {ns.max_loss:g}:"
+              f" {label[ns.max_loss]}")  # fmt: skip
     return 0
 
 

@@ -71,8 +71,9 @@ class Calibration(StrictModel):
     reason: str = ""
     significant: bool = Field(False, description="made with --significant: a fused setup needed a significant dev gain")
     max_loss: float | None = Field(
-        None, description="made with --max-loss: how far below the anchor a chosen setup's dev interval could reach,"
-        " as a fraction of the anchor's score (None: an older calibration, no such bound)"
+        None,
+        description="made with --max-loss: how far below the anchor a chosen setup's dev interval could reach,"
+        " as a fraction of the anchor's score (None: an older calibration, no such bound)",
     )
     tried: list[Trial] = Field(default_factory=list)
     dev_seconds: float | None = Field(
