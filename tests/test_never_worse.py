@@ -451,7 +451,7 @@ def test_max_loss_leaves_the_anchor_only_for_a_setup_that_cannot_lose_much_of_it
     chosen, reason = choose(task, best, tried[:1], views, max_loss=0.1)
     assert chosen is None
     assert reason.startswith(
-        "fall back to m alone (20.0): the fused setups that beat it on the dev rows may lose more than 0.1 of its"
+        "fall back to m alone (20.0): the fused setups that beat it on the dev rows may lose more than 10% of its"
         " score (best: risky, +3.3 ["
     ) and reason.endswith("the interval may reach -2.0)"), reason
     assert choose(task, best, tried[:1], views, max_loss=1.0)[0] is tried[0]

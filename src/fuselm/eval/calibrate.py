@@ -425,12 +425,13 @@ def choose(
         why = "nothing was tried"
     elif bounded:  # only with `significant`
         top = max(bounded, key=lambda t: keys[id(t)])
-        why = f"no fused setup's gain was significant on the dev rows (best: {top.label}, {interval(top.versus_best)})"
+        why = (f"no fused setup's gain was significant on the dev rows (best: {top.label},"
+               f" {interval(top.versus_best or [0.0, 0.0, 0.0])})")  # fmt: skip
     elif above:  # only with `max_loss`
         top = max(above, key=lambda t: keys[id(t)])
         d = top.versus_best
         risk = "no paired interval" if d is None else f"{interval(d)}, paired 95%"
-        why = (f"the fused setups that beat it on the dev rows may lose more than {max_loss:g} of its score"
+        why = (f"the fused setups that beat it on the dev rows may lose more than {max_loss * 100:g}% of its score"
                f" (best: {top.label}, {risk}; the interval may reach {floor * scale:+.1f})")  # fmt: skip
     else:
         why = f"no fused setup beat it on the dev rows (best: {top.label}, {(top.score or 0) * scale:.1f})"
