@@ -287,6 +287,7 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
     assert anchored.method_options["anchor"] == answer_models["right"]
     assert cal.method == "single" and cal.models == [answer_models["right"]]
     assert "no fused setup beat it" in cal.reason
+    assert (cal.max_loss, cal.significant) == (0.1, False)  # the choice rule's options, recorded
     again = run_cli(*r.args[3:])  # the same command again: its runs are done, nothing is redone
     assert again.returncode == 0 and load_calibration(out) == cal
     runs = sorted((tmp_path / "calib.runs").glob("*/rows.jsonl"))
