@@ -53,6 +53,20 @@ def _runs(where: Path) -> dict:
     return runs
 
 
+def _calibration(path: Path) -> dict | None:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _setups(where: Path) -> dict:
+    """The runs a table and a panel show: the one without the loss bound only where it chose
+    otherwise (else it is the calibrated run again, copied)."""
+    runs = _runs(where)
+    cal, free = _calibration(where / "calib.yaml"), _calibration(where / "calib.no-bound.yaml")
+    if not (cal and free) or _chosen(free) == _chosen(cal):
+        runs.pop("calibrated-no-bound", None)
+    return runs
+
+
 def _best_member(runs: dict) -> str | None:
     members = {n: r for n, r in runs.items() if n.startswith("single-")}
     complete = {n: r for n, r in members.items() if r.summary.complete} or members
@@ -61,7 +75,7 @@ def _best_member(runs: dict) -> str | None:
 
 def panel(where: Path) -> dict | None:
     """Each setup minus the best member, paired 95% interval, for the picture."""
-    runs = _runs(where)
+    runs = _setups(where)
     best = _best_member(runs)
     if not best:
         return None
@@ -110,15 +124,15 @@ def plot(archive: dict, path: Path) -> None:
 
 
 def task_table(where: Path) -> str | None:
-    runs = _runs(where)
+    runs = _setups(where)
     if not runs:
         return None
     task = get_task(next(iter(runs.values())).summary.task)
     metric = task.main_metric
     scale = 1.0 if metric in task.corpus_metrics else 100.0
     best_name = _best_member(runs)
-    cal_path = where / "calib.yaml"
-    cal = yaml.safe_load(cal_path.read_text()) if cal_path.is_file() else None
+    cal = _calibration(where / "calib.yaml")
+    free = _calibration(where / "calib.no-bound.yaml")
     lines = [
         f"| setup | {metric} [95%] | minus the best member [paired 95%] | s/sample | n |",
         "|---|---|---|---|---|",
@@ -135,6 +149,8 @@ def task_table(where: Path) -> str | None:
         label = name[len("single-") :] + " alone" if name.startswith("single-") else name
         if name == "calibrated" and cal:
             label += f" (= {_chosen(cal)})"
+        if name == "calibrated-no-bound" and free:
+            label = f"calibrated without the loss bound (= {_chosen(free)})"
         if name == best_name:
             label += " (best member)"
         star = "" if r.summary.complete else "*"

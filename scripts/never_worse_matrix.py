@@ -12,8 +12,9 @@ trained on the dev rows after the calibration's, tried in its grid), then `fusel
 member alone, of the calibrated setup (`--calibration`: first, the never-worse claim rests on
 it), of `token-average` equal and gated by the calibration's anchor (ensembles of one
 vocabulary), of anchored AdaFuse (the calibration's
-anchor, default theta and margin), of today's `adafuse`, and of `adafuse` with the
-calibration's controller (`-O controller=`). Finished runs are skipped and interrupted ones go
+anchor, default theta and margin), of today's `adafuse`, of `adafuse` with the
+calibration's controller (`-O controller=`), and of what the same dev runs choose without the
+calibration's loss bound (`calib.no-bound.yaml`, `--max-loss inf`). Finished runs are skipped and interrupted ones go
 on where they stopped (calibrate and eval are both resumable), so the script can be stopped and
 started at any time. A test run whose setup no longer matches (a calibration made again chose
 otherwise) is moved aside to NAME.superseded/ and run again; a step with the setup of a finished
@@ -72,6 +73,13 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     if dev:
         cal += ["--dev-data", dev, "--offset", str(offset)]
     out = [("calibrate", cal)]
+    # the same dev runs chosen from without the loss bound (`--max-loss inf`, the rule before
+    # 2026-12-06): its test run shows what the bound saved or cost on rows it did not see
+    unbounded = [*cal[: cal.index("--controller-rows")], "--controller", str(ctrl), "--runs",
+                 str(calib.with_suffix(".runs")), "--max-loss", "inf", "--out", str(where / "calib.no-bound.yaml")]  # fmt: skip
+    if dev:
+        unbounded += ["--dev-data", dev, "--offset", str(offset)]
+    out.append(("calibrate-no-bound", unbounded))
     test = ["fuselm", "eval", "--task", task, "--limit", str(n_test)]
     for m in models:
         out.append((f"single-{m}", [*test, "--model", m, "--out", str(where / f"single-{m}")]))
@@ -92,6 +100,9 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     # the calibration's controller (trained on twice its dev rows, after them) over today's adafuse
     out.append(("controller", [*test, "--method", "adafuse", "--models", ",".join(models), "-O",
                                f"controller={ctrl}", "--out", str(where / "controller")]))  # fmt: skip
+    # last: where it chose as the bound does, or the controller, the run is copied
+    out.append(("calibrated-no-bound", [*test, "--calibration", str(where / "calib.no-bound.yaml"), "--out",
+                                        str(where / "calibrated-no-bound")]))  # fmt: skip
     return out
 
 

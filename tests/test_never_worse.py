@@ -5,6 +5,7 @@ constructed models whose next-token distributions are fixed (tests/test_fusion.p
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -457,6 +458,7 @@ def test_max_loss_leaves_the_anchor_only_for_a_setup_that_cannot_lose_much_of_it
     ) and reason.endswith("the interval may reach -2.0)"), reason
     assert choose(task, best, tried[:1], views, max_loss=1.0)[0] is tried[0]
     assert choose(task, best, tried[:1], views)[0] is tried[0]  # no bound: an older calibration's rule
+    assert choose(task, best, tried[:1], views, max_loss=math.inf)[0] is tried[0]  # `--max-loss inf`
 
 
 def test_the_anchor_is_the_member_with_the_lowest_reference_nll_among_those_within_noise_of_the_best():

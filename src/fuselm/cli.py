@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-loss", type=float, default=0.1, metavar="FRACTION",
                    help="fuse only where the paired 95%% interval against the anchor on the dev rows reaches no"
                         " lower than this fraction of the anchor's score below it (default 0.1; 0: no plausible"
-                        " loss at all)")  # fmt: skip
+                        " loss at all; inf: no bound)")  # fmt: skip
     c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_flags(c, GenerationConfig, skip=_SPECIAL_FIELDS | {"stop"})

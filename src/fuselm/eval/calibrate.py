@@ -93,7 +93,8 @@ class CalibrateSpec(BaseModel):
         ge=0.0,
         description="choose only a fused setup whose paired 95% interval against the anchor on the dev rows"
         " reaches no lower than this fraction of the anchor's dev score below it (0.1: a setup that may lose"
-        " more than a tenth of the anchor's score is not chosen, however high its mean)",
+        " more than a tenth of the anchor's score is not chosen, however high its mean; inf: no bound, the"
+        " rule before 2026-12-06)",
     )
 
     @field_validator("models")
@@ -402,7 +403,7 @@ def choose(
     scale = task.scale()
     name = best.summary.models[0]
     best_score = best.summary.main if best.summary.main is not None else -math.inf
-    floor = None if max_loss is None else -max_loss * max(best_score, 0.0)
+    floor = None if max_loss is None or math.isinf(max_loss) else -max_loss * max(best_score, 0.0)
     keys = {id(t): rank_key(task, views[t.label]) for t in tried}
     above = [t for t in tried if keys[id(t)] > rank_key(task, best)]
     if floor is not None:
