@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fuselm.calibration import load_calibration
-from fuselm.eval.calibrate import _slug, choose, choose_anchor, rank_members
+from fuselm.eval.calibrate import choose, choose_anchor, rank_members, trial_dir
 from fuselm.eval.report import load_run
 from fuselm.eval.tasks import get_task
 
@@ -34,8 +34,7 @@ def main() -> int:
         rules = {by: choose_anchor(task, rank_members(task, alone, nll), alone, nll, by)[0] for by in ("score", "nll")}
         where = f"{path.parent.parent.name}/{path.parent.name}"
         # the dev runs of what was tried, as calibrate names their directories
-        views = {t.label: load_run(path.with_suffix(".runs") / _slug(f"{t.label} {'+'.join(t.models)}"))
-                 for t in cal.tried}  # fmt: skip
+        views = {t.label: load_run(trial_dir(path.with_suffix(".runs"), t.label, t.models)) for t in cal.tried}
         picks = {bound: choose(task, alone[cal.anchor], cal.tried, views, cal.significant, bound)[0]
                  for bound in (None, ns.max_loss)}  # fmt: skip
         label = {bound: t.label if t else f"{cal.anchor} alone" for bound, t in picks.items()}

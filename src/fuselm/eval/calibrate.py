@@ -128,6 +128,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")[:80]
 
 
+def trial_name(label: str, models: list[str]) -> str:
+    """A tried setup's run, as the calibration names it (its directory: `trial_dir`)."""
+    return f"{label} {'+'.join(models)}"
+
+
+def trial_dir(runs: Path, label: str, models: list[str]) -> Path:
+    """Where a calibration keeps the dev run of a tried setup (`label` over `models`)."""
+    return runs / _slug(trial_name(label, models))
+
+
 def _finer(task: Task) -> list[str]:
     return [m for m in [*task.metrics, *task.corpus_metrics] if m != task.main_metric]
 
@@ -294,7 +304,7 @@ def calibrate(
     n_steps += len(grid) - len(spec.thetas) * len(spec.margins)
     for label, method, models, opts in grid:
         fused = [m.name for m in models]
-        view = views[label] = run(f"{label} {'+'.join(fused)}", method, models, opts)
+        view = views[label] = run(trial_name(label, fused), method, models, opts)
         d = paired_difference(view, alone[best], task.main_metric)
         tried.append(
             Trial(
