@@ -14,7 +14,8 @@ it), of `token-average` equal and gated by the calibration's anchor (ensembles o
 vocabulary), of anchored AdaFuse (the calibration's
 anchor, default theta and margin), of today's `adafuse`, of `adafuse` with the
 calibration's controller (`-O controller=`), and of what the same dev runs choose without the
-calibration's loss bound (`calib.no-bound.yaml`, `--max-loss inf`). Finished runs are skipped and interrupted ones go
+calibration's loss bound (`calib.no-bound.yaml`, `--max-loss inf`; right after the calibrated
+run where no other step runs that setup, else last and copied). Finished runs are skipped and interrupted ones go
 on where they stopped (calibrate and eval are both resumable), so the script can be stopped and
 started at any time. A test run whose setup no longer matches (a calibration made again chose
 otherwise) is moved aside to NAME.superseded/ and run again; a step with the setup of a finished
@@ -100,7 +101,7 @@ def chain(root: Path, ensemble: str, task: str) -> list[tuple[str, list[str]]]:
     # the calibration's controller (trained on twice its dev rows, after them) over today's adafuse
     out.append(("controller", [*test, "--method", "adafuse", "--models", ",".join(models), "-O",
                                f"controller={ctrl}", "--out", str(where / "controller")]))  # fmt: skip
-    # last: where it chose as the bound does, or the controller, the run is copied
+    # moved after `calibrated` once the calibrations exist (no_bound_early), unless a step runs its setup
     out.append(("calibrated-no-bound", [*test, "--calibration", str(where / "calib.no-bound.yaml"), "--out",
                                         str(where / "calibrated-no-bound")]))  # fmt: skip
     return out
@@ -176,6 +177,21 @@ def same_as_done(args: list[str], earlier: list[list[str]]) -> Path | None:
     return None
 
 
+def no_bound_early(steps: list[tuple[str, list[str]]], where: Path) -> list[tuple[str, list[str]]]:
+    """The steps after `calibrated`, with `calibrated-no-bound` first where no other step runs its
+    setup: it is the test of the loss bound on rows neither calibration saw, worth having before
+    the hand policies (where another step runs the same setup it stays last and is copied)."""
+    names = [name for name, _ in steps]
+    if "calibrated-no-bound" not in names or not (where / "calib.no-bound.yaml").is_file():
+        return steps
+    late = steps[names.index("calibrated-no-bound")]
+    rest = [s for s in steps if s is not late]
+    mine = _setup(fill(late[1], where / "calib.yaml"))
+    if any(args[:2] == ["fuselm", "eval"] and _setup(fill(args, where / "calib.yaml")) == mine for _, args in rest):
+        return steps
+    return [late, *rest]
+
+
 def fill(args: list[str], calib: Path) -> list[str]:
     if not any("{anchor}" in a for a in args):
         return args
@@ -235,7 +251,10 @@ def main() -> int:
             where = root / ensemble / task
             where.mkdir(parents=True, exist_ok=True)
             done: list[list[str]] = []
-            for name, args in steps:
+            while steps:
+                name, args = steps.pop(0)
+                if name == "calibrated":  # both calibrations are made by now
+                    steps = no_bound_early(steps, where)
                 cmd = (
                     (["taskset", "-c", str(cpu)] if pin else []) + fill(args, where / "calib.yaml") + ["--no-progress"]
                 )
