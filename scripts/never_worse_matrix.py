@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 from results_matrix import run_workers  # this folder
 
-from fuselm.eval.records import absolute_paths
+from fuselm.eval.records import absolute_paths, option_files
 
 ENSEMBLES = {
     "default": ["smollm2-135m", "qwen2.5-coder-0.5b"],  # a weak and a stronger member, two tokenizers
@@ -148,13 +148,17 @@ def _setup(args: list[str]) -> tuple[str, list[str], dict]:
 
 def set_aside_if_stale(args: list[str]) -> str | None:
     """Move an eval run aside when it holds another setup than `args` asks for now (the
-    calibration was made again and chose otherwise): a resumed run must keep its config."""
+    calibration was made again and chose otherwise, or its controller was trained again): a
+    resumed run must keep its config."""
     run = Path(args[args.index("--out") + 1]) if args[:2] == ["fuselm", "eval"] else None
     if run is None or not (run / "config.json").is_file():
         return None
-    have = json.loads((run / "config.json").read_text())["spec"]
+    config = json.loads((run / "config.json").read_text())
+    have = config["spec"]
     got = (have["method"], [m["name"] for m in have["models"]], absolute_paths(have.get("method_options") or {}))
-    if json.dumps(got, sort_keys=True) == json.dumps(_setup(args), sort_keys=True):
+    setup = _setup(args)
+    files = config.get("option_files")  # absent in runs made before it was recorded
+    if json.dumps(got, sort_keys=True) == json.dumps(setup, sort_keys=True) and files in (None, option_files(setup[2])):
         return None
     aside = run.with_name(run.name + ".superseded")
     shutil.rmtree(aside, ignore_errors=True)

@@ -106,6 +106,35 @@ def test_a_run_made_before_a_config_field_existed_is_still_the_same_run(tmp_path
         )
 
 
+def test_a_run_is_not_resumed_with_a_controller_or_router_trained_again(tmp_path):
+    """The option names the same path, but the file behind it changed: the rows so far were made
+    with the other one, so resuming would mix two setups."""
+    from fuselm.eval.records import EvalSpec
+    from fuselm.eval.runner import prepare_run_dir
+
+    ctl = tmp_path / "ctl.json"
+    ctl.write_text('{"weights": [1.0]}')
+    router = tmp_path / "router"
+    (router / "sub").mkdir(parents=True)
+    (router / "config.json").write_text("{}")
+    (router / "sub" / "w.bin").write_bytes(b"\x00" * 8)
+
+    def spec(**options):
+        return EvalSpec(task="nq", method="adafuse", models=[{"name": "smollm2-135m"}], limit=4, method_options=options)
+
+    run = tmp_path / "run"
+    prepare_run_dir(run, spec(controller=str(ctl)), "digest")
+    prepare_run_dir(run, spec(controller=str(ctl)), "digest")  # unchanged: resumed
+    ctl.write_text('{"weights": [2.0]}')
+    with pytest.raises(FuselmError, match="made with another controller"):
+        prepare_run_dir(run, spec(controller=str(ctl)), "digest")
+    other = tmp_path / "run2"
+    prepare_run_dir(other, spec(router=str(router)), "digest")
+    (router / "sub" / "w.bin").write_bytes(b"\x01" * 8)  # a file deep in the directory
+    with pytest.raises(FuselmError, match="made with another router"):
+        prepare_run_dir(other, spec(router=str(router)), "digest")
+
+
 def test_bad_data_is_named_by_file_and_line(tmp_path):
     task = get_task("nq")
     bad = tmp_path / "bad.jsonl"

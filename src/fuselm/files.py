@@ -1,11 +1,13 @@
 """Files written so that a crash never loses or tears what was done: the one place for atomic
-whole-file writes, fsynced JSONL appends, YAML loading and the lock of a working directory.
+whole-file writes, fsynced JSONL appends, YAML loading, content digests and the lock of a
+working directory.
 
 A bottom-layer module: it imports nothing of fuselm but errors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -97,6 +99,21 @@ def read_jsonl(path: str | Path) -> list[Any]:
         with open(path, "r+b") as f:
             f.truncate(keep_bytes)
     return good
+
+
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (their relative paths and bytes, in
+    order): whether a file that a run was made with is still the same."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        if f is not path:
+            digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

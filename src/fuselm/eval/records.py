@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import GenerationConfig, ModelConfig
+from ..files import content_digest
 
 PATH_OPTIONS = ("controller", "router")  # method options that name a file or directory
 
@@ -20,6 +21,16 @@ def absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
     return {
         k: str(Path(v).resolve()) if k in PATH_OPTIONS and isinstance(v, str) and Path(v).exists() else v
         for k, v in options.items()
+    }
+
+
+def option_files(options: dict[str, Any]) -> dict[str, str]:
+    """The content digest of each file or directory an option names (a controller, a router):
+    a run resumed after the file was trained again would mix rows of two setups."""
+    return {
+        k: content_digest(v)
+        for k, v in sorted(options.items())
+        if k in PATH_OPTIONS and isinstance(v, str) and Path(v).exists()
     }
 
 

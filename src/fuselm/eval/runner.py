@@ -29,7 +29,7 @@ from ..fusion.loop import decode
 from ..fusion.methods import build_method
 from ..models.loading import load_models
 from ..progress import progress_bar
-from .records import EvalRow, EvalSpec, EvalSummary
+from .records import EvalRow, EvalSpec, EvalSummary, option_files
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -103,14 +103,13 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
     """Record the run's config in `out`, or check that `out` holds this same run. A larger
     --limit over the same rows (given `all_rows`, the task's rows before selection) extends it."""
     record = {"spec": spec.model_dump(mode="json"), "data_sha256": data_digest}
+    files = option_files(spec.method_options)
     cfg = out / "config.json"
     if cfg.is_file():
         old = json.loads(cfg.read_text())
         mine = {"spec": _as_today(old.get("spec")), "data_sha256": old.get("data_sha256")}
-        if mine != record and _extends(old, spec, all_rows):
-            atomic_write_json(cfg, {**old, **record, "extended_from_limit": old["spec"]["limit"]})
-            return
-        if mine != record:
+        extends = mine != record and _extends(old, spec, all_rows)
+        if mine != record and not extends:
             diff = [k for k in record["spec"] if record["spec"].get(k) != (mine["spec"] or {}).get(k)]
             if old.get("data_sha256") != data_digest:
                 diff.append("data")
@@ -118,9 +117,19 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
                 f"{out} holds a run with a different config (differs in: {', '.join(diff) or '?'}); "
                 "use another --out or delete it"
             )
+        was = old.get("option_files")  # absent in runs made before it was recorded
+        changed = [k for k in files if was is not None and was.get(k) != files[k]]
+        if changed:
+            raise FuselmError(
+                f"{out} holds a run made with another {' and '.join(changed)}: "
+                f"{', '.join(str(spec.method_options[k]) for k in changed)} changed since (trained again?), and its"
+                " rows would mix two setups; use another --out or delete it"
+            )
+        if extends:
+            atomic_write_json(cfg, {**old, **record, "extended_from_limit": old["spec"]["limit"]})
         return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg, {**record, "versions": _versions()})
+    atomic_write_json(cfg, {**record, "option_files": files, "versions": _versions()})
 
 
 def run_eval(
