@@ -130,7 +130,9 @@ def test_a_run_is_not_resumed_with_a_controller_or_router_trained_again(tmp_path
         prepare_run_dir(run, spec(controller=str(ctl)), "digest")
     other = tmp_path / "run2"
     prepare_run_dir(other, spec(router=str(router)), "digest")
-    (router / "sub" / "w.bin").write_bytes(b"\x01" * 8)  # a file deep in the directory
+    (router / "sub" / "w.bin").write_bytes(b"\x01" * 8)  # a training checkpoint's state: not read
+    prepare_run_dir(other, spec(router=str(router)), "digest")
+    (router / "config.json").write_text('{"trained": "again"}')
     with pytest.raises(FuselmError, match="made with another router"):
         prepare_run_dir(other, spec(router=str(router)), "digest")
 

@@ -102,14 +102,15 @@ def read_jsonl(path: str | Path) -> list[Any]:
 
 
 def content_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, or of a directory's files (their relative paths and bytes, in
-    order): whether a file that a run was made with is still the same."""
+    """SHA-256 of a file's bytes, or of the files directly in a directory (names and bytes, in
+    order; not its subdirectories, e.g. a router's training checkpoint): whether what a run was
+    made with is still the same."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     digest = hashlib.sha256()
     for f in files:
         if f is not path:
-            digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+            digest.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
