@@ -533,6 +533,17 @@ def test_a_controller_learns_to_pick_the_right_member_where_the_vote_ties(answer
     assert more.returncode == 0, more.stderr
     summary = json.loads(more.stdout)
     assert summary["n"] == 2 and summary["metrics"]["em"] == 1.0  # right's answer, both rows
+    # trained again with other options into the same file: its examples are not mixed, and the
+    # run made with the first controller is not resumed with another
+    again = run_cli("train-controller", "--task", "triviaqa", "--models", models, "--data", "triviaqa/rows.jsonl",
+                    "--limit", "6", "--data-dir", str(answer_data), "--out", str(out), "--no-progress",
+                    "-O", "theta=0.3")  # fmt: skip
+    assert again.returncode != 0 and "examples collected with other options" in again.stderr
+    info = json.loads(out.read_text())
+    info["l2"] = 0.5  # any change of the file
+    out.write_text(json.dumps(info))
+    stale = run_cli(*ev, "--limit", "3", "-O", f"controller={out}")
+    assert stale.returncode != 0 and "made with another controller" in stale.stderr, stale.stderr
 
 
 def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(answer_models, answer_data, tmp_path):

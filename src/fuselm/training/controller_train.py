@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -106,6 +107,23 @@ def examples_from_trace(trace: list[TraceStep], names: list[str], reference: str
     return out
 
 
+def _same_collection(out: Path, spec: ControllerTrainSpec, data: str) -> None:
+    """Record what the examples in `out` are collected with, or check it: rows kept from another
+    task, models, options or data file would be mixed into this controller's training."""
+    what = {"task": spec.task, "models": [[m.name, m.weight] for m in spec.models], "options": spec.options,
+            "data": data}  # fmt: skip
+    record = out / "collected_with.json"
+    if not record.is_file():
+        atomic_write_json(record, what)
+        return
+    had = json.loads(record.read_text())
+    diff = [k for k in what if had.get(k) != what[k]]
+    if diff:
+        raise FuselmError(
+            f"{out} holds examples collected with other {', '.join(diff)}; train into another --out or delete it"
+        )
+
+
 def collect(
     spec: ControllerTrainSpec, out: Path, data_dir: Path, show_progress: bool, say: Callable[[str], None]
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -119,6 +137,7 @@ def collect(
     data = str(data_path(task, spec.data or task.dev_file or "", data_dir))
     sel = EvalSpec(task=task.name, models=spec.models, data=data, offset=spec.offset, limit=spec.limit)
     rows = sel.select(load_rows(task, data, data_dir))
+    _same_collection(out, spec, data_name(task, Path(data), data_dir))
     path = out / "examples.jsonl"
     done = {r["id"]: r for r in read_jsonl(path)} if path.is_file() else {}
     todo = [r for r in rows if r["id"] not in done]
