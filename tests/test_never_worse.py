@@ -583,6 +583,13 @@ def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(an
                   str(tmp_path / "own.yaml"))  # fmt: skip
     assert own.returncode == 1 and "learnt from 2 of these dev rows" in own.stderr
     assert not (tmp_path / "own.runs").exists()
+    # the controller trained again on other rows (3-4), into the same file: the calibration's run
+    # of the old one is set aside and made again, not resumed
+    redo = run_cli("calibrate", *common, "--limit", "3", "--controller-rows", "2", "--out", str(out))
+    assert redo.returncode == 0, redo.stderr
+    assert load_calibration(out).controller_dev.ids == [3, 4]
+    assert "a run of another controller file: moved to" in " ".join((redo.stdout + redo.stderr).split())
+    assert len(list((tmp_path / "calib.runs").glob("*controller*.superseded"))) == 1
 
 
 def test_a_controller_file_is_checked(answer_models, tmp_path):
