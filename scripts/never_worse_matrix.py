@@ -38,7 +38,8 @@ from pathlib import Path
 import yaml
 from results_matrix import run_workers  # this folder
 
-from fuselm.eval.records import absolute_paths, option_files
+from fuselm.eval.records import absolute_paths
+from fuselm.eval.runner import other_setup, set_aside
 
 ENSEMBLES = {
     "default": ["smollm2-135m", "qwen2.5-coder-0.5b"],  # a weak and a stronger member, two tokenizers
@@ -179,19 +180,9 @@ def set_aside_if_stale(args: list[str]) -> str | None:
     calibration was made again and chose otherwise, or its controller was trained again): a
     resumed run must keep its config."""
     run = Path(args[args.index("--out") + 1]) if args[:2] == ["fuselm", "eval"] else None
-    if run is None or not (run / "config.json").is_file():
+    if run is None or other_setup(run, *_setup(args)) is None:
         return None
-    config = json.loads((run / "config.json").read_text())
-    have = config["spec"]
-    got = (have["method"], [m["name"] for m in have["models"]], absolute_paths(have.get("method_options") or {}))
-    setup = _setup(args)
-    files = config.get("option_files")  # absent in runs made before it was recorded
-    if json.dumps(got, sort_keys=True) == json.dumps(setup, sort_keys=True) and files in (None, option_files(setup[2])):
-        return None
-    aside = run.with_name(run.name + ".superseded")
-    shutil.rmtree(aside, ignore_errors=True)
-    run.rename(aside)
-    return str(aside)
+    return str(set_aside(run))
 
 
 def same_as_done(args: list[str], earlier: list[list[str]]) -> Path | None:

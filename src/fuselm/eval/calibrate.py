@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -51,9 +50,9 @@ from ..fusion.controller import Controller
 from ..models.backend import require_one_vocabulary
 from ..models.loading import check_reference, load_model, load_models
 from ..progress import progress_bar
-from .records import EvalSpec, option_files
+from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
-from .runner import _as_today, _versions, run_eval, task_generation
+from .runner import _versions, other_setup, run_eval, set_aside, task_generation
 from .task import TEST_FILE, Task, data_name, data_path, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -350,25 +349,13 @@ def calibrate(
 def _set_aside_if_other_setup(out: Path, spec: EvalSpec, say: Callable[[str], None]) -> None:
     """A run directory is named by its setup's label, which does not name the anchor: when the
     dev rows name another anchor (a calibration run again with more rows), the anchored runs
-    there hold another setup. They are moved to NAME.superseded/ (one kept) and run again,
-    rather than stopping the calibration on a config mismatch. So is a run of a controller that
-    was trained again since (`--controller-rows` on other rows: the same file, other weights)."""
-    cfg = out / "config.json"
-    if not cfg.is_file():
-        return
-    config = json.loads(cfg.read_text())
-    old = _as_today(config.get("spec")) or {}
-    had = (old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {})
-    now = spec.model_dump(mode="json")
-    same = had == (now["method"], [m["name"] for m in now["models"]], now["method_options"] or {})
-    files = config.get("option_files")  # absent in runs made before it was recorded
-    if same and files in (None, option_files(spec.method_options)):
-        return
-    aside = out.with_name(out.name + ".superseded")
-    shutil.rmtree(aside, ignore_errors=True)
-    out.rename(aside)
-    what = f"another setup ({had[2] or had[0]})" if not same else f"a run of another {', '.join(files or {})} file"
-    say(f"calibrate: {out.name} held {what}: moved to {aside.name}, run again")
+    there hold another setup, and a controller trained again (`--controller-rows` on other rows)
+    is the same file name with other weights. Such runs are set aside and run again, rather than
+    stopping the calibration on a config mismatch."""
+    why = other_setup(out, spec.method, [m.name for m in spec.models], spec.method_options)
+    if why is not None:
+        aside = set_aside(out)
+        say(f"calibrate: {out.name} held {why}: moved to {aside.name}, run again")
 
 
 def choose_anchor(

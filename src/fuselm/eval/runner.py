@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -97,6 +98,32 @@ def _as_today(spec: Any) -> Any:
         return EvalSpec.model_validate(spec).model_dump(mode="json")
     except ValueError:
         return spec
+
+
+def other_setup(out: Path, method: str, models: list[str], options: dict[str, Any]) -> str | None:
+    """What makes the run in `out` another setup than `method` over `models` with `options`
+    (absolute file paths, as EvalSpec records them): its own setup, or a run of a controller or
+    router that was trained again since; None when it is this one, or holds no run."""
+    cfg = out / "config.json"
+    if not cfg.is_file():
+        return None
+    config = json.loads(cfg.read_text())
+    old = _as_today(config.get("spec")) or {}
+    had = (old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {})
+    if had != (method, list(models), dict(options)):
+        return f"another setup ({had[2] or had[0]})"
+    files = config.get("option_files")  # absent in runs made before it was recorded
+    if files is not None and files != option_files(options):
+        return f"a run of another {' and '.join(files)} file"
+    return None
+
+
+def set_aside(out: Path) -> Path:
+    """Move a run that holds another setup to NAME.superseded/ (one kept), to be run again."""
+    aside = out.with_name(out.name + ".superseded")
+    shutil.rmtree(aside, ignore_errors=True)
+    out.rename(aside)
+    return aside
 
 
 def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[dict[str, Any]] | None = None) -> None:
