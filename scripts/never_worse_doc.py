@@ -14,7 +14,8 @@ docs/never-worse.json: the runs under --root replace their own entries there, th
 Per ensemble and task: every member alone, today's adafuse, anchored AdaFuse and the calibrated
 setup on the test rows, each with its 95% bootstrap interval and its paired difference against
 the best member on these test rows (the same resampled rows for both), the cost per sample,
-and what the calibration chose on its dev rows. A run still in progress is marked *.
+and what the calibration chose on its dev rows (where it was made again on more dev rows, the
+earlier choice's run too, if it chose otherwise). A run still in progress is marked *.
 
 Above the tables, one overview: per ensemble and task, the calibrated setup and the controller
 minus the best member (paired 95%), relative to the best member's score, and per ensemble the
@@ -45,7 +46,7 @@ def _fmt(x: float | None, scale: float) -> str:
 def _runs(where: Path) -> dict:
     runs = {}
     for d in sorted(where.iterdir()):
-        if d.is_dir() and (d / "config.json").is_file() and not d.name.endswith(".superseded"):
+        if d.is_dir() and (d / "config.json").is_file() and not d.name.endswith((".superseded", "-rows")):
             try:
                 runs[d.name] = load_run(d)
             except Exception:  # noqa: BLE001 - a run with no rows yet
@@ -59,12 +60,34 @@ def _calibration(path: Path) -> dict | None:
 
 def _setups(where: Path) -> dict:
     """The runs a table and a panel show: the one without the loss bound only where it chose
-    otherwise (else it is the calibrated run again, copied)."""
+    otherwise (else it is the calibrated run again, copied), and where the calibration was made
+    again on more dev rows (`calib.N-rows.yaml` kept by the matrix), the earlier choice's run
+    as `calibrated-N-rows` where it chose otherwise."""
     runs = _runs(where)
     cal, free = _calibration(where / "calib.yaml"), _calibration(where / "calib.no-bound.yaml")
     if not (cal and free) or _chosen(free) == _chosen(cal):
         runs.pop("calibrated-no-bound", None)
+    for path in sorted(where.glob("calib.[0-9]*-rows.yaml")):
+        earlier = _calibration(path)
+        if cal and _chosen(earlier) != _chosen(cal):
+            run = _run_of(where, earlier)
+            if run is not None:
+                runs[f"calibrated-{path.stem.split('.')[-1]}"] = run
     return runs
+
+
+def _run_of(where: Path, cal: dict):
+    """A finished run in `where` (set aside or not) of the setup a calibration chose."""
+    want = (cal["method"], cal["models"], cal.get("method_options") or {})
+    for d in sorted(where.iterdir()):
+        if not (d / "summary.json").is_file() or not (d / "config.json").is_file():
+            continue
+        spec = json.loads((d / "config.json").read_text())["spec"]
+        if (spec["method"], [m["name"] for m in spec["models"]], spec.get("method_options") or {}) == want:
+            run = load_run(d)
+            if run.summary.complete:
+                return run
+    return None
 
 
 def _best_member(runs: dict) -> str | None:
@@ -151,6 +174,9 @@ def task_table(where: Path) -> str | None:
             label += f" (= {_chosen(cal)})"
         if name == "calibrated-no-bound" and free:
             label = f"calibrated without the loss bound (= {_chosen(free)})"
+        if name.endswith("-rows") and name.startswith("calibrated-"):
+            earlier = _calibration(where / f"calib.{name.removeprefix('calibrated-')}.yaml")
+            label = f"calibrated on {len(earlier['dev']['ids'])} dev rows before (= {_chosen(earlier)})"
         if name == best_name:
             label += " (best member)"
         star = "" if r.summary.complete else "*"
