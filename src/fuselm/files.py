@@ -23,6 +23,26 @@ import yaml
 from .errors import FuselmError
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _plain_mode(path: Path, directory: bool) -> int:
+    """The mode `path` keeps, or the one a plain open()/mkdir() would give it: tempfile's are
+    private (0600, 0700), and a model directory or calibration file that only its writer can
+    read is useless to an engine or a colleague running as another user."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file beside `path` that replaces it on success and is removed on failure, for
@@ -34,6 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, _plain_mode(path, directory=False))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -60,6 +81,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _plain_mode(path, directory=True))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
