@@ -2,6 +2,7 @@
 
 import os
 import stat
+import time
 
 import pytest
 
@@ -53,3 +54,25 @@ def test_content_digest_sees_a_changed_file_and_a_directory_s_own_files(tmp_path
     assert content_digest(d) == before
     (d / "router.json").rename(d / "renamed.json")  # the same bytes under another name
     assert content_digest(d) != before
+
+
+def test_a_killed_writer_s_temporaries_are_removed_by_the_next_write_once_stale(tmp_path):
+    """A SIGKILL between mkstemp and the rename leaves `.NAME.<random>.tmp` (a gigabyte during a
+    model's assembly); the next atomic write of NAME removes it once an hour old, and leaves a
+    fresh one (maybe another writer's) and files that only look alike."""
+    hour_ago = time.time() - 2 * 3600
+    stale, fresh, other = tmp_path / ".m.gguf.ab12cd34.tmp", tmp_path / ".m.gguf.zz99yy88.tmp", tmp_path / ".m.gguf.bak"
+    for f in (stale, fresh, other):
+        f.write_bytes(b"partial")
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    atomic_write(tmp_path / "m.gguf", b"whole")
+    assert not stale.exists() and fresh.exists() and other.exists()
+    assert (tmp_path / "m.gguf").read_bytes() == b"whole"
+    stale_dir = tmp_path / ".hf.q1w2e3r4"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"partial")
+    os.utime(stale_dir, (hour_ago, hour_ago))
+    with atomic_dir(tmp_path / "hf") as d:
+        (d / "config.json").write_text("{}")
+    assert not stale_dir.exists() and (tmp_path / "hf" / "config.json").is_file()

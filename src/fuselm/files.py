@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,12 +44,34 @@ def _plain_mode(path: Path, directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
+STALE_TEMP_S = 3600.0  # a temporary file or directory untouched this long belongs to a killed writer
+
+
+def _remove_stale_temps(path: Path, directory: bool) -> None:
+    """Remove what writers of `path` killed before they could clean up left beside it (a
+    SIGKILL during a model's assembly leaves a gigabyte): the temporaries this module names
+    `.NAME.<random>.tmp` (files) or `.NAME.<random>` (directories), untouched for an hour."""
+    pattern = re.compile(re.escape(f".{path.name}.") + (r"[a-z0-9_]{8}" if directory else r"[a-z0-9_]{8}\.tmp") + "$")
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for p in siblings:
+        try:
+            if pattern.match(p.name) and p.is_dir() == directory and now - p.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(p) if directory else p.unlink()
+        except OSError:  # another process removed it first, or it is not ours to remove
+            continue
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file beside `path` that replaces it on success and is removed on failure, for
     writers that want a file name (safetensors, GGUF): a half-written file never has the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path, directory=False)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
@@ -78,6 +101,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """A temporary directory beside `path` that replaces it (whole) once the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path, directory=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
