@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from fuselm.eval.report import interval, load_run, paired_difference
+from fuselm.eval.runner import run_setup
 from fuselm.eval.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +81,7 @@ def _run_of(where: Path, cal: dict):
     """A finished run in `where` (set aside or not) of the setup a calibration chose."""
     want = (cal["method"], cal["models"], cal.get("method_options") or {})
     for d in sorted(where.iterdir()):
-        if not (d / "summary.json").is_file() or not (d / "config.json").is_file():
-            continue
-        spec = json.loads((d / "config.json").read_text())["spec"]
-        if (spec["method"], [m["name"] for m in spec["models"]], spec.get("method_options") or {}) == want:
+        if (d / "summary.json").is_file() and run_setup(d) == want:
             run = load_run(d)
             if run.summary.complete:
                 return run

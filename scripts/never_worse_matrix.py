@@ -39,7 +39,7 @@ import yaml
 from results_matrix import run_workers  # this folder
 
 from fuselm.eval.records import absolute_paths
-from fuselm.eval.runner import other_setup, set_aside
+from fuselm.eval.runner import other_setup, run_setup, set_aside
 
 ENSEMBLES = {
     "default": ["smollm2-135m", "qwen2.5-coder-0.5b"],  # a weak and a stronger member, two tokenizers
@@ -130,8 +130,8 @@ def set_aside_other_rows(where: Path, n_dev: int) -> list[str]:
     for run in runs:
         if run.name.endswith((".superseded", "-rows")):  # set aside before
             continue
-        cfg = run / "config.json"
-        if cfg.is_file() and "controller" in (json.loads(cfg.read_text())["spec"].get("method_options") or {}):
+        setup = run_setup(run)
+        if setup is not None and "controller" in setup[2]:
             moved.append(str(run.rename(run.with_name(f"{run.name}.{tag}"))))
     return moved
 

@@ -100,22 +100,34 @@ def _as_today(spec: Any) -> Any:
         return spec
 
 
+def run_setup(out: Path) -> tuple[str, list[str], dict[str, Any]] | None:
+    """(method, model names, method options) of the run in `out`, as today's EvalSpec reads its
+    config (None where there is no run)."""
+    cfg = out / "config.json"
+    if not cfg.is_file():
+        return None
+    old = _as_today(json.loads(cfg.read_text()).get("spec")) or {}
+    return old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {}
+
+
+def _changed_files(config: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """The options whose file or directory differs from the one the run in `config` recorded
+    (none for runs made before digests were recorded)."""
+    was, now = config.get("option_files"), option_files(options)
+    return [] if was is None else [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
+
 def other_setup(out: Path, method: str, models: list[str], options: dict[str, Any]) -> str | None:
     """What makes the run in `out` another setup than `method` over `models` with `options`
     (absolute file paths, as EvalSpec records them): its own setup, or a run of a controller or
     router that was trained again since; None when it is this one, or holds no run."""
-    cfg = out / "config.json"
-    if not cfg.is_file():
+    had = run_setup(out)
+    if had is None:
         return None
-    config = json.loads(cfg.read_text())
-    old = _as_today(config.get("spec")) or {}
-    had = (old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {})
     if had != (method, list(models), dict(options)):
         return f"another setup ({had[2] or had[0]})"
-    files = config.get("option_files")  # absent in runs made before it was recorded
-    if files is not None and files != option_files(options):
-        return f"a run of another {' and '.join(files)} file"
-    return None
+    changed = _changed_files(json.loads((out / "config.json").read_text()), options)
+    return f"a run of another {' and '.join(changed)} file" if changed else None
 
 
 def set_aside(out: Path) -> Path:
@@ -130,7 +142,6 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
     """Record the run's config in `out`, or check that `out` holds this same run. A larger
     --limit over the same rows (given `all_rows`, the task's rows before selection) extends it."""
     record = {"spec": spec.model_dump(mode="json"), "data_sha256": data_digest}
-    files = option_files(spec.method_options)
     cfg = out / "config.json"
     if cfg.is_file():
         old = json.loads(cfg.read_text())
@@ -144,8 +155,7 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
                 f"{out} holds a run with a different config (differs in: {', '.join(diff) or '?'}); "
                 "use another --out or delete it"
             )
-        was = old.get("option_files")  # absent in runs made before it was recorded
-        changed = [k for k in files if was is not None and was.get(k) != files[k]]
+        changed = _changed_files(old, spec.method_options)
         if changed:
             raise FuselmError(
                 f"{out} holds a run made with another {' and '.join(changed)}: "
@@ -156,7 +166,7 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
             atomic_write_json(cfg, {**old, **record, "extended_from_limit": old["spec"]["limit"]})
         return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg, {**record, "option_files": files, "versions": _versions()})
+    atomic_write_json(cfg, {**record, "option_files": option_files(spec.method_options), "versions": _versions()})
 
 
 def run_eval(
