@@ -8,7 +8,10 @@ single-model decode time per token, measured in the same run, per backend and po
 
 `--threads N` gives each llama.cpp model N threads; where the ensemble's threads then fit on the
 free cores, its rounds run the models side by side (fusion.experts), and each policy is also
-timed in turn (one model after the other, as torch models run) in the same run.
+timed in turn (one model after the other, as torch models run) in the same run. `--single-threads
+M` times the members alone on their own copies with M threads each (default: `--threads`), so
+that the ensemble side by side on one thread per model is set against each member alone on all
+cores, the fastest way to run either here.
 
 `--policies` runs AdaFuse under each policy in the same run (anchored: the anchor is the last
 model of each ensemble, `--anchor` to choose; `anchored+draft8`: the anchor drafts 8 words, which
@@ -71,6 +74,7 @@ def main() -> int:
     ap.add_argument("--short", metavar="TASK", help="few-shot prompts of TASK (short answers), e.g. triviaqa")
     ap.add_argument("--ensembles", type=int, default=len(ENSEMBLES), help="how many of the built-in ensembles")
     ap.add_argument("--threads", type=int, help="threads of each llama.cpp model (default: all usable)")
+    ap.add_argument("--single-threads", type=int, help="threads of each member timed alone (default: --threads)")
     a = ap.parse_args()
     gen = GenerationConfig(max_new_tokens=a.tokens)
     prompts = PROMPTS[: a.prompts]
@@ -82,6 +86,10 @@ def main() -> int:
     rows = []
     for names in ENSEMBLES[: a.ensembles]:
         models = [cache.setdefault(n, load_model(n, backend=a.backend, threads=a.threads)) for n in names]
+        alone = models  # the members timed alone: the same objects unless --single-threads differs
+        if a.single_threads is not None and a.single_threads != a.threads:
+            alone = [cache.setdefault((n, "alone"), load_model(n, backend=a.backend, threads=a.single_threads))
+                     for n in names]  # fmt: skip
         backends = [m.backend for m in models]
         apart = side_by_side(backends)
         runs = [(p, True) for p in policies] + ([(p, False) for p in policies] if apart else [])
@@ -93,10 +101,10 @@ def main() -> int:
         for i, prompt in enumerate(prompts):
             rep = i // max(len(prompts) // a.repeats, 1)
             if a.short:  # the prompt into every prefix cache: no prefill in the timed runs
-                for m in models:
+                for m in {id(m): m for m in models + alone}.values():
                     generate([m], prompt, "single", gen)
             # Singles and the ensemble alternate, so drifts in machine speed hit both sides alike.
-            for m in models:
+            for m in alone:
                 single_by[rep] += per_token(generate([m], prompt, "single", gen))
             for run in runs:
                 policy, together = run
@@ -132,7 +140,8 @@ def main() -> int:
     print(
         f"backend: {a.backend}, max_new_tokens: {gen.max_new_tokens}, prompts: {a.prompts} x {a.repeats}"
         f"{' (' + a.short + ', short answers)' if a.short else ''}, cores: {os.cpu_count()},"
-        f" threads per model: {a.threads or 'all'}\n"
+        f" threads per model: {a.threads or 'all'}"
+        f"{'' if a.single_threads is None else f', alone: {a.single_threads}'}\n"
     )
     print(
         f"| ensemble | policy | sum of members' single s/token | AdaFuse s/token | ratio{' (range)' if a.repeats > 1 else ''} |"
