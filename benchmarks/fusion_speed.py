@@ -13,6 +13,11 @@ M` times the members alone on their own copies with M threads each (default: `--
 that the ensemble side by side on one thread per model is set against each member alone on all
 cores, the fastest way to run either here.
 
+`--pass-cost` prints instead what one forward pass of 1, 2, 4 and 8 new tokens costs each model
+(median of `--repeats`, after a 200-token prompt): the fused rounds batch several tokens into
+one pass where the members alone run one token per pass, so how a pass's cost grows with its
+tokens sets how far apart the two are on a given machine.
+
 `--policies` runs AdaFuse under each policy in the same run (anchored: the anchor is the last
 model of each ensemble, `--anchor` to choose; `anchored+draft8`: the anchor drafts 8 words, which
 the others read in one pass each; `anchored@0.5`: theta 0.5 instead of AdaFuse's 0.7). With
@@ -63,6 +68,35 @@ def per_token(result) -> float:
     return result.stats.seconds / max(result.stats.new_tokens, 1)
 
 
+def pass_cost(a) -> int:
+    """Milliseconds of one pass of k new tokens after a prompt, per model (median of repeats)."""
+    import statistics
+    import time
+
+    names = list(dict.fromkeys(n for e in ENSEMBLES[: a.ensembles] for n in e))
+    sizes = [1, 2, 4, 8]
+    print(f"backend: {a.backend}, threads per model: {a.threads or 'all'}, median of {max(a.repeats, 3)}\n")
+    print("| model | " + " | ".join(f"{k} token{'s' * (k > 1)}" for k in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name in names:
+        backend = load_model(name, backend=a.backend, threads=a.threads).backend
+        prompt = backend.tokenize(" ".join(PROMPTS) * 8)[:200]
+        cache = backend.new_cache()
+        backend.extend(cache, prompt)
+        cells = []
+        for k in sizes:
+            times = []
+            for _ in range(max(a.repeats, 3)):
+                t = time.perf_counter()
+                backend.extend(cache, prompt[:k])  # k more tokens, as a scoring pass runs them
+                times.append(time.perf_counter() - t)
+                backend.truncate(cache, len(prompt))
+            cells.append(f"{1000 * statistics.median(times):.0f} ms")
+        backend.release(cache)
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="llamacpp")
@@ -75,7 +109,10 @@ def main() -> int:
     ap.add_argument("--ensembles", type=int, default=len(ENSEMBLES), help="how many of the built-in ensembles")
     ap.add_argument("--threads", type=int, help="threads of each llama.cpp model (default: all usable)")
     ap.add_argument("--single-threads", type=int, help="threads of each member timed alone (default: --threads)")
+    ap.add_argument("--pass-cost", action="store_true", help="time passes of 1-8 tokens per model instead")
     a = ap.parse_args()
+    if a.pass_cost:
+        return pass_cost(a)
     gen = GenerationConfig(max_new_tokens=a.tokens)
     prompts = PROMPTS[: a.prompts]
     if a.short:
