@@ -104,9 +104,11 @@ def run_setup(out: Path) -> tuple[str, list[str], dict[str, Any]] | None:
     """(method, model names, method options) of the run in `out`, as today's EvalSpec reads its
     config (None where there is no run)."""
     cfg = out / "config.json"
-    if not cfg.is_file():
-        return None
-    old = _as_today(json.loads(cfg.read_text()).get("spec")) or {}
+    return _setup_of(json.loads(cfg.read_text())) if cfg.is_file() else None
+
+
+def _setup_of(config: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
+    old = _as_today(config.get("spec")) or {}
     return old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {}
 
 
@@ -121,12 +123,14 @@ def other_setup(out: Path, method: str, models: list[str], options: dict[str, An
     """What makes the run in `out` another setup than `method` over `models` with `options`
     (absolute file paths, as EvalSpec records them): its own setup, or a run of a controller or
     router that was trained again since; None when it is this one, or holds no run."""
-    had = run_setup(out)
-    if had is None:
+    cfg = out / "config.json"
+    if not cfg.is_file():
         return None
+    config = json.loads(cfg.read_text())  # read once: the setup and the option files' digests
+    had = _setup_of(config)
     if had != (method, list(models), dict(options)):
         return f"another setup ({had[2] or had[0]})"
-    changed = _changed_files(json.loads((out / "config.json").read_text()), options)
+    changed = _changed_files(config, options)
     return f"a run of another {' and '.join(changed)} file" if changed else None
 
 
