@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -502,6 +503,58 @@ class SilentServer:
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+class ResettingProxy:
+    """A real TCP proxy on 127.0.0.1 in front of `upstream`: the first `resets` connections are
+    reset (RST) once their request has arrived, the way a keep-alive connection closed by the
+    server under a client's new request ends; every later one is passed through."""
+
+    def __init__(self, upstream: str, resets: int) -> None:
+        self.upstream = httpx.URL(upstream)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.resets_left, self.reset = resets, 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        first = conn.recv(65536)
+        if self.resets_left > 0 and first:
+            self.resets_left -= 1
+            self.reset += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # linger on, 0 s: a reset, not an orderly close
+            return
+        up = socket.create_connection((self.upstream.host, self.upstream.port))
+        up.sendall(first)
+        threading.Thread(target=self._pipe, args=(up, conn), daemon=True).start()
+        self._pipe(conn, up)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def test_methods_that_need_full_distributions_refuse_an_engine_before_any_request():

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from .conftest import requires_bundled, run_cli
-from .test_engines import _engine_process, _free_port, remote_model
+from .test_engines import ResettingProxy, _engine_process, _free_port, remote_model
 
 pytestmark = [pytest.mark.integration, requires_bundled("smollm2-135m")]
 
@@ -125,6 +125,30 @@ def test_stop_strings_and_a_stream_interrupted_by_another_request(llamacpp_serve
     session.close()
     assert first.text + rest.text == want
     assert session.stats.forward_passes == 2  # the interrupted stream, and the one asked again
+
+
+def test_a_connection_reset_under_a_request_is_asked_again_and_too_many_are_one_error(llamacpp_server):
+    from fuselm.config import GenerationConfig
+    from fuselm.errors import EngineError
+    from fuselm.fusion.loop import generate
+
+    gen = GenerationConfig(max_new_tokens=12, chat="raw")
+    direct = generate([remote_model(llamacpp_server.url, name="smol", kind="llamacpp-server")], COUNT, "single", gen)
+    proxy = ResettingProxy(llamacpp_server.url, resets=2)  # fewer than the 3 attempts a request gets
+    try:
+        remote = remote_model(proxy.url, name="smol", kind="llamacpp-server")
+        assert generate([remote], COUNT, "single", gen).text == direct.text
+        assert proxy.reset == 2
+    finally:
+        proxy.close()
+    proxy = ResettingProxy(llamacpp_server.url, resets=1000)  # a peer that resets everything
+    try:
+        remote = remote_model(proxy.url, name="smol", kind="llamacpp-server")
+        with pytest.raises(EngineError, match=r"^expert 'smol': llamacpp-server at .*: ReadError \(.*\): \S") as e:
+            generate([remote], COUNT, "single", gen)
+        assert "\n" not in str(e.value) and proxy.reset == 3  # three attempts, then the one-line error
+    finally:
+        proxy.close()
 
 
 def test_methods_that_need_scores_or_top_k_refuse_the_server_before_any_request(llamacpp_server, in_process):

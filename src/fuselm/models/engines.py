@@ -11,7 +11,7 @@ once over keep-alive connections, and the synchronous session code waits on thei
 
 Faults: connect and read timeouts (`timeout_s`, each read of a stream included, so a stalled
 engine fails within it); retries with backoff for a refused connection, a connection dropped
-before an answer, or a 429/502/503/504 (all calls here are reads, safe to repeat), never for a
+or reset before an answer, or a 429/502/503/504 (all calls here are reads, safe to repeat), never for a
 timeout; everything else is an :class:`EngineError` that names the engine.
 
 Checked against vLLM 0.32.0 (CPU build: `/v1/completions`, `/tokenize`, `/detokenize`,
@@ -53,8 +53,10 @@ class _Transient(Exception):
 
 
 def _retryable(e: BaseException) -> bool:
-    # Not timeouts: a stalled engine must fail within its timeout, not a multiple of it.
-    return isinstance(e, (_Transient, httpx.ConnectError, httpx.RemoteProtocolError))
+    # Not timeouts: a stalled engine must fail within its timeout, not a multiple of it. A connection
+    # reset while sending or reading (a keep-alive connection the server closed under us) is asked
+    # again: every engine call fuselm makes only reads (tokenize, score, decode), so a repeat is safe.
+    return isinstance(e, (_Transient, httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
 
 
 class _EngineLoop:
@@ -221,7 +223,9 @@ class Engine:
         # Made on the engine loop, lazily: an AsyncClient belongs to the loop it first runs on.
         if self._http is None:
             timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
-            limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+            # Idle connections expire before the engines' own keep-alive (uvicorn's 5 s), so fuselm
+            # does not reuse one the server is closing at that moment.
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=3.0)
             self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=self._headers, limits=limits)
         return self._http
 
@@ -235,7 +239,7 @@ class Engine:
             r = e.response
             return EngineError(f"{self.where} answered {r.status_code}{at}: {r.text[:200]}")
         if isinstance(e, httpx.HTTPError):
-            return EngineError(f"{self.where}: {type(e).__name__}{at}: {e or 'connection lost'}")
+            return EngineError(f"{self.where}: {type(e).__name__}{at}: {str(e) or 'connection lost'}")
         return EngineError(f"{self.where}: {e}")
 
     def _retrying(self) -> AsyncRetrying:
