@@ -122,3 +122,21 @@ def run_cli(*args: str, input: str | None = None, timeout: int = 600, env: dict 
         env=full_env,
         cwd=cwd,
     )
+
+
+def run_cli_here(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The same `fuselm` entry point (`fuselm.cli.main`), in this process: for refusals that end
+    before any model loads, where a subprocess would spend seconds on imports alone. What
+    C libraries print to the process's own stderr is not caught here: `run_cli` checks that."""
+    import contextlib
+    import io
+
+    from fuselm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's refusals
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["fuselm", *args], code, out.getvalue(), err.getvalue())

@@ -8,7 +8,7 @@ import pytest
 
 from fuselm.models import llamacpp
 
-from .conftest import requires_bundled, run_cli
+from .conftest import requires_bundled, run_cli, run_cli_here
 
 
 def one_line_error(proc) -> str:
@@ -28,7 +28,7 @@ def test_unknown_model_did_you_mean():
 
 def test_unknown_method_did_you_mean(tiny_dirs):
     d = next(iter(tiny_dirs.values()))
-    err = one_line_error(run_cli("generate", "--model", str(d), "--method", "singel", "hi"))
+    err = one_line_error(run_cli_here("generate", "--model", str(d), "--method", "singel", "hi"))
     assert "did you mean 'single'" in err.lower()
 
 
@@ -43,7 +43,7 @@ def test_unknown_method_did_you_mean(tiny_dirs):
 )
 def test_invalid_options(tiny_dirs, flags, needle):
     d = next(iter(tiny_dirs.values()))
-    err = one_line_error(run_cli("generate", "--model", str(d), *flags, "hi"))
+    err = one_line_error(run_cli_here("generate", "--model", str(d), *flags, "hi"))
     assert needle in err
 
 
@@ -116,15 +116,19 @@ def test_config_file_and_flag_override(tiny_dirs, tmp_path):
     assert out["stats"]["new_tokens"] == 7 or out["finish_reason"] in {"eos", "stop"}
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"models:\n  - name: {d}\n    colour: red\n")
-    err = one_line_error(run_cli("generate", "--config", str(bad), "Hello"))
+    err = one_line_error(run_cli_here("generate", "--config", str(bad), "Hello"))
     assert "models.0.colour: unknown key (known: " in err and "weight" in err
     # a misspelt key, nested or a method option, gets the closest known one
     bad.write_text(f"models:\n  - name: {d}\ngeneration:\n  max_new_token: 3\n")
-    err = one_line_error(run_cli("generate", "--config", str(bad), "Hello"))
+    err = one_line_error(run_cli_here("generate", "--config", str(bad), "Hello"))
     assert "generation.max_new_token: unknown key; did you mean 'max_new_tokens'?" in err
-    err = one_line_error(run_cli("generate", "--model", str(d), "--method", "fixed-span", "-O", "polcy=x", "Hello"))
+    err = one_line_error(
+        run_cli_here("generate", "--model", str(d), "--method", "fixed-span", "-O", "polcy=x", "Hello")
+    )
     assert "options of method 'fixed-span': polcy: unknown key; did you mean 'policy'?" in err
-    err = one_line_error(run_cli("generate", "--model", str(d), "--method", "fixed-span", "-O", "anchor=0", "Hello"))
+    err = one_line_error(
+        run_cli_here("generate", "--model", str(d), "--method", "fixed-span", "-O", "anchor=0", "Hello")
+    )
     assert err.endswith("options of method 'fixed-span': anchor needs policy anchored (-O policy=anchored)")
 
 

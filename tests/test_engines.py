@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -50,72 +51,120 @@ def smollm_hf_dir():
     return assets.ensure_converted(BUNDLED["smollm2-135m"])
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies do not count: where PID 1 reaps no
+    orphans, the engine's children stay zombies and would answer signals forever)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: a signal to the group says whether anyone is in it
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 class EngineProcess:
     def __init__(self, kind: str, proc: subprocess.Popen | None, url: str):
         self.kind, self.proc, self.url = kind, proc, url
 
+    def stop(self, sig: int = signal.SIGTERM, wait_s: float = 60) -> None:
+        """Signal the engine's whole process group (vLLM's engine core and worker, SGLang's
+        scheduler: killing the server alone leaves them running, holding memory and a core) and
+        wait until every member is gone; SIGKILL what outlives `wait_s`."""
+        if self.proc is None:
+            return
+        deadline = time.time() + wait_s
+        try:
+            os.killpg(self.proc.pid, sig)
+            while _group_alive(self.proc.pid):
+                self.proc.poll()  # reaps the leader once it exits
+                if time.time() > deadline:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                time.sleep(0.2)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
 
 def _engine_process(kind: str, cmd: list[str], port: int, ready: str, log_dir: Path):
-    """Start an engine server, wait until `ready` answers 200, yield it, stop it."""
+    """Start an engine server in a process group of its own, wait until `ready` answers 200,
+    yield it, stop the group."""
     log = open(log_dir / f"{kind}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    engine = EngineProcess(kind, proc, f"http://127.0.0.1:{port}")
     deadline = time.time() + 600
     try:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{kind} exited: {Path(log.name).read_text()[-2000:]}")
             try:
-                if httpx.get(url + ready, timeout=2).status_code == 200:
+                if httpx.get(engine.url + ready, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.time() > deadline:
                 raise RuntimeError(f"{kind} not ready in 600 s")
             time.sleep(1)
-        yield EngineProcess(kind, proc, url)
+        yield engine
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        engine.stop()
         log.close()
 
 
-@pytest.fixture(scope="module")
-def vllm(smollm_hf_dir, tmp_path_factory):
-    if os.environ.get("FUSELM_TEST_VLLM_URL"):  # a server already running (DEVELOPERS.md): not killed
-        yield EngineProcess("vllm", None, os.environ["FUSELM_TEST_VLLM_URL"])
-        return
+def _vllm_command(model_dir: Path, port: int) -> list[str]:
     python = VENV / "bin" / "python"
     if not python.is_file():
         pytest.skip(f"vLLM not set up in {VENV} (scripts/setup_vllm.sh)")
-    port = _free_port()
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm_hf_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
-           "--gpu-memory-utilization", "0.25", "--block-size", "32"]  # fmt: skip
-    yield from _engine_process("vllm", cmd, port, "/v1/models", tmp_path_factory.mktemp("vllm"))
+    # --enforce-eager: no torch.compile at start (ready in 54 s instead of 125 s here); the tests'
+    # short requests took as long either way (measured on this file's vLLM tests, 2026-12-06)
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "20",
+            "--gpu-memory-utilization", "0.25", "--block-size", "32", "--enforce-eager"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def sglang(smollm_hf_dir, tmp_path_factory):
-    if os.environ.get("FUSELM_TEST_SGLANG_URL"):
-        yield EngineProcess("sglang", None, os.environ["FUSELM_TEST_SGLANG_URL"])
-        return
+def _sglang_command(model_dir: Path, port: int) -> list[str]:
     launcher = SGLANG_VENV / "bin" / "fuselm-sglang-server"
     if not launcher.is_file():
         pytest.skip(f"SGLang not set up in {SGLANG_VENV} (scripts/setup_sglang.sh)")
+    # --sleep-on-idle: its scheduler otherwise spins a whole core between requests
+    return [str(launcher), "--model-path", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]  # fmt: skip
+
+
+# kind: (how to start it, the path that answers 200 once it is ready, a server of one's own to use instead)
+ENGINES = {
+    "vllm": (_vllm_command, "/v1/models", "FUSELM_TEST_VLLM_URL"),
+    "sglang": (_sglang_command, "/health", "FUSELM_TEST_SGLANG_URL"),
+}
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes `served` runs on every engine, or on those its `engines` mark names;
+    module-scoped, so pytest runs each engine's tests together and stops it before the next starts."""
+    if "served" in metafunc.fixturenames:
+        mark = metafunc.definition.get_closest_marker("engines")
+        metafunc.parametrize("served", mark.args if mark else list(ENGINES), indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def served(request, smollm_hf_dir, tmp_path_factory):
+    """One engine at a time (each holds GBs of memory and, idle, part of a core), started on
+    127.0.0.1; or the server named by FUSELM_TEST_<KIND>_URL (DEVELOPERS.md), never killed."""
+    command, ready, own = ENGINES[request.param]
+    if os.environ.get(own):
+        yield EngineProcess(request.param, None, os.environ[own])
+        return
     port = _free_port()
-    cmd = [str(launcher), "--model-path", str(smollm_hf_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-total-tokens", "16384"]  # fmt: skip
-    yield from _engine_process("sglang", cmd, port, "/health", tmp_path_factory.mktemp("sglang"))
-
-
-@pytest.fixture(scope="module", params=["vllm", "sglang"])
-def served(request):
-    """Each engine in turn, for the tests every engine must pass."""
-    return request.getfixturevalue(request.param)
+    cmd = command(smollm_hf_dir, port)
+    yield from _engine_process(request.param, cmd, port, ready, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +424,8 @@ def _logprob_token_ids_noise(url: str, stop: threading.Event) -> None:
 
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_another_clients_logprob_token_ids_do_not_change_the_answers(vllm, local):
+@pytest.mark.engines("vllm")
+def test_another_clients_logprob_token_ids_do_not_change_the_answers(served, local):
     """vLLM 0.32 quirk, pinned: while one request in a batch asks `logprob_token_ids`, every other
     request in that batch gets the sampled token plus placeholders (id 0 at -9999) instead of its
     top-k. fuselm asks such a top-k again, and scores without `logprob_token_ids` (which would do
@@ -383,12 +433,15 @@ def test_another_clients_logprob_token_ids_do_not_change_the_answers(vllm, local
     from fuselm.config import GenerationConfig
     from fuselm.fusion.loop import generate
 
+    gen = GenerationConfig(max_new_tokens=8)
+    question = "Name a colour."
+    want = generate([local, local], question, "adafuse", gen).text  # before the noise: it takes the cores
     stop = threading.Event()
-    noise = [threading.Thread(target=_logprob_token_ids_noise, args=(vllm.url, stop)) for _ in range(3)]
+    noise = [threading.Thread(target=_logprob_token_ids_noise, args=(served.url, stop)) for _ in range(2)]
     for t in noise:
         t.start()
     try:
-        with httpx.Client(base_url=vllm.url, timeout=60) as c:  # the quirk itself, on a plain stream
+        with httpx.Client(base_url=served.url, timeout=60) as c:  # the quirk itself, on a plain stream
             mid = c.get("/v1/models").json()["data"][0]["id"]
             body = {"model": mid, "prompt": [504, 3575, 282, 4649, 314], "max_tokens": 16, "stream": True,
                     "logprobs": 4, "return_tokens_as_token_ids": True, "temperature": 0}  # fmt: skip
@@ -398,13 +451,8 @@ def test_another_clients_logprob_token_ids_do_not_change_the_answers(vllm, local
                     if line.startswith("data:") and "[DONE]" not in line:
                         tops += json.loads(line[5:])["choices"][0]["logprobs"]["top_logprobs"]
             assert any(len(t) < 4 or min(t.values()) <= -9999 for t in tops)
-        remote, other = remote_model(vllm.url), remote_model(vllm.url, name="smol-vllm-2")
-        gen = GenerationConfig(max_new_tokens=16)
-        question = "Name a colour."
-        assert (
-            generate([remote, other], question, "adafuse", gen).text
-            == generate([local, local], question, "adafuse", gen).text
-        )
+        remote, other = remote_model(served.url), remote_model(served.url, name="smol-vllm-2")
+        assert generate([remote, other], question, "adafuse", gen).text == want
         assert remote.engine.mangled_tops + other.engine.mangled_tops > 0  # the answer above was asked again
     finally:
         stop.set()
@@ -414,12 +462,13 @@ def test_another_clients_logprob_token_ids_do_not_change_the_answers(vllm, local
 
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_cli_generate_and_eval_with_concurrency_over_an_engine(vllm, local, tmp_path):
+@pytest.mark.engines("vllm")
+def test_cli_generate_and_eval_with_concurrency_over_an_engine(served, local, tmp_path):
     from fuselm.config import GenerationConfig
     from fuselm.fusion.loop import generate
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "fuselm.cli", "generate", "--models", f"smol=vllm:{vllm.url},smollm2-135m",
+    cmd = [sys.executable, "-m", "fuselm.cli", "generate", "--models", f"smol=vllm:{served.url},smollm2-135m",
            "--backend", "transformers", "--method", "adafuse", "--max-new-tokens", "16", "--json",
            "What is the capital of France?"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -432,7 +481,7 @@ def test_cli_generate_and_eval_with_concurrency_over_an_engine(vllm, local, tmp_
         pytest.skip("../shared/data not found")
     runs = {}
     for n in (1, 4):
-        cmd = [sys.executable, "-m", "fuselm.cli", "eval", "--task", "nq", "--models", f"vllm:{vllm.url}",
+        cmd = [sys.executable, "-m", "fuselm.cli", "eval", "--task", "nq", "--models", f"vllm:{served.url}",
                "--limit", "6", "--concurrency", str(n), "--out", str(tmp_path / f"c{n}"), "--no-progress",
                "--data-dir", str(DATA)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -629,22 +678,22 @@ def test_an_unknown_engine_is_named_with_the_known_ones():
 # --- an engine that dies (last: it kills the module's vLLM) ---------------------------------------
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
-def test_an_engine_killed_mid_request_ends_with_its_error_or_is_dropped(vllm, local):
+@pytest.mark.engines("vllm")
+def test_an_engine_killed_mid_request_ends_with_its_error_or_is_dropped(served, local):
     from fuselm.config import GenerationConfig
     from fuselm.errors import EngineError
     from fuselm.fusion.loop import generate
 
-    if vllm.proc is None:
+    if served.proc is None:
         pytest.skip("FUSELM_TEST_VLLM_URL: that server is not ours to kill")
-    remote = remote_model(vllm.url, name="doomed", timeout_s=10)
+    remote = remote_model(served.url, name="doomed", timeout_s=10)
     gen = GenerationConfig(max_new_tokens=400, chat="raw")
     pieces: list[str] = []
 
     def kill_after_first_text(text: str) -> None:
         pieces.append(text)
         if len(pieces) == 3:
-            vllm.proc.kill()  # the single model's stream is open: its next read finds it gone
-            vllm.proc.wait()
+            served.stop(signal.SIGKILL)  # the single model's stream is open: its next read finds it gone
 
     t0 = time.perf_counter()
     with pytest.raises(EngineError, match="expert 'doomed'"):

@@ -15,7 +15,7 @@ from fuselm.eval import metrics as M
 from fuselm.eval.task import load_rows
 from fuselm.eval.tasks import get_task, task_names
 
-from .conftest import SHARED_DATA, run_cli
+from .conftest import SHARED_DATA, run_cli, run_cli_here
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 
@@ -149,7 +149,7 @@ def test_bad_data_is_named_by_file_and_line(tmp_path):
 
 
 def test_unknown_task_did_you_mean():
-    proc = run_cli("eval", "--task", "gsm8", "--model", "x", "--out", "/tmp/never")
+    proc = run_cli_here("eval", "--task", "gsm8", "--model", "x", "--out", "/tmp/never")
     assert proc.returncode == 1 and "did you mean 'gsm8k'" in proc.stderr.lower()
 
 
@@ -236,7 +236,7 @@ def test_resume_after_kill_gives_the_same_rows(tiny_dirs, nq_sample, tmp_path):
         == json.loads((ref_out / "summary.json").read_text())["metrics"]
     )
     # a different config is refused instead of mixing rows
-    other = run_cli(*_eval_args(model, nq_sample, out)[:-2], "--temperature", "0.5", "--out", str(out))
+    other = run_cli_here(*_eval_args(model, nq_sample, out)[:-2], "--temperature", "0.5", "--out", str(out))
     assert other.returncode == 1 and "different config" in other.stderr
 
 
@@ -288,9 +288,9 @@ def test_a_larger_limit_extends_a_run(tiny_dirs, nq_sample, tmp_path):
     assert summary["n"] == 4 and summary["complete"]
     assert json.loads((out / "config.json").read_text())["spec"]["limit"] == 4
     # A smaller limit, or other rows (another offset), would mix runs: refused.
-    fewer = run_cli(*_eval_args(model, nq_sample, out, limit=3))
+    fewer = run_cli_here(*_eval_args(model, nq_sample, out, limit=3))
     assert fewer.returncode == 1 and "different config" in fewer.stderr
-    shifted = run_cli(*_eval_args(model, nq_sample, out, limit=5), "--offset", "1")
+    shifted = run_cli_here(*_eval_args(model, nq_sample, out, limit=5), "--offset", "1")
     assert shifted.returncode == 1 and "different config" in shifted.stderr
 
 

@@ -20,7 +20,7 @@ from fuselm.eval.tasks import get_task
 from fuselm.fusion.loop import generate
 from fuselm.serve.config import Setup
 
-from .conftest import run_cli
+from .conftest import run_cli, run_cli_here
 from .test_fusion import as_model, constant_model, smol_tokenizer_dir  # noqa: F401 - the fixture
 
 
@@ -348,32 +348,32 @@ def test_a_calibration_gives_generate_and_serve_its_setup_and_refuses_a_mismatch
     assert json.loads(g.stdout)["text"] == " a a a" and json.loads(g.stdout)["models"] == ["right"]
     setup = Setup(id="calibrated", calibration=str(out))
     assert [m.name for m in setup.models] == [answer_models["right"]] and setup.method == "single"
-    other = run_cli("generate", "--calibration", str(out), "--models", "smollm2-135m", "hi")
+    other = run_cli_here("generate", "--calibration", str(out), "--models", "smollm2-135m", "hi")
     assert other.returncode == 1 and "was made for models" in other.stderr
-    method = run_cli("generate", "--calibration", str(out), "--method", "adafuse", "hi")
+    method = run_cli_here("generate", "--calibration", str(out), "--method", "adafuse", "hi")
     assert method.returncode == 1 and "chose method 'single'; drop --method adafuse" in method.stderr
-    task = run_cli("eval", "--task", "nq", "--calibration", str(out), "--out", str(tmp_path / "x"))
+    task = run_cli_here("eval", "--task", "nq", "--calibration", str(out), "--out", str(tmp_path / "x"))
     assert task.returncode == 1 and "calibrates task 'triviaqa', not 'nq'" in task.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(out.read_text().replace(f"anchor: {answer_models['right']}", "anchor: nobody"))
-    b = run_cli("generate", "--calibration", str(bad), "hi")
+    b = run_cli_here("generate", "--calibration", str(bad), "hi")
     assert b.returncode == 1 and "nobody: not among the members" in b.stderr
-    nosuch = run_cli("calibrate", "--task", "squad", "--models", "a,b", "--out", str(tmp_path / "c.yaml"))
+    nosuch = run_cli_here("calibrate", "--task", "squad", "--models", "a,b", "--out", str(tmp_path / "c.yaml"))
     assert nosuch.returncode == 1 and "task squad has no dev split: give --dev-data FILE" in nosuch.stderr
     # a misspelt member fails before the members named before it run; a bad grid before anything
     right = answer_models["right"]
-    typo = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},smollm2-135n", "--dev-data",
-                   "triviaqa/rows.jsonl", "--data-dir", str(answer_data), "--out", str(tmp_path / "t.yaml"))  # fmt: skip
+    typo = run_cli_here("calibrate", "--task", "triviaqa", "--models", f"{right},smollm2-135n", "--dev-data",
+                        "triviaqa/rows.jsonl", "--data-dir", str(answer_data), "--out", str(tmp_path / "t.yaml"))  # fmt: skip
     assert typo.returncode == 1 and "unknown model 'smollm2-135n'" in typo.stderr and "smollm2-135m" in typo.stderr
     assert not (tmp_path / "t.runs").exists()
-    grid = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--thetas", "0.5,1.5",
-                   "--out", str(tmp_path / "g.yaml"))  # fmt: skip
+    grid = run_cli_here("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--thetas", "0.5,1.5",
+                        "--out", str(tmp_path / "g.yaml"))  # fmt: skip
     assert grid.returncode == 1 and "calibrate: --thetas[1]: Input should be less than or equal to 1" in grid.stderr
-    rule = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--anchor-by", "best",
-                   "--out", str(tmp_path / "r.yaml"))  # fmt: skip
+    rule = run_cli_here("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--anchor-by", "best",
+                        "--out", str(tmp_path / "r.yaml"))  # fmt: skip
     assert rule.returncode == 2 and "--anchor-by: invalid choice: 'best' (choose from" in rule.stderr
-    loss = run_cli("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--max-loss", "-0.1",
-                   "--out", str(tmp_path / "l.yaml"))  # fmt: skip
+    loss = run_cli_here("calibrate", "--task", "triviaqa", "--models", f"{right},{right}x", "--max-loss", "-0.1",
+                        "--out", str(tmp_path / "l.yaml"))  # fmt: skip
     assert loss.returncode == 1 and "calibrate: --max-loss: Input should be greater than or equal to 0" in loss.stderr
 
 
@@ -398,8 +398,8 @@ def test_a_task_without_a_dev_split_calibrates_on_its_own_test_file_named_test(a
     assert load_calibration(old).dev.file == task.data_file
     with pytest.raises(FuselmError, match="2 of the 3 rows to evaluate"):
         check_unused(old, EvalSpec(task="humaneval", models=[ModelConfig(name="m")], offset=159, limit=3), answer_data)
-    missing = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "nowhere.jsonl",
-                      "--data-dir", str(answer_data), "--out", str(tmp_path / "c.yaml"))  # fmt: skip
+    missing = run_cli_here("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "nowhere.jsonl",
+                           "--data-dir", str(answer_data), "--out", str(tmp_path / "c.yaml"))  # fmt: skip
     assert missing.returncode == 1 and "data file not found: nowhere.jsonl (nor under" in missing.stderr
 
 
@@ -595,11 +595,11 @@ def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(an
 def test_a_controller_file_is_checked(answer_models, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"fuselm_controller": 1, "kind": "forest"}')
-    r = run_cli("generate", "--models", "smollm2-135m,smollm2-135m", "--method", "adafuse", "-O",
-                f"controller={bad}", "hi")  # fmt: skip
+    r = run_cli_here("generate", "--models", "smollm2-135m,smollm2-135m", "--method", "adafuse", "-O",
+                     f"controller={bad}", "hi")  # fmt: skip
     assert r.returncode == 1 and "not a controller file of format 1" in r.stderr
-    r = run_cli("generate", "--models", "smollm2-135m,smollm2-135m", "--method", "adafuse", "-O",
-                f"controller={tmp_path / 'none.json'}", "hi")  # fmt: skip
+    r = run_cli_here("generate", "--models", "smollm2-135m,smollm2-135m", "--method", "adafuse", "-O",
+                     f"controller={tmp_path / 'none.json'}", "hi")  # fmt: skip
     assert r.returncode == 1 and "controller not found" in r.stderr and "fuselm train-controller" in r.stderr
     from fuselm.fusion.controller import Controller, feature_names
 
