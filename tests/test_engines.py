@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 
-from .conftest import requires_bundled
+from .conftest import requires_bundled, run_cli_here
 
 VENV = Path(os.environ.get("FUSELM_VLLM_VENV", Path.home() / ".cache/fuselm/vllm-venv"))
 SGLANG_VENV = Path(os.environ.get("FUSELM_SGLANG_VENV", Path.home() / ".cache/fuselm/sglang-venv"))
@@ -324,7 +324,7 @@ def test_single_and_adafuse_on_engines_give_the_in_process_text(served, local):
 
     remote = remote_model(served.url, kind=served.kind)
     other = remote_model(served.url, name="smol-vllm-2", kind=served.kind)
-    gen = GenerationConfig(max_new_tokens=24)
+    gen = GenerationConfig(max_new_tokens=12)
     question = "What is the capital of France?"
     assert generate([remote], question, "single", gen).text == generate([local], question, "single", gen).text
     on_engines = generate([remote, other], question, "adafuse", gen)
@@ -361,7 +361,7 @@ def test_token_average_and_unite_on_engines_follow_the_in_process_text(served, l
 
     remote = remote_model(served.url, kind=served.kind)
     other = remote_model(served.url, name="smol-2", kind=served.kind)
-    gen = GenerationConfig(max_new_tokens=16)
+    gen = GenerationConfig(max_new_tokens=10)
     question = "Name a large city in Japan."
     for method, opts in [
         ("token-average", {"weights": [2, 1]}),
@@ -491,7 +491,7 @@ def test_cli_generate_and_eval_with_concurrency_over_an_engine(served, local, tm
     assert len(runs[4]) == 6 and runs[4] == runs[1]  # greedy: the same answers, in flight at once or not
     # an in-process model cannot run rows at once: said before anything runs
     cmd[cmd.index("--models") + 1] = "smollm2-135m"
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    out = run_cli_here(*cmd[3:])
     assert out.returncode != 0 and "needs every model on an engine" in out.stderr
 
 
@@ -506,7 +506,7 @@ def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(served, loc
     from .test_serve import Server
 
     config = {"limits": {"max_concurrent": 4},
-              "setups": [{"id": "fused", "method": "adafuse", "generation": {"max_new_tokens": 16},
+              "setups": [{"id": "fused", "method": "adafuse", "generation": {"max_new_tokens": 8},
                           "models": [{"name": "a", "engine": served.kind, "url": served.url},
                                      {"name": "b", "engine": served.kind, "url": served.url}]}]}  # fmt: skip
     server = Server(config, tmp_path)
@@ -520,7 +520,7 @@ def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(served, loc
 
         with ThreadPoolExecutor(4) as pool:  # four requests in flight on one replica of engine experts
             answers = list(pool.map(ask, questions))
-        gen = GenerationConfig(max_new_tokens=16)
+        gen = GenerationConfig(max_new_tokens=8)
         for q, answer in zip(questions, answers):
             assert answer == generate([local, local], q, "adafuse", gen).text
     finally:
@@ -528,15 +528,13 @@ def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(served, loc
 
 
 # --- faults that need no engine -------------------------------------------------------------------
-class SilentServer:
-    """A real TCP server on 127.0.0.1 that accepts connections and never answers (a stalled engine);
-    it counts what it accepted."""
+class LocalTCPServer:
+    """A real TCP server on 127.0.0.1 that hands each connection it accepts to `_accepted`."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.conns: list[socket.socket] = []
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -545,35 +543,45 @@ class SilentServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.accepted += 1
-            self.conns.append(conn)
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.sock.close()
+
+
+class SilentServer(LocalTCPServer):
+    """Accepts connections and never answers (a stalled engine); counts what it accepted."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        super().__init__()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        self.conns.append(conn)
+
+    def close(self) -> None:
+        super().close()
         for c in self.conns:
             c.close()
 
 
-class ResettingProxy:
-    """A real TCP proxy on 127.0.0.1 in front of `upstream`: the first `resets` connections are
-    reset (RST) once their request has arrived, the way a keep-alive connection closed by the
-    server under a client's new request ends; every later one is passed through."""
+class ResettingProxy(LocalTCPServer):
+    """A proxy in front of `upstream`: the first `resets` connections are reset (RST) once their
+    request has arrived, the way a keep-alive connection closed by the server under a client's
+    new request ends; every later one is passed through."""
 
     def __init__(self, upstream: str, resets: int) -> None:
         self.upstream = httpx.URL(upstream)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
         self.resets_left, self.reset = resets, 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
         first = conn.recv(65536)
@@ -601,9 +609,6 @@ class ResettingProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_methods_that_need_full_distributions_refuse_an_engine_before_any_request():
