@@ -475,3 +475,30 @@ def test_a_top_k_read_as_a_whole_distribution_keeps_its_mass_and_order():
     peaked = NextTokens(top={0: math.log(0.5), 1: math.log(0.001)}).dense(3)  # 0.499 left: capped at the 2nd
     assert float(peaked[2]) == pytest.approx(math.log(0.001))
     assert NextTokens(full=full).dense(500) is full
+
+
+def test_a_cancel_check_stops_a_step_between_its_model_calls(tiny_backends):
+    """sequence-select decodes the whole answer in one step: the caller's check is asked before
+    each model call inside it (`fuselm.cancel`), so the generation stops in the middle of the
+    step; without the check the same step runs to the end."""
+    from fuselm.cancel import GenerationCancelled
+
+    if not {"llama", "qwen2"} <= tiny_backends.keys():
+        pytest.skip("needs the smollm2 and qwen tokenizers")
+    models = [Model(tiny_backends["llama"]), Model(tiny_backends["qwen2"])]
+    built = build_method("sequence-select", models)
+    gen = GenerationConfig(max_new_tokens=30, chat="raw")
+    try:
+        whole = decode(built, "Once upon a time", gen)
+        assert whole.stats.rounds == 1 and sum(whole.stats.forward_passes.values()) > 10
+        asked: list[int] = []
+
+        def check() -> bool:
+            asked.append(1)
+            return len(asked) > 4  # the loop asks once before the step, then each model call
+
+        with pytest.raises(GenerationCancelled):
+            decode(built, "Once upon a time", gen, cancel=check)
+        assert len(asked) == 5
+    finally:
+        built.close()

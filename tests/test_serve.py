@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,11 +91,23 @@ class Server:
         assert "Traceback" not in log and "never retrieved" not in log, log
 
 
+def write_controller(path: Path, n_models: int) -> Path:
+    """A controller file for `n_models` models (untrained: it only has to load)."""
+    from fuselm.fusion.controller import Controller, feature_names
+
+    names = [f"m{i}" for i in range(n_models)]
+    k = len(feature_names(names))
+    Controller(names, feature_names(names), [0.0] * k, [1.0] * k, [0.0] * k, 0.0, {}).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dirs, tmp_path_factory):
     if not {"llama", "qwen2"} <= tiny_dirs.keys():
         pytest.skip("needs the smollm2 and qwen tokenizers")
     llama, qwen = str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])
+    tmp = tmp_path_factory.mktemp("serve")
+    controller = write_controller(tmp / "controller.json", 2)
     config = {
         "api_key": KEY,
         "limits": {
@@ -113,9 +126,17 @@ def server(tiny_dirs, tmp_path_factory):
                 "method": "adafuse",
                 "generation": {"max_new_tokens": 12},
             },  # fmt: skip
+            {
+                "id": "steered",
+                "models": [{"name": llama}, {"name": qwen}],
+                "method": "adafuse",
+                "method_options": {"controller": str(controller), "branches": 2},
+                "generation": {"max_new_tokens": 6},
+            },
+            {"id": "one-step", "models": [{"name": llama}, {"name": qwen}], "method": "sequence-select"},
         ],
     }
-    s = Server(config, tmp_path_factory.mktemp("serve"))
+    s = Server(config, tmp)
     yield s
     # SIGTERM while a stream is generating: the stream ends and the server exits cleanly.
     client, resp, lines = _stream_lines(s, {"model": "fused", "prompt": "Once", "max_tokens": 480, "stream": True})
@@ -129,9 +150,12 @@ def server(tiny_dirs, tmp_path_factory):
 def test_models_health_ready(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     ready = httpx.get(server.url + "/ready").json()
-    assert ready["status"] == "ready" and set(ready["models"]) == {"tiny", "fused"}
+    assert ready["status"] == "ready" and set(ready["models"]) == SETUPS
     models = server.client().models.list()
-    assert {m.id for m in models.data} == {"tiny", "fused"}
+    assert {m.id for m in models.data} == SETUPS
+
+
+SETUPS = {"tiny", "fused", "steered", "one-step"}
 
 
 @pytest.mark.parametrize("model", ["tiny", "fused"])
@@ -289,13 +313,25 @@ def test_over_capacity_is_429_and_a_disconnect_frees_the_slot(server):
     assert r1.status_code == 200
     first = next(line for line in lines1 if line.startswith("data:"))
     assert json.loads(first[5:])["choices"]
-    c2, r2, _ = _stream_lines(server, long)  # waits in the one queue place
-    time.sleep(0.5)
-    third = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
-    assert third.status_code == 429, third.text
-    assert third.headers["retry-after"] == "1" and third.json()["error"]["type"] == "rate_limit_error"
+    # a stream answers its headers once it holds a slot: the second waits for them in a thread
+    second: list = []
+    waiting = threading.Thread(target=lambda: second.append(_stream_lines(server, long)), daemon=True)
+    waiting.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and server.metric("fuselm_queue_depth") < 1:
+        time.sleep(0.1)
+    # with the queue full, another method is refused before anything is built for it
+    for body in ({"model": "tiny", "prompt": "x", "max_tokens": 2},
+                 {"model": "fused", "prompt": "x", "max_tokens": 2, "fuselm": {"method": "unite"}}):  # fmt: skip
+        third = server.post("/v1/completions", body)
+        assert third.status_code == 429, third.text
+        assert third.headers["retry-after"] == "1" and third.json()["error"]["type"] == "rate_limit_error"
     # Both clients go away mid-stream: their generations stop and free the slot.
-    r1.close(), c1.close(), r2.close(), c2.close()
+    r1.close(), c1.close()
+    waiting.join(timeout=60)
+    c2, r2, lines2 = second[0]
+    assert r2.status_code == 200 and next(line for line in lines2 if line.startswith("data:"))
+    r2.close(), c2.close()
     deadline = time.time() + 60
     while time.time() < deadline and server.metric("fuselm_requests_running") > 0:
         time.sleep(0.2)
@@ -346,11 +382,17 @@ def test_deadline_and_sigterm_with_a_request_in_flight(tiny_dirs, tmp_path):
     if not {"llama", "qwen2"} <= tiny_dirs.keys():
         pytest.skip("needs the smollm2 and qwen tokenizers")
     models = [{"name": str(tiny_dirs["llama"])}, {"name": str(tiny_dirs["qwen2"])}]
-    config = {"limits": {"request_timeout_s": 1.0}, "setups": [{"id": "fused", "models": models, "method": "adafuse"}]}
-    s = Server(config, tmp_path)
+    setups = [{"id": "fused", "models": models, "method": "adafuse"},
+              {"id": "one-step", "models": models, "method": "sequence-select"}]  # fmt: skip
+    s = Server({"limits": {"request_timeout_s": 1.0}, "setups": setups}, tmp_path)
     long = {"model": "fused", "prompt": "Once upon a time", "max_tokens": 480}
     r = s.post("/v1/completions", long, key=None)
     assert r.status_code == 408 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    # sequence-select decodes the whole answer in one step: the deadline stops it between model
+    # calls inside the step (the 408 comes once the generation's thread has stopped)
+    r = s.post("/v1/completions", {**long, "model": "one-step"}, key=None)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    assert s.metric("fuselm_requests_running") == 0
     # A stream past its deadline ends with an error event, then [DONE].
     client, resp, lines = _stream_lines(s, {**long, "stream": True}, key=None)
     events = [line[5:].strip() for line in lines if line.startswith("data:")]
@@ -372,26 +414,70 @@ def test_bad_configs_are_one_line_errors(tmp_path):
     assert r.returncode == 1 and "unique" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def write_router(directory: Path, backbone: Path, expert_names: list[str]) -> Path:
+    """An untrained FusionRoute router over `backbone` for experts named `expert_names` (it only
+    has to load and route)."""
+    from fuselm.models.backend import vocab_fingerprint
+    from fuselm.models.hf import TransformersBackend
+    from fuselm.router.model import RouterMeta, RouterModel, save_router
+
+    base = TransformersBackend.from_directory(backbone)
+    router = RouterModel(base.model, len(expert_names))
+    meta = RouterMeta(backbone=str(backbone), experts=expert_names, vocab_size=router.vocab_size,
+                      vocab_fingerprint=vocab_fingerprint(base))  # fmt: skip
+    save_router(router, directory, meta)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_dirs, tmp_path_factory):
+    """Every kind of setup a request's `fuselm` extension can reach: one model, a fused pair
+    steered by a controller file, and FusionRoute with a router directory."""
+    from fuselm.models.loading import load_model
+
+    if not {"llama", "qwen2"} <= tiny_dirs.keys():
+        pytest.skip("needs the smollm2 and qwen tokenizers")
+    tmp = tmp_path_factory.mktemp("fuzz")
+    llama, qwen = str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])
+    qwen_name = load_model(qwen).name
+    router = write_router(tmp / "router", tiny_dirs["qwen2"], [qwen_name, qwen_name + "#2"])
+    gen = {"max_new_tokens": 4}
     config = {
         "api_key": KEY,
         "limits": {"max_tokens": 4, "max_n": 2, "max_concurrent": 2, "max_queue": 64},
-        "setups": [{"id": "tiny", "models": [{"name": str(tiny_dirs["llama"])}], "generation": {"max_new_tokens": 4}}],
+        "setups": [
+            {"id": "tiny", "models": [{"name": llama}], "generation": gen},
+            {
+                "id": "steered",
+                "models": [{"name": llama}, {"name": qwen}],
+                "method": "adafuse",
+                "method_options": {"controller": str(write_controller(tmp / "ctl.json", 2))},
+                "generation": gen,
+            },
+            {
+                "id": "routed",
+                "models": [{"name": qwen}, {"name": qwen}],
+                "method": "fusionroute",
+                "method_options": {"router": str(router)},
+                "generation": gen,
+            },
+        ],  # fmt: skip
     }
-    s = Server(config, tmp_path_factory.mktemp("fuzz"))
+    s = Server(config, tmp)
     yield s
     s.stop()
 
 
 def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
     """Requests generated from the server's own OpenAPI document (schemathesis), valid and
-    invalid, over 1,000 of them: every answer is below 500."""
+    invalid, over 1,000 of them, the `fuselm` extension's methods and options among their
+    fields: every answer is below 500."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
 
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
     seen: dict[int, int] = {}
+    extended: dict[int, int] = {}  # answers to requests that chose a method or options
     failures = []
 
     def fuzz(path: str, strategy):
@@ -401,6 +487,9 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
         def call(case):
             r = case.call(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
             seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            ext = case.body.get("fuselm") if isinstance(case.body, dict) else None
+            if isinstance(ext, dict) and (ext.get("method") or ext.get("options")):
+                extended[r.status_code] = extended.get(r.status_code, 0) + 1
             if r.status_code >= 500:
                 failures.append((path, case.body, r.status_code, r.text[:300]))
 
@@ -412,6 +501,7 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
     assert sum(seen.values()) >= 1000, seen
     assert failures == [], failures[:3]
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0, seen  # both kinds were really generated
+    assert extended.get(200, 0) > 0 and extended.get(400, 0) > 0, extended
 
 
 def test_playground_streams_a_coloured_answer_in_headless_chromium(tiny_dirs, tmp_path):
@@ -506,3 +596,179 @@ def test_smollm2_on_llamacpp_answers_through_the_server(tmp_path):
         assert streamed == r.choices[0].message.content
     finally:
         s.stop()
+
+
+# --- the server's edge, probed as an attacker would (issue: close the server's holes) ----------
+
+
+@pytest.mark.parametrize("path", ["/etc/shadow", "/nonexistent/controller.json"])
+@pytest.mark.parametrize("option", ["controller", "router"])
+def test_a_request_never_names_a_file(server, path, option):
+    """Whether the file exists or not, the answer is the same 400, naming the option: the server
+    neither reads it nor tells whether it is there."""
+    for model, method in (("steered", None), ("fused", "adafuse"), ("fused", "fusionroute")):
+        ext = {"options": {option: path}, **({"method": method} if method else {})}
+        r = server.post("/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2, "fuselm": ext})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == f"fuselm.options.{option}", err
+        assert (
+            err["message"] == f"{option} names a file: a request cannot choose it (the server's operator configures it)"
+        )
+
+
+def test_a_setups_own_controller_stays_when_a_request_changes_its_options(server):
+    """The setup's controller is kept under a request's options (they replace the rest); the
+    answer is the setup's own when the options are the setup's."""
+    body = {"model": "steered", "prompt": "The weather is", "max_tokens": 5}
+    own = server.post("/v1/completions", body)
+    same = server.post("/v1/completions", {**body, "fuselm": {"options": {"branches": 2}}})
+    assert own.status_code == same.status_code == 200, (own.text, same.text)
+    assert same.json()["choices"][0]["text"] == own.json()["choices"][0]["text"]
+
+
+def test_work_options_are_bounded_and_the_bounds_are_published(server):
+    cards = {m["id"]: m for m in httpx.get(server.url + "/v1/models", headers=_auth()).json()["data"]}
+    steered, tiny = cards["steered"], cards["tiny"]
+    assert steered["option_max"]["branches"] == 4  # twice the setup's own 2
+    assert cards["fused"]["option_max"]["branches"] == 6  # twice adafuse's default 3
+    assert cards["fused"]["option_max"]["top_k"] == 20  # twice unite's default 10
+    assert "fusionroute" in cards["fused"]["request_methods"] and "fusionroute" not in tiny["request_methods"]
+    schema = httpx.get(server.url + "/openapi.json").json()
+    ext = schema["components"]["schemas"]["FuselmExtension"]
+    assert ext["x-fuselm-bounds"]["steered"]["option_max"] == steered["option_max"]
+    variants = {v["properties"]["method"]["enum"][0]: v for v in ext["anyOf"] if "method" in v["properties"]}
+    adafuse = variants["adafuse"]["properties"]["options"]["properties"]
+    assert (
+        "controller" not in adafuse and "router" not in variants["fusionroute"]["properties"]["options"]["properties"]
+    )
+    assert adafuse["branches"]["maximum"] == 6
+    for model, ext_body, param in [
+        ("fused", {"method": "adafuse", "options": {"branches": 1000000}}, "fuselm.options.branches"),
+        ("steered", {"options": {"branches": 5}}, "fuselm.options.branches"),
+        ("fused", {"method": "unite", "options": {"top_k": 5000}}, "fuselm.options.top_k"),
+        ("fused", {"method": "fixed-span", "options": {"n_words": 2, "max_word_tokens": 10**9}},
+         "fuselm.options.max_word_tokens"),
+    ]:  # fmt: skip
+        r = server.post("/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2, "fuselm": ext_body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    ok = server.post("/v1/completions", {"model": "fused", "prompt": "x", "max_tokens": 2,
+                                         "fuselm": {"method": "adafuse", "options": {"branches": 6}}})  # fmt: skip
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_one_model_setup_refuses_fused_methods(server):
+    r = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "fuselm": {"method": "unite",
+                                                                                  "options": {"top_k": 5000}}})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("fuselm"), r.text
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ('{"model": "tiny", "prompt": "x\\ud800y", "max_tokens": 2}', "prompt"),
+        ('{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}', "messages.0.content"),
+        ('{"model": "fused", "prompt": "x", "fuselm": {"options": {"weights": [NaN, 1]}}}', None),
+        ('{"model": "fused", "prompt": "x", "fuselm": {"options": {"weights": [Infinity, 1]}}}', None),
+        ('{"model": "tiny", "prompt": "x", "temperature": -Infinity}', None),
+        ('{"model": "tiny", "prompt": "\\u00e9", "max_tokens": 1e999}', "max_tokens"),
+    ],
+)
+def test_text_that_is_not_text_and_numbers_that_are_not_numbers_are_400s(server, raw, param):
+    path = "/v1/chat/completions" if "messages" in raw else "/v1/completions"
+    r = server.post(path, raw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_json" and err["param"] == param, err
+    assert server.post("/v1/completions", b'{"model": "tiny", "prompt": "\xff"}').status_code == 400  # not UTF-8
+
+
+def test_the_key_is_checked_before_the_body_is_read(server):
+    for body in (b"{not json", b'{"model": 7}', b"x" * 60000):
+        r = server.post("/v1/completions", body, key=None)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    # a body sent without saying it is JSON is not parsed as JSON
+    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny", "prompt": "x"}',
+                   headers={**_auth(), "content-type": "text/plain"})  # fmt: skip
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_nothing_an_unauthenticated_client_sends_reaches_the_metrics(server):
+    before = httpx.get(server.url + "/metrics").text
+    huge = "m" * 60_000  # the body limit here is 64 KiB
+    for model in (huge, huge + "2", huge + "3"):
+        assert server.post("/v1/completions", {"model": model, "prompt": "x"}, key=None).status_code == 401
+    assert server.post("/v1/completions", '{"model": "\\ud800", "prompt": "x"}', key=None).status_code == 401
+    after = httpx.get(server.url + "/metrics")
+    assert after.status_code == 200 and "mmmm" not in after.text
+    assert len(after.text) < len(before) + 2000, len(after.text) - len(before)
+    # with the key, an unknown model id is counted under one fixed label, not the client's string
+    assert server.post("/v1/completions", {"model": huge, "prompt": "x"}).status_code == 404
+    assert server.post("/v1/completions", '{"model": "\\ud800", "prompt": "x"}').status_code == 400
+    text = httpx.get(server.url + "/metrics").text
+    assert "mmmm" not in text and server.metric("fuselm_requests_total", model="unknown", status="404") >= 1
+
+
+def test_a_trace_tells_nothing_of_another_clients_prompt(server):
+    """The prefix cache is shared by every client: a trace's stats leave out what it did."""
+    prompt = "The secret of the other client is that"
+    server.post("/v1/completions", {"model": "fused", "prompt": prompt, "max_tokens": 2})
+    r = server.post("/v1/completions", {"model": "fused", "prompt": prompt + " it", "max_tokens": 2,
+                                        "fuselm": {"trace": True}})  # fmt: skip
+    stats = r.json()["choices"][0]["fuselm"]["stats"]
+    assert "cached_prompt_tokens" not in stats and "tokens_forwarded" not in stats
+    assert stats["prompt_tokens"] and stats["forward_passes"]
+
+
+def test_chat_template_refusals_are_400s(tiny_dirs, tmp_path):
+    """A chat template that refuses roles that do not alternate (as Gemma's does, in the same
+    words): a 400 naming the messages."""
+    import shutil
+
+    model = tmp_path / "strict-chat"
+    shutil.copytree(tiny_dirs["llama"], model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    s = Server({"setups": [{"id": "g", "models": [{"name": str(model)}], "generation": {"system": None}}]}, tmp_path)
+    try:
+        msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        r = s.post("/v1/chat/completions", {"model": "g", "messages": msgs, "max_tokens": 2}, key=None)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        ok = s.post("/v1/chat/completions", {"model": "g", "messages": msgs[:1], "max_tokens": 2}, key=None)
+        assert ok.status_code == 200, ok.text
+        # a keyless server on 127.0.0.1 serves its own names only (no DNS rebinding)
+        for host in ("localhost", "127.0.0.1", f"127.0.0.1:{s.port}", f"localhost:{s.port}"):
+            assert httpx.get(s.url + "/v1/models", headers={"Host": host}).status_code == 200
+        for host in ("evil.example", f"evil.example:{s.port}", "127.0.0.1.evil.example"):
+            r = httpx.get(s.url + "/v1/models", headers={"Host": host})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", (host, r.text)
+    finally:
+        s.stop()
+
+
+def test_an_empty_key_is_refused_and_an_open_address_without_one_warns(tiny_dirs, tmp_path):
+    from .conftest import run_cli_here
+
+    r = run_cli_here("serve", "--models", str(tiny_dirs["llama"]), "--api-key", "")
+    assert r.returncode == 1 and "api_key is empty" in r.stderr, r.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fuselm.cli", "serve", "--models", str(tiny_dirs["llama"]), "--host", "0.0.0.0",
+         "--port", str(free_port())],
+        stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k != "FUSELM_API_KEY"},
+    )  # fmt: skip
+    try:
+        first = proc.stderr.readline()
+        assert "warning" in first and "without an API key" in first, first
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}

@@ -556,7 +556,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     for key in ("host", "port", "api_key"):
         if hasattr(ns, key):
             data[key] = getattr(ns, key)
-    data.setdefault("api_key", os.environ.get("FUSELM_API_KEY") or None)
+    if "api_key" not in data and "FUSELM_API_KEY" in os.environ:
+        if not os.environ["FUSELM_API_KEY"].strip():
+            raise FuselmError("FUSELM_API_KEY is set but empty: give a key, or unset it to serve without one")
+        data["api_key"] = os.environ["FUSELM_API_KEY"]
     limits = {k[len("limit_") :]: v for k, v in vars(ns).items() if k.startswith("limit_")}
     if limits:
         data["limits"] = {**(data.get("limits") or {}), **limits}
@@ -573,6 +576,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from .serve.app import create_app
 
     app = create_app(cfg)
+    if not cfg.loopback() and not cfg.api_key:
+        print(f"fuselm: warning: serving on {cfg.host}, reachable from other machines, without an API key: anyone"
+              " who reaches it can generate (set --api-key or FUSELM_API_KEY)", file=sys.stderr, flush=True)  # fmt: skip
     where = f"http://{cfg.host}:{cfg.port}"
     print(f"fuselm: serving {', '.join(s.id for s in cfg.setups)} on {where} (loading models: {where}/ready "
           "says when they answer)", file=sys.stderr, flush=True)  # fmt: skip

@@ -43,27 +43,27 @@ from .ensemble import (
     token_at,
 )
 from .experts import each
-from .options import OverridableOptions
+from .options import OverridableOptions, path_option, work_option
 
 
 class AdaFuseOptions(OverridableOptions):
     theta: float = Field(0.7, ge=0.0, le=1.0, description="confidence threshold on the top-1/top-2 margin")
-    max_words: int = Field(3, ge=1, description="longest span a confident model proposes, in words")
-    branches: int = Field(
-        3, ge=1, description="top-B first tokens an uncertain model explores (1: no branching; policy anchored: none)"
+    max_words: int = work_option(3, "longest span a confident model proposes, in words")
+    branches: int = work_option(
+        3, "top-B first tokens an uncertain model explores (1: no branching; policy anchored: none)"
     )
     policy: Literal["agree", "per-proposal", "anchored"] = Field(
         "agree", description="when a round counts as confident, and who decides (see the module docstring)"
     )
-    draft_words: int = Field(
+    draft_words: int = work_option(
         0,
         ge=0,
         description="policy anchored: the anchor drafts up to this many words, the others read the draft in one"
         " pass each, and the words where the anchor is unsure and another would say otherwise are fused"
         " (speculate, then collaborate; the same text as 0, word by word; in-process models only)",
     )
-    controller: str | None = Field(
-        None, description="a learned fusion controller (`fuselm train-controller`) picks the winner of scored rounds"
+    controller: str | None = path_option(
+        "a learned fusion controller (`fuselm train-controller`) picks the winner of scored rounds"
     )
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ trace says so.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -37,7 +38,10 @@ def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | N
     local = [m for m in todo if m not in apart]
     if ctx.sampler.greedy and side_by_side([ctx.sessions[m].backend for m in local]):
         apart += local
-    futures: dict[int, Future] = {m: _POOL.submit(fn, m, ctx.sessions[m]) for m in apart}
+    # each call in a copy of this thread's context: it sees the generation's cancel check
+    futures: dict[int, Future] = {
+        m: _POOL.submit(contextvars.copy_context().run, fn, m, ctx.sessions[m]) for m in apart
+    }
     out: dict[int, T] = {}
     failed: dict[int, EngineError] = {}
     other: BaseException | None = None

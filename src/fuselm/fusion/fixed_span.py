@@ -15,11 +15,11 @@ from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
 from .base import Step, StepContext
 from .ensemble import Candidate, EnsembleMethod, add_candidate, anchor_stands, decided_step, roll_words
 from .experts import each
-from .options import OverridableOptions
+from .options import OverridableOptions, work_option
 
 
 class FixedSpanOptions(OverridableOptions):
-    n_words: int = Field(1, ge=1, description="words each model proposes per round")
+    n_words: int = work_option(1, "words each model proposes per round")
     policy: Literal["vote", "anchored"] = Field(
         "vote",
         description="vote: every round scored by all models; anchored: the anchor's span while its margin is"

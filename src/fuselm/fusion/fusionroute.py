@@ -44,13 +44,14 @@ from ..result import StepDetail
 from ..router.backend import load_router_backend
 from ..router.losses import combine_logprobs
 from .base import FusionMethod, Step, StepContext
+from .options import path_option
 from .token_average import TOP_K
 
 
 class FusionRouteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    router: str = Field(..., description="directory of a router trained by `fuselm train-router`")
+    router: str = path_option("directory of a router trained by `fuselm train-router`", default=...)
     router_backend: Literal["auto", "transformers", "llamacpp"] = Field(
         "auto",
         description="engine that runs the router: llama.cpp (LoRA router over a GGUF backbone, faster on CPU), "

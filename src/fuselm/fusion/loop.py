@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..cancel import GenerationCancelled, cancel_scope
 from ..config import GenerationConfig
 from ..models.loading import Model, Prompt
 from ..result import GenerationResult, GenerationStats, TextSpan, TraceStep, unique_names
@@ -42,10 +43,6 @@ def _spans(owners: list[tuple[int, str | None]], text: str, start: int, end: int
     return out
 
 
-class GenerationCancelled(Exception):
-    """A generation stopped by its caller's `cancel` (a client that went away, a deadline)."""
-
-
 def decode(
     method: FusionMethod,
     prompt: Prompt,
@@ -59,7 +56,8 @@ def decode(
     `on_text` receives committed text as it is decided, and `on_spans` the same text cut into
     pieces by the model that won each (for colouring a stream). `reference` is the prompt's
     reference text, for methods that follow one (oracle-route). `cancel` is asked before every
-    step: when it says yes, the generation stops there with :class:`GenerationCancelled`."""
+    step, and before every model call inside a step (:mod:`fuselm.cancel`): when it says yes,
+    the generation stops there with :class:`GenerationCancelled`."""
     gen = generation or GenerationConfig()
     models = method.models
     sessions = method.open_sessions([m.prompt_text(prompt, gen) for m in models])
@@ -73,7 +71,8 @@ def decode(
                 on_spans(_spans(owners, generated, start, end))
 
     try:
-        return _run(method, sessions, gen, emit, reference, cancel)
+        with cancel_scope(cancel):
+            return _run(method, sessions, gen, emit, reference, cancel)
     finally:
         for s in sessions:
             s.close()

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import FuselmError
+
+# Marks on option fields, read by whoever must treat such options apart: a server bounds the
+# work options per request and refuses the path options (`serve.bounds`); a run records the
+# digest of the file a path option names (`eval.records`).
+WORK = "fuselm_work"  # how much a step computes (candidates, branches, tokens per word)
+PATH = "fuselm_path"  # names a file or directory on this machine
+
+
+def work_option(default: int, description: str, ge: int = 1) -> Any:
+    """An integer option that sets how much a step computes."""
+    return Field(default, ge=ge, description=description, json_schema_extra={WORK: True})
+
+
+def path_option(description: str, default: Any = None) -> Any:
+    """An option that names a file or directory (a controller, a router)."""
+    return Field(default, description=description, json_schema_extra={PATH: True})
+
+
+def marked(options: type[BaseModel], mark: str) -> dict[str, Any]:
+    """The fields of an options model that carry `mark`, with their defaults."""
+    return {
+        name: f.default
+        for name, f in options.model_fields.items()
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(mark)
+    }
 
 
 class EnsembleOptions(BaseModel):
@@ -18,7 +43,7 @@ class EnsembleOptions(BaseModel):
     normalize: Literal["token", "char", "byte"] = Field(
         "token", description="mean negative log-likelihood per token (paper), per character or per byte"
     )
-    max_word_tokens: int = Field(16, ge=1, description="longest rollout for one word, in tokens")
+    max_word_tokens: int = work_option(16, "longest rollout for one word, in tokens")
     combine: Literal["mean", "median", "trimmed"] = Field(
         "mean",
         description="how the models' NLLs of a candidate combine: weighted mean (paper), weighted median, or"

@@ -14,18 +14,17 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 
 from ..models.backend import OFFERS_FULL, OFFERS_TOPK
 from ..models.session import NextTokens, common_prefix_len
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext
 from .ensemble import TokenFusionMethod
-from .options import TokenFusionOptions
+from .options import TokenFusionOptions, work_option
 
 
 class UniteOptions(TokenFusionOptions):
-    top_k: int = Field(10, ge=1, description="tokens taken from each model's distribution")
+    top_k: int = work_option(10, "tokens taken from each model's distribution")
 
 
 class Unite(TokenFusionMethod):

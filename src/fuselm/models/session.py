@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..cancel import raise_if_cancelled
 from ..errors import FuselmError
 from ..text.words import first_word_end
 from .backend import Backend, Forks
@@ -353,6 +354,7 @@ class DecodingSession:
             if not active:
                 break
             branches = [rolls[j].token_ids for j in active]
+            raise_if_cancelled()  # a step of many passes stops between them
             lps, batch = self.backend.branch_next_logprobs(self._cache, n, branches, batch)
             self.stats.forward_passes += 1
             # Both backends keep the branches' states between steps: one new token per branch.
@@ -391,6 +393,7 @@ class DecodingSession:
         self.stats.reused_tokens += c
         if c < len(tail):
             self._truncate(n + c)
+            raise_if_cancelled()  # a step of many passes stops between them
             rows = self.backend.extend(self._cache, tail[c:], all_logits=True)
             self._ids.extend(tail[c:])
             for i, row in enumerate(rows):
@@ -414,6 +417,7 @@ class DecodingSession:
             self.stats.reused_tokens += 1
             return
         self._truncate(pos)
+        raise_if_cancelled()  # a step of many passes stops between them
         self._logprobs[pos + 1] = self.backend.extend(self._cache, [tok])
         self._ids.append(tok)
         self.stats.forward_passes += 1
@@ -461,6 +465,7 @@ class DecodingSession:
             # to its tokens, and adding them was measured slower.)
             fulls = [full for _, full, _ in pending]
             branches = [full[keep:] for full in fulls]
+            raise_if_cancelled()  # a step of many passes stops between them
             outs, forks = self.backend.fork_branches(self._cache, keep, branches)
             self._forks = (forks, fulls)
             self.stats.forward_passes += 1
@@ -510,6 +515,7 @@ class DecodingSession:
             if self.stats.prompt_tokens == 0:  # first sync: the prompt
                 self.stats.prompt_tokens = n
                 self.stats.cached_prompt_tokens = k
+            raise_if_cancelled()  # a step of many passes stops between them
             self._logprobs[n] = self.backend.extend(self._cache, target[k:])
             self._ids = list(target)
             self.stats.forward_passes += 1

@@ -1,36 +1,38 @@
 """The HTTP server: an OpenAI-compatible API over fuselm setups (FastAPI, uvicorn, sse-starlette).
 
-Errors are data: every refusal is an OpenAI error body, ``{"error": {"message", "type", "param",
-"code"}}``, with a 4xx status for anything the request got wrong (400 bad input, 401 key, 404
-unknown model, 408 deadline, 413 body too large, 429 over capacity with Retry-After); 503 while
-the models load; 500 only for a fault of fuselm's own, without a traceback.
+A request meets the edge first (`serve.edge`: Host, API key before the body, content type, size,
+strict JSON), then its route: cheap checks (model id, fields, bounds of what it may choose,
+`serve.bounds`) answer 4xx before it waits; then it takes a generation slot (`serve.engine`:
+429 when the queue is full) under its deadline, and only then costs model work (tokenizing the
+prompt, building another method, generating), which the deadline and a disconnect stop between
+model calls. Errors are data (`serve.errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cancel import GenerationCancelled
 from ..config import SEED_MIN, GenerationConfig, validation_message
 from ..errors import FuselmError, UnknownNameError
-from ..fusion.loop import GenerationCancelled
 from ..result import GenerationResult, TextSpan, unique_names
+from .bounds import OptionRefused, RequestBounds
 from .config import ServeConfig
-from .engine import Engine, Overloaded, ServedSetup, wait_quietly
+from .edge import Edge
+from .engine import Engine, Overloaded, RequestMethod, ServedSetup, Slot, wait_quietly
+from .errors import APIError, cancelled, deadline_exceeded, install_handlers, overloaded, shutting_down
 from .metrics import Metrics
 from .playground import PLAYGROUND_HTML
 from .protocol import (
@@ -44,10 +46,9 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     Delta,
-    ErrorDetail,
-    ErrorResponse,
     FuselmInfo,
     FuselmSpans,
+    FuselmStats,
     ModelCard,
     ModelList,
     Usage,
@@ -64,64 +65,50 @@ class ServerStopping(Exception):
     """The server is shutting down under a stream."""
 
 
-class APIError(Exception):
-    """A refusal, answered as an OpenAI error body."""
+@dataclass
+class Checked:
+    """A request past its cheap checks, before any model work."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
-        return ErrorResponse(error=detail).model_dump()
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    setup: ServedSetup
+    gen: GenerationConfig
+    prompt: Any  # a text, or a conversation of role/content messages
+    where: str  # the prompt's field, for errors
+    asked: tuple[str, dict[str, Any]] | None  # another method or other options (None: the setup's own)
+    trace: bool
+    asked_param: str = "fuselm.options"  # what a refusal of `asked` names: the method, or the options
 
 
-def overloaded(retry_after_s: int) -> APIError:
-    return APIError(429, "the server is at capacity; retry later", type="rate_limit_error", code="overloaded",
-                    headers={"Retry-After": str(retry_after_s)})  # fmt: skip
+@dataclass
+class Prepared:
+    """A request that holds a slot, with its prompt measured and its method built."""
+
+    checked: Checked
+    n_prompt: int
+    method: RequestMethod | None
+    slot: Slot
+    deadline: float  # on the event loop's clock
+
+    def close(self) -> None:
+        """Give back what the request holds (idempotent): its slot and its own method."""
+        self.slot.release()
+        if self.method is not None:
+            method, self.method = self.method, None
+            method.close()
 
 
-class BodyLimit:
-    """Refuses request bodies over `limit` bytes (413) before the app reads them."""
+class HeldStream(EventSourceResponse):
+    """A stream that gives back what its request holds when it ends, also when its generator
+    never started (the client left before the first byte)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, *args, prepared: Prepared, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prepared = prepared
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = APIError(413, f"request body over {self.limit} bytes", code="body_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await error_response(too_large)(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:  # bodies are small (capped): read them whole, then hand them on
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await error_response(too_large)(scope, receive, send)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.prepared.close()
 
 
 def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = True) -> FastAPI:
@@ -130,6 +117,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     engine = engine or Engine(config)
     metrics = Metrics()
     limits = config.limits
+    bounds = {s.id: RequestBounds.of(s, limits) for s in config.setups}
+    served_ids = {s.id for s in config.setups}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -147,7 +136,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             loader = threading.Thread(target=load_all, name="fuselm-load", daemon=True)
             loader.start()
         yield
-        engine.cancel_all.set()  # in-flight generations stop at their next step
+        engine.cancel_all.set()  # in-flight generations stop at their next model call
         if loader is not None:
             loader.join(timeout=1)
         await asyncio.to_thread(engine.close)
@@ -155,41 +144,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     app = FastAPI(title="fuselm", summary="Fused language models behind the OpenAI API", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
-        parts = []
-        for err in errors[:5]:
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-            parts.append(f"{where}: {err.get('msg')}")
-        return error_response(APIError(400, "; ".join(parts), param=".".join(loc) or None))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
-        return error_response(APIError(e.status_code, str(e.detail), type=kind))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        log.exception("internal error")
-        return error_response(APIError(500, "internal error in fuselm (see the server log)", type="internal_error"))
-
-    def authorize(request: Request) -> None:
-        if not config.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
+    install_handlers(app)
 
     def require_ready() -> None:
         if engine.load_error:
@@ -197,6 +152,11 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         if not engine.ready:
             raise APIError(503, "the models are still loading; see /ready", type="unavailable",
                            headers={"Retry-After": "5"})  # fmt: skip
+
+    def model_label(model: str) -> str:
+        """A metrics label from a request's model id: only ids this server serves (nothing else a
+        client sends is stored)."""
+        return model if model in served_ids else "unknown"
 
     # --- endpoints ----------------------------------------------------------------------------
 
@@ -224,15 +184,17 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         return PLAYGROUND_HTML
 
     @app.get("/v1/models", response_model=ModelList)
-    async def models(request: Request) -> ModelList:
-        authorize(request)
+    async def models() -> ModelList:
         return ModelList(data=[card(s) for s in config.setups])
 
     def card(s) -> ModelCard:
-        """A setup's card: its models as the traces name them once loaded (as configured before)."""
+        """A setup's card: its models as the traces name them once loaded (as configured before),
+        and what a request may choose on it."""
         served = engine.setups[s.id] if s.id in engine.setups else None
         names = unique_names([m.name for m in served.models]) if served else [m.name for m in s.models]
-        return ModelCard(id=s.id, created=engine.started, method=s.method, models=names)
+        b = bounds[s.id]
+        return ModelCard(id=s.id, created=engine.started, method=s.method, models=names,
+                         request_methods=list(b.methods), option_max=b.option_max)  # fmt: skip
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(request: Request, body: CompletionRequest):
@@ -246,28 +208,37 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
 
     async def serve_request(request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool):
         endpoint = "chat" if chat else "completions"
+        label = model_label(body.model)
         t0 = time.perf_counter()
+        cancel = threading.Event()
+        watcher = asyncio.create_task(watch_disconnect(request, cancel))  # until the answer or stream starts
         try:
-            authorize(request)
             require_ready()
-            prepared = await prepare(body, chat)
+            checked = check(body, chat)
+            prepared = await admit(checked, cancel)
             if body.stream:
-                engine.scheduler.admit()  # 429 now, before the stream's 200
                 shutdown = anyio.Event()  # set by sse-starlette when the server is stopping
-                events = stream(request, body, chat, prepared, t0, shutdown)
-                return EventSourceResponse(events, ping=15, shutdown_event=shutdown, shutdown_grace_period=5)
-            response = await complete(request, body, chat, prepared)
-            metrics.requests.labels(endpoint, body.model, "200").inc()
-            metrics.latency.labels(endpoint, body.model).observe(time.perf_counter() - t0)
+                events = stream(body, chat, prepared, cancel, t0, shutdown)
+                return HeldStream(events, ping=15, shutdown_event=shutdown, shutdown_grace_period=5,
+                                  prepared=prepared)  # fmt: skip
+            try:
+                response = await complete(body, chat, prepared, cancel)
+            finally:
+                prepared.close()
+            metrics.requests.labels(endpoint, label, "200").inc()
+            metrics.latency.labels(endpoint, label).observe(time.perf_counter() - t0)
             return response
         except Overloaded:
-            metrics.requests.labels(endpoint, body.model, "429").inc()
+            metrics.requests.labels(endpoint, label, "429").inc()
             raise overloaded(limits.retry_after_s) from None
         except APIError as e:
-            metrics.requests.labels(endpoint, body.model if e.status != 404 else "?", str(e.status)).inc()
+            metrics.requests.labels(endpoint, label, str(e.status)).inc()
             raise
+        finally:
+            watcher.cancel()  # a stream's client is watched by sse-starlette from here on
 
-    async def prepare(body: CompletionRequest | ChatCompletionRequest, chat: bool) -> dict[str, Any]:
+    def check(body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Checked:
+        """Everything that needs no model: the model id, the fields, what the request may choose."""
         try:
             setup = engine.setups.get(body.model)
         except UnknownNameError as e:
@@ -277,32 +248,83 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             raise APIError(400, bad[1], param=bad[0], code="unsupported")
         if body.n > limits.max_n:
             raise APIError(400, f"n is {body.n}, at most {limits.max_n} here", param="n")
+        for stop in body.stop_list() or []:
+            if len(stop) > limits.max_stop_chars:
+                raise APIError(400, f"a stop string is {len(stop)} characters, at most {limits.max_stop_chars} here",
+                               param="stop")  # fmt: skip
         gen = generation_for(setup, body)
         if gen.max_new_tokens > limits.max_tokens:
             raise APIError(400, f"max_tokens is {gen.max_new_tokens}, at most {limits.max_tokens} here",
                            param="max_tokens")  # fmt: skip
-        prompt = body.conversation() if chat else body.prompt_text()
-        where = "messages" if chat else "prompt"
         ext = body.fuselm
-        try:
-            n_prompt = await asyncio.to_thread(setup.prompt_tokens, prompt, gen)
-        except FuselmError as e:
-            raise APIError(400, str(e), param=where) from None
-        if n_prompt > limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {n_prompt} tokens, at most {limits.max_prompt_tokens} here",
-                           param=where, code="prompt_too_long")  # fmt: skip
-        context = setup.context_length()
-        if n_prompt + gen.max_new_tokens > context:
-            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({gen.max_new_tokens}) is over the "
-                           f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")  # fmt: skip
-        method = None  # the setup's own
+        asked = None
         if ext is not None and (ext.method is not None or ext.options is not None):
             try:
-                method = await asyncio.to_thread(setup.build, ext.method, ext.options)
+                options = bounds[setup.id].check(setup.config, ext.method, ext.options)
+                asked = setup.request_method(ext.method, options)
+            except OptionRefused as e:
+                raise APIError(400, str(e), param=e.param) from None
             except FuselmError as e:
                 raise APIError(400, str(e), param="fuselm.method" if ext.method else "fuselm.options") from None
-        return {"setup": setup, "gen": gen, "prompt": prompt, "n_prompt": n_prompt, "method": method,
-                "trace": bool(ext and ext.trace)}  # fmt: skip
+        prompt = body.conversation() if chat else body.prompt_text()
+        where = "messages" if chat else "prompt"
+        param = "fuselm.method" if ext is not None and ext.method else "fuselm.options"
+        return Checked(setup, gen, prompt, where, asked, bool(ext and ext.trace), param)
+
+    async def admit(c: Checked, cancel: threading.Event) -> Prepared:
+        """A slot (429 when the queue is full), then the request's model work before its first
+        token: the prompt measured by every model, its own method built. All within its deadline."""
+        deadline = asyncio.get_running_loop().time() + limits.request_timeout_s
+        slot = None
+        method = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                slot = await engine.scheduler.acquire()
+                if cancel.is_set():
+                    raise cancelled()
+                n_prompt = await measure(c)
+                if c.asked is not None:
+                    method = await build(c)
+        except TimeoutError:
+            if slot is not None:
+                slot.release()
+            raise deadline_exceeded(limits.request_timeout_s) from None
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        return Prepared(c, n_prompt, method, slot, deadline)
+
+    async def build(c: Checked) -> RequestMethod | None:
+        """The request's own method, built in a thread; if the request is cancelled meanwhile
+        (deadline, shutdown), the method is closed once built, never left behind."""
+        future = asyncio.get_running_loop().run_in_executor(None, c.setup.build, c.asked)
+        try:
+            return await asyncio.shield(future)
+        except FuselmError as e:
+            raise APIError(400, str(e), param=c.asked_param) from None
+        except asyncio.CancelledError:
+            future.add_done_callback(_close_built)
+            raise
+
+    async def measure(c: Checked) -> int:
+        """The prompt's length in tokens (the longest of the models' tokenizations), within limits."""
+        try:
+            n_prompt = await asyncio.to_thread(c.setup.prompt_tokens, c.prompt, c.gen)
+        except FuselmError as e:
+            raise APIError(400, str(e), param=c.where) from None
+        except Exception as e:  # noqa: BLE001 - a chat template that refuses the conversation
+            if not _is_template_error(e):
+                raise
+            raise APIError(400, f"the conversation does not fit the chat template: {e}", param="messages") from None
+        if n_prompt > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {n_prompt} tokens, at most {limits.max_prompt_tokens} here",
+                           param=c.where, code="prompt_too_long")  # fmt: skip
+        context = c.setup.context_length()
+        if n_prompt + c.gen.max_new_tokens > context:
+            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({c.gen.max_new_tokens}) is over the "
+                           f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+        return n_prompt
 
     def generation_for(setup: ServedSetup, body: CompletionRequest | ChatCompletionRequest) -> GenerationConfig:
         """The setup's generation defaults with what the request sets. A completion's prompt is
@@ -335,7 +357,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     def info(result: GenerationResult, wanted: bool) -> FuselmInfo | None:
         if not wanted:
             return None
-        return FuselmInfo(method=result.method, models=result.models, stats=result.stats, trace=result.trace)
+        return FuselmInfo(method=result.method, models=result.models, stats=FuselmStats.of(result.stats),
+                          trace=result.trace)  # fmt: skip
 
     async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
         while not cancel.is_set():
@@ -344,58 +367,53 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
                 return
             await asyncio.sleep(0.1)
 
-    async def complete(request: Request, body, chat: bool, p: dict[str, Any]):
-        setup, gen, cancel = p["setup"], p["gen"], threading.Event()
+    def run(p: Prepared, gen: GenerationConfig, on_spans, cancel: threading.Event):
+        c = p.checked
+        return c.setup.run(p.method, c.prompt, gen, on_spans, cancel, engine.cancel_all)
+
+    async def complete(body, chat: bool, p: Prepared, cancel: threading.Event):
+        setup = p.checked.setup
         results: list[GenerationResult] = []
-        watcher = asyncio.create_task(watch_disconnect(request, cancel))
         try:
-            async with asyncio.timeout(limits.request_timeout_s):
-                async with engine.scheduler.slot():
-                    for i in range(body.n):
-                        results.append(await run(setup, p, seeded(gen, i), None, cancel))
+            async with asyncio.timeout_at(p.deadline):
+                for i in range(body.n):
+                    results.append(await run(p, seeded(p.checked.gen, i), None, cancel))
         except TimeoutError:
-            raise APIError(408, f"the request took longer than its deadline of {limits.request_timeout_s:g} s",
-                           type="timeout", code="deadline_exceeded") from None  # fmt: skip
+            raise deadline_exceeded(limits.request_timeout_s) from None
         except GenerationCancelled:
             # the client went away (or the server is shutting down): nobody reads this answer
-            raise APIError(499, "the request was cancelled", type="cancelled") from None
+            raise cancelled() from None
         except FuselmError as e:
             raise APIError(400, str(e)) from None
-        finally:
-            watcher.cancel()
-            if p["method"] is not None:
-                p["method"].close()
-        metrics.prompt_tokens.labels(setup.id).inc(p["n_prompt"])
+        metrics.prompt_tokens.labels(setup.id).inc(p.n_prompt)
         for r in results:
             account(setup, r)
         completion_tokens = sum(r.stats.new_tokens for r in results)
-        usage = Usage(prompt_tokens=p["n_prompt"], completion_tokens=completion_tokens,
-                      total_tokens=p["n_prompt"] + completion_tokens)  # fmt: skip
+        usage = Usage(prompt_tokens=p.n_prompt, completion_tokens=completion_tokens,
+                      total_tokens=p.n_prompt + completion_tokens)  # fmt: skip
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        trace = p.checked.trace
         if chat:
             choices = [
                 ChatChoice(
                     index=i,
                     message=AssistantMessage(content=r.text),
                     finish_reason=FINISH[r.finish_reason],
-                    fuselm=info(r, p["trace"]),
+                    fuselm=info(r, trace),
                 )  # fmt: skip
                 for i, r in enumerate(results)
             ]
             return ChatCompletionResponse(id=rid, created=created, model=setup.id, choices=choices, usage=usage)
         choices = [
-            CompletionChoice(index=i, text=r.text, finish_reason=FINISH[r.finish_reason], fuselm=info(r, p["trace"]))
+            CompletionChoice(index=i, text=r.text, finish_reason=FINISH[r.finish_reason], fuselm=info(r, trace))
             for i, r in enumerate(results)
         ]
         return CompletionResponse(id=rid, created=created, model=setup.id, choices=choices, usage=usage)
 
-    def run(setup: ServedSetup, p: dict[str, Any], gen: GenerationConfig, on_spans, cancel: threading.Event):
-        return setup.run(p["method"], p["prompt"], gen, on_spans, cancel, engine.cancel_all)
-
-    async def stream(request: Request, body, chat: bool, p: dict[str, Any], t0: float, shutdown: anyio.Event):
+    async def stream(body, chat: bool, p: Prepared, cancel: threading.Event, t0: float, shutdown: anyio.Event):
         """The server-sent events of one request: a chunk per committed span, then `[DONE]`. On
         server shutdown the generation stops and the stream ends with an error event."""
-        setup, gen, cancel = p["setup"], p["gen"], threading.Event()
+        setup, gen = p.checked.setup, p.checked.gen
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         loop = asyncio.get_running_loop()
         endpoint = "chat" if chat else "completions"
@@ -414,112 +432,116 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             return {"data": c.model_dump_json(exclude_none=True)}
 
         def spans_chunk(i: int, spans: list[TextSpan]) -> dict:
-            extra = FuselmSpans(spans=spans) if p["trace"] else None
+            extra = FuselmSpans(spans=spans) if p.checked.trace else None
             return chunk(i, text="".join(s.text for s in spans), extra=extra)
 
         status = "200"
         completion_tokens = 0
         try:
-            async with asyncio.timeout(limits.request_timeout_s):
-                async with engine.scheduler.slot():
-                    for i in range(body.n):
-                        queue: asyncio.Queue[list[TextSpan]] = asyncio.Queue()
+            async with asyncio.timeout_at(p.deadline):
+                for i in range(body.n):
+                    queue: asyncio.Queue[list[TextSpan]] = asyncio.Queue()
 
-                        def on_spans(spans: list[TextSpan], queue=queue) -> None:
-                            loop.call_soon_threadsafe(queue.put_nowait, spans)
+                    def on_spans(spans: list[TextSpan], queue=queue) -> None:
+                        loop.call_soon_threadsafe(queue.put_nowait, spans)
 
-                        if chat:
-                            yield chunk(i, role=True, text="")
-                        task = asyncio.ensure_future(run(setup, p, seeded(gen, i), on_spans, cancel))
-                        stopping = asyncio.ensure_future(shutdown.wait())
-                        try:
-                            while True:
-                                getter = asyncio.ensure_future(queue.get())
-                                done, _ = await asyncio.wait(
-                                    {getter, task, stopping}, return_when=asyncio.FIRST_COMPLETED
-                                )
-                                if stopping in done:
-                                    getter.cancel()
-                                    raise ServerStopping()
-                                if getter not in done:
-                                    getter.cancel()
-                                    break
-                                if first_text is None:
-                                    first_text = time.perf_counter()
-                                    metrics.first_token.labels(setup.id).observe(first_text - t0)
-                                yield spans_chunk(i, getter.result())
-                            while not queue.empty():  # spans sent just before the end
-                                yield spans_chunk(i, queue.get_nowait())
-                            result: GenerationResult = task.result()
-                        finally:
-                            stopping.cancel()
-                            if not task.done():
-                                cancel.set()
-                                await wait_quietly(task)
-                        account(setup, result)
-                        completion_tokens += result.stats.new_tokens
-                        yield chunk(i, finish=FINISH[result.finish_reason], extra=info(result, p["trace"]),
-                                    text=None if chat else "")  # fmt: skip
+                    if chat:
+                        yield chunk(i, role=True, text="")
+                    task = asyncio.ensure_future(run(p, seeded(gen, i), on_spans, cancel))
+                    stopping = asyncio.ensure_future(shutdown.wait())
+                    try:
+                        while True:
+                            getter = asyncio.ensure_future(queue.get())
+                            done, _ = await asyncio.wait({getter, task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                            if stopping in done:
+                                getter.cancel()
+                                raise ServerStopping()
+                            if getter not in done:
+                                getter.cancel()
+                                break
+                            if first_text is None:
+                                first_text = time.perf_counter()
+                                metrics.first_token.labels(setup.id).observe(first_text - t0)
+                            yield spans_chunk(i, getter.result())
+                        while not queue.empty():  # spans sent just before the end
+                            yield spans_chunk(i, queue.get_nowait())
+                        result: GenerationResult = task.result()
+                    finally:
+                        stopping.cancel()
+                        if not task.done():
+                            cancel.set()
+                            await wait_quietly(task)
+                    account(setup, result)
+                    completion_tokens += result.stats.new_tokens
+                    yield chunk(i, finish=FINISH[result.finish_reason], extra=info(result, p.checked.trace),
+                                text=None if chat else "")  # fmt: skip
             if body.stream_options is not None and body.stream_options.include_usage:
-                usage = Usage(prompt_tokens=p["n_prompt"], completion_tokens=completion_tokens,
-                              total_tokens=p["n_prompt"] + completion_tokens)  # fmt: skip
+                usage = Usage(prompt_tokens=p.n_prompt, completion_tokens=completion_tokens,
+                              total_tokens=p.n_prompt + completion_tokens)  # fmt: skip
                 if chat:
                     last = ChatCompletionChunk(id=rid, created=created, model=setup.id, choices=[], usage=usage)
                 else:
                     last = CompletionResponse(id=rid, created=created, model=setup.id, choices=[], usage=usage)
                 yield {"data": last.model_dump_json()}
-            metrics.prompt_tokens.labels(setup.id).inc(p["n_prompt"])
-        except Overloaded:
-            status = "429"
-            yield _error_event(overloaded(limits.retry_after_s))
+            metrics.prompt_tokens.labels(setup.id).inc(p.n_prompt)
         except TimeoutError:
             status = "408"
-            yield _error_event(APIError(408, f"the request took longer than its deadline of "
-                                        f"{limits.request_timeout_s:g} s", type="timeout", code="deadline_exceeded"))  # fmt: skip
+            yield deadline_exceeded(limits.request_timeout_s).event()
         except ServerStopping:
             status = "503"
-            yield _error_event(APIError(503, "the server is shutting down", type="unavailable", code="shutting_down"))
+            yield shutting_down().event()
         except (GenerationCancelled, asyncio.CancelledError):
             status = "499"  # the client went away (or the server is stopping): nobody reads the rest
             raise
         except FuselmError as e:
             status = "400"
-            yield _error_event(APIError(400, str(e)))
+            yield APIError(400, str(e)).event()
         except Exception:  # a fault of fuselm's own: the stream still ends as a stream
             log.exception("internal error in a stream")
             status = "500"
-            yield _error_event(APIError(500, "internal error in fuselm (see the server log)", type="internal_error"))
+            yield APIError(500, "internal error in fuselm (see the server log)", type="internal_error").event()
         finally:
-            if p["method"] is not None:
-                p["method"].close()
+            p.close()
             metrics.requests.labels(endpoint, setup.id, status).inc()
             metrics.latency.labels(endpoint, setup.id).observe(time.perf_counter() - t0)
         yield {"data": "[DONE]"}
 
-    def _error_event(e: APIError) -> dict:
-        return {"data": json.dumps(e.body())}
-
     def openapi() -> dict[str, Any]:
-        """The schema, with what this server accepts: its model ids and its limits."""
+        """The schema, with what this server accepts: its model ids, its limits, and what the
+        `fuselm` extension may choose (the methods, their options and the bounds per model id)."""
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
             from .._version import __version__
 
             schema = get_openapi(title=app.title, version=__version__, summary=app.summary, routes=app.routes)
+            components = schema["components"]["schemas"]
             for name in ("CompletionRequest", "ChatCompletionRequest"):
-                props = schema["components"]["schemas"][name]["properties"]
+                props = components[name]["properties"]
                 props["model"]["enum"] = [s.id for s in config.setups]
                 for field in ("max_tokens", "max_completion_tokens"):
                     if field in props:
                         _set_maximum(props[field], limits.max_tokens)
                 _set_maximum(props["n"], limits.max_n)
+            if "FuselmExtension" in components:
+                _describe_extension(components["FuselmExtension"], bounds)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(Edge, config=config, metrics=metrics)
     return app
+
+
+def _close_built(future) -> None:
+    if not future.cancelled() and future.exception() is None and future.result() is not None:
+        future.result().close()
+
+
+def _is_template_error(e: Exception) -> bool:
+    """A chat template that raised on the conversation (roles that do not alternate, a role it
+    does not know): jinja2's errors, raised by the template's own `raise_exception`."""
+    return type(e).__module__.startswith("jinja2")
 
 
 def _set_maximum(prop: dict[str, Any], maximum: int) -> None:
@@ -527,3 +549,46 @@ def _set_maximum(prop: dict[str, Any], maximum: int) -> None:
     for option in prop.get("anyOf", [prop]):
         if option.get("type") == "integer":
             option["maximum"] = maximum
+
+
+def _describe_extension(schema: dict[str, Any], bounds: dict[str, RequestBounds]) -> None:
+    """The `fuselm` extension as one variant per method a request may name, each with that
+    method's options (path options left out: a request cannot name a file; each work option with
+    the largest bound of any model id), so that a generated request is a real one; the bounds per
+    model id under `x-fuselm-bounds`."""
+    from ..fusion.methods import METHODS
+    from .bounds import PATH_OPTIONS
+
+    methods = sorted({m for b in bounds.values() for m in b.methods})
+    top: dict[str, int] = {}
+    for b in bounds.values():
+        for option, maximum in b.option_max.items():
+            top[option] = max(top.get(option, 0), maximum)
+    trace = schema["properties"]["trace"]
+    variants = []
+    for name in methods:
+        fields = {
+            field: spec
+            for field, spec in METHODS.get(name).Options.model_json_schema().get("properties", {}).items()
+            if field not in PATH_OPTIONS
+        }
+        for field, spec in fields.items():
+            if field in top:
+                _set_maximum(spec, top[field])
+        variants.append({
+            "type": "object",
+            "properties": {
+                "method": {"type": "string", "enum": [name]},
+                "options": {"type": "object", "properties": fields, "additionalProperties": False},
+                "trace": trace,
+            },
+            "required": ["method"],
+            "additionalProperties": False,
+        })  # fmt: skip
+    variants.append({"type": "object", "properties": {"trace": trace}, "additionalProperties": False})
+    description = schema.get("description", "")
+    schema.clear()
+    schema.update({"description": description, "anyOf": variants})
+    schema["x-fuselm-bounds"] = {
+        sid: {"methods": list(b.methods), "option_max": b.option_max} for sid, b in bounds.items()
+    }

@@ -15,6 +15,7 @@ setups:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -34,6 +35,28 @@ class Limits(StrictModel):
     request_timeout_s: float = Field(300.0, gt=0, description="a request's deadline, waiting included (408 after it)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 beyond it)")
     retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 429")
+    max_stop_chars: int = Field(200, ge=1, description="longest stop string a request may give, in characters")
+    option_factor: float = Field(
+        2.0,
+        ge=1.0,
+        description="a request's work options (branches, top_k, ...) up to this multiple of the setup's own values",
+    )
+    option_max: dict[str, int] = Field(
+        default_factory=dict, description="a work option's largest value per request, instead of the factor"
+    )
+
+    @model_validator(mode="after")
+    def _known_options(self) -> Limits:
+        from ..fusion.methods import METHODS
+        from ..fusion.options import WORK, marked
+
+        known = {name for cls in METHODS.values() for name in marked(cls.Options, WORK)}
+        unknown = sorted(set(self.option_max) - known)
+        if unknown:
+            raise ValueError(f"option_max: {', '.join(unknown)} not a work option (known: {', '.join(sorted(known))})")
+        if any(v < 1 for v in self.option_max.values()):
+            raise ValueError("option_max: each bound is at least 1")
+        return self
 
 
 class Setup(StrictModel):
@@ -72,8 +95,29 @@ class ServeConfig(StrictModel):
     host: str = Field("127.0.0.1", description="address to bind (127.0.0.1: this machine only)")
     port: int = Field(8000, ge=0, le=65535, description="port (0: any free one)")
     api_key: str | None = Field(None, description="required as `Authorization: Bearer KEY` on /v1 (or FUSELM_API_KEY)")
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header values served (a request naming another host: 400); default: the loopback names"
+        " when bound to a loopback address (no DNS rebinding), any host otherwise",
+    )
     limits: Limits = Field(default_factory=Limits)
     setups: list[Setup] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _key_not_empty(self) -> ServeConfig:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: give a key, or leave it out to serve without one")
+        return self
+
+    def loopback(self) -> bool:
+        """Whether the server listens on this machine only."""
+        return is_loopback(self.host)
+
+    def hosts(self) -> list[str] | None:
+        """The Host names served (None: any)."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return list(LOOPBACK_NAMES) if self.loopback() else None
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ServeConfig:
@@ -82,3 +126,15 @@ class ServeConfig(StrictModel):
         if dup:
             raise ValueError(f"setup ids must be unique; repeated: {', '.join(dup)}")
         return self
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

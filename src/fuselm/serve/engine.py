@@ -164,14 +164,23 @@ class ServedSetup:
     def method(self) -> str:
         return self.config.method
 
-    def build(self, method: str | None, options: dict[str, Any] | None) -> RequestMethod | None:
-        """None for the setup's own method; else the method a request names, or the setup's with
-        the request's options (FuselmError when it cannot run on these models)."""
+    def request_method(self, method: str | None, options: dict[str, Any] | None) -> tuple[str, dict[str, Any]] | None:
+        """What a request asks for: None for the setup's own method; else the method it names,
+        or the setup's with the request's options, checked without any model work (FuselmError
+        when it cannot run on these models). Build it with :meth:`build` once admitted."""
         if method is None and options is None:
             return None
         name = method or self.config.method
         opts = options if options is not None else (self.config.method_options if method is None else {})
-        check_method(name, len(self.models), opts)
+        check_method(name, len(self.config.models), opts)
+        return name, opts
+
+    def build(self, asked: tuple[str, dict[str, Any]] | None) -> RequestMethod | None:
+        """The method of :meth:`request_method` built over the first replica (tokenizer tables,
+        a router: model work, done inside the request's slot and deadline)."""
+        if asked is None:
+            return None
+        name, opts = asked
         return RequestMethod(name, opts, build_method(name, self.models, opts))
 
     def prompt_tokens(self, prompt: Prompt, gen: GenerationConfig) -> int:
@@ -241,8 +250,8 @@ class Scheduler:
         if self._slots.locked() and self.waiting >= self.limits.max_queue:
             raise Overloaded()
 
-    @asynccontextmanager
-    async def slot(self):
+    async def acquire(self) -> Slot:
+        """Wait for a slot (Overloaded at once when the queue is full); the caller releases it."""
         self.admit()
         self.waiting += 1
         try:
@@ -250,11 +259,29 @@ class Scheduler:
         finally:
             self.waiting -= 1
         self.running += 1
+        return Slot(self)
+
+    @asynccontextmanager
+    async def slot(self):
+        held = await self.acquire()
         try:
-            yield
+            yield held
         finally:
-            self.running -= 1
-            self._slots.release()
+            held.release()
+
+
+class Slot:
+    """A held generation slot; released once, by whoever ends the request first (the route, or
+    the stream when it ends or never starts)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler: Scheduler | None = scheduler
+
+    def release(self) -> None:
+        s, self._scheduler = self._scheduler, None
+        if s is not None:
+            s.running -= 1
+            s._slots.release()
 
 
 async def run_on(worker: ThreadPoolExecutor, fn: Callable[[], Any], cancel: threading.Event) -> Any:

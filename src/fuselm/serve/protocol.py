@@ -175,12 +175,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FuselmStats(BaseModel):
+    """A generation's stats as the server returns them: those of `generate --json` without what
+    the shared prefix cache did (`cached_prompt_tokens`, `tokens_forwarded`), which would tell a
+    client how much of its prompt the previous client's prompt shared."""
+
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float | None
+    forward_passes: dict[str, int]
+    prompt_tokens: dict[str, int]
+    text_share: dict[str, float]
+    rounds: int
+
+    @classmethod
+    def of(cls, stats: GenerationStats) -> FuselmStats:
+        return cls(**stats.model_dump(exclude={"cached_prompt_tokens", "tokens_forwarded"}))
+
+
 class FuselmInfo(BaseModel):
     """The `fuselm` object of a response: what `generate --json` shows (asked for with trace)."""
 
     method: str
     models: list[str]
-    stats: GenerationStats
+    stats: FuselmStats
     trace: list[TraceStep]
 
 
@@ -259,9 +277,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "fuselm"
-    # fuselm's extension: what the model id stands for
+    # fuselm's extension: what the model id stands for, and what a request may choose (serve.bounds)
     method: str
     models: list[str]
+    request_methods: list[str] = Field(default_factory=list, description="methods the `fuselm` extension may name")
+    option_max: dict[str, int] = Field(default_factory=dict, description="largest work option a request may give")
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,157 @@
+"""The edge of the server: what every HTTP request meets before any route (one ASGI middleware).
+
+In this order, each refusal an error body (`serve.errors`):
+1. the Host header must name this server (400 otherwise): a keyless server on 127.0.0.1 is not
+   reachable from a web page through DNS rebinding (`ServeConfig.hosts`);
+2. the API key, for the routes under /v1, from the headers alone (401), before a byte of the
+   body is read; a refused request is counted without anything it sent (no model label);
+3. a POST body must say `Content-Type: application/json` (415) and be at most
+   `limits.max_body_bytes` (413), read up to that and no further;
+4. and be strict JSON a route can take whole (400 `invalid_json` otherwise): UTF-8, no NaN or
+   Infinity (Python's JSON reader takes them) nor a number that overflows to it (`1e999`), no
+   lone UTF-16 surrogate in a string (no text codec takes those); the error names the field.
+
+Public routes (no key): /health, /ready, /metrics (counts by served model ids only), the
+playground page at / and the OpenAPI document. Everything under /v1 needs the key when one is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from typing import Any
+
+from .config import ServeConfig
+from .errors import APIError
+from .metrics import Metrics
+
+PROTECTED = "/v1"
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models"}
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics label of a path: a known endpoint's name, or one fixed label."""
+    return ENDPOINTS.get(path.rstrip("/") or "/", "other")
+
+
+class BadJSON(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _no_constants(name: str) -> Any:
+    raise BadJSON(f"{name} is not JSON (numbers must be finite)")
+
+
+def _check_values(value: Any, path: list[str]) -> None:
+    """Refuse a lone surrogate in any string (keys included) and a number too large to be finite
+    (`1e999`), naming where."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadJSON("a number is too large (numbers must be finite)", ".".join(path) or None)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadJSON("a string holds a lone UTF-16 surrogate (not text)", ".".join(path) or None) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_values(k, path)
+            _check_values(v, [*path, str(k)])
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_values(v, [*path, str(i)])
+
+
+def strict_json(body: bytes) -> Any:
+    """The body's JSON value, or BadJSON."""
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+    except BadJSON:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadJSON("the request body is not valid JSON") from None
+    try:
+        _check_values(value, [])
+    except RecursionError:
+        raise BadJSON("the request body is nested too deeply") from None
+    return value
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header ("127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "[::1]")."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Edge:
+    def __init__(self, app, config: ServeConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+        self.hosts = {h.lower() for h in config.hosts()} if config.hosts() is not None else None
+        self.key = config.api_key.encode() if config.api_key else None
+        self.limit = config.limits.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._admit(scope, receive)
+        except APIError as e:
+            return await e.response()(scope, receive, send)
+        if body is None:  # the client went away while sending
+            return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _admit(self, scope, receive) -> bytes | None:
+        headers: dict[bytes, bytes] = {}
+        for k, v in scope.get("headers") or []:
+            headers.setdefault(k.lower(), v)  # the first of a repeated header
+        path: str = scope.get("path", "")
+        if self.hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+            if _host_name(host) not in self.hosts:
+                raise APIError(400, "this server does not serve that Host", code="invalid_host")
+        if self.key is not None and (path == PROTECTED or path.startswith(PROTECTED + "/")):
+            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.key):
+                self.metrics.requests.labels(endpoint_label(path), "-", "401").inc()
+                raise APIError(401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
+        post = scope.get("method") == "POST"
+        if post:
+            media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if media != "application/json":
+                raise APIError(415, "the body must be JSON, sent with Content-Type: application/json",
+                               code="unsupported_media_type")  # fmt: skip
+        too_large = APIError(413, f"request body over {self.limit} bytes", code="body_too_large")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            raise too_large
+        chunks, size, more = [], 0, True
+        while more:  # bodies are small (capped): read them whole, then hand them on
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise too_large
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if post and body:
+            try:
+                strict_json(body)
+            except BadJSON as e:
+                raise APIError(400, str(e), param=e.param, code="invalid_json") from None
+        return body
