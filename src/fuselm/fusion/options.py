@@ -35,7 +35,7 @@ def marked(options: type[BaseModel], mark: str) -> dict[str, Any]:
 
 
 class EnsembleOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN weight would decide nothing
 
     weights: list[float] | None = Field(
         None, description="per-model weights in the ensemble score (default: each model's `weight`, 1)"
