@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,80 @@ def test_humaneval_execution_limits():
     assert run_program("x = bytearray(4 << 30)\n") is False  # over the memory limit
 
 
+def _gone(pid: int, wait_s: float = 5.0) -> bool:
+    """Whether process `pid` has ended (a zombie that init has not reaped yet has ended)."""
+    end = time.time() + wait_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.time() > end:
+            return False
+        time.sleep(0.05)
+
+
+def test_the_sandbox_passes_on_nothing_of_the_parent_s_environment(monkeypatch):
+    from fuselm.eval.sandbox import run_python
+
+    monkeypatch.setenv("FUSELM_API_KEY", "fuselm-secret-1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-2")
+    monkeypatch.setenv("PYTHONPATH", "/nowhere")
+    program = (
+        "import json, os, resource, sys\n"
+        "limits = {n: resource.getrlimit(getattr(resource, 'RLIMIT_' + n)) for n in ('CPU', 'FSIZE', 'AS', 'CORE')}\n"
+        "print(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd(), 'limits': limits, 'hash': hash('abc'),\n"
+        "                  'user_site': sys.flags.no_user_site, 'safe_path': sys.flags.safe_path}))\n"
+    )
+    first = run_python(program)
+    assert first.ok, first.stderr
+    seen = json.loads(first.stdout)
+    assert set(seen["env"]) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONHASHSEED", "LC_CTYPE"}
+    assert not any("secret" in v or "nowhere" in v for v in seen["env"].values())
+    assert seen["env"]["HOME"] == seen["cwd"] and Path(seen["cwd"]).name.startswith("fuselm-sandbox-")
+    assert not Path(seen["cwd"]).exists()  # removed afterwards
+    assert seen["limits"] == {"CPU": [13, 14], "FSIZE": [1 << 20] * 2, "AS": [1 << 30] * 2, "CORE": [0, 0]}
+    assert seen["user_site"] == 1 and seen["safe_path"] is True  # what -I gives
+    assert json.loads(run_python(program).stdout)["hash"] == seen["hash"]  # PYTHONHASHSEED is honoured
+
+
+def test_the_sandbox_kills_the_whole_process_group_at_the_time_limit():
+    from fuselm.eval.sandbox import Limits, run_python
+
+    forks = (
+        "import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid, flush=True)\n"
+    )
+    hung = run_python(forks + "time.sleep(60)\n", Limits(timeout_s=3))
+    assert hung.timed_out and not hung.ok and hung.returncode is None
+    assert _gone(int(hung.stdout)), "the grandchild outlived the time limit"
+    # a program that ends leaving a process behind: that one is killed too, its result stands
+    left = run_python(forks, Limits(timeout_s=3))
+    assert left.ok and _gone(int(left.stdout)), "a process left behind outlived the program"
+    spin = run_python("while True:\n    pass\n", Limits(timeout_s=1))
+    assert spin.timed_out and not spin.ok
+
+
+def test_the_sandbox_limits_file_size_and_output_and_leaves_nothing_behind():
+    import tracemalloc
+
+    from fuselm.eval.sandbox import OUTPUT_KEEP, run_python
+
+    big = run_python("import os\nprint(os.getcwd(), flush=True)\nopen('big', 'wb').write(b'x' * (50 << 20))\n")
+    assert not big.ok and big.returncode == 1 and b"File too large" in big.stderr
+    assert not Path(big.stdout.decode().strip()).exists()
+    tracemalloc.start()
+    try:
+        loud = run_python("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(100):\n    sys.stdout.write(chunk)\n")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert loud.ok and not loud.timed_out
+    assert len(loud.stdout) <= OUTPUT_KEEP + 64 and loud.dropped == (100 << 20) - OUTPUT_KEEP
+    assert peak < 8 << 20, f"{peak} bytes allocated while reading 100 MiB of output"
+
+
 def test_a_run_made_before_a_config_field_existed_is_still_the_same_run(tmp_path):
     """A field added to the config since (at its default) does not make an earlier run another
     one; a changed setting does."""
@@ -135,6 +210,36 @@ def test_a_run_is_not_resumed_with_a_controller_or_router_trained_again(tmp_path
     (router / "config.json").write_text('{"trained": "again"}')
     with pytest.raises(FuselmError, match="made with another router"):
         prepare_run_dir(other, spec(router=str(router)), "digest")
+
+
+def test_set_aside_refuses_a_run_directory_that_a_live_run_holds(tmp_path):
+    """calibrate and scripts/never_worse_matrix.py move a run of another setup aside; a run still
+    working in it (or in the place it would go to) keeps it: refused, nothing moved."""
+    from fuselm.eval.runner import set_aside
+
+    from .test_files import _locker
+
+    out = tmp_path / "single-a"
+    out.mkdir()
+    (out / "rows.jsonl").write_text('{"id": 0}\n')
+    aside = tmp_path / "single-a.superseded"
+    for held in (out, aside):
+        held.mkdir(exist_ok=True)
+        holder = _locker(held, "-", 600)
+        try:
+            assert holder.stdout.readline() == "ready\n" and holder.stdout.readline().startswith("held")
+            with pytest.raises(FuselmError) as e:
+                set_aside(out)
+            assert f"{held} is in use by another fuselm eval (pid {holder.pid})" in str(e.value)
+            assert len(str(e.value).splitlines()) == 1
+            assert (out / "rows.jsonl").read_text() == '{"id": 0}\n' and not (aside / "rows.jsonl").exists()
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    # once nobody holds them: moved, and no lock file travels with it
+    assert set_aside(out) == aside
+    assert not out.exists() and (aside / "rows.jsonl").read_text() == '{"id": 0}\n'
+    assert not (aside / ".lock").exists()
 
 
 def test_bad_data_is_named_by_file_and_line(tmp_path):

@@ -1,12 +1,19 @@
-"""The bottom-layer file helpers: atomic writes keep ordinary permissions, digests see changes."""
+"""The bottom-layer file helpers: atomic writes keep ordinary permissions, digests see changes,
+a directory's lock is held by one process at a time."""
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from fuselm.files import atomic_dir, atomic_write, content_digest
+import fuselm.files
+from fuselm.errors import FuselmError
+from fuselm.files import DirLock, atomic_dir, atomic_write, content_digest
 
 
 @pytest.fixture
@@ -76,3 +83,105 @@ def test_a_killed_writer_s_temporaries_are_removed_by_the_next_write_once_stale(
     with atomic_dir(tmp_path / "hf") as d:
         (d / "config.json").write_text("{}")
     assert not stale_dir.exists() and (tmp_path / "hf" / "config.json").is_file()
+
+
+# A process that takes a DirLock. It imports fuselm.files alone (not the package, whose imports
+# take seconds), says "ready", waits until the file named in argv exists ("-": no wait) so that
+# several start together, holds the lock for a while and says what happened: "held PID" and
+# "interval T0 T1" ("BOTH" if it found another holder's marker while holding), or "refused MESSAGE".
+_LOCKER = """
+import os, sys, time, types
+pkg = types.ModuleType("fuselm")
+pkg.__path__ = [sys.argv[1]]
+sys.modules["fuselm"] = pkg
+from fuselm.errors import FuselmError
+from fuselm.files import DirLock
+
+directory, go, hold = sys.argv[2], sys.argv[3], float(sys.argv[4])
+print("ready", flush=True)
+while go != "-" and not os.path.exists(go):
+    pass
+lock = DirLock(directory)
+try:
+    lock.acquire()
+except FuselmError as e:
+    print("refused", e, flush=True)
+    sys.exit(0)
+t0 = time.time()
+print("held", os.getpid(), flush=True)
+try:
+    marker = os.open(os.path.join(directory, "holder"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+except FileExistsError:
+    print("BOTH", flush=True)
+    marker = None
+time.sleep(hold)
+if marker is not None:
+    os.close(marker)
+    os.unlink(os.path.join(directory, "holder"))
+t1 = time.time()
+lock.release()
+print("interval", t0, t1, flush=True)
+"""
+
+
+def _locker(directory: Path, go: str | Path, hold: float) -> subprocess.Popen:
+    package = str(Path(fuselm.files.__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, package, str(directory), str(go), str(hold)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_two_processes_racing_for_a_lock_never_both_hold_it(tmp_path):
+    """The race of the old stale-lock takeover: a lock file left by a dead process, and two
+    processes that find it at once. Each round, exactly one may hold the lock at any moment."""
+    refused = 0
+    for round_ in range(20):
+        d = tmp_path / f"run{round_}"
+        d.mkdir()
+        (d / DirLock.NAME).write_text(f"{_dead_pid()}\n")  # a killed holder's file
+        go = tmp_path / f"go{round_}"
+        procs = [_locker(d, go, 0.3) for _ in range(2)]
+        assert [p.stdout.readline() for p in procs] == ["ready\n"] * 2
+        go.touch()  # both spin on it: they take the lock within a moment of each other
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+        lines = [o[0].splitlines() for o in outs]
+        assert not any("BOTH" in ls for ls in lines), lines
+        intervals = [tuple(map(float, ln.split()[1:])) for ls in lines for ln in ls if ln.startswith("interval")]
+        if len(intervals) == 2:  # both held it, one after the other (one started late): never at once
+            (a0, a1), (b0, b1) = sorted(intervals)
+            assert a1 <= b0, intervals
+        else:
+            refused += 1
+            (msg,) = [ln for ls in lines for ln in ls if ln.startswith("refused")]
+            holder = next(ln.split()[1] for ls in lines for ln in ls if ln.startswith("held"))
+            assert f"is in use by another fuselm run (pid {holder})" in msg
+        assert not (d / DirLock.NAME).exists()  # released: removed
+    assert refused >= 10  # they did race (one more than 0.3 s late is rare)
+
+
+def test_a_killed_holder_s_lock_is_taken_at_once_by_the_next_process(tmp_path):
+    holder = _locker(tmp_path, "-", 600)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        assert holder.stdout.readline() == f"held {holder.pid}\n"
+        with pytest.raises(FuselmError, match=rf"is in use by another fuselm eval \(pid {holder.pid}\); wait"):
+            DirLock(tmp_path, "eval").acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / DirLock.NAME).read_text().strip() == str(holder.pid)  # left behind, as a crash leaves it
+    with DirLock(tmp_path, "eval"):  # no staleness rule to wait for: the kernel released it with the process
+        assert (tmp_path / DirLock.NAME).read_text().strip() == str(os.getpid())
+        with pytest.raises(FuselmError, match=rf"in use by another fuselm eval \(pid {os.getpid()}\)"):
+            DirLock(tmp_path, "eval").acquire()  # also another lock of this process
+    assert not (tmp_path / DirLock.NAME).exists()

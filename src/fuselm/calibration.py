@@ -3,6 +3,16 @@ one task, chosen on dev rows, and what was tried. `generate`, `eval` and `serve`
 `--calibration FILE` (or `calibration:` in a config): it gives the models, the method and the
 method options; the eval runner also refuses test rows that the calibration used.
 
+A calibration file may come from someone else, so applying one only chooses a setup: which
+members (by name), the method and its options. Its member entries may carry the name, the weight
+and the local settings in `CALIBRATION_FIELDS` (how a model runs here, nothing it can reach or
+execute); an entry that sets anything else (`trust_remote_code: true`, an engine's `engine`,
+`url`, `model`, `api_key_env`, a `tokenizer` path) is refused, unless the user gives the model
+entries beside the calibration (`--models`, a config's `models:`): then those are used and the
+calibration's entries are not. The file still records every entry given to `fuselm calibrate`
+(engines' URLs included), so the user who made it on engine experts passes them again. Option
+files (`controller`, `router`) written relative are read relative to the calibration file.
+
 The file is YAML, written by `eval.calibrate` and read here (the layers above only apply it).
 """
 
@@ -19,6 +29,11 @@ from .errors import FuselmError
 from .files import atomic_write, load_yaml
 
 FORMAT = 1
+
+# What a calibration's member entry may set when it is applied without the user's own entries:
+# how a model runs here, never what code runs, which server is reached or which secret is sent.
+CALIBRATION_FIELDS = ("name", "weight", "backend", "device", "dtype", "n_ctx", "threads", "timeout_s")
+PATH_OPTIONS = ("controller", "router")  # method options that name a file or a directory
 
 
 class DevRows(StrictModel):
@@ -131,26 +146,52 @@ def _names(models: list[Any]) -> list[str]:
 
 def apply_calibration(data: dict[str, Any], path: str | Path, task: str | None = None) -> dict[str, Any]:
     """A run config (as a dict: models, method, method_options) with the calibration's setup.
-    Models given beside it must be the ones it was made for; a method given beside it is an
-    error (the calibration chose one); method options given beside it override its own. With
-    `task`, the calibration must be for that task."""
+    Models given beside it must be the ones it was made for, and their entries are used; without
+    them, the calibration's entries, each limited to CALIBRATION_FIELDS (see the module's
+    docstring). A method given beside it is an error (the calibration chose one); method options
+    given beside it override its own. With `task`, the calibration must be for that task."""
     cal = load_calibration(path)
     if task is not None and task != cal.task:
         raise FuselmError(f"{path} calibrates task {cal.task!r}, not {task!r}: calibrate for {task!r} first")
     given = data.get("models")
-    entries: dict[str, Any] = {m.name: m.model_dump(exclude_unset=True) for m in cal.members}
     if given:
-        names, members = _names(given), list(entries)
+        names, members = _names(given), [m.name for m in cal.members]
         if sorted(names) != sorted(members):
             raise FuselmError(
                 f"{path} was made for models {', '.join(members)}; given {', '.join(names)}"
                 " (leave the models out: the calibration gives them)"
             )
         entries = dict(zip(names, given))  # the entries given (another machine: engines, threads)
+    else:
+        by_name = {m.name: m for m in cal.members}
+        entries = {n: _member_entry(by_name[n], path, list(by_name)) for n in cal.models}
     if data.get("method") not in (None, cal.method):
         raise FuselmError(f"{path} chose method {cal.method!r}; drop --method {data['method']} (or calibrate again)")
     out = dict(data)
     out["models"] = [entries[n] for n in cal.models]
     out["method"] = cal.method
-    out["method_options"] = {**cal.method_options, **(data.get("method_options") or {})}
+    out["method_options"] = {**_options_beside(cal.method_options, path), **(data.get("method_options") or {})}
     return out
+
+
+def _member_entry(member: ModelConfig, path: str | Path, members: list[str]) -> dict[str, Any]:
+    """A calibration's entry of a chosen member, as a model entry of the run: refused when it
+    sets more than CALIBRATION_FIELDS (false and null values set nothing)."""
+    entry = member.model_dump(exclude_unset=True)
+    for field, value in entry.items():
+        if field not in CALIBRATION_FIELDS and value is not None and value is not False:
+            raise FuselmError(
+                f"{path}: a calibration cannot set {field} (member {member.name!r}); give the models yourself"
+                f" with --models/--config ({', '.join(members)})"
+            )
+    return {k: v for k, v in entry.items() if k in CALIBRATION_FIELDS}
+
+
+def _options_beside(options: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The calibration's method options, with a relative controller file or router directory
+    taken relative to the calibration file (`fuselm calibrate` writes them absolute)."""
+    here = Path(path).parent
+    return {
+        k: str(here / v) if k in PATH_OPTIONS and isinstance(v, str) and v and not Path(v).is_absolute() else v
+        for k, v in options.items()
+    }

