@@ -53,6 +53,19 @@ class Task:
     # The text a model should write after the prompt, where it is not the first reference with a
     # newline (GSM8K: a rationale in the shots' format).
     target: Callable[[dict[str, Any]], str] | None = None
+    # What a model is asked for: `generate_until` (text, scored against references), lm-eval's name.
+    output_type: str = "generate_until"
+    # The field a row's id is read from where the row has no `id` (else its line index).
+    row_id: str = "task_id"
+
+    @property
+    def label(self) -> str:
+        """A short name to show and to name directories by (a task file's own `task` name)."""
+        return self.name
+
+    def pin(self, run_config: Path) -> None:
+        """Record in a run's config.json what the task was read from, or refuse a run made with
+        another version of it. A built-in task is code (the run records fuselm's version): nothing."""
 
     def scale(self, metric: str | None = None) -> float:
         """How a metric (default: the main one) is shown: per-row scores in %, corpus metrics
@@ -167,7 +180,7 @@ def load_rows(task: Task, data: str | None, data_dir: Path | None = None) -> lis
             missing = [k for k in task.fields if k not in row]
             if missing:
                 raise FuselmError(f"{path}:{lineno}: missing field(s) {', '.join(missing)} for task {task.name}")
-            row.setdefault("id", row.get("task_id", lineno - 1))
+            row.setdefault("id", row.get(task.row_id, lineno - 1))
             rows.append(row)
     return rows
 

@@ -1,4 +1,5 @@
-"""The built-in tasks: each module defines its task(s); this registry lists them."""
+"""The built-in tasks: each module defines its task(s); this registry lists them. A task may
+also be a task file (an lm-evaluation-harness task YAML, `eval/taskfile.py`), named by its path."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ TASKS: Registry[Task] = Registry("task", [*qa.TASKS, *gsm8k.TASKS, *flores.TASKS
 
 
 def get_task(name: str) -> Task:
-    return TASKS.get(name)
+    """A built-in task by name, or the task of a task file (`path/to/task.yaml`), whose
+    `name` is then its absolute path: the name runs and calibrations record."""
+    if name in TASKS:
+        return TASKS.get(name)
+    from ..taskfile import is_task_file, load_task_file  # here: taskfile reads the built-in tasks' rules
+
+    if is_task_file(name):
+        return load_task_file(name)
+    return TASKS.get(name)  # unknown: "did you mean"
 
 
 def task_names() -> list[str]:
