@@ -13,7 +13,7 @@ from fuselm import GenerationConfig
 from fuselm.calibration import Trial, load_calibration
 from fuselm.config import ModelConfig
 from fuselm.errors import FuselmError
-from fuselm.eval.calibrate import check_unused, choose, choose_anchor
+from fuselm.eval.calibrate import _slug, check_unused, choose, choose_anchor
 from fuselm.eval.records import EvalSpec
 from fuselm.eval.report import RunView, calibration_points, paired_difference
 from fuselm.eval.tasks import get_task
@@ -200,7 +200,7 @@ def calibrate_cli(answer_models, answer_data, tmp_path, order=("wrong", "right")
     models = ",".join(answer_models[n] for n in order)
     r = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "triviaqa/rows.jsonl",
                 "--limit", "6", "--max-new-tokens", "3", "--data-dir", str(answer_data), "--out", str(out),
-                "--thetas", "0.5", "--margins", "0", "--no-progress", *extra)  # fmt: skip
+                "--thetas", "0.5", "--margins", "0", "--min-rows", "1", "--no-progress", *extra)  # fmt: skip
     return r, out
 
 
@@ -322,7 +322,7 @@ def test_with_three_members_the_calibration_also_fuses_the_best_two_on_the_dev_r
     out = tmp_path / "calib.yaml"
     r = run_cli("calibrate", "--task", "triviaqa", "--models", ",".join(models), "--dev-data", "triviaqa/rows.jsonl",
                 "--limit", "3", "--max-new-tokens", "3", "--data-dir", str(answer_data), "--out", str(out),
-                "--thetas", "0.5", "--margins", "0", "--max-gap", "100", "--no-progress")  # fmt: skip
+                "--thetas", "0.5", "--margins", "0", "--max-gap", "100", "--min-rows", "1", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     cal = load_calibration(out)
     tried = {t.label: t for t in cal.tried}
@@ -384,7 +384,7 @@ def test_a_task_without_a_dev_split_calibrates_on_its_own_test_file_named_test(a
     models = ",".join(answer_models[n] for n in ("right", "wrong"))
     r = run_cli("calibrate", "--task", "humaneval", "--models", models, "--dev-data", "test", "--offset", "160",
                 "--limit", "2", "--max-new-tokens", "2", "--data-dir", str(answer_data), "--out", str(out),
-                "--thetas", "0.5", "--margins", "0", "--no-progress")  # fmt: skip
+                "--thetas", "0.5", "--margins", "0", "--min-rows", "1", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     cal = load_calibration(out)
     assert cal.dev.file == "test" and len(cal.dev.ids) == 2
@@ -553,7 +553,7 @@ def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(an
     models = f"{answer_models['wrong']},{answer_models['right']}"  # adafuse's tie goes to `wrong`
     common = ["--task", "triviaqa", "--models", models, "--dev-data", "triviaqa/rows.jsonl", "--max-new-tokens",
               "3", "--data-dir", str(answer_data), "--thetas", "0.5", "--margins", "0", "--max-gap", "100",
-              "--no-progress"]  # fmt: skip
+              "--min-rows", "1", "--no-progress"]  # fmt: skip
     r = run_cli("calibrate", *common, "--limit", "3", "--controller-rows", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr
     cal = load_calibration(out)
@@ -687,3 +687,82 @@ def test_a_robust_combination_keeps_one_outlier_from_deciding(smol_tokenizer_dir
     gen = GenerationConfig(max_new_tokens=2, chat="raw")
     first = generate([x, y, z], "start", "adafuse", gen, {"branches": 1, "combine": combine}).trace[0]
     assert [c.text for c in first.candidates] == [" a", " b b"] and first.text == winner
+
+
+# --- the race: blocks of dev rows, setups left behind, cost in the choice ---------------------------
+
+
+@pytest.fixture(scope="module")
+def race_data(tmp_path_factory):
+    """12 TriviaQA-shaped rows whose every answer is "a a a" (the right model's)."""
+    root = tmp_path_factory.mktemp("race")
+    (root / "triviaqa").mkdir()
+    (root / "triviaqa" / "prompt.txt").write_text("Question: Say a.\nAnswer: a a a\n")
+    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(12)]
+    (root / "triviaqa" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_the_race_leaves_a_setup_behind_after_the_block_that_shows_it_is_surely_worse(
+    answer_models, race_data, tmp_path
+):
+    """`wrong` then `right`, both kept: equal-vote adafuse's tie goes to `wrong` (0 on every row)
+    while `right` alone scores 1 on every row: after the first block of 4 rows its interval
+    against the anchor (the best setup measured) lies below the loss bound, so it runs no further; the setups that follow
+    `right` run on all 12 rows. Three looks: every interval at 1 - 0.05/3."""
+    out = tmp_path / "calib.yaml"
+    models = f"{answer_models['wrong']},{answer_models['right']}"
+    r = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "triviaqa/rows.jsonl",
+                "--limit", "12", "--block-rows", "4", "--min-rows", "1", "--max-new-tokens", "3", "--data-dir",
+                str(race_data), "--out", str(out), "--thetas", "0.5", "--margins", "0", "--max-gap", "100",
+                "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cal = load_calibration(out)
+    tried = {t.label: t for t in cal.tried}
+    assert cal.looks == 3 and cal.level == pytest.approx(1 - 0.05 / 3, abs=1e-6)
+    assert tried["adafuse"].n == 4 and tried["adafuse"].score == 0.0
+    # the anchor is the best setup measured: the loss bound says it first
+    assert (
+        tried["adafuse"].dropped
+        == "surely more than the loss bound below the anchor (-100.0 [-100.0, -100.0]) after 4 rows"
+    )
+    assert tried["token-average"].n == 12 and tried["token-average"].dropped is None
+    assert tried["adafuse anchored theta=0.5 margin=0"].n == 12
+    runs = out.with_suffix(".runs")
+    assert len((runs / _slug(f"adafuse {models.replace(',', '+')}") / "rows.jsonl").read_text().splitlines()) == 4
+    assert all(t.cost is not None and t.cost > 0 for t in cal.tried)  # measured against the anchor, same rows
+    assert cal.method == "single" and cal.models == [answer_models["right"]] and len(cal.dev.ids) == 12
+    assert "out after 4 dev rows" in " ".join(r.stderr.split())
+    # too few rows to decide anything: it says so, and runs the best member alone
+    few = tmp_path / "few.yaml"
+    r = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "triviaqa/rows.jsonl",
+                "--limit", "6", "--max-new-tokens", "3", "--data-dir", str(race_data), "--out", str(few),
+                "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cal = load_calibration(few)
+    assert not cal.decided and cal.tried == [] and cal.models == [answer_models["right"]]
+    assert cal.reason.startswith("6 dev rows are too few to tell setups apart (--min-rows 30)")
+
+
+def test_among_setups_within_noise_of_the_best_the_cheapest_is_chosen():
+    """`dear` is right on 16 of 30 rows, `cheap` on 15 (one row less: within noise of it): both
+    surely above the anchor (10). Without costs the higher wins; with costs the cheaper one, and
+    it says why; `--max-cost` leaves the dear one out; a setup surely below a member that is not
+    the anchor is never chosen."""
+    task = get_task("triviaqa")
+    anchor = _dev_run("single", set(range(10)))
+    views = {"dear": _dev_run("dear", set(range(16))), "cheap": _dev_run("cheap", set(range(15)))}
+
+    def trials(costs):
+        return [Trial(label=k, method="adafuse", models=["m", "o"], score=v.summary.main, cost=costs.get(k),
+                      versus_best=list(paired_difference(v, anchor, "em"))) for k, v in views.items()]  # fmt: skip
+
+    assert choose(task, anchor, trials({}), views)[0].label == "dear"
+    chosen, reason = choose(task, anchor, trials({"dear": 2.5, "cheap": 1.3}), views)
+    assert chosen.label == "cheap" and "at 1.30x its time; the cheapest within noise of dear (53.3, 2.50x)" in reason
+    assert choose(task, anchor, trials({"dear": 1.2, "cheap": 1.3}), views)[0].label == "dear"
+    chosen, _ = choose(task, anchor, trials({"dear": 2.5, "cheap": 3.0}), views, max_cost=2.0)
+    assert chosen is None
+    # a member (not the anchor) right on every row: both fused setups are surely below it
+    members = {"m": anchor, "strong": _dev_run("single", set(range(30)))}
+    assert choose(task, anchor, trials({}), views, members=members)[0] is None

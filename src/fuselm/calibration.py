@@ -66,6 +66,8 @@ class Trial(StrictModel):
     versus_best: list[float] | None = Field(None, description="score minus the best member's, 95% paired interval")
     seconds_per_sample: float | None = None
     n: int = 0
+    cost: float | None = Field(None, description="seconds per row relative to the anchor alone on the same rows")
+    dropped: str | None = Field(None, description="why the race left it behind after `n` rows (None: ran to the end)")
 
 
 class Calibration(StrictModel):
@@ -91,6 +93,11 @@ class Calibration(StrictModel):
         " as a fraction of the anchor's score (None: an older calibration, no such bound)",
     )
     tried: list[Trial] = Field(default_factory=list)
+    level: float = Field(
+        0.95, description="the confidence level of every paired interval: 1 - 0.05 / looks (Bonferroni over looks)"
+    )
+    looks: int = Field(1, description="how many times the race looked at the intervals (blocks of dev rows)")
+    decided: bool = Field(True, description="False: too few dev rows to tell setups apart; the best member alone")
     dev_seconds: float | None = Field(
         None, description="generation time of every dev run and of the controller's training rows, summed (the cost)"
     )

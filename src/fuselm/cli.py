@@ -97,7 +97,7 @@ def _method_list() -> str:
 def _task_list() -> str:
     from .eval.tasks import TASKS
 
-    return ", ".join(TASKS.names()) + " (descriptions: --list-tasks)"
+    return ", ".join(TASKS.names()) + ", or a task file (lm-eval YAML, docs/tasks.md; descriptions: `fuselm tasks`)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     sub.add_parser("models", help="list the bundled models and their state on this machine")
+
+    ts = sub.add_parser("tasks", help="list the built-in tasks and those of task files (see docs/tasks.md)")
+    ts.add_argument("files", nargs="*", metavar="FILE.yaml", help="task files (lm-eval task YAML) to read and list")
 
     g = sub.add_parser("generate", help="generate text with one model or an ensemble")
     g.add_argument("prompt", nargs="?", help="the prompt ('-' reads standard input)")
@@ -149,7 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
         " with --offset past the rows you evaluate)",
     )
     c.add_argument("--offset", type=int, default=0, help="first dev row")
-    c.add_argument("--limit", type=int, default=50, help="dev rows (default 50)")
+    c.add_argument("--limit", "--budget-rows", dest="limit", type=int, default=200,
+                   help="dev rows at most: the race's budget (default 200)")  # fmt: skip
+    c.add_argument("--block-rows", type=int, default=50, metavar="N",
+                   help="the race looks after each block of N dev rows and goes on only with the setups still in"
+                        " contention (default 50)")  # fmt: skip
+    c.add_argument(
+        "--budget-minutes",
+        type=float,
+        metavar="M",
+        help="no further block once the calibration's runs have decoded for M minutes",
+    )
+    c.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="X",
+        help="leave out fused setups that take more than X times the anchor's time per row",
+    )
+    c.add_argument(
+        "--min-rows",
+        type=int,
+        default=30,
+        metavar="N",
+        help="on fewer dev rows, choose no fused setup: the best member alone (default 30)",
+    )
     c.add_argument("--out", required=True, metavar="CALIB.yaml", help="the calibration file to write")
     c.add_argument("--plot", metavar="OUT.png",
                    help="also draw what it tried: dev scores with paired intervals (run again to redraw: nothing reruns)")  # fmt: skip
@@ -282,8 +308,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         raise FuselmError("no task given: use --task NAME (see `fuselm eval --list-tasks`)")
     if not ns.out:
         raise FuselmError("give --out DIR for the run (it is resumable: run the same command again to continue)")
-    for t in tasks:
-        get_task(t)  # unknown task: fail before loading any model
+    tasks = [get_task(t).name for t in tasks]  # unknown task: fail before loading any model; a file: its path
     explicit = set(_pick(ns, GenerationConfig)) | set((data.get("generation") or {}).keys())
     summaries = []
     for task in tasks:
@@ -307,7 +332,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                 from .eval.calibrate import check_unused
 
                 check_unused(ns.calibration or data["calibration"], spec, Path(ns.data_dir) if ns.data_dir else None)
-            out = Path(ns.out) if len(tasks) * len(methods) == 1 else Path(ns.out) / f"{task}__{method}"
+            out = Path(ns.out) if len(tasks) * len(methods) == 1 else Path(ns.out) / f"{get_task(task).label}__{method}"
             summaries.append(
                 run_eval(
                     spec,
@@ -352,13 +377,14 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
             task=ns.task, models=models, dev_data=ns.dev_data, offset=ns.offset, limit=ns.limit,
             thetas=_floats(ns.thetas, "--thetas"), margins=_floats(ns.margins, "--margins"), max_gap=ns.max_gap,
             generation=GenerationConfig(**_pick(ns, GenerationConfig)), controller=ns.controller,
-            significant=ns.significant, max_loss=ns.max_loss, anchor_by=ns.anchor_by,
+            significant=ns.significant, max_loss=ns.max_loss, anchor_by=ns.anchor_by, block_rows=ns.block_rows,
+            budget_minutes=ns.budget_minutes, max_cost=ns.max_cost, min_rows=ns.min_rows,
         )  # fmt: skip
     except ValidationError as e:
         raise FuselmError(validation_message(e, "calibrate", flags=True)) from None
     from .eval.tasks import get_task
 
-    get_task(ns.task)  # unknown task: fail before loading any model
+    spec = spec.model_copy(update={"task": get_task(ns.task).name})  # unknown: fail now; a file: its path
     out = Path(ns.out)
     runs = Path(ns.runs) if ns.runs else out.with_suffix(".runs")
     if ns.controller_rows:
@@ -367,7 +393,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         from .training.controller_train import ControllerTrainSpec, train_controller
 
         try:
-            train = ControllerTrainSpec(task=ns.task, models=models, data=ns.dev_data, offset=ns.offset + ns.limit,
+            train = ControllerTrainSpec(task=spec.task, models=models, data=ns.dev_data, offset=ns.offset + ns.limit,
                                         limit=ns.controller_rows)  # fmt: skip
         except ValidationError as e:
             raise FuselmError(validation_message(e, "--controller-rows")) from None
@@ -387,23 +413,28 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     cal.save(out)
     scale = get_task(cal.task).scale(cal.metric)
     table = Table(title=f"calibration of {cal.task} on {len(cal.dev.ids)} dev rows ({cal.dev.file}), {cal.metric}")
-    for col in ("setup", "models", cal.metric, f"minus {cal.anchor} [95%]", "s/sample", ""):
+    for col in ("setup", "models", "rows", cal.metric, f"minus {cal.anchor} [{cal.level:.1%}]", "s/sample", "cost", ""):
         table.add_column(col)
     fmt = lambda x: "n/a" if x is None else f"{x * scale:.1f}"  # noqa: E731
     for m in cal.scores:
         note = "anchor" if m.name == cal.anchor else (m.why_dropped or f"weight {m.weight:g}")
         cost = f"{m.seconds_per_sample:.2f}" if m.seconds_per_sample is not None else ""
-        table.add_row("single", m.name, fmt(m.score), "", cost, note)
+        table.add_row("single", m.name, str(len(cal.dev.ids)), fmt(m.score), "", cost, "1.00" if m.name == cal.anchor
+                      else "", note)  # fmt: skip
     picked = cal.chosen_trial()
     for t in cal.tried:
         d = t.versus_best
         diff = "" if d is None else f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
         chosen = t is picked
         cost = f"{t.seconds_per_sample:.2f}" if t.seconds_per_sample is not None else ""
-        table.add_row(t.label, "+".join(t.models), fmt(t.score), diff, cost, "[green]chosen[/]" if chosen else "")
+        rel = f"{t.cost:.2f}x" if t.cost is not None else ""
+        note = "[green]chosen[/]" if chosen else (f"[dim]out: {t.dropped}[/]" if t.dropped else "")
+        table.add_row(t.label, "+".join(t.models), str(t.n), fmt(t.score), diff, cost, rel, note)
     console.print(table)
     console.print(f"anchor: {cal.anchor_reason}")
     console.print(f"chose: {cal.reason}")
+    if not cal.decided:
+        console.print(f"[yellow]note: {len(cal.dev.ids)} dev rows decide nothing; calibrate on more (--limit)[/]")
     if picked is not None and picked.versus_best is not None and picked.versus_best[1] <= 0:
         console.print(f"[yellow]note: its interval against {cal.anchor} alone includes 0: on {len(cal.dev.ids)} dev rows"
                       " the gain may be noise; more dev rows (--limit) would tell, --significant would not fuse[/]")  # fmt: skip
@@ -436,7 +467,7 @@ def cmd_train_controller(ns: argparse.Namespace) -> int:
     from .eval.tasks import get_task
     from .fusion.methods import method_options
 
-    get_task(ns.task)
+    ns.task = get_task(ns.task).name  # a task file: its path, as calibrate records it
     method_options("adafuse", opts)  # a bad option: one line, before any model loads
     try:
         spec = ControllerTrainSpec(task=ns.task, models=models, data=ns.data, offset=ns.offset, limit=ns.limit,
@@ -617,6 +648,26 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(ns: argparse.Namespace) -> int:
+    """The built-in tasks, then those of the given task files: a row each, in plain columns."""
+    from .eval.taskfile import load_task_file
+    from .eval.tasks import TASKS
+
+    rows = [("name", "task", "type", "data", "metric", "description")]
+    for name in TASKS.names():
+        t = TASKS.get(name)
+        rows.append((t.label, name, t.output_type, t.data_file or "", t.main_metric, t.description))
+    for f in ns.files:
+        t = load_task_file(f)
+        data = os.path.relpath(t.data_file or "")  # under this directory: shorter
+        rows.append((t.label, f, t.output_type, t.data_file if data.startswith("..") else data, t.main_metric,
+                     t.description))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
 def cmd_generate(ns: argparse.Namespace) -> int:
     from .fusion.loop import decode
     from .fusion.methods import build_method
@@ -683,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO)
     handlers = {
         "models": cmd_models,
+        "tasks": cmd_tasks,
         "generate": cmd_generate,
         "eval": cmd_eval,
         "report": cmd_report,

@@ -22,10 +22,27 @@ does not lose to its best member.
    --controller-rows N` trains one on the N rows after these), `adafuse` steered by it.
 4. The best fused setup is chosen only if its dev score is above the anchor's and its paired
    interval against the anchor reaches no lower than `max_loss` of the anchor's score below 0
-   (with `significant`, only if it lies above 0); otherwise the calibration falls back to the
-   anchor alone (`choose`). Scores that tie on the main metric (few dev
+   (with `significant`, only if it lies above 0), it is not surely below any member alone, and
+   it takes at most `max_cost` times the anchor's time; of those, the cheapest within noise of
+   the best one (cost per row relative to the anchor alone, measured on the same rows: a tie
+   goes to the cheaper setup); otherwise the calibration falls back to the anchor alone
+   (`choose`). Scores that tie on the main metric (few dev
    rows, low scores) are ranked by the task's finer metrics (F1 after exact match), and members
    then by their reference NLL.
+
+The grid races instead of running every setup on every row: the members and every fused setup
+run on a first block of dev rows (`block_rows`), then, block by block up to `limit` rows, only
+the setups still in contention go on (each run grows: the same run directory, a larger limit).
+After each block a fused setup is out when its paired interval says it is surely below the best
+setup measured so far (a member or a fused one), surely more than the loss bound below the
+anchor, or when it takes more than `max_cost` times the anchor's time per row; the race stops
+early when the leader is surely above the anchor, when every fused setup is out, or when
+`budget_minutes` are spent. Repeated looks at the same data make a 95% interval wrong more
+often than 5%, so every interval of a calibration is taken at 1 - 0.05/K, K the number of
+looks the budget allows (Bonferroni over the looks: with one block, the plain 95%). The
+choice (4.) is made on the rows each setup reached, among the setups never left behind; and
+on fewer than `min_rows` dev rows no fused setup is chosen at all: the best member alone, and
+the calibration says so.
 
 Every run is an ordinary resumable eval run under the runs directory, so an interrupted
 calibration goes on where it stopped when the same command is run again.
@@ -66,7 +83,17 @@ class CalibrateSpec(BaseModel):
     models: list[ModelConfig]
     dev_data: str | None = Field(None, description="dev rows (default: the task's dev file)")
     offset: int = Field(0, ge=0)
-    limit: int = Field(50, ge=1)
+    limit: int = Field(200, ge=1, description="dev rows at most: the race's budget in rows")
+    block_rows: int = Field(50, ge=1, description="the race looks at its intervals after each block of this many rows")
+    budget_minutes: float | None = Field(
+        None, gt=0, description="no further block once the calibration's runs have decoded for this many minutes"
+    )
+    max_cost: float | None = Field(
+        None, gt=0, description="leave out fused setups that take more than this many times the anchor's time per row"
+    )
+    min_rows: int = Field(
+        30, ge=1, description="on fewer dev rows, no fused setup is chosen: the best member alone, and it says so"
+    )
     # the anchored policy's options, checked here so that a bad grid fails before any model runs
     thetas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=lambda: [0.5, 0.8], min_length=1)
     margins: list[Annotated[float, Field(ge=0.0)]] = Field(default_factory=lambda: [0.0, 0.5], min_length=1)
@@ -196,6 +223,9 @@ def reference_nll(
         model.close()
 
 
+ALPHA = 0.05  # the error a calibration's intervals allow in all, split evenly over the race's looks
+
+
 def calibrate(
     spec: CalibrateSpec,
     runs: Path,
@@ -204,7 +234,8 @@ def calibrate(
     show_progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> Calibration:
-    """Run the calibration of `spec` (resumable, in `runs`) and return its result."""
+    """Run the calibration of `spec` (resumable, in `runs`) and return its result: the members
+    and the grid race over blocks of dev rows (see the module docstring)."""
     task = get_task(spec.task)
     data_dir = data_dir or default_data_dir()
     path, name = dev_file(task, spec.dev_data, data_dir)
@@ -221,26 +252,190 @@ def calibrate(
             spec, task, data_dir, name, {r["id"] for r in rows}
         )
     runs.mkdir(parents=True, exist_ok=True)
+    block = min(spec.block_rows, len(rows))
+    looks = math.ceil(len(rows) / block)
+    level = 1.0 - ALPHA / looks  # every look's intervals at this level: valid however many looks are taken
+    too_few = len(rows) < spec.min_rows
     n_steps = len(spec.models) * 2 + len(spec.thetas) * len(spec.margins)  # grows once it is known who is kept
     step = 0
 
-    def run(label: str, method: str, models: list[ModelConfig], options: dict) -> RunView:
+    def run(label: str, method: str, models: list[ModelConfig], options: dict, n: int) -> RunView:
         nonlocal step
         step += 1
-        say(f"calibrate {step}/{n_steps}: {label} on {len(rows)} dev rows of {name}")
+        say(f"calibrate {step}/{n_steps}: {label} on {n} dev rows of {name}")
         out = runs / _slug(label)
-        ev = base.model_copy(update={"method": method, "models": models, "method_options": options})
+        ev = base.model_copy(update={"method": method, "models": models, "method_options": options, "limit": n})
         _set_aside_if_other_setup(out, ev, say)
         run_eval(ev, out, data_dir, explicit_generation, show_progress=show_progress)
         return load_run(out)
 
-    alone = {m.name: run(f"single {m.name}", "single", [m], {}) for m in spec.models}
-    nll = _reference_nlls(spec, task, rows, data_dir, runs, explicit_generation or set(), say, (step, n_steps),
+    n = block
+    alone = {m.name: run(f"single {m.name}", "single", [m], {}, n) for m in spec.models}
+    nll = _reference_nlls(spec, task, rows[:n], data_dir, runs, explicit_generation or set(), say, (step, n_steps),
                           show_progress)  # fmt: skip
     step += len(spec.models)
-    scores = {n: v.summary.main for n, v in alone.items()}
     ranked = rank_members(task, alone, nll)
-    best, anchor_reason = choose_anchor(task, ranked, alone, nll, spec.anchor_by)
+    if too_few:
+        best = ranked[0]
+        anchor_reason = f"{best} ({_pct(task, alone[best])}): the best dev score"
+    else:
+        best, anchor_reason = choose_anchor(task, ranked, alone, nll, spec.anchor_by, level)
+    members = _member_scores(spec, task, alone, nll, ranked, best)
+    grid = [] if too_few else _grid(spec, members, ranked, best, controller)
+    n_steps += len(grid) - len(spec.thetas) * len(spec.margins)
+    views: dict[str, RunView] = {}
+    dropped: dict[str, str] = {}
+    alive = list(grid)
+    floor_of = lambda anchor: _floor(spec.max_loss, anchor.summary.main)  # noqa: E731
+    stop_reason = ""
+    for look in range(1, looks + 1):
+        if look > 1:
+            n = min(look * block, len(rows))
+            n_steps += len(spec.models) + len(alive)
+            alone = {m.name: run(f"single {m.name}", "single", [m], {}, n) for m in spec.models}
+        for label, method, models, opts in alive:
+            views[label] = run(trial_name(label, [m.name for m in models]), method, models, opts, n)
+        anchor = alone[best]
+        for label, why in _race_drops(task, alone, anchor, {g[0]: views[g[0]] for g in alive}, level,
+                                      floor_of(anchor), spec.max_cost).items():  # fmt: skip
+            dropped[label] = f"{why} after {n} rows"
+            say(f"calibrate: {label} is out after {n} dev rows: {why}")
+        alive = [g for g in alive if g[0] not in dropped]
+        if not alive:
+            stop_reason = f"every fused setup was out after {n} of {len(rows)} dev rows" if grid else ""
+            break
+        leader = max(alive, key=lambda g: rank_key(task, views[g[0]]))
+        d = paired_difference(views[leader[0]], anchor, task.main_metric, level=level)
+        if look < looks and d is not None and d[1] > 0:
+            stop_reason = f"{leader[0]} was surely above {best} after {n} of {len(rows)} dev rows"
+            break
+        spent = _seconds([*alone.values(), *views.values()]) / 60
+        if look < looks and spec.budget_minutes is not None and spent >= spec.budget_minutes:
+            stop_reason = f"the budget of {spec.budget_minutes:g} minutes was spent after {n} of {len(rows)} dev rows"
+            break
+    anchor = alone[best]
+    tried = [_trial(task, label, method, models, opts, views[label], anchor, level, dropped.get(label))
+             for label, method, models, opts in grid]  # fmt: skip
+    if too_few:
+        chosen = None
+        reason = (f"{len(rows)} dev rows are too few to tell setups apart (--min-rows {spec.min_rows}): run {best}"
+                  f" alone, the best dev score ({_pct(task, anchor)}); calibrate on more rows to decide")  # fmt: skip
+    else:
+        live = [t for t in tried if t.dropped is None]
+        chosen, reason = choose(task, anchor, live, views, spec.significant, spec.max_loss, members=alone,
+                                level=level, max_cost=spec.max_cost)  # fmt: skip
+        if not live and tried and chosen is None:
+            reason = f"fall back to {best} alone ({_pct(task, anchor)}): every fused setup was out of the race"
+        if stop_reason:
+            reason += f" (the race stopped: {stop_reason})"
+    method, models, options = (
+        (chosen.method, chosen.models, chosen.method_options) if chosen else ("single", [best], {})
+    )
+    used = rows[:n]
+    return Calibration(
+        task=task.name,
+        metric=task.main_metric,
+        dev=DevRows(file=name, offset=spec.offset, limit=n, ids=[r["id"] for r in used]),
+        controller_dev=controller_dev,
+        members=spec.models,
+        scores=members,
+        anchor=best,
+        anchor_reason=anchor_reason,
+        models=models,
+        method=method,
+        method_options=options,
+        reason=reason,
+        significant=spec.significant,
+        max_loss=spec.max_loss,
+        tried=tried,
+        level=round(level, 6),
+        looks=looks,
+        decided=not too_few,
+        dev_seconds=round(_seconds([*alone.values(), *views.values()]) + controller_seconds, 1),
+        versions=_versions(),
+    )
+
+
+def _pct(task: Task, view: RunView) -> str:
+    return f"{(view.summary.main or 0.0) * task.scale():.1f}"
+
+
+def _seconds(views: list[RunView]) -> float:
+    return sum((v.summary.seconds_per_sample or 0.0) * v.summary.n for v in views)
+
+
+def _floor(max_loss: float | None, anchor_score: float | None) -> float | None:
+    """How far below the anchor's score a setup's interval may reach (None: no bound)."""
+    if max_loss is None or math.isinf(max_loss):
+        return None
+    return -max_loss * max(anchor_score or 0.0, 0.0)
+
+
+def relative_cost(view: RunView, anchor: RunView) -> float | None:
+    """Seconds per row of `view` over the anchor alone's on the rows both ran."""
+    mine = {r.id: r.seconds for r in view.rows}
+    theirs = [(mine[r.id], r.seconds) for r in anchor.rows if r.id in mine]
+    spent, base = sum(a for a, _ in theirs), sum(b for _, b in theirs)
+    return round(spent / base, 3) if theirs and base > 0 else None
+
+
+def _race_drops(
+    task: Task,
+    alone: dict[str, RunView],
+    anchor: RunView,
+    alive: dict[str, RunView],
+    level: float,
+    floor: float | None,
+    max_cost: float | None,
+) -> dict[str, str]:
+    """The fused setups to leave behind after a look, and why: one surely below the best setup
+    measured so far (member or fused), one surely more than the loss bound below the anchor,
+    one costing more than `max_cost` times the anchor."""
+    metric = task.main_metric
+    everyone = {**{f"{n} alone": v for n, v in alone.items()}, **alive}
+    leader_name, leader = max(everyone.items(), key=lambda kv: rank_key(task, kv[1]))
+    scale = task.scale()
+    out = {}
+    for label, view in alive.items():
+        cost = relative_cost(view, anchor)
+        if max_cost is not None and cost is not None and cost > max_cost:
+            out[label] = f"{cost:.2f}x the anchor's time (--max-cost {max_cost:g})"
+            continue
+        d = paired_difference(view, anchor, metric, level=level)
+        if floor is not None and d is not None and d[2] < floor:
+            out[label] = (
+                f"surely more than the loss bound below the anchor ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}])"
+            )
+            continue
+        if label != leader_name:
+            d = paired_difference(view, leader, metric, level=level)
+            if d is not None and d[2] < 0:
+                out[label] = (
+                    f"surely below {leader_name} ({d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}])"
+                )
+    return out
+
+
+def _trial(task, label, method, models, opts, view: RunView, anchor: RunView, level, dropped) -> Trial:
+    d = paired_difference(view, anchor, task.main_metric, level=level)
+    return Trial(
+        label=label,
+        method=method,
+        models=[m.name for m in models],
+        method_options=opts,
+        score=view.summary.main,
+        versus_best=None if d is None else [round(x, 5) for x in d],
+        seconds_per_sample=view.summary.seconds_per_sample,
+        n=view.summary.n,
+        cost=relative_cost(view, anchor),
+        dropped=dropped,
+    )
+
+
+def _member_scores(spec, task, alone, nll, ranked, best) -> list[MemberScore]:
+    """Each member's dev score, reference NLL, quality weight and whether the equal-vote setups
+    keep it (members more than `max_gap` points below the best are anchored only)."""
+    scores = {n: v.summary.main for n, v in alone.items()}
     best_nll = min((x for x in nll.values() if x is not None), default=None)
     scale = task.scale()
     members = []
@@ -261,11 +456,14 @@ def calibrate(
                 seconds_per_sample=alone[m.name].summary.seconds_per_sample,
             )  # fmt: skip
         )
+    return members
+
+
+def _grid(spec, members: list[MemberScore], ranked, best, controller) -> list[tuple[str, str, list[ModelConfig], dict]]:
+    """The fused setups to try: (label, method, models, options)."""
     kept_models = [m for m in spec.models if next(s for s in members if s.name == m.name).kept]
     kept_names = [m.name for m in kept_models]
-    tried: list[Trial] = []
-    views: dict[str, RunView] = {}
-    grid: list[tuple[str, str, list[ModelConfig], dict]] = []  # (label, method, models, options)
+    grid: list[tuple[str, str, list[ModelConfig], dict]] = []
     if len(kept_models) >= 2:
         weights = [next(s.weight for s in members if s.name == n) for n in kept_names]
         grid += [
@@ -300,50 +498,7 @@ def calibrate(
             grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", "adafuse", list(spec.models), opts))
     if controller is not None:
         grid.append(("adafuse controller", "adafuse", list(spec.models), {"controller": str(controller)}))
-    n_steps += len(grid) - len(spec.thetas) * len(spec.margins)
-    for label, method, models, opts in grid:
-        fused = [m.name for m in models]
-        view = views[label] = run(trial_name(label, fused), method, models, opts)
-        d = paired_difference(view, alone[best], task.main_metric)
-        tried.append(
-            Trial(
-                label=label,
-                method=method,
-                models=fused,
-                method_options=opts,
-                score=view.summary.main,
-                versus_best=None if d is None else [round(x, 5) for x in d],
-                seconds_per_sample=view.summary.seconds_per_sample,
-                n=view.summary.n,
-            )  # fmt: skip
-        )
-    chosen, reason = choose(task, alone[best], tried, views, spec.significant, spec.max_loss)
-    method, models, options = (
-        (chosen.method, chosen.models, chosen.method_options) if chosen else ("single", [best], {})
-    )
-    return Calibration(
-        task=task.name,
-        metric=task.main_metric,
-        dev=DevRows(file=name, offset=spec.offset, limit=spec.limit, ids=[r["id"] for r in rows]),
-        controller_dev=controller_dev,
-        members=spec.models,
-        scores=members,
-        anchor=best,
-        anchor_reason=anchor_reason,
-        models=models,
-        method=method,
-        method_options=options,
-        reason=reason,
-        significant=spec.significant,
-        max_loss=spec.max_loss,
-        tried=tried,
-        dev_seconds=round(
-            sum((v.summary.seconds_per_sample or 0.0) * v.summary.n for v in [*alone.values(), *views.values()])
-            + controller_seconds,
-            1,
-        ),
-        versions=_versions(),
-    )
+    return grid
 
 
 def _set_aside_if_other_setup(out: Path, spec: EvalSpec, say: Callable[[str], None]) -> None:
@@ -359,7 +514,12 @@ def _set_aside_if_other_setup(out: Path, spec: EvalSpec, say: Callable[[str], No
 
 
 def choose_anchor(
-    task: Task, ranked: list[str], alone: dict[str, RunView], nll: dict[str, float | None], by: str = "nll"
+    task: Task,
+    ranked: list[str],
+    alone: dict[str, RunView],
+    nll: dict[str, float | None],
+    by: str = "nll",
+    level: float = 0.95,
 ) -> tuple[str, str]:
     """The anchor among the members `ranked` best first on the dev rows, and why. By `nll`: of
     the members whose dev score is not significantly below the first one's (its paired 95%
@@ -374,7 +534,7 @@ def choose_anchor(
         return top, f"{fmt(top)}: the best dev score"
     close = []
     for n in ranked[1:]:
-        d = paired_difference(alone[top], alone[n], task.main_metric)
+        d = paired_difference(alone[top], alone[n], task.main_metric, level=level)
         if nll.get(n) is not None and (d is None or d[1] <= 0):
             close.append((n, d))
     n, d = min(close, key=lambda c: nll[c[0]], default=(top, None))
@@ -383,7 +543,9 @@ def choose_anchor(
         return top, why + (
             f", and the lowest reference NLL of the {len(close) + 1} within noise of it" if close else ""
         )
-    ahead = f", ahead by {d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}] (paired 95%)" if d else ""
+    ahead = (
+        f", ahead by {d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}] (paired {level:.1%})" if d else ""
+    )
     return n, (f"{fmt(n)}: the lowest reference NLL ({nll[n]:.3f} per byte against {nll[top]:.3f}) of the members"
                f" within noise of the best dev score, {fmt(top)}{ahead}")  # fmt: skip
 
@@ -395,25 +557,42 @@ def choose(
     views: dict[str, RunView],
     significant: bool = False,
     max_loss: float | None = None,
+    *,
+    members: dict[str, RunView] | None = None,
+    level: float = 0.95,
+    max_cost: float | None = None,
 ) -> tuple[Trial | None, str]:
     """The tried setup to run, or None for the anchor alone (`best`), and why. A setup must rank
     above the anchor on the dev rows (the main metric, ties decided by the finer ones); with
     `max_loss`, its paired interval against it must reach no lower than that fraction of the
     anchor's score below 0 (a mean gain of one problem in 30, with an interval down to -13
     points on an anchor at 20, is not a reason to leave the anchor); with `significant`, the
-    interval must lie above 0."""
+    interval must lie above 0; with `max_cost`, it takes at most that many times the anchor's
+    time; and given the `members` alone, it is not surely below any of them (the anchor may be
+    a member within noise of the best one, not the best). Of the setups left, the cheapest of
+    those within noise of the best-ranked one is chosen (a tie goes to the cheaper setup);
+    without costs, the best-ranked one. Intervals are at `level` (the race's)."""
     scale = task.scale()
     name = best.summary.models[0]
     best_score = best.summary.main if best.summary.main is not None else -math.inf
-    floor = None if max_loss is None or math.isinf(max_loss) else -max_loss * max(best_score, 0.0)
+    floor = _floor(max_loss, best_score)
     keys = {id(t): rank_key(task, views[t.label]) for t in tried}
     above = [t for t in tried if keys[id(t)] > rank_key(task, best)]
+    if max_cost is not None:
+        above = [t for t in above if t.cost is None or t.cost <= max_cost]
+    if members:
+        above = [t for t in above if not _surely_below_a_member(task, views[t.label], members, level)]
     if floor is not None:
         bounded = [t for t in above if t.versus_best is not None and t.versus_best[1] >= floor]
     else:
         bounded = above
     sure = [t for t in bounded if t.versus_best is not None and t.versus_best[1] > 0]
-    chosen = max(sure if significant else bounded, key=lambda t: keys[id(t)], default=None)
+    eligible = sure if significant else bounded
+    leader = max(eligible, key=lambda t: keys[id(t)], default=None)
+    chosen = leader
+    if leader is not None and leader.cost is not None:
+        close = [t for t in eligible if t is leader or _within_noise(task, views[t.label], views[leader.label], level)]
+        chosen = min(close, key=lambda t: (t.cost if t.cost is not None else math.inf, [-x for x in keys[id(t)]]))
     interval = lambda d: f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"  # noqa: E731
     if chosen is not None:
         d = chosen.versus_best
@@ -421,7 +600,12 @@ def choose(
         if chosen.score == best_score:
             reason += f" (a tie on {task.main_metric}, decided by {', '.join(_finer(task))})"
         if d is not None:
-            reason += f" ({interval(d)}, paired 95%)"
+            reason += f" ({interval(d)}, paired {level:.1%})"
+        if chosen.cost is not None:
+            reason += f", at {chosen.cost:.2f}x its time"
+        if chosen is not leader and leader is not None:
+            reason += (f"; the cheapest within noise of {leader.label} ({leader.score * scale:.1f},"
+                       f" {leader.cost:.2f}x)")  # fmt: skip
         return chosen, reason
     top = max(tried, key=lambda t: keys[id(t)], default=None)
     if top is None:
@@ -433,12 +617,22 @@ def choose(
     elif above:  # only with `max_loss`
         top = max(above, key=lambda t: keys[id(t)])
         d = top.versus_best
-        risk = "no paired interval" if d is None else f"{interval(d)}, paired 95%"
+        risk = "no paired interval" if d is None else f"{interval(d)}, paired {level:.1%}"
         why = (f"the fused setups that beat it on the dev rows may lose more than {max_loss * 100:g}% of its score"
                f" (best: {top.label}, {risk}; the interval may reach {floor * scale:+.1f})")  # fmt: skip
     else:
         why = f"no fused setup beat it on the dev rows (best: {top.label}, {(top.score or 0) * scale:.1f})"
     return None, f"fall back to {name} alone ({best_score * scale:.1f}): {why}"
+
+
+def _within_noise(task: Task, view: RunView, leader: RunView, level: float) -> bool:
+    """Whether `view` is not surely below `leader` (its paired interval reaches 0)."""
+    d = paired_difference(view, leader, task.main_metric, level=level)
+    return d is None or d[2] >= 0
+
+
+def _surely_below_a_member(task: Task, view: RunView, members: dict[str, RunView], level: float) -> bool:
+    return any(not _within_noise(task, view, m, level) for m in members.values())
 
 
 def _controller_rows(

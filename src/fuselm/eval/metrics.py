@@ -144,10 +144,11 @@ def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0):
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def percentile_interval(scores) -> tuple[float, float]:
+def percentile_interval(scores, level: float = 0.95) -> tuple[float, float]:
     import numpy as np
 
-    return float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))
+    tail = (1.0 - level) / 2 * 100
+    return float(np.percentile(scores, tail)), float(np.percentile(scores, 100 - tail))
 
 
 @dataclass(frozen=True)

@@ -94,12 +94,12 @@ def interval(run: RunView, metric: str, n_boot: int = 1000, seed: int = 0) -> tu
 
 
 def paired_difference(
-    run: RunView, baseline: RunView, metric: str, n_boot: int = 1000, seed: int = 0
+    run: RunView, baseline: RunView, metric: str, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float] | None:
-    """``run`` minus ``baseline`` on the rows both have, with a 95% paired bootstrap interval:
-    each resample draws the same rows for both runs, so the row-to-row variation they share
-    cancels (two runs' separate intervals can overlap while one is above the other on almost
-    every resample). None when they share no row."""
+    """``run`` minus ``baseline`` on the rows both have, with a paired bootstrap interval (95%
+    by default): each resample draws the same rows for both runs, so the row-to-row variation
+    they share cancels (two runs' separate intervals can overlap while one is above the other on
+    almost every resample). None when they share no row."""
     by_id = {r.id: r for r in baseline.rows}
     pairs = [(r, by_id[r.id]) for r in run.rows if r.id in by_id]
     if not pairs:
@@ -111,7 +111,7 @@ def paired_difference(
     if a is None or b is None:
         return None
     diffs = a - b
-    return (float(diffs[0]), *percentile_interval(diffs[1:]))
+    return (float(diffs[0]), *percentile_interval(diffs[1:], level))
 
 
 def _baselines_by_task(runs: list[RunView], names: list[str]) -> dict[tuple[str, str], RunView]:
