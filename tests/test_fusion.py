@@ -502,3 +502,23 @@ def test_a_cancel_check_stops_a_step_between_its_model_calls(tiny_backends):
         assert len(asked) == 5
     finally:
         built.close()
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"weights": [float("nan"), 1.0]}, "weights.0"),
+        ({"weights": [1.0, float("inf")]}, "weights.1"),
+        ({"weights": [1e308, 1e308]}, "weights.0"),  # their sum overflows: the average would be NaN
+        ({"override_margin": float("inf")}, "override_margin"),
+        ({"prompt_weights": float("nan")}, "prompt_weights"),
+    ],
+)
+def test_option_numbers_must_be_finite_and_weights_bounded(options, field):
+    from fuselm.fusion.methods import method_options
+
+    for method in ("adafuse", "token-average"):
+        if method == "token-average" and "override_margin" in options:
+            continue
+        with pytest.raises(FuselmError, match=rf"options of method '{method}': {re.escape(field)}: "):
+            method_options(method, options)
