@@ -164,6 +164,11 @@ def trial_dir(runs: Path, label: str, models: list[str]) -> Path:
     return runs / _slug(trial_name(label, models))
 
 
+def member_dir(runs: Path, name: str) -> Path:
+    """Where a calibration keeps the dev run of the member `name` alone."""
+    return runs / _slug(f"single {name}")
+
+
 def _finer(task: Task) -> list[str]:
     return [m for m in [*task.metrics, *task.corpus_metrics] if m != task.main_metric]
 
