@@ -15,12 +15,14 @@ this model's proposal costs it only the scoring of the other candidates.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
+from ..cancel import GenerationCancelled, cancelled
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..sampling import Sampler
@@ -33,6 +35,11 @@ from .session import NextTokens, Rollout, Score, SessionStats, common_prefix_len
 # AdaFuse's default branches 3; the rest is kept for scoring other models' candidates without
 # a request (AdaFuse over the default pair on vLLM: scoring requests per token 1.0 -> 0.65)
 TOP_K = 20
+
+# How often a thread that waits for an engine call asks whether its generation was cancelled.
+CANCEL_POLL_S = 0.05
+
+T = TypeVar("T")
 
 
 class RemoteModel:
@@ -69,12 +76,29 @@ class RemoteModel:
     def where(self) -> str:
         return self.engine.where
 
-    def run(self, coro):
-        """Wait for an engine call; its faults name this model."""
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Wait for an engine call; its faults name this model. The generation's cancel check
+        (`fuselm.cancel`, seen in this thread's context) is asked before the call starts and
+        every CANCEL_POLL_S while it runs: when it says yes, the call is cancelled on the engine
+        loop (its connection closed, so the engine drops the request) and this raises
+        GenerationCancelled."""
+        if cancelled():
+            coro.close()
+            raise GenerationCancelled("cancelled by the caller")
+        future = engine_loop().submit(coro)
         try:
-            return engine_loop().run(coro)
+            while True:
+                done, _ = concurrent.futures.wait([future], timeout=CANCEL_POLL_S)
+                if done:
+                    return future.result()
+                if cancelled():
+                    future.cancel()
+                    raise GenerationCancelled("cancelled by the caller")
         except EngineError as e:
             raise EngineError(f"expert {self.name!r}: {e}") from None
+        except BaseException:
+            future.cancel()  # interrupted here (KeyboardInterrupt): leave nothing running there
+            raise
 
     @property
     def info(self) -> ModelInfo:
