@@ -83,7 +83,9 @@ class ModelConfig(StrictModel):
     )
     url: str | None = Field(None, description="base URL of the model's engine, e.g. http://gpu-node-1:8000")
     model: str | None = Field(None, description="the engine's id of the model (default: the only one it serves)")
-    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="seconds an engine may take to connect or answer")
+    timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="seconds an engine call may take as a whole (a stream: each token)"
+    )
     api_key_env: str | None = Field(None, description="environment variable that holds the engine's API key")
     tokenizer: str | None = Field(
         None,

@@ -34,7 +34,7 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
     """Whether this CPU advertises AMX tiles (Linux's /proc/cpuinfo; elsewhere: no)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -82,7 +82,7 @@ class LlamaCppBackend(Backend):
         # On a CPU with AMX, no "extra" weight buffers (AMX and repacked layouts): llama.cpp
         # 0.3.36's AMX matmul crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the first decode of
         # the bundled Q4 models on such a Xeon; elsewhere the repacked kernels are kept (faster).
-        model_params.use_extra_bufts = not _cpu_has_amx()
+        model_params.use_extra_bufts = not cpu_has_amx()
         try:
             self._model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
         except ValueError as e:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..cancel import raise_if_cancelled
-from ..errors import FuselmError
+from ..errors import EngineError, FuselmError
 from ..text.words import first_word_end
 from .backend import Backend, Forks
 from .prefix import PrefixCache
@@ -163,6 +163,9 @@ class NextTokens:
         if self.full is not None:
             return self.full
         assert self.top is not None
+        outside = [t for t in self.top if not 0 <= t < size]
+        if outside:  # an engine's id past the vocabulary it is read against (a router's)
+            raise EngineError(f"token id {outside[0]} is outside the vocabulary of {size} tokens it is read against")
         ids = torch.tensor(list(self.top), dtype=torch.long)
         values = torch.tensor(list(self.top.values()), dtype=torch.float32)
         rest = max(1.0 - float(values.exp().sum()), 1e-12)
