@@ -483,3 +483,58 @@ def test_a_call_after_the_generation_was_cancelled_is_not_sent():
     finally:
         model.close()
         server.close()
+
+
+# --- through the server ------------------------------------------------------------------------------
+def test_an_engine_that_fails_under_a_served_request_is_a_502_naming_the_expert(tmp_path):
+    """`fuselm serve` with its one model on the fake engine: the engine answers while the server
+    loads, then nonsense. The request gets a 502 (the server's fault, not the
+    client's) whose message names the expert, and the server stays up."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+    import yaml
+
+    broken = threading.Event()  # set once the server is ready
+
+    def first_then_nonsense(server: FakeEngine, req: Request) -> None:
+        if not broken.is_set():
+            completions(server, req)
+        else:
+            streaming({"choices": "not a list"})(server, req)
+
+    engine = FakeEngine(_v1_completions=first_then_nonsense)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"port": port, "setups": [
+        {"id": "e", "models": [{"name": "far", "engine": "vllm", "url": engine.url, "timeout_s": 5}]}]}))  # fmt: skip
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "fuselm.cli", "serve", "--config", str(config)], stdout=log,
+                            stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "FUSELM_API_KEY"})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        broken.set()
+        r = httpx.post(url + "/v1/completions", json={"model": "e", "prompt": "Hello", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 502, r.text
+        err = r.json()["error"]
+        assert err["type"] == "engine_error" and err["message"].startswith("expert 'far': vllm at "), err
+        assert httpx.get(url + "/health", timeout=5).json() == {"status": "ok"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        engine.close()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()

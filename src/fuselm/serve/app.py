@@ -26,7 +26,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..cancel import GenerationCancelled
 from ..config import SEED_MIN, GenerationConfig, validation_message
-from ..errors import FuselmError, UnknownNameError
+from ..errors import EngineError, FuselmError, UnknownNameError
 from ..result import GenerationResult, TextSpan, unique_names
 from .bounds import OptionRefused, RequestBounds
 from .config import ServeConfig
@@ -302,7 +302,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         try:
             return await asyncio.shield(future)
         except FuselmError as e:
-            raise APIError(400, str(e), param=c.asked_param) from None
+            raise refusal(e, c.asked_param) from None
         except asyncio.CancelledError:
             future.add_done_callback(_close_built)
             raise
@@ -312,7 +312,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         try:
             n_prompt = await asyncio.to_thread(c.setup.prompt_tokens, c.prompt, c.gen)
         except FuselmError as e:
-            raise APIError(400, str(e), param=c.where) from None
+            raise refusal(e, c.where) from None
         except Exception as e:  # noqa: BLE001 - a chat template that refuses the conversation
             if not _is_template_error(e):
                 raise
@@ -384,7 +384,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             # the client went away (or the server is shutting down): nobody reads this answer
             raise cancelled() from None
         except FuselmError as e:
-            raise APIError(400, str(e)) from None
+            raise refusal(e) from None
         metrics.prompt_tokens.labels(setup.id).inc(p.n_prompt)
         for r in results:
             account(setup, r)
@@ -494,8 +494,9 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
             status = "499"  # the client went away (or the server is stopping): nobody reads the rest
             raise
         except FuselmError as e:
-            status = "400"
-            yield APIError(400, str(e)).event()
+            error = refusal(e)
+            status = str(error.status)
+            yield error.event()
         except Exception:  # a fault of fuselm's own: the stream still ends as a stream
             log.exception("internal error in a stream")
             status = "500"
@@ -531,6 +532,14 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     app.openapi = openapi
     app.add_middleware(Edge, config=config, metrics=metrics)
     return app
+
+
+def refusal(e: FuselmError, param: str | None = None) -> APIError:
+    """A FuselmError as an answer: an engine behind the setup that failed is the server's fault
+    (502), anything else the request's (400)."""
+    if isinstance(e, EngineError):
+        return APIError(502, str(e), type="engine_error", code="engine_failed")
+    return APIError(400, str(e), param=param)
 
 
 def _close_built(future) -> None:

@@ -1,8 +1,8 @@
 """Errors as data: every refusal of the server is an OpenAI error body, ``{"error": {"message",
 "type", "param", "code"}}``, with a 4xx status for anything the request got wrong (400 bad input,
 401 key, 404 unknown model, 408 deadline, 413 body too large, 415 not JSON, 429 over capacity
-with Retry-After, 499 the client went away); 503 while the models load; 500 only for a fault of
-fuselm's own, without a traceback. The same body ends a stream as its last event."""
+with Retry-After, 499 the client went away); 502 when an engine behind a setup failed; 503
+while the models load; 500 only for a fault of fuselm's own, without a traceback. The same body ends a stream as its last event."""
 
 from __future__ import annotations
 
