@@ -694,11 +694,11 @@ def test_a_robust_combination_keeps_one_outlier_from_deciding(smol_tokenizer_dir
 
 @pytest.fixture(scope="module")
 def race_data(tmp_path_factory):
-    """12 TriviaQA-shaped rows whose every answer is "a a a" (the right model's)."""
+    """8 TriviaQA-shaped rows whose every answer is "a a a" (the right model's)."""
     root = tmp_path_factory.mktemp("race")
     (root / "triviaqa").mkdir()
     (root / "triviaqa" / "prompt.txt").write_text("Question: Say a.\nAnswer: a a a\n")
-    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(12)]
+    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(8)]
     (root / "triviaqa" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -709,29 +709,29 @@ def test_the_race_leaves_a_setup_behind_after_the_block_that_shows_it_is_surely_
     """`wrong` then `right`, both kept: equal-vote adafuse's tie goes to `wrong` (0 on every row)
     while `right` alone scores 1 on every row: after the first block of 4 rows its interval
     against the anchor (the best setup measured) lies below the loss bound, so it runs no further; the setups that follow
-    `right` run on all 12 rows. Three looks: every interval at 1 - 0.05/3."""
+    `right` run on all 8 rows. Two looks: every interval at 1 - 0.05/2."""
     out = tmp_path / "calib.yaml"
     models = f"{answer_models['wrong']},{answer_models['right']}"
     r = run_cli("calibrate", "--task", "triviaqa", "--models", models, "--dev-data", "triviaqa/rows.jsonl",
-                "--limit", "12", "--block-rows", "4", "--min-rows", "1", "--max-new-tokens", "3", "--data-dir",
+                "--limit", "8", "--block-rows", "4", "--min-rows", "1", "--max-new-tokens", "3", "--data-dir",
                 str(race_data), "--out", str(out), "--thetas", "0.5", "--margins", "0", "--max-gap", "100",
                 "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     cal = load_calibration(out)
     tried = {t.label: t for t in cal.tried}
-    assert cal.looks == 3 and cal.level == pytest.approx(1 - 0.05 / 3, abs=1e-6)
+    assert cal.looks == 2 and cal.level == pytest.approx(1 - 0.05 / 2, abs=1e-6)
     assert tried["adafuse"].n == 4 and tried["adafuse"].score == 0.0
     # the anchor is the best setup measured: the loss bound says it first
     assert (
         tried["adafuse"].dropped
         == "surely more than the loss bound below the anchor (-100.0 [-100.0, -100.0]) after 4 rows"
     )
-    assert tried["token-average"].n == 12 and tried["token-average"].dropped is None
-    assert tried["adafuse anchored theta=0.5 margin=0"].n == 12
+    assert tried["token-average"].n == 8 and tried["token-average"].dropped is None
+    assert tried["adafuse anchored theta=0.5 margin=0"].n == 8
     runs = out.with_suffix(".runs")
     assert len((runs / _slug(f"adafuse {models.replace(',', '+')}") / "rows.jsonl").read_text().splitlines()) == 4
     assert all(t.cost is not None and t.cost > 0 for t in cal.tried)  # measured against the anchor, same rows
-    assert cal.method == "single" and cal.models == [answer_models["right"]] and len(cal.dev.ids) == 12
+    assert cal.method == "single" and cal.models == [answer_models["right"]] and len(cal.dev.ids) == 8
     assert "out after 4 dev rows" in " ".join(r.stderr.split())
     # too few rows to decide anything: it says so, and runs the best member alone
     few = tmp_path / "few.yaml"
