@@ -117,6 +117,7 @@ def server(tiny_dirs, tmp_path_factory):
             "max_n": 2,
             "max_prompt_tokens": 200,
             "max_body_bytes": 65536,
+            "option_max": {"top_k": 5},  # below unite's own default (10): a request must ask for less
         },  # fmt: skip
         "setups": [
             {"id": "tiny", "models": [{"name": llama}], "generation": {"max_new_tokens": 12}},
@@ -632,7 +633,7 @@ def test_work_options_are_bounded_and_the_bounds_are_published(server):
     steered, tiny = cards["steered"], cards["tiny"]
     assert steered["option_max"]["branches"] == 4  # twice the setup's own 2
     assert cards["fused"]["option_max"]["branches"] == 6  # twice adafuse's default 3
-    assert cards["fused"]["option_max"]["top_k"] == 20  # twice unite's default 10
+    assert cards["fused"]["option_max"]["top_k"] == 5  # the operator's bound
     assert "fusionroute" in cards["fused"]["request_methods"] and "fusionroute" not in tiny["request_methods"]
     schema = httpx.get(server.url + "/openapi.json").json()
     ext = schema["components"]["schemas"]["FuselmExtension"]
@@ -647,6 +648,12 @@ def test_work_options_are_bounded_and_the_bounds_are_published(server):
         ("fused", {"method": "adafuse", "options": {"branches": 1000000}}, "fuselm.options.branches"),
         ("steered", {"options": {"branches": 5}}, "fuselm.options.branches"),
         ("fused", {"method": "unite", "options": {"top_k": 5000}}, "fuselm.options.top_k"),
+        ("fused", {"method": "adafuse", "options": {"branches": "5000"}}, "fuselm.options.branches"),  # a string
+        ("fused", {"method": "unite"}, "fuselm.options.top_k"),  # its default, 10, is over the operator's 5
+        ("fused", {"method": "oracle-route", "options": {"reference": "x" * 1000}}, "fuselm.method"),  # analysis only
+        ("fused", {"method": "adafuse", "options": {"policy": "anchored", "anchor": "/etc/passwd"}},
+         "fuselm.options.anchor"),  # a model's name as the traces show it, never a path to guess
+        ("fused", {"method": "token-average", "options": {"weights": [5e-324, 5e-324]}}, "fuselm.method"),
         ("fused", {"method": "fixed-span", "options": {"n_words": 2, "max_word_tokens": 10**9}},
          "fuselm.options.max_word_tokens"),
     ]:  # fmt: skip
@@ -655,6 +662,14 @@ def test_work_options_are_bounded_and_the_bounds_are_published(server):
     ok = server.post("/v1/completions", {"model": "fused", "prompt": "x", "max_tokens": 2,
                                          "fuselm": {"method": "adafuse", "options": {"branches": 6}}})  # fmt: skip
     assert ok.status_code == 200, ok.text
+    ok = server.post("/v1/completions", {"model": "fused", "prompt": "x", "max_tokens": 2,
+                                         "fuselm": {"method": "unite", "options": {"top_k": 5}}})  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    # naming the setup's own method keeps its options (its controller among them)
+    body = {"model": "steered", "prompt": "The weather is", "max_tokens": 4}
+    own = server.post("/v1/completions", {**body, "fuselm": {"method": "adafuse"}})
+    assert own.status_code == 200 and own.json()["choices"][0]["text"] == server.post("/v1/completions", body).json()[
+        "choices"][0]["text"], own.text  # fmt: skip
 
 
 def test_a_one_model_setup_refuses_fused_methods(server):
@@ -687,6 +702,13 @@ def test_the_key_is_checked_before_the_body_is_read(server):
     for body in (b"{not json", b'{"model": 7}', b"x" * 60000):
         r = server.post("/v1/completions", body, key=None)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    # default deny: a path that is not public needs the key too; a POST where no route takes a
+    # body is refused before the body is read
+    assert httpx.get(server.url + "/nowhere").status_code == 401
+    assert (
+        httpx.post(server.url + "/health", content=b"{", headers={"content-type": "application/json"}).status_code
+        == 405
+    )
     # a body sent without saying it is JSON is not parsed as JSON
     r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny", "prompt": "x"}',
                    headers={**_auth(), "content-type": "text/plain"})  # fmt: skip
@@ -703,7 +725,8 @@ def test_nothing_an_unauthenticated_client_sends_reaches_the_metrics(server):
     assert after.status_code == 200 and "mmmm" not in after.text
     assert len(after.text) < len(before) + 2000, len(after.text) - len(before)
     # with the key, an unknown model id is counted under one fixed label, not the client's string
-    assert server.post("/v1/completions", {"model": huge, "prompt": "x"}).status_code == 404
+    unknown = server.post("/v1/completions", {"model": huge, "prompt": "x"})
+    assert unknown.status_code == 404 and len(unknown.text) < 500  # not echoed back
     assert server.post("/v1/completions", '{"model": "\\ud800", "prompt": "x"}').status_code == 400
     text = httpx.get(server.url + "/metrics").text
     assert "mmmm" not in text and server.metric("fuselm_requests_total", model="unknown", status="404") >= 1

@@ -75,7 +75,7 @@ class ModelConfig(StrictModel):
         None, ge=1, le=1024, description="CPU threads for the llama.cpp backend (default: all usable)"
     )
     trust_remote_code: bool = Field(False, description="allow custom model code from a model directory")
-    weight: float = Field(1.0, gt=0.0, le=1e6, description="model weight in ensemble scoring")
+    weight: float = Field(1.0, ge=1e-6, le=1e6, description="model weight in ensemble scoring")
     # A model served by an engine in another process (docs/scale-out.md): `name` is then only
     # what traces and results call it.
     engine: EngineKind | None = Field(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import FuselmError
+
 
 class LogitsProcessor:
     """Maps log-probs [V] to (unnormalised) log-scores [V]; -inf removes a token."""
@@ -118,4 +120,6 @@ class Sampler:
         for proc in self.processors:
             scores = proc(scores)
         probs = torch.softmax(scores, -1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            raise FuselmError("the next-token distribution is not a distribution (NaN, or no mass): nothing to sample")
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -73,6 +73,7 @@ class FusionMethod(ABC):
 
     name: ClassVar[str] = "?"
     description: ClassVar[str] = ""
+    analysis_only: ClassVar[bool] = False  # needs what only an evaluation knows (a reference): never served
     Options: ClassVar[type[BaseModel]] = NoOptions
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None

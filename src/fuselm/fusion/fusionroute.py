@@ -197,6 +197,7 @@ class OracleRoute(_ExpertMethod):
 
     name = "oracle-route"
     description = "analysis: per token the expert most likely to write the reference's next token"
+    analysis_only = True
     Options = OracleRouteOptions
     needs_reference = True
 

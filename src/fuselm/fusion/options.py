@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import FuselmError
 
-MAX_WEIGHT = 1e6  # a weight's ratio to another is what counts; beyond this, sums of weights overflow
+# A weight's ratio to another is what counts; beyond these, sums of weights overflow or underflow
+# (float32 averages of probabilities) and the average is NaN.
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
 
 # Marks on option fields, read by whoever must treat such options apart: a server bounds the
 # work options per request and refuses the path options (`serve.bounds`); a run records the
@@ -39,7 +41,7 @@ def marked(options: type[BaseModel], mark: str) -> dict[str, Any]:
 class EnsembleOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN weight would decide nothing
 
-    weights: list[Annotated[float, Field(le=MAX_WEIGHT)]] | None = Field(
+    weights: list[Annotated[float, Field(ge=MIN_WEIGHT, le=MAX_WEIGHT)]] | None = Field(
         None, description="per-model weights in the ensemble score (default: each model's `weight`, 1)"
     )
     normalize: Literal["token", "char", "byte"] = Field(

@@ -147,8 +147,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     install_handlers(app)
 
     def require_ready() -> None:
-        if engine.load_error:
-            raise APIError(503, f"the server failed to load its models: {engine.load_error}", type="unavailable")
+        if engine.load_error:  # what failed (paths, addresses) is in the server's log, not for clients
+            raise APIError(503, "the server failed to load its models (its log says why)", type="unavailable")
         if not engine.ready:
             raise APIError(503, "the models are still loading; see /ready", type="unavailable",
                            headers={"Retry-After": "5"})  # fmt: skip
@@ -167,7 +167,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     @app.get("/ready")
     async def ready():
         if engine.load_error:
-            return JSONResponse({"status": "failed", "error": engine.load_error}, status_code=503)
+            return JSONResponse({"status": "failed"}, status_code=503)
         if not engine.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ready", "models": engine.setups.names()}
@@ -239,6 +239,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
 
     def check(body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Checked:
         """Everything that needs no model: the model id, the fields, what the request may choose."""
+        if len(body.model) > 256:  # no "did you mean" over a megabyte, no echo of it
+            raise APIError(404, "unknown model (an id of over 256 characters)", param="model", code="model_not_found")
         try:
             setup = engine.setups.get(body.model)
         except UnknownNameError as e:
@@ -260,8 +262,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
         asked = None
         if ext is not None and (ext.method is not None or ext.options is not None):
             try:
-                options = bounds[setup.id].check(setup.config, ext.method, ext.options)
-                asked = setup.request_method(ext.method, options)
+                names = unique_names([m.name for m in setup.models])
+                asked = setup.request_method(bounds[setup.id].resolve(setup.config, ext.method, ext.options, names))
             except OptionRefused as e:
                 raise APIError(400, str(e), param=e.param) from None
             except FuselmError as e:
@@ -298,19 +300,15 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
     async def build(c: Checked) -> RequestMethod | None:
         """The request's own method, built in a thread; if the request is cancelled meanwhile
         (deadline, shutdown), the method is closed once built, never left behind."""
-        future = asyncio.get_running_loop().run_in_executor(None, c.setup.build, c.asked)
         try:
-            return await asyncio.shield(future)
+            return await in_thread(c.setup.build, c.asked, drop=lambda m: m is not None and m.close())
         except FuselmError as e:
             raise refusal(e, c.asked_param) from None
-        except asyncio.CancelledError:
-            future.add_done_callback(_close_built)
-            raise
 
     async def measure(c: Checked) -> int:
         """The prompt's length in tokens (the longest of the models' tokenizations), within limits."""
         try:
-            n_prompt = await asyncio.to_thread(c.setup.prompt_tokens, c.prompt, c.gen)
+            n_prompt = await in_thread(c.setup.prompt_tokens, c.prompt, c.gen)
         except FuselmError as e:
             raise refusal(e, c.where) from None
         except Exception as e:  # noqa: BLE001 - a chat template that refuses the conversation
@@ -537,14 +535,27 @@ def create_app(config: ServeConfig, engine: Engine | None = None, load: bool = T
 def refusal(e: FuselmError, param: str | None = None) -> APIError:
     """A FuselmError as an answer: an engine behind the setup that failed is the server's fault
     (502), anything else the request's (400)."""
-    if isinstance(e, EngineError):
-        return APIError(502, str(e), type="engine_error", code="engine_failed")
+    if isinstance(e, EngineError):  # the engine's address and answer stay in the server's log
+        log.warning("engine failure: %s", e)
+        expert = str(e).split(": ", 1)[0] if str(e).startswith("expert ") else "an expert"
+        return APIError(502, f"{expert}: its engine failed (the server's log says why)", type="engine_error",
+                        code="engine_failed")  # fmt: skip
     return APIError(400, str(e), param=param)
 
 
-def _close_built(future) -> None:
-    if not future.cancelled() and future.exception() is None and future.result() is not None:
-        future.result().close()
+async def in_thread(fn, *args, drop=None):
+    """`fn(*args)` in a worker thread. If the awaiting request is cancelled (its deadline, the
+    server stopping), this waits until the thread is done before the cancellation goes on, so
+    the request's slot is held until then (no more model work at once than slots), and `drop`
+    gets a result that nobody will read."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await wait_quietly(future)
+        if drop is not None and not future.cancelled() and future.exception() is None:
+            drop(future.result())
+        raise
 
 
 def _is_template_error(e: Exception) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FuselmError
-from ..fusion.methods import METHODS
+from ..fusion.methods import METHODS, method_options
 from ..fusion.options import PATH, WORK, marked
 from .config import Limits, Setup
 
@@ -33,10 +33,15 @@ class OptionRefused(ValueError):
 
 
 def _methods_for(n_models: int) -> list[str]:
+    """The methods a request may name on a setup of `n_models` models: those that run on that
+    many, and never one for analysis only (it needs an evaluation's reference)."""
     out = []
     for name in METHODS.names():
+        cls = METHODS.get(name)
+        if cls.analysis_only:
+            continue
         try:
-            METHODS.get(name).validate_models(n_models)
+            cls.validate_models(n_models)
         except FuselmError:  # a method that cannot run on this many models
             continue
         out.append(name)
@@ -68,24 +73,45 @@ class RequestBounds:
             option_max[option] = given if given is not None else math.ceil(limits.option_factor * max(int(base), 1))
         return cls(tuple(methods), option_max)
 
-    def check(self, setup: Setup, method: str | None, options: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The options a request's method runs with (None: the setup's own), or OptionRefused.
-        The method's name and option values are checked by the method itself afterwards."""
-        if options is None:
+    def resolve(
+        self, setup: Setup, method: str | None, options: dict[str, Any] | None, model_names: list[str]
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The method and options a request runs with (None: the setup's own), or OptionRefused
+        (or FuselmError for a method or options its method refuses). The options replace the
+        setup's; the setup's files stay when the method does. Every work option is checked as
+        the method will run it (given as a number or a string, or left at its default), and an
+        `anchor` must be one of the models' names as the setup's traces show them (or an index)."""
+        if method is None and options is None:
             return None
-        for option in options:
+        name = method or setup.method
+        if name not in self.methods:
+            if name in METHODS and METHODS.get(name).analysis_only:
+                raise OptionRefused("fuselm.method", f"method {name!r} is for analysis only: not served")
+            METHODS.get(name)  # unknown: "did you mean"
+        for option in options or {}:
             if option in PATH_OPTIONS:
                 raise OptionRefused(
                     f"fuselm.options.{option}",
                     f"{option} names a file: a request cannot choose it (the server's operator configures it)",
                 )
-        for option, value in options.items():
-            bound = self.option_max.get(option)
-            if bound is not None and isinstance(value, int | float) and not isinstance(value, bool) and value > bound:
+        if options is None:
+            opts = dict(setup.method_options) if name == setup.method else {}
+        else:
+            opts = dict(options)
+            if name == setup.method:  # the setup's own files stay
+                opts.update({k: v for k, v in setup.method_options.items() if k in PATH_OPTIONS})
+        anchor = (options or {}).get("anchor")
+        if isinstance(anchor, str) and anchor not in model_names:
+            raise OptionRefused(
+                "fuselm.options.anchor", f"anchor must be one of {', '.join(model_names)} (or an index), not that"
+            )
+        checked = method_options(name, opts)  # the values as the method runs them
+        for option, bound in self.option_max.items():
+            value = getattr(checked, option, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+                given = "" if option in opts else " (the method's default: give a smaller one)"
                 raise OptionRefused(
-                    f"fuselm.options.{option}", f"{option} is {value}, at most {bound} on model {setup.id!r} here"
+                    f"fuselm.options.{option}",
+                    f"{option} is {value}{given}, at most {bound} on model {setup.id!r} here",
                 )
-        if method in (None, setup.method):  # the setup's own files stay
-            kept = {k: v for k, v in setup.method_options.items() if k in PATH_OPTIONS}
-            return {**options, **kept}
-        return dict(options)
+        return name, opts

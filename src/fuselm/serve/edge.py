@@ -12,7 +12,9 @@ In this order, each refusal an error body (`serve.errors`):
    lone UTF-16 surrogate in a string (no text codec takes those); the error names the field.
 
 Public routes (no key): /health, /ready, /metrics (counts by served model ids only), the
-playground page at / and the OpenAPI document. Everything under /v1 needs the key when one is set.
+playground page at / and the OpenAPI document (`PUBLIC`); every other path needs the key when
+one is set (default deny), also under a root path. A POST to a route that takes no body is a
+405 before its body is read, and a body's JSON is checked off the event loop.
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
 from typing import Any
+
+import anyio
 
 from .config import ServeConfig
 from .errors import APIError
 from .metrics import Metrics
 
-PROTECTED = "/v1"
+# Every path needs the key (when one is set) but these: default deny, whatever routes are added.
+PUBLIC = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+POSTS = frozenset({"/v1/completions", "/v1/chat/completions"})  # the routes that take a body
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models"}
 
 
@@ -45,38 +52,57 @@ def _no_constants(name: str) -> Any:
     raise BadJSON(f"{name} is not JSON (numbers must be finite)")
 
 
-def _check_values(value: Any, path: list[str]) -> None:
+def _check_values(value: Any) -> None:
     """Refuse a lone surrogate in any string (keys included) and a number too large to be finite
-    (`1e999`), naming where."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadJSON("a number is too large (numbers must be finite)", ".".join(path) or None)
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadJSON("a string holds a lone UTF-16 surrogate (not text)", ".".join(path) or None) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_values(k, path)
-            _check_values(v, [*path, str(k)])
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_values(v, [*path, str(i)])
+    (`1e999`), naming where (iteratively: a deep body costs no recursion)."""
+    todo: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    while todo:
+        item, path = todo.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise BadJSON("a number is too large (numbers must be finite)", ".".join(path) or None)
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadJSON("a string holds a lone UTF-16 surrogate (not text)", ".".join(path) or None) from None
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                todo.append((k, path))
+                todo.append((v, (*path, str(k))))
+        elif isinstance(item, list):
+            todo.extend((v, (*path, str(i))) for i, v in enumerate(item))
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the only way JSON spells a surrogate
 
 
 def strict_json(body: bytes) -> Any:
-    """The body's JSON value, or BadJSON."""
+    """The body's JSON value, or BadJSON. Its values are walked (to name the field) only when
+    the text can hold what is refused there: a surrogate escape, a number that overflowed."""
+    overflow = False
+
+    def number(text: str) -> float:
+        nonlocal overflow
+        value = float(text)
+        overflow = overflow or not math.isfinite(value)
+        return value
+
     try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        value = json.loads(body.decode("utf-8"), parse_constant=_no_constants, parse_float=number)
     except BadJSON:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadJSON("the request body is not valid JSON") from None
-    try:
-        _check_values(value, [])
-    except RecursionError:
-        raise BadJSON("the request body is nested too deeply") from None
+    if overflow or _SURROGATE_ESCAPE.search(body):
+        _check_values(value)
     return value
+
+
+def _route_path(scope) -> str:
+    """The path the app routes on: under a root path (a proxy's prefix), the part after it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
 
 
 def _host_name(host: str) -> str:
@@ -117,17 +143,19 @@ class Edge:
         headers: dict[bytes, bytes] = {}
         for k, v in scope.get("headers") or []:
             headers.setdefault(k.lower(), v)  # the first of a repeated header
-        path: str = scope.get("path", "")
+        path = _route_path(scope)
         if self.hosts is not None:
             host = headers.get(b"host", b"").decode("latin-1").strip().lower()
             if _host_name(host) not in self.hosts:
                 raise APIError(400, "this server does not serve that Host", code="invalid_host")
-        if self.key is not None and (path == PROTECTED or path.startswith(PROTECTED + "/")):
+        if self.key is not None and path not in PUBLIC:
             scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.key):
                 self.metrics.requests.labels(endpoint_label(path), "-", "401").inc()
                 raise APIError(401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
         post = scope.get("method") == "POST"
+        if post and path.rstrip("/") not in POSTS:  # refused before its body is read
+            raise APIError(405, "Method Not Allowed", code="method_not_allowed")
         if post:
             media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
             if media != "application/json":
@@ -151,7 +179,7 @@ class Edge:
         body = b"".join(chunks)
         if post and body:
             try:
-                strict_json(body)
+                await anyio.to_thread.run_sync(strict_json, body)  # not on the event loop: streams go on
             except BadJSON as e:
                 raise APIError(400, str(e), param=e.param, code="invalid_json") from None
         return body

@@ -164,16 +164,13 @@ class ServedSetup:
     def method(self) -> str:
         return self.config.method
 
-    def request_method(self, method: str | None, options: dict[str, Any] | None) -> tuple[str, dict[str, Any]] | None:
-        """What a request asks for: None for the setup's own method; else the method it names,
-        or the setup's with the request's options, checked without any model work (FuselmError
-        when it cannot run on these models). Build it with :meth:`build` once admitted."""
-        if method is None and options is None:
-            return None
-        name = method or self.config.method
-        opts = options if options is not None else (self.config.method_options if method is None else {})
-        check_method(name, len(self.config.models), opts)
-        return name, opts
+    def request_method(self, asked: tuple[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]] | None:
+        """What a request asks for (`serve.bounds`: a method and its options; None: the setup's
+        own), checked against these models without any model work (FuselmError when it cannot
+        run on them). Build it with :meth:`build` once admitted."""
+        if asked is not None:
+            check_method(asked[0], len(self.config.models), asked[1])
+        return asked
 
     def build(self, asked: tuple[str, dict[str, Any]] | None) -> RequestMethod | None:
         """The method of :meth:`request_method` built over the first replica (tokenizer tables,
