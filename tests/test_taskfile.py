@@ -210,9 +210,18 @@ BAD = {
         {"test_split": "tset"},
         "test_split: 'tset' is not a split of dataset_kwargs.data_files (it has: test)",
     ),
-    "multiple_choice": (
-        {"output_type": "multiple_choice", "doc_to_choice": "{{choices}}"},
-        "output_type: multiple_choice is not read yet (fuselm reads generate_until tasks; multiple_choice is to come)",
+    "loglikelihood": (
+        {"output_type": "loglikelihood"},
+        "output_type: loglikelihood is not read yet (fuselm reads generate_until and multiple_choice tasks;"
+        " loglikelihood is to come)",
+    ),
+    "multiple_choice generating": (
+        {"output_type": "multiple_choice", "doc_to_choice": "['4', '6']"},
+        "generation_kwargs: not read with output_type: multiple_choice (its choices are scored, nothing is generated)",
+    ),
+    "choices without multiple_choice": (
+        {"doc_to_choice": "['4', '6']"},
+        "doc_to_choice: read with output_type: multiple_choice only",
     ),
     "sampling": (
         {"generation_kwargs": {"until": ["\n"], "top_p": 0.9}},

@@ -56,7 +56,12 @@ def _add_run_flags(p: argparse.ArgumentParser, config_help: str = "run config; f
         metavar="NAMES",
         help="model (or comma-separated models): bundled name, directory or .gguf",
     )
-    p.add_argument("--method", default=argparse.SUPPRESS, help=f"decoding method (default: single): {_method_list()}")
+    p.add_argument(
+        "--method",
+        default=argparse.SUPPRESS,
+        help=f"decoding method (default: single): {_method_list()}; a multiple_choice task is scored by single,"
+        " product or mixture (docs/tasks.md)",
+    )
     p.add_argument("--config", metavar="FILE.yaml", help=config_help)
     p.add_argument(
         "--option",
@@ -276,7 +281,17 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None, task
         raise FuselmError(validation_message(e, ns.config or "options", RunConfig)) from None
     from .fusion.methods import check_method
 
-    check_method(cfg.method, len(cfg.models), cfg.method_options)  # before any model is loaded
+    # before any model is loaded; a multiple-choice task is scored, by its own methods (eval/choice.py)
+    if task is not None:
+        from .eval.choice import check_choice_method, check_generation_method, is_multiple_choice
+        from .eval.tasks import get_task
+
+        loaded = get_task(task)
+        if is_multiple_choice(loaded):
+            check_choice_method(loaded, cfg.method, len(cfg.models), cfg.method_options)
+            return cfg
+        check_generation_method(loaded, cfg.method)
+    check_method(cfg.method, len(cfg.models), cfg.method_options)
     return cfg
 
 

@@ -88,6 +88,16 @@ class EvalRow(BaseModel):
     forward_passes: dict[str, int] = Field(default_factory=dict)
     text_share: dict[str, float] = Field(default_factory=dict)
     finish_reason: str = ""
+    # A multiple-choice row (eval/choice.py): per choice, its text, fused log-likelihood, each
+    # member's own log-likelihood and tokens. Absent (None, not written) for generated rows.
+    choices: list[dict[str, Any]] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The row as rows.jsonl holds it."""
+        data = self.model_dump(mode="json")
+        if data.get("choices") is None:
+            data.pop("choices", None)
+        return data
 
 
 class EvalSummary(BaseModel):

@@ -6,6 +6,9 @@ A run directory holds:
   rows.jsonl    one row per sample, appended and fsynced as each finishes
   summary.json  per-metric means, cost per sample, corpus metrics (written at the end)
 
+A `multiple_choice` task's rows are scored, not generated (eval/choice.py: its methods are
+`single`, `product` and `mixture`), into the same rows and summary.
+
 Interrupting a run (Ctrl-C, kill, crash) loses at most the sample in progress; running the same
 command again continues after the last complete row, never duplicating one. The same command
 with a larger --limit (over the same rows: same data, offset and seed) extends a run. A run
@@ -30,6 +33,7 @@ from ..fusion.loop import decode
 from ..fusion.methods import build_method
 from ..models.loading import load_models
 from ..progress import progress_bar
+from .choice import ChoiceScorer, check_choice_method, check_generation_method, is_multiple_choice
 from .records import EvalRow, EvalSpec, EvalSummary, option_files
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
@@ -206,6 +210,10 @@ def _run_locked(
     spec: EvalSpec, out: Path, data_dir: Path | None, explicit: set[str], show_progress: bool, concurrency: int
 ):
     task = get_task(spec.task)
+    if is_multiple_choice(task):  # scored by single/product/mixture; a decoding method is refused here
+        check_choice_method(task, spec.method, len(spec.models), spec.method_options)
+    else:
+        check_generation_method(task, spec.method)
     data_dir = data_dir or default_data_dir()
     all_rows = load_rows(task, spec.data, data_dir)
     rows = spec.select(all_rows)
@@ -221,11 +229,20 @@ def _run_locked(
         prefix = task.prompt_prefix(data_dir)
         gen = task_generation(task, spec.generation, explicit)
         models = load_models(spec.models)
-        method = build_method(spec.method, models, spec.method_options)  # once for the run
+        try:
+            if is_multiple_choice(task):  # once for the run
+                method: Any = ChoiceScorer(spec.method, models, spec.method_options)
+            else:
+                method = build_method(spec.method, models, spec.method_options)
+        except BaseException:
+            for m in models:
+                m.close()
+            raise
         try:
             _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency)
         finally:
-            method.close()
+            if hasattr(method, "close"):
+                method.close()
             for m in models:
                 m.close()
     summary = summarize(task, spec, read_rows(rows_path), rows)
@@ -240,6 +257,8 @@ def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_
         bar = progress.add_task(_label(task.name, main, scores), total=len(rows), completed=len(done))
 
         def one(row) -> EvalRow:
+            if isinstance(method, ChoiceScorer):  # a multiple_choice task: each choice scored, nothing generated
+                return method.row(task, prefix, gen, row)
             prompt = task.build_prompt(prefix, row)
             t0 = time.perf_counter()
             reference = task.reference_text(row) if method.needs_reference else None  # oracle-route follows it
@@ -259,7 +278,7 @@ def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_
             )
 
         def record(row: EvalRow) -> None:  # on this thread only: rows.jsonl has one writer
-            append_jsonl(rows_path, row.model_dump(mode="json"))
+            append_jsonl(rows_path, row.record())
             if row.metrics.get(main) is not None:
                 scores.append(row.metrics[main])
             progress.update(bar, advance=1, description=_label(task.name, main, scores))

@@ -53,10 +53,16 @@ class Task:
     # The text a model should write after the prompt, where it is not the first reference with a
     # newline (GSM8K: a rationale in the shots' format).
     target: Callable[[dict[str, Any]], str] | None = None
-    # What a model is asked for: `generate_until` (text, scored against references), lm-eval's name.
+    # What a model is asked for, lm-eval's name: `generate_until` (text, scored against references)
+    # or `multiple_choice` (each choice's log-likelihood scored, the best one taken: eval/choice.py).
     output_type: str = "generate_until"
     # The field a row's id is read from where the row has no `id` (else its line index).
     row_id: str = "task_id"
+    # `multiple_choice` tasks (eval/choice.py): a row's choices, its gold choice index (or
+    # indices), and what goes between the prompt and each choice (lm-eval's target_delimiter).
+    choices: Callable[[dict[str, Any]], list[str]] | None = None
+    gold: Callable[[dict[str, Any]], int | list[int]] | None = None
+    target_delimiter: str = " "
 
     @property
     def label(self) -> str:

@@ -68,6 +68,7 @@ READ_KEYS = (
     "description",
     "doc_to_text",
     "doc_to_target",
+    "doc_to_choice",
     "target_delimiter",
     "fewshot_delimiter",
     "output_type",
@@ -278,6 +279,164 @@ def _first(value: Any) -> str:
     if isinstance(value, list):
         return str(value[0]) if value else ""
     return "" if value is None else str(value)
+
+
+# --- multiple choice -------------------------------------------------------------------------------
+
+
+class _RowError(FuselmError):
+    """A row whose choices or right choice cannot be read: named by its id (by its place in its
+    file when the file is read)."""
+
+    def __init__(self, origin: str, key: str, row: dict[str, Any], what: str):
+        super().__init__(f"{origin}: {key}: {what} on the row with id {row.get('id', row.get('doc_id'))!r}")
+        self.key, self.what = key, what
+
+
+def _row_error(origin: str, key: str, row: dict[str, Any], what: str) -> FuselmError:
+    return _RowError(origin, key, row, what)
+
+
+@dataclass(frozen=True)
+class _Choices:
+    """lm-eval's doc_to_choice: a YAML list (the same choices for every row), a column holding a
+    list, or a template whose rendered text reads as a Python list (`{{choices.text}}`)."""
+
+    origin: str
+    constant: tuple[str, ...] | None = None
+    field: _Field | None = None
+
+    def __call__(self, row: dict[str, Any]) -> list[str]:
+        if self.constant is not None:
+            return list(self.constant)
+        assert self.field is not None
+        value = self.field.value(row)
+        if self.field.column is None:  # rendered text, read as a Python literal (as lm-eval does)
+            try:
+                value = ast.literal_eval(value)
+            except (SyntaxError, ValueError):
+                shown = value if len(value) <= 80 else value[:77] + "..."
+                raise _row_error(
+                    self.origin, "doc_to_choice", row, f"the template renders {shown!r}, not a list"
+                ) from None
+        if isinstance(value, dict):
+            value = list(value.values())
+        if not isinstance(value, (list, tuple)) or not value:
+            raise _row_error(self.origin, "doc_to_choice", row, f"expected a non-empty list of choices, got {value!r}")
+        return [str(v) for v in value]
+
+
+@dataclass(frozen=True)
+class _Gold:
+    """lm-eval's doc_to_target for multiple choice: an index into the row's choices, or a choice's
+    text (a list: several right choices). A bare column gives its value as it is; a template's
+    text is an index when it is all digits, a list when it reads as a Python list, else a choice's
+    text. Anything else (an index out of range, a text that is no choice, e.g. a label "B" that
+    is not looked up) is an error naming the row (lm-eval warns and scores the row 0)."""
+
+    origin: str
+    choices: _Choices
+    constant: int | None = None
+    field: _Field | None = None
+
+    def raw(self, row: dict[str, Any]) -> Any:
+        if self.constant is not None:
+            return self.constant
+        assert self.field is not None
+        value = self.field.value(row)
+        if self.field.column is not None:
+            return value
+        if value.isdigit():
+            return int(value)
+        if len(value) >= 2 and value[0] == "[" and value[-1] == "]":
+            try:
+                return ast.literal_eval(value)
+            except (SyntaxError, ValueError):
+                pass
+        return value
+
+    def __call__(self, row: dict[str, Any]) -> int | list[int]:
+        choices = self.choices(row)
+        value = self.raw(row)
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise _row_error(self.origin, "doc_to_target", row, "an empty list of right choices")
+            return [self._index(v, choices, row) for v in value]
+        return self._index(value, choices, row)
+
+    def _index(self, value: Any, choices: list[str], row: dict[str, Any]) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if 0 <= value < len(choices):
+                return value
+            raise _row_error(
+                self.origin, "doc_to_target", row, f"index {value} is out of range of {len(choices)} choices"
+            )
+        if isinstance(value, str) and value in choices:
+            return choices.index(value)
+        raise _row_error(
+            self.origin,
+            "doc_to_target",
+            row,
+            f"{value!r} is neither an index into the choices nor one of them ({', '.join(map(repr, choices))});"
+            ' a label is looked up with a template, e.g. "{{choices.label.index(answerKey)}}"',
+        )
+
+    def first_text(self, row: dict[str, Any]) -> str:
+        """The (first) right choice's text: a few-shot example's answer."""
+        gold = self(row)
+        return self.choices(row)[gold[0] if isinstance(gold, list) else gold]
+
+
+# lm-eval's multiple_choice metrics that fuselm scores (eval/choice.py), and its default list
+CHOICE_METRICS: dict[str, str] = {
+    "acc": "the choice with the highest (fused) log-likelihood is right",
+    "acc_norm": "the same, each log-likelihood divided by its choice's length in characters (lm-eval's acc_norm)",
+    "acc_bytes": "the same, divided by its choice's length in UTF-8 bytes (lm-eval's acc_bytes)",
+}
+DEFAULT_CHOICE_METRICS = ("acc", "acc_norm")
+NOT_CHOICE = {
+    **dict.fromkeys(("acc_mutual_info", "mcc", "matthews_corrcoef", "brier_score", "likelihood", "f1"), "not read yet"),
+    **dict.fromkeys(("exact_match", "contains", "em", "paper_match", "bleu", "chrf"), "a generate_until metric"),
+}
+
+
+def _scored_by_choices(name: str) -> SampleMetric:
+    def refuse(output: str, answer: str, row: dict[str, Any]) -> float:
+        raise FuselmError(f"{name} is scored from the choices' log-likelihoods (eval/choice.py), not from a text")
+
+    return refuse
+
+
+def _choice_metrics(data: dict[str, Any]) -> dict[str, SampleMetric]:
+    raw = data.get("metric_list")
+    if raw is None:
+        raw = list(DEFAULT_CHOICE_METRICS)
+    if not isinstance(raw, list) or not raw:
+        raise _Bad("metric_list: expected a list of {metric: NAME, ...}")
+    out: dict[str, SampleMetric] = {}
+    for i, m in enumerate(raw):
+        where = f"metric_list[{i}]"
+        if isinstance(m, str):
+            m = {"metric": m}
+        if not isinstance(m, dict) or not isinstance(m.get("metric"), str):
+            raise _Bad(f"{where}: expected {{metric: NAME, ...}}, got {m!r}")
+        name = m["metric"]
+        where = f"{where} ({name})"
+        if name in NOT_CHOICE:
+            raise _Bad(f"{where}: {NOT_CHOICE[name]}; a multiple_choice task is scored by: {', '.join(CHOICE_METRICS)}")
+        if name not in CHOICE_METRICS:
+            raise _Bad(f"metric_list[{i}]: {UnknownNameError('metric', name, list(CHOICE_METRICS))}")
+        if name in out:
+            raise _Bad(f"{where}: listed twice")
+        options = {k: v for k, v in m.items() if k != "metric"}
+        if options.pop("aggregation", "mean") != "mean":
+            raise _Bad(f"{where}: aggregation {m['aggregation']!r} is not read ({name} aggregates as mean)")
+        if options.pop("higher_is_better", True) is not True:
+            raise _Bad(f"{where}: higher_is_better must be true (fuselm ranks higher scores first)")
+        if options:
+            raise _Bad(f"{where}: unknown option {sorted(options)[0]!r} (it takes: aggregation, higher_is_better)")
+        out[name] = _scored_by_choices(name)
+    return out
 
 
 # --- filters and extractors -------------------------------------------------------------------------
@@ -730,8 +889,10 @@ def _fuselm_section(data: dict[str, Any]) -> dict[str, Any]:
 
 def _check_keys(data: dict[str, Any]) -> None:
     out = data.get("output_type", "generate_until")
-    if out in ("multiple_choice", "loglikelihood", "loglikelihood_rolling"):
-        raise _Bad(f"output_type: {out} is not read yet (fuselm reads generate_until tasks; {out} is to come)")
+    if out in ("loglikelihood", "loglikelihood_rolling"):
+        raise _Bad(
+            f"output_type: {out} is not read yet (fuselm reads generate_until and multiple_choice tasks; {out} is to come)"
+        )
     if out not in OUTPUT_TYPES:
         raise _Bad(f"output_type: {out!r} is not an lm-eval output type ({', '.join(OUTPUT_TYPES)})")
     for key in data:
@@ -759,6 +920,14 @@ def _check_keys(data: dict[str, Any]) -> None:
         samples = fewshot.get("samples")
         if samples is not None and (not isinstance(samples, list) or not all(isinstance(r, dict) for r in samples)):
             raise _Bad("fewshot_config.samples: expected a list of rows ({column: value, ...})")
+
+
+def _check_choice_row(gold: _Gold, row: dict[str, Any], data_name: str, index: int) -> None:
+    """The choices and the right one(s) of a row read when the file is read: an error names the file."""
+    try:
+        gold(row)
+    except _RowError as e:
+        raise _Bad(f"{e.key}: {e.what} on row {index} of {data_name}") from None
 
 
 def _build(path: Path, shown: str) -> FileTask:
@@ -801,17 +970,58 @@ def _build(path: Path, shown: str) -> FileTask:
         samples[p] = (name, rows)
     eval_rows = samples[eval_path][1]
     columns = list(eval_rows[0])
+    mc = data.get("output_type", "generate_until") == "multiple_choice"
+    gold_constant = data.get("doc_to_target") if mc else None
+    if isinstance(gold_constant, bool) or not isinstance(gold_constant, int):
+        gold_constant = None  # (an index for every row: lm-eval allows an integer)
     fields: dict[str, _Field] = {}
     for key in ("doc_to_text", "doc_to_target", "description"):
+        if key == "doc_to_target" and gold_constant is not None:
+            continue
         source = _string(data, key)
         if key != "description" and source is None:
             raise _Bad(f"{key}: missing (a Jinja template over a row, or a column name)")
         if source:
             fields[key] = _Field.parse(key, source, shown, columns, eval_name)
+    choice_source = data.get("doc_to_choice")
+    choices: _Choices | None = None
+    gold: _Gold | None = None
+    if choice_source is not None and not mc:
+        raise _Bad("doc_to_choice: read with output_type: multiple_choice only")
+    if mc:
+        if isinstance(choice_source, str):
+            fields["doc_to_choice"] = _Field.parse("doc_to_choice", choice_source, shown, columns, eval_name)
+            choices = _Choices(shown, field=fields["doc_to_choice"])
+        elif isinstance(choice_source, (list, dict)) and choice_source:
+            values = list(choice_source.values()) if isinstance(choice_source, dict) else choice_source
+            choices = _Choices(shown, constant=tuple(str(v) for v in values))
+        else:
+            raise _Bad(
+                "doc_to_choice: missing for output_type: multiple_choice (a YAML list, a column holding a list, or a"
+                ' template that renders one, e.g. "{{choices.text}}")'
+                if choice_source is None
+                else f"doc_to_choice: expected a list, a column or a template, got {choice_source!r}"
+            )
+        gold = _Gold(shown, choices, constant=gold_constant, field=fields.get("doc_to_target"))
+        for key in ("generation_kwargs", "filter_list"):
+            if key in data:
+                raise _Bad(
+                    f"{key}: not read with output_type: multiple_choice (its choices are scored, nothing is generated)"
+                )
+        if "extractor" in ext:
+            raise _Bad("fuselm.extractor: not read with output_type: multiple_choice (nothing is generated)")
     for name, rows in samples.values():
         for f in fields.values():
             f.check(rows[0], name, 0)
-    text, target, description = fields["doc_to_text"], fields["doc_to_target"], fields.get("description")
+        if gold is not None:
+            _check_choice_row(gold, rows[0], name, 0)
+    text, description = fields["doc_to_text"], fields.get("description")
+    if gold is not None and text.text(eval_rows[0]).strip().isdigit():
+        raise _Bad(
+            "doc_to_text: renders an index on row 0 of "
+            f"{eval_name}: lm-eval's multiple inputs (each choice a context, one continuation) are not read yet"
+        )
+    target = fields.get("doc_to_target") or _Field("doc_to_target", str(gold_constant), shown, template=None)
 
     if shot_split is None:
         shot_name, shot_rows = "fewshot_config.samples", inline
@@ -822,11 +1032,12 @@ def _build(path: Path, shown: str) -> FileTask:
         raise _Bad(f"num_fewshot: {n_shots} examples asked for, {shot_name} has {len(shot_rows)} rows")
     shots = []
     for i, row in enumerate(shot_rows[: n_shots + 1]):
-        for f in (text, target):
+        for f in (text, target) if gold is None else (f for f in fields.values() if f is not description):
             f.check(row, shot_name, i)
-        shots.append(
-            (_content(row), text.text(row) + target_delimiter + _first(target.target(row)) + fewshot_delimiter)
-        )
+        if gold is not None:
+            _check_choice_row(gold, row, shot_name, i)
+        answer = _first(target.target(row)) if gold is None else gold.first_text(row)
+        shots.append((_content(row), text.text(row) + target_delimiter + answer + fewshot_delimiter))
 
     file_text, named = None, [str(path.resolve()), *sorted({str(p) for p, _ in files.values()})]
     prompt_file = ext.get("prompt_prefix_file")
@@ -842,9 +1053,14 @@ def _build(path: Path, shown: str) -> FileTask:
             raise _Bad(f"fuselm.prompt_prefix_file: cannot read {prompt_file}: {e}") from None
         named.append(str(pf.resolve()))
 
-    until, max_tokens = _generation(data, fewshot_delimiter)
-    pipelines = _pipelines(data)
-    sample, corpus = _metrics(data, pipelines, target)
+    if gold is None:
+        until, max_tokens = _generation(data, fewshot_delimiter)
+        pipelines = _pipelines(data)
+        sample, corpus = _metrics(data, pipelines, target)
+    else:
+        until, max_tokens = (), DEFAULT_MAX_GEN_TOKS
+        pipelines = [("none", EXTRACTORS["whole"][0])]
+        sample, corpus = _choice_metrics(data), {}
     main = ext.get("main_metric") or next(iter([*sample, *corpus]))
     if main not in sample and main not in corpus:
         raise _Bad(f"fuselm.main_metric: {main!r} is not one of its metrics ({', '.join([*sample, *corpus])})")
@@ -856,6 +1072,12 @@ def _build(path: Path, shown: str) -> FileTask:
 
     prompter = _Prompter(text, target, description, file_text, fewshot_delimiter, n_shots, tuple(shots))
     ending = _ending(until, fewshot_delimiter)
+    if gold is None:
+        reference: Callable[[dict[str, Any]], Any] = target.target
+        reference_text = lambda row: target_delimiter + _first(target.target(row)) + ending  # noqa: E731
+    else:
+        reference = gold
+        reference_text = lambda row: target_delimiter + gold.first_text(row)  # noqa: E731
     return FileTask(
         name=str(path.resolve()),
         description=about,
@@ -863,7 +1085,7 @@ def _build(path: Path, shown: str) -> FileTask:
         fields=tuple(dict.fromkeys(c for f in fields.values() for c in sorted(f.columns) if c in columns)),
         build_prompt=prompter.build,
         extract=pipelines[0][1],
-        reference=target.target,
+        reference=reference,
         metrics=sample,
         corpus_metrics=corpus,
         stop=until,
@@ -874,8 +1096,11 @@ def _build(path: Path, shown: str) -> FileTask:
         main_metric=main,
         chat=chat,
         shot_marker=marker,
-        target=lambda row: target_delimiter + _first(target.target(row)) + ending,
-        output_type="generate_until",
+        target=reference_text,
+        output_type="multiple_choice" if mc else "generate_until",
+        choices=choices,
+        gold=gold,
+        target_delimiter=target_delimiter,
         row_id="doc_id",
         task_name=data["task"].strip(),
         source=str(path.resolve()),
