@@ -340,3 +340,39 @@ def test_fuselm_eval_picks_what_the_weights_say_on_saved_models(tmp_path, answer
                         method_options={"weights": yaml.safe_load(weights)})  # fmt: skip
         summary = run_eval(spec, out, show_progress=False)
         assert summary.metrics == {"acc": acc, "acc_norm": acc}
+
+
+def test_calibrate_chooses_how_to_fuse_a_multiple_choice_task_and_eval_takes_it(tmp_path, answer_models):  # noqa: F811
+    """`fuselm calibrate` on a multiple-choice task file races its own grid (product over the
+    kept members, mixture over all, equal and quality weights) on the validation rows; `right`
+    is right on every row, so nothing beats it and it runs alone; eval takes the calibration on
+    the test rows and refuses its dev rows; a controller is refused for such a task."""
+    rows = [{"q": f"number {i}?", "options": ["a", "b"], "answer": 0} for i in range(6)]
+    path = write_task(tmp_path, rows)
+    (tmp_path / "data" / "dev.jsonl").write_text("".join(json.dumps({**r, "q": f"dev {r['q']}"}) + "\n" for r in rows))
+    spec = yaml.safe_load(path.read_text())
+    spec["dataset_kwargs"]["data_files"]["validation"] = "data/dev.jsonl"
+    spec["validation_split"] = "validation"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    models = f"{answer_models['wrong']},{answer_models['right']}"
+    out = tmp_path / "calib.yaml"
+    r = run_cli("calibrate", "--task", str(path), "--models", models, "--limit", "6", "--min-rows", "1",
+                "--max-gap", "100", "--out", str(out), "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from fuselm.calibration import load_calibration
+
+    cal = load_calibration(out)
+    weights = [s.weight for s in cal.scores]
+    assert [t.label for t in cal.tried] == ["product", f"product weights={weights}", "mixture",
+                                            f"mixture weights={weights}"]  # fmt: skip
+    assert {t.method for t in cal.tried} == {"product", "mixture"} and all(t.n == 6 for t in cal.tried)
+    assert cal.anchor == answer_models["right"] and cal.method == "single" and cal.models == [answer_models["right"]]
+    assert weights[1] == 1.0 and weights[0] < 1.0  # `right` knows the references best
+    ev = run_cli(
+        "eval", "--task", str(path), "--calibration", str(out), "--out", str(tmp_path / "run"), "--no-progress"
+    )
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["metrics"] == {"acc": 1.0, "acc_norm": 1.0}
+    ctl = run_cli_here("calibrate", "--task", str(path), "--models", models, "--controller-rows", "3", "--out",
+                       str(tmp_path / "c2.yaml"))  # fmt: skip
+    assert ctl.returncode == 1 and "a fusion controller steers generation" in ctl.stderr

@@ -403,6 +403,11 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
     runs = Path(ns.runs) if ns.runs else out.with_suffix(".runs")
     if ns.controller_rows:
+        from .eval.choice import is_multiple_choice
+
+        if is_multiple_choice(get_task(spec.task)):
+            raise FuselmError(f"task {spec.task} is multiple_choice: a fusion controller steers generation; leave"
+                              " --controller-rows out")  # fmt: skip
         if ns.controller:
             raise FuselmError("give --controller FILE or --controller-rows N, not both")
         from .training.controller_train import ControllerTrainSpec, train_controller

@@ -67,6 +67,7 @@ from ..fusion.controller import Controller
 from ..models.backend import require_one_vocabulary
 from ..models.loading import check_reference, load_model, load_models
 from ..progress import progress_bar
+from .choice import is_multiple_choice
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
 from .runner import _versions, other_setup, run_eval, set_aside, task_generation
@@ -252,6 +253,8 @@ def calibrate(
     if not rows:
         raise FuselmError(f"no dev rows selected from {name} (offset {spec.offset}, limit {spec.limit})")
     controller, controller_dev, controller_seconds = None, None, 0.0
+    if spec.controller and is_multiple_choice(task):
+        raise FuselmError(f"task {task.name} is multiple_choice: a fusion controller steers generation; leave it out")
     if spec.controller:  # checked before any model loads
         controller, controller_dev, controller_seconds = _controller_rows(
             spec, task, data_dir, name, {r["id"] for r in rows}
@@ -261,7 +264,7 @@ def calibrate(
     looks = math.ceil(len(rows) / block)
     level = 1.0 - ALPHA / looks  # every look's intervals at this level: valid however many looks are taken
     too_few = len(rows) < spec.min_rows
-    n_steps = len(spec.models) * 2 + len(spec.thetas) * len(spec.margins)  # grows once it is known who is kept
+    n_steps = len(spec.models) * 2  # grows once the grid is known
     step = 0
 
     def run(label: str, method: str, models: list[ModelConfig], options: dict, n: int) -> RunView:
@@ -286,8 +289,8 @@ def calibrate(
     else:
         best, anchor_reason = choose_anchor(task, ranked, alone, nll, spec.anchor_by, level)
     members = _member_scores(spec, task, alone, nll, ranked, best)
-    grid = [] if too_few else _grid(spec, members, ranked, best, controller)
-    n_steps += len(grid) - len(spec.thetas) * len(spec.margins)
+    grid = [] if too_few else _grid(spec, task, members, ranked, best, controller)
+    n_steps += len(grid)
     views: dict[str, RunView] = {}
     dropped: dict[str, str] = {}
     alive = list(grid)
@@ -464,10 +467,30 @@ def _member_scores(spec, task, alone, nll, ranked, best) -> list[MemberScore]:
     return members
 
 
-def _grid(spec, members: list[MemberScore], ranked, best, controller) -> list[tuple[str, str, list[ModelConfig], dict]]:
+def _choice_grid(spec, members: list[MemberScore], kept_models: list[ModelConfig]) -> list:
+    """The fused setups of a multiple-choice task (eval.choice): the product of the members'
+    choice log-likelihoods over the kept members (one weak member drags a product down: the gap
+    rule applies), and their mixture over all of them (one confident member is enough), each with
+    equal and with the quality weights."""
+    grid = []
+    if len(kept_models) >= 2:
+        weights = [next(s.weight for s in members if s.name == m.name) for m in kept_models]
+        grid += [("product", "product", kept_models, {}),
+                 (f"product weights={weights}", "product", kept_models, {"weights": weights})]  # fmt: skip
+    all_weights = [s.weight for s in members]
+    grid += [("mixture", "mixture", list(spec.models), {}),
+             (f"mixture weights={all_weights}", "mixture", list(spec.models), {"weights": all_weights})]  # fmt: skip
+    return grid
+
+
+def _grid(
+    spec, task: Task, members: list[MemberScore], ranked, best, controller
+) -> list[tuple[str, str, list[ModelConfig], dict]]:
     """The fused setups to try: (label, method, models, options)."""
     kept_models = [m for m in spec.models if next(s for s in members if s.name == m.name).kept]
     kept_names = [m.name for m in kept_models]
+    if is_multiple_choice(task):
+        return _choice_grid(spec, members, kept_models)
     grid: list[tuple[str, str, list[ModelConfig], dict]] = []
     if len(kept_models) >= 2:
         weights = [next(s.weight for s in members if s.name == n) for n in kept_names]
