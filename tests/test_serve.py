@@ -323,7 +323,7 @@ def test_over_capacity_is_429_and_a_disconnect_frees_the_slot(server):
         time.sleep(0.1)
     # with the queue full, another method is refused before anything is built for it
     for body in ({"model": "tiny", "prompt": "x", "max_tokens": 2},
-                 {"model": "fused", "prompt": "x", "max_tokens": 2, "fuselm": {"method": "unite"}}):  # fmt: skip
+                 {"model": "fused", "prompt": "x", "max_tokens": 2, "fuselm": {"method": "unite", "options": {"top_k": 5}}}):  # fmt: skip
         third = server.post("/v1/completions", body)
         assert third.status_code == 429, third.text
         assert third.headers["retry-after"] == "1" and third.json()["error"]["type"] == "rate_limit_error"
