@@ -143,3 +143,22 @@ def run_cli_here(*args: str, cwd=None) -> subprocess.CompletedProcess:
         except SystemExit as e:  # argparse's refusals
             code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(["fuselm", *args], code, out.getvalue(), err.getvalue())
+
+
+def wait_until_ready(proc: subprocess.Popen, url: str, log: Path, seconds: float = 120) -> None:
+    """Wait until the `fuselm serve` process `proc` answers 200 on `url`/ready; its log (`log`)
+    in the failure when it exits first or is not ready in `seconds`."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, f"fuselm serve exited: {log.read_text()}"
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, f"fuselm serve not ready in {seconds:g} s: {log.read_text()}"
+        time.sleep(0.2)

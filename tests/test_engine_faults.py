@@ -497,6 +497,8 @@ def test_an_engine_that_fails_under_a_served_request_is_a_502_naming_the_expert(
     import httpx
     import yaml
 
+    from .conftest import wait_until_ready
+
     broken = threading.Event()  # set once the server is ready
 
     def first_then_nonsense(server: FakeEngine, req: Request) -> None:
@@ -517,15 +519,7 @@ def test_an_engine_that_fails_under_a_served_request_is_a_502_naming_the_expert(
                             stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "FUSELM_API_KEY"})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(proc, url, tmp_path / "serve.log")
         broken.set()
         r = httpx.post(url + "/v1/completions", json={"model": "e", "prompt": "Hello", "max_tokens": 3}, timeout=60)
         assert r.status_code == 502, r.text

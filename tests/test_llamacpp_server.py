@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import requires_bundled, run_cli
+from .conftest import requires_bundled, run_cli, wait_until_ready
 from .test_engines import ResettingProxy, _engine_process, _free_port, remote_model
 
 pytestmark = [pytest.mark.integration, requires_bundled("smollm2-135m")]
@@ -195,7 +195,6 @@ def test_cli_generate_over_the_server_and_its_one_line_refusal(llamacpp_server, 
 
 def test_fuselm_serve_with_the_server_as_its_model_from_the_command_line(llamacpp_server, in_process, tmp_path):
     import subprocess
-    import time
 
     port = _free_port()
     cmd = [sys.executable, "-m", "fuselm.cli", "serve", "--models", f"smol=llamacpp-server:{llamacpp_server.url}",
@@ -204,16 +203,7 @@ def test_fuselm_serve_with_the_server_as_its_model_from_the_command_line(llamacp
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "fuselm serve not ready"
-            time.sleep(0.5)
+        wait_until_ready(proc, url, tmp_path / "serve.log")
         body = {"model": "smol-lcs", "prompt": COUNT, "max_tokens": 12}
         answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
         assert answer["choices"][0]["text"] == own_greedy(in_process, COUNT, 12).text

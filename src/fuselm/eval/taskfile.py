@@ -23,7 +23,7 @@ import gzip
 import json
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,13 +407,14 @@ def _scored_by_choices(name: str) -> SampleMetric:
     return refuse
 
 
-def _choice_metrics(data: dict[str, Any]) -> dict[str, SampleMetric]:
-    raw = data.get("metric_list")
-    if raw is None:
-        raw = list(DEFAULT_CHOICE_METRICS)
+def _metric_entries(
+    raw: Any, known: list[str], refused: dict[str, str], kind: str
+) -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """Each entry of a `metric_list`: (where, name, its options, the entry), checked alike for
+    every output type: a name of `known`, none of `refused` (with why), none listed twice."""
     if not isinstance(raw, list) or not raw:
         raise _Bad("metric_list: expected a list of {metric: NAME, ...}")
-    out: dict[str, SampleMetric] = {}
+    seen: set[str] = set()
     for i, m in enumerate(raw):
         where = f"metric_list[{i}]"
         if isinstance(m, str):
@@ -421,14 +422,22 @@ def _choice_metrics(data: dict[str, Any]) -> dict[str, SampleMetric]:
         if not isinstance(m, dict) or not isinstance(m.get("metric"), str):
             raise _Bad(f"{where}: expected {{metric: NAME, ...}}, got {m!r}")
         name = m["metric"]
-        where = f"{where} ({name})"
-        if name in NOT_CHOICE:
-            raise _Bad(f"{where}: {NOT_CHOICE[name]}; a multiple_choice task is scored by: {', '.join(CHOICE_METRICS)}")
-        if name not in CHOICE_METRICS:
-            raise _Bad(f"metric_list[{i}]: {UnknownNameError('metric', name, list(CHOICE_METRICS))}")
-        if name in out:
-            raise _Bad(f"{where}: listed twice")
-        options = {k: v for k, v in m.items() if k != "metric"}
+        if name in refused:
+            raise _Bad(f"{where} ({name}): {refused[name]}; a {kind} task is scored by: {', '.join(known)}")
+        if name not in known:
+            raise _Bad(f"{where}: {UnknownNameError('metric', name, known)}")
+        if name in seen:
+            raise _Bad(f"{where} ({name}): listed twice")
+        seen.add(name)
+        yield f"{where} ({name})", name, {k: v for k, v in m.items() if k != "metric"}, m
+
+
+def _choice_metrics(data: dict[str, Any]) -> dict[str, SampleMetric]:
+    raw = data.get("metric_list")
+    if raw is None:
+        raw = list(DEFAULT_CHOICE_METRICS)
+    out: dict[str, SampleMetric] = {}
+    for where, name, options, m in _metric_entries(raw, list(CHOICE_METRICS), NOT_CHOICE, "multiple_choice"):
         if options.pop("aggregation", "mean") != "mean":
             raise _Bad(f"{where}: aggregation {m['aggregation']!r} is not read ({name} aggregates as mean)")
         if options.pop("higher_is_better", True) is not True:
@@ -663,28 +672,10 @@ def _metrics(
     raw = data.get("metric_list")
     if raw is None:
         raw = [{"metric": "exact_match"}]  # lm-eval's default for generate_until
-    if not isinstance(raw, list) or not raw:
-        raise _Bad("metric_list: expected a list of {metric: NAME, ...}")
     known = [*SAMPLE_METRICS, *CORPUS_METRICS]
     sample: dict[str, SampleMetric] = {}
     corpus: dict[str, CorpusMetric] = {}
-    seen: set[str] = set()
-    for i, m in enumerate(raw):
-        where = f"metric_list[{i}]"
-        if isinstance(m, str):
-            m = {"metric": m}
-        if not isinstance(m, dict) or not isinstance(m.get("metric"), str):
-            raise _Bad(f"{where}: expected {{metric: NAME, ...}}, got {m!r}")
-        name = m["metric"]
-        where = f"{where} ({name})"
-        if name in NOT_GENERATION:
-            raise _Bad(f"{where}: {NOT_GENERATION[name]}; a generate_until task is scored by: {', '.join(known)}")
-        if name not in known:
-            raise _Bad(f"metric_list[{i}]: {UnknownNameError('metric', name, known)}")
-        if name in seen:
-            raise _Bad(f"{where}: listed twice")
-        seen.add(name)
-        options = {k: v for k, v in m.items() if k != "metric"}
+    for where, name, options, _ in _metric_entries(raw, known, NOT_GENERATION, "generate_until"):
         is_corpus = name in CORPUS_METRICS
         agg = options.pop("aggregation", None)
         if agg is not None and agg != ("mean" if not is_corpus else name):
