@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -183,16 +184,20 @@ def answer_models(smol_tokenizer_dir, tmp_path_factory):  # noqa: F811
     return out
 
 
-@pytest.fixture(scope="module")
-def answer_data(tmp_path_factory):
-    """A TriviaQA-shaped file whose every answer is "a a a" (rows 0-5 dev, 6-9 test), and a data
-    directory with the task's prompt file."""
-    root = tmp_path_factory.mktemp("data")
+def answer_rows(root: Path, n: int) -> Path:
+    """A data directory with TriviaQA's prompt file and `triviaqa/rows.jsonl`: `n` rows whose
+    every answer is "a a a" (the `right` model's)."""
     (root / "triviaqa").mkdir()
     (root / "triviaqa" / "prompt.txt").write_text("Question: Say a.\nAnswer: a a a\n")
-    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(10)]
+    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(n)]
     (root / "triviaqa" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+@pytest.fixture(scope="module")
+def answer_data(tmp_path_factory):
+    """10 such rows (0-5 dev, 6-9 test)."""
+    return answer_rows(tmp_path_factory.mktemp("data"), 10)
 
 
 def calibrate_cli(answer_models, answer_data, tmp_path, order=("wrong", "right"), *extra):
@@ -694,13 +699,8 @@ def test_a_robust_combination_keeps_one_outlier_from_deciding(smol_tokenizer_dir
 
 @pytest.fixture(scope="module")
 def race_data(tmp_path_factory):
-    """8 TriviaQA-shaped rows whose every answer is "a a a" (the right model's)."""
-    root = tmp_path_factory.mktemp("race")
-    (root / "triviaqa").mkdir()
-    (root / "triviaqa" / "prompt.txt").write_text("Question: Say a.\nAnswer: a a a\n")
-    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(8)]
-    (root / "triviaqa" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    """8 rows whose every answer is "a a a" (the right model's)."""
+    return answer_rows(tmp_path_factory.mktemp("race"), 8)
 
 
 def test_the_race_leaves_a_setup_behind_after_the_block_that_shows_it_is_surely_worse(
