@@ -7,6 +7,7 @@ answer by a faulty one: one that trickles, one too large, malformed ones, one th
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -168,17 +169,23 @@ def generate_on(server: FakeEngine, name: str = "bad", kind: str = "vllm", timeo
         model.close()
 
 
-def one_line_error(server: FakeEngine, match: str, name: str = "bad", kind: str = "vllm", timeout_s: float = 5):
-    """The EngineError of `single` on the fake engine: one line, naming the expert and the engine."""
+def engine_error(server: FakeEngine, name: str = "bad", kind: str = "vllm", timeout_s: float = 5) -> str:
+    """The message of the EngineError that `single` on the fake engine ends with."""
     from fuselm.errors import EngineError
 
     with pytest.raises(EngineError) as e:
         generate_on(server, name, kind, timeout_s)
-    message = str(e.value)
-    assert message.startswith(f"expert '{name}': {kind} at {server.url}"), message
-    assert "\n" not in message and len(message) < 600, message
-    assert __import__("re").search(match, message), message
-    return message
+    return str(e.value)
+
+
+def one_line_naming(message: str, server: FakeEngine, match: str, name: str = "bad", kind: str = "vllm") -> bool:
+    """Whether `message` is one short line that names the expert and its engine and says `match`."""
+    return (
+        message.startswith(f"expert '{name}': {kind} at {server.url}")
+        and "\n" not in message
+        and len(message) < 600
+        and re.search(match, message) is not None
+    )
 
 
 def test_the_fake_engine_is_a_working_engine():
@@ -231,7 +238,8 @@ def test_an_engine_that_trickles_bytes_fails_within_its_timeout(where, answers, 
     server = FakeEngine(**answers)
     try:
         t0 = time.monotonic()
-        one_line_error(server, rf"no answer within 1s \({path}\)$", name="slow", timeout_s=1)
+        message = engine_error(server, name="slow", timeout_s=1)
+        assert one_line_naming(message, server, rf"no answer within 1s \({path}\)$", name="slow"), message
         assert time.monotonic() - t0 < 20  # it came back (a hang would run to the 30 s of trickling)
     finally:
         server.close()
@@ -248,7 +256,8 @@ def test_retries_stay_within_the_calls_deadline():
     server = FakeEngine(_v1_models=slow_503)
     try:
         t0 = time.monotonic()
-        one_line_error(server, r"no answer within 1s \(/v1/models\)$", name="busy", timeout_s=1)
+        message = engine_error(server, name="busy", timeout_s=1)
+        assert one_line_naming(message, server, r"no answer within 1s \(/v1/models\)$", name="busy"), message
         assert time.monotonic() - t0 < 20
         assert server.requests.count("/v1/models") <= 2  # the third attempt never started
     finally:
@@ -278,7 +287,10 @@ def test_an_answer_over_its_bound_is_refused_unread(declared):
 
     server = FakeEngine(_v1_models=huge(declared))
     try:
-        one_line_error(server, rf"answered /v1/models with a reply over {MAX_REPLY_BYTES} bytes")
+        message = engine_error(server)
+        assert one_line_naming(message, server, rf"answered /v1/models with a reply over {MAX_REPLY_BYTES} bytes"), (
+            message
+        )
     finally:
         server.close()
 
@@ -289,7 +301,10 @@ def test_a_streamed_line_over_its_bound_is_refused():
     endless_line = [b'{"choices": [{"text": "' + b"y" * (3 << 20)]
     server = FakeEngine(_v1_completions=lambda server, req: completions(server, req, endless_line))
     try:
-        message = one_line_error(server, r"answered /v1/completions with a streamed line over \d+ bytes$")
+        message = engine_error(server)
+        assert one_line_naming(message, server, r"answered /v1/completions with a streamed line over \d+ bytes$"), (
+            message
+        )
         limit = int(message.split("line over ")[1].split()[0])
         assert MAX_LINE_BYTES < limit <= MAX_LINE_BYTES + 4 * LINE_BYTES_PER_TOKEN  # 4 tokens asked
     finally:
@@ -381,7 +396,8 @@ MALFORMED = {
 def test_a_malformed_answer_is_one_engine_error_naming_the_expert_and_the_endpoint(answers, match):
     server = FakeEngine(**answers)
     try:
-        one_line_error(server, match)
+        message = engine_error(server)
+        assert one_line_naming(message, server, match), message
     finally:
         server.close()
 
@@ -412,7 +428,8 @@ LLAMACPP_MALFORMED = {
 def test_a_malformed_answer_of_a_text_engine_is_one_engine_error(answers, match):
     server = FakeEngine(**answers)
     try:
-        one_line_error(server, match, kind="llamacpp-server")
+        message = engine_error(server, kind="llamacpp-server")
+        assert one_line_naming(message, server, match, kind="llamacpp-server"), message
     finally:
         server.close()
 
