@@ -29,7 +29,7 @@ import anyio
 from ..config import GenerationConfig, ModelConfig
 from ..fusion.base import FusionMethod
 from ..fusion.loop import decode
-from ..fusion.methods import build_method, check_method
+from ..fusion.methods import METHODS, build_method, check_method
 from ..models.backend import usable_cpus
 from ..models.loading import Model, Prompt, load_model
 from ..models.remote import RemoteModel
@@ -165,11 +165,11 @@ class ServedSetup:
         return self.config.method
 
     def request_method(self, asked: tuple[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]] | None:
-        """What a request asks for (`serve.bounds`: a method and its options; None: the setup's
-        own), checked against these models without any model work (FuselmError when it cannot
-        run on them). Build it with :meth:`build` once admitted."""
+        """What a request asks for (`serve.bounds`, which validated its options: a method and its
+        options; None: the setup's own), checked against this many models without any model work
+        (FuselmError when it cannot run on them). Build it with :meth:`build` once admitted."""
         if asked is not None:
-            check_method(asked[0], len(self.config.models), asked[1])
+            METHODS.get(asked[0]).validate_models(len(self.config.models))
         return asked
 
     def build(self, asked: tuple[str, dict[str, Any]] | None) -> RequestMethod | None:
@@ -257,14 +257,6 @@ class Scheduler:
             self.waiting -= 1
         self.running += 1
         return Slot(self)
-
-    @asynccontextmanager
-    async def slot(self):
-        held = await self.acquire()
-        try:
-            yield held
-        finally:
-            held.release()
 
 
 class Slot:
