@@ -27,6 +27,7 @@ LAYERS = [
     ["eval"],
     ["training"],
     ["viz"],
+    ["harness"],
     ["serve"],
     ["cli"],
 ]

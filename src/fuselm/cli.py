@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_flags(tc, ModelConfig, skip=_SPECIAL_FIELDS)
 
+    sub.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness with the `fuselm` model registered: fuselm lm-eval --model fuselm"
+        " --model_args config=fuse.yaml --tasks TASK ... (lm-eval's own arguments; docs/tasks.md)",
+        add_help=False,
+    )
     r = sub.add_parser("report", help="compare evaluation runs: table, Markdown, PNG")
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("--md", metavar="OUT.md", help="also write the table as Markdown")
@@ -740,7 +746,26 @@ def _quiet_libraries() -> None:
         pass
 
 
+def cmd_lm_eval(args: list[str]) -> int:
+    """lm-eval's command line, every argument its own, with the `fuselm` model registered."""
+    try:
+        from .harness import run_cli
+    except ImportError as e:
+        if "lm_eval" not in str(e):
+            raise
+        print("fuselm: error: lm-evaluation-harness is not installed: pip install 'fuselm[lm-eval]'", file=sys.stderr)
+        return 1
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["lm-eval"]:  # lm-eval parses its own arguments (argparse would take their flags)
+        try:
+            return cmd_lm_eval(args[1:])
+        except FuselmError as e:
+            print(f"fuselm: error: {e}", file=sys.stderr)
+            return 1
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not ns.command:

@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..files import DirLock, append_jsonl, atomic_write_json, read_jsonl
 from ..fusion.loop import decode
@@ -38,7 +38,7 @@ from .records import EvalRow, EvalSpec, EvalSummary, option_files
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
 
-__all__ = ["EvalRow", "EvalSpec", "EvalSummary", "run_eval", "summarize", "task_generation"]
+__all__ = ["EvalRow", "EvalSpec", "EvalSummary", "check_concurrency", "run_eval", "summarize", "task_generation"]
 
 
 def task_generation(task: Task, gen: GenerationConfig, explicit: set[str]) -> GenerationConfig:
@@ -183,6 +183,19 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
     atomic_write_json(cfg, {**record, "option_files": option_files(spec.method_options), "versions": _versions()})
 
 
+def check_concurrency(models: list[ModelConfig], concurrency: int) -> None:
+    """Several generations in flight at once only where every model is on an engine (which
+    batches them): an in-process model runs one at a time."""
+    if concurrency < 1:
+        raise FuselmError(f"concurrency must be >= 1, got {concurrency}")
+    local = [m.name for m in models if not m.remote]
+    if concurrency > 1 and local:
+        raise FuselmError(
+            f"concurrency {concurrency} needs every model on an engine; {', '.join(local)} run in this process,"
+            " one generation at a time (use concurrency 1, or serve them with vLLM: docs/scale-out.md)"
+        )
+
+
 def run_eval(
     spec: EvalSpec,
     out: str | Path,
@@ -194,14 +207,7 @@ def run_eval(
     """Run (or resume) `spec` in the run directory `out`, locked for the time of the run.
     `concurrency` rows are in flight at once (models on engines only: the engines batch them)."""
     out = Path(out)
-    if concurrency < 1:
-        raise FuselmError(f"concurrency must be >= 1, got {concurrency}")
-    local = [m.name for m in spec.models if not m.remote]
-    if concurrency > 1 and local:
-        raise FuselmError(
-            f"--concurrency {concurrency} needs every model on an engine; {', '.join(local)} run in this process,"
-            " one generation at a time (use --concurrency 1, or serve them with vLLM: docs/scale-out.md)"
-        )
+    check_concurrency(spec.models, concurrency)
     with DirLock(out, "eval"):
         return _run_locked(spec, out, data_dir, explicit_generation or set(), show_progress, concurrency)
 

@@ -50,6 +50,9 @@ class Model:
     def tokenize(self, text: str) -> list[int]:
         return self.backend.tokenize(text)
 
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids)
+
     def session(self, prompt_text: str) -> DecodingSession:
         """A session on this model that starts from (and leaves) its warm prompt prefix."""
         return DecodingSession(self.backend, prompt_text, self.prefix_cache)

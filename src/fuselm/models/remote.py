@@ -129,6 +129,9 @@ class RemoteModel:
     def tokenize(self, text: str) -> list[int]:
         return self.run(self.engine.tokenize(text))
 
+    def decode(self, ids: list[int]) -> str:
+        return self.run(self.engine.detokenize(ids))
+
     def session(self, prompt_text: str) -> RemoteSession | TextSession:
         return TextSession(self, prompt_text) if self.engine.takes_text else RemoteSession(self, prompt_text)
 
