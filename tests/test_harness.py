@@ -209,11 +209,15 @@ def test_rolling_loglikelihood_scores_a_whole_text_after_each_members_start_of_t
         info = model.info
         start = ""
         if info.bos_token_id is None:  # an end-of-text token read back as itself, not as its characters
-            (start,) = [t for t in (model.decode([e]) for e in sorted(info.eos_token_ids)) if len(model.tokenize(t)) == 1][:1]
+            (start,) = [
+                t for t in (model.decode([e]) for e in sorted(info.eos_token_ids)) if len(model.tokenize(t)) == 1
+            ][:1]
             assert model.tokenize(start)[0] in info.eos_token_ids
         session = model.session(start)
         score = session.score([text])[0]
-        assert score.n_tokens == len(model.tokenize(start + text)) - len(model.tokenize(start))  # every token of the text
+        assert score.n_tokens == len(model.tokenize(start + text)) - len(
+            model.tokenize(start)
+        )  # every token of the text
         own.append(score.logprob)
         session.close(), model.close()
     assert value == pytest.approx(fuse(own, [1.0, 1.0], "mixture"), abs=1e-5)

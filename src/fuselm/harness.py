@@ -123,8 +123,10 @@ class FuselmLM(LM):
         self.models = load_models(self.setup.models)
         try:
             self.scorer = ChoiceScorer(self.choice_method, self.models, choice_options)
-            self.method = None if self.setup.method in CHOICE_METHODS else build_method(
-                self.setup.method, self.models, self.setup.method_options
+            self.method = (
+                None
+                if self.setup.method in CHOICE_METHODS
+                else build_method(self.setup.method, self.models, self.setup.method_options)
             )
         except BaseException:
             self.close()
@@ -175,7 +177,9 @@ class FuselmLM(LM):
         kwargs = dict(gen_kwargs or {})
         unknown = sorted(set(kwargs) - GEN_KWARGS)
         if unknown:
-            raise FuselmError(f"generation_kwargs {', '.join(unknown)}: fuselm runs only {', '.join(sorted(GEN_KWARGS))}")
+            raise FuselmError(
+                f"generation_kwargs {', '.join(unknown)}: fuselm runs only {', '.join(sorted(GEN_KWARGS))}"
+            )
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         update: dict[str, Any] = {
