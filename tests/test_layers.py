@@ -27,7 +27,6 @@ LAYERS = [
     ["eval"],
     ["training"],
     ["viz"],
-    ["harness"],
     ["serve"],
     ["cli"],
 ]

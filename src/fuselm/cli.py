@@ -749,7 +749,7 @@ def _quiet_libraries() -> None:
 def cmd_lm_eval(args: list[str]) -> int:
     """lm-eval's command line, every argument its own, with the `fuselm` model registered."""
     try:
-        from .harness import run_cli
+        from .eval.harness import run_cli
     except ImportError as e:
         if "lm_eval" not in str(e):
             raise

@@ -473,13 +473,15 @@ def _choice_grid(spec, members: list[MemberScore], kept_models: list[ModelConfig
     rule applies), and their mixture over all of them (one confident member is enough), each with
     equal and with the quality weights."""
     grid = []
+
+    def both(method: str, models: list[ModelConfig], weights: list[float]) -> None:
+        grid.append((method, method, models, {}))
+        if len(set(weights)) > 1:  # equal quality weights (none measured: an lm-eval task) are the plain setup
+            grid.append((f"{method} weights={weights}", method, models, {"weights": weights}))
+
     if len(kept_models) >= 2:
-        weights = [next(s.weight for s in members if s.name == m.name) for m in kept_models]
-        grid += [("product", "product", kept_models, {}),
-                 (f"product weights={weights}", "product", kept_models, {"weights": weights})]  # fmt: skip
-    all_weights = [s.weight for s in members]
-    grid += [("mixture", "mixture", list(spec.models), {}),
-             (f"mixture weights={all_weights}", "mixture", list(spec.models), {"weights": all_weights})]  # fmt: skip
+        both("product", kept_models, [next(s.weight for s in members if s.name == m.name) for m in kept_models])
+    both("mixture", list(spec.models), [s.weight for s in members])
     return grid
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import GenerationConfig, ModelConfig
+from ..errors import FuselmError
 from ..files import content_digest
 
 
@@ -120,3 +121,16 @@ class EvalSummary(BaseModel):
     @property
     def setup(self) -> str:
         return "+".join(self.models)
+
+
+def check_concurrency(models: list[ModelConfig], concurrency: int) -> None:
+    """Several generations in flight at once only where every model is on an engine (which
+    batches them): an in-process model runs one at a time."""
+    if concurrency < 1:
+        raise FuselmError(f"concurrency must be >= 1, got {concurrency}")
+    local = [m.name for m in models if not m.remote]
+    if concurrency > 1 and local:
+        raise FuselmError(
+            f"concurrency {concurrency} needs every model on an engine; {', '.join(local)} run in this process,"
+            " one generation at a time (use concurrency 1, or serve them with vLLM: docs/scale-out.md)"
+        )

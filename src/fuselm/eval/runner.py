@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..config import GenerationConfig, ModelConfig
+from ..config import GenerationConfig
 from ..errors import FuselmError
 from ..files import DirLock, append_jsonl, atomic_write_json, read_jsonl
 from ..fusion.loop import decode
@@ -34,7 +34,7 @@ from ..fusion.methods import build_method
 from ..models.loading import load_models
 from ..progress import progress_bar
 from .choice import ChoiceScorer, check_choice_method, check_generation_method, is_multiple_choice
-from .records import EvalRow, EvalSpec, EvalSummary, option_files
+from .records import EvalRow, EvalSpec, EvalSummary, check_concurrency, option_files
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -183,19 +183,6 @@ def prepare_run_dir(out: Path, spec: EvalSpec, data_digest: str, all_rows: list[
     atomic_write_json(cfg, {**record, "option_files": option_files(spec.method_options), "versions": _versions()})
 
 
-def check_concurrency(models: list[ModelConfig], concurrency: int) -> None:
-    """Several generations in flight at once only where every model is on an engine (which
-    batches them): an in-process model runs one at a time."""
-    if concurrency < 1:
-        raise FuselmError(f"concurrency must be >= 1, got {concurrency}")
-    local = [m.name for m in models if not m.remote]
-    if concurrency > 1 and local:
-        raise FuselmError(
-            f"concurrency {concurrency} needs every model on an engine; {', '.join(local)} run in this process,"
-            " one generation at a time (use concurrency 1, or serve them with vLLM: docs/scale-out.md)"
-        )
-
-
 def run_eval(
     spec: EvalSpec,
     out: str | Path,
@@ -236,8 +223,11 @@ def _run_locked(
         gen = task_generation(task, spec.generation, explicit)
         models = load_models(spec.models)
         try:
-            if is_multiple_choice(task):  # once for the run
-                method: Any = ChoiceScorer(spec.method, models, spec.method_options)
+            method: Any = task.row_runner(spec, models)  # an lm-eval task: lm-eval runs its rows
+            if method is not None:
+                pass
+            elif is_multiple_choice(task):  # once for the run
+                method = ChoiceScorer(spec.method, models, spec.method_options)
             else:
                 method = build_method(spec.method, models, spec.method_options)
         except BaseException:
@@ -289,6 +279,12 @@ def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_
                 scores.append(row.metrics[main])
             progress.update(bar, advance=1, description=_label(task.name, main, scores))
 
+        chunk = getattr(method, "chunk_rows", None)  # rows it runs together (an lm-eval task's)
+        if chunk:
+            for i in range(0, len(todo), chunk):
+                for row in method.rows(todo[i : i + chunk]):
+                    record(row)
+            return
         if concurrency == 1:
             for row in todo:
                 record(one(row))

@@ -69,6 +69,11 @@ class Task:
         """A short name to show and to name directories by (a task file's own `task` name)."""
         return self.name
 
+    def row_runner(self, spec: Any, models: list[Any]) -> Any | None:
+        """What runs this task's rows where the task runs them itself (an lm-eval task:
+        eval/lm_eval_task.py), else None: the runner decodes or scores them."""
+        return None
+
     def pin(self, run_config: Path) -> None:
         """Record in a run's config.json what the task was read from, or refuse a run made with
         another version of it. A built-in task is code (the run records fuselm's version): nothing."""

@@ -15,6 +15,10 @@ def get_task(name: str) -> Task:
     `name` is then its absolute path: the name runs and calibrations record."""
     if name in TASKS:
         return TASKS.get(name)
+    if name.startswith("lm-eval:"):  # a task that lm-eval itself runs
+        from ..lm_eval_task import load_lm_eval_task
+
+        return load_lm_eval_task(name)
     from ..taskfile import is_task_file, load_task_file  # here: taskfile reads the built-in tasks' rules
 
     if is_task_file(name):

@@ -21,6 +21,7 @@ model under the entry-point group `lm_eval.models` for an lm-eval that discovers
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -28,16 +29,16 @@ from typing import Any, TypeVar
 from lm_eval.api.model import LM
 from pydantic import ValidationError
 
-from .calibration import apply_calibration
-from .config import GenerationConfig, RunConfig, parse_model_ref, validation_message
-from .errors import FuselmError
-from .eval.choice import CHOICE_METHODS, ChoiceScorer
-from .eval.runner import check_concurrency
-from .files import load_yaml
-from .fusion.loop import decode
-from .fusion.methods import build_method, check_method
-from .models.loading import load_models
-from .progress import progress_bar
+from ..calibration import apply_calibration
+from ..config import GenerationConfig, RunConfig, parse_model_ref, validation_message
+from ..errors import FuselmError
+from .choice import CHOICE_METHODS, ChoiceScorer
+from .records import check_concurrency
+from ..files import load_yaml
+from ..fusion.loop import decode
+from ..fusion.methods import build_method, check_method
+from ..models.loading import load_models
+from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,7 @@ MODELS_SEPARATOR = "+"  # lm-eval splits --model_args on commas: a model list is
 # lm-eval's generation_kwargs that fuselm runs; any other is refused by name
 GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed"}
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default
+SCORING_ONLY = set(CHOICE_METHODS) - {"single"}  # product and mixture fuse scores; they generate nothing
 
 
 def setup_config(
@@ -108,26 +110,37 @@ class FuselmLM(LM):
         **options: Any,
     ):
         super().__init__()
-        self.setup = setup_config(config, calibration, models, method, options)
-        check_concurrency(self.setup.models, int(concurrency))
-        self.concurrency = int(concurrency)
-        self.progress = bool(progress)
-        if self.setup.method in CHOICE_METHODS:
-            self.choice_method, choice_options = self.setup.method, self.setup.method_options
+        setup = setup_config(config, calibration, models, method, options)
+        check_concurrency(setup.models, int(concurrency))
+        self._build(setup, None, choice_method, int(concurrency), bool(progress))
+
+    @classmethod
+    def over(cls, setup: RunConfig, models: list[Any], choice_method: str = "product", progress: bool = False):
+        """The setup on models already loaded (a `fuselm eval` run of an lm-eval task): they stay
+        open when this closes."""
+        lm = cls.__new__(cls)
+        LM.__init__(lm)
+        lm._build(setup, models, choice_method, 1, progress)
+        return lm
+
+    def _build(self, setup: RunConfig, models: list[Any] | None, choice_method: str, concurrency: int, progress: bool):
+        self.setup, self.concurrency, self.progress = setup, concurrency, progress
+        self.busy_seconds = 0.0  # time spent on requests (lm-eval's own work left out)
+        if setup.method in CHOICE_METHODS:
+            self.choice_method, choice_options = setup.method, setup.method_options
         else:
-            check_method(self.setup.method, len(self.setup.models), self.setup.method_options)
-            if choice_method not in CHOICE_METHODS or (choice_method == "single") != (len(self.setup.models) == 1):
-                one = "single" if len(self.setup.models) == 1 else "product or mixture"
-                raise FuselmError(f"choice_method={choice_method!r}: with {len(self.setup.models)} model(s) use {one}")
+            check_method(setup.method, len(setup.models), setup.method_options)
+            if choice_method not in CHOICE_METHODS or (choice_method == "single") != (len(setup.models) == 1):
+                one = "single" if len(setup.models) == 1 else "product or mixture"
+                raise FuselmError(f"choice_method={choice_method!r}: with {len(setup.models)} model(s) use {one}")
             self.choice_method, choice_options = choice_method, None
-        self.models = load_models(self.setup.models)
+        self.owns_models = models is None
+        self.models = load_models(setup.models) if models is None else models
+        self.method = None
         try:
             self.scorer = ChoiceScorer(self.choice_method, self.models, choice_options)
-            self.method = (
-                None
-                if self.setup.method in CHOICE_METHODS
-                else build_method(self.setup.method, self.models, self.setup.method_options)
-            )
+            if setup.method not in SCORING_ONLY:
+                self.method = build_method(setup.method, self.models, setup.method_options)
         except BaseException:
             self.close()
             raise
@@ -229,6 +242,13 @@ class FuselmLM(LM):
     def _each(self, what: str, items: list[T], fn: Callable[[T], Any], disable_tqdm: bool) -> list[Any]:
         """fn over the items in order, `concurrency` at a time, with a progress bar."""
         out: list[Any] = [None] * len(items)
+        t0 = time.perf_counter()
+        try:
+            return self._each_timed(what, items, fn, disable_tqdm, out)
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
+
+    def _each_timed(self, what, items, fn, disable_tqdm, out):
         with progress_bar(self.progress and not disable_tqdm) as bar_host:
             bar = bar_host.add_task(f"{MODEL_NAME} {what} {self.label}", total=len(items))
             if self.concurrency == 1:
@@ -243,11 +263,13 @@ class FuselmLM(LM):
         return out
 
     def close(self) -> None:
-        method = getattr(self, "method", None)
+        method, self.method = getattr(self, "method", None), None
         if method is not None:
             method.close()
-        for m in getattr(self, "models", []):
-            m.close()
+        if getattr(self, "owns_models", False):
+            for m in self.models:
+                m.close()
+            self.models = []
 
     def __del__(self) -> None:  # lm-eval never closes a model; the engines' sessions are let go here
         try:

@@ -1,4 +1,4 @@
-"""fuselm as an lm-evaluation-harness model (fuselm/harness.py): lm-eval's Python API and its
+"""fuselm as an lm-evaluation-harness model (fuselm/eval/harness.py): lm-eval's Python API and its
 command line (`fuselm lm-eval`, a real subprocess) run a fused setup and get what `fuselm eval`
 gets on the same rows and prompts; task files read local JSON, never a hub."""
 
@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from fuselm.errors import FuselmError  # noqa: E402
 from fuselm.eval.choice import fuse  # noqa: E402
 from fuselm.eval.runner import read_rows  # noqa: E402
-from fuselm.harness import FuselmLM  # noqa: E402
+from fuselm.eval.harness import FuselmLM  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 
 from .conftest import requires_bundled, run_cli, run_cli_here  # noqa: E402
@@ -256,3 +256,71 @@ def test_fuselm_lm_eval_passes_its_arguments_to_lm_evals_command_line():
     assert done.returncode == 0 and "Language Model Evaluation Harness" in done.stdout  # lm-eval's own help
     listed = run_cli_here("--help")
     assert "lm-eval" in listed.stdout
+
+
+# --- lm-eval's tasks run by lm-eval itself: `--task lm-eval:FILE.yaml` ----------------------------
+
+
+def split_task(directory: Path, name: str, test: list[dict], validation: list[dict], **spec) -> Path:
+    """A task file with a test and a validation split."""
+    path = write_task(directory, name, test, **spec)
+    (directory / f"{name}-dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validation))
+    body = yaml.safe_load(path.read_text())
+    body["dataset_kwargs"]["data_files"]["validation"] = f"{name}-dev.jsonl"
+    body["validation_split"] = "validation"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def test_fuselm_eval_of_an_lm_eval_task_scores_as_fuselms_own_reading_of_the_file(tiny_dirs, tmp_path):
+    # One file, two readers: fuselm's (--task FILE) and lm-eval's (--task lm-eval:FILE), run from
+    # another directory (the data files are read beside the file by both).
+    models = [str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])]
+    task = choice_task(tmp_path)
+    ours = fuselm_rows(task, models, "product", tmp_path / "own")
+    theirs = fuselm_rows(Path(f"lm-eval:{task}"), models, "product", tmp_path / "lm-eval")
+    assert list(theirs) == list(ours) == ["m0", "m1", "m2"]  # the documents' own ids, in order
+    for rid in ours:
+        assert [c["logprob"] for c in theirs[rid].choices] == pytest.approx([c["logprob"] for c in ours[rid].choices])
+        assert theirs[rid].metrics == ours[rid].metrics and theirs[rid].prompt == ours[rid].prompt
+    summary = json.loads((tmp_path / "lm-eval" / "summary.json").read_text())
+    assert summary["task"] == f"lm-eval:{task}" and summary["main_metric"] == "acc"
+
+
+def test_an_lm_eval_task_with_what_fuselm_cannot_read_is_refused_with_one_line(tmp_path):
+    task = write_task(
+        tmp_path, "toy_bleu", QA_ROWS, doc_to_text="{{question}}", doc_to_target="answer",
+        metric_list=[{"metric": "bleu"}],
+    )  # fmt: skip
+    done = run_cli_here("eval", "--task", f"lm-eval:{task}", "--models", "smollm2-135m", "--out", str(tmp_path / "r"))
+    assert done.returncode == 1 and "bleu aggregate over the corpus" in done.stderr
+    done = run_cli_here("eval", "--task", "lm-eval:" + str(tmp_path / "missing.yaml"), "--models", "smollm2-135m",
+                        "--out", str(tmp_path / "r"))  # fmt: skip
+    assert done.returncode == 1 and "no such task file" in done.stderr
+
+
+def test_calibrating_on_an_lm_eval_task_writes_a_calibration_that_eval_and_serve_accept(tiny_dirs, tmp_path):
+    from fuselm.calibration import load_calibration
+    from fuselm.serve.config import ServeConfig
+
+    models = [str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])]
+    dev = [{"id": f"d{i}", "question": f"What is {i} plus one?", "answer": str(i + 1)} for i in range(6)]
+    task = split_task(
+        tmp_path, "toy_gen", QA_ROWS, dev, doc_to_text="Question: {{question}}\nAnswer:", doc_to_target="answer",
+        generation_kwargs={"until": ["\n"], "max_gen_toks": 3}, metric_list=[{"metric": "exact_match"}],
+    )  # fmt: skip
+    out = tmp_path / "cal.yaml"
+    done = run_cli_here("calibrate", "--task", f"lm-eval:{task}", "--models", ",".join(models), "--block-rows", "3",
+                        "--min-rows", "3", "--out", str(out), "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cal = load_calibration(out)
+    assert cal.task == f"lm-eval:{task}" and cal.dev.ids == [r["id"] for r in dev]  # the validation split's rows
+    assert len(cal.scores) == 2 and all(m.score is not None for m in cal.scores)  # each member alone
+    assert all(m.nll is None for m in cal.scores)  # lm-eval builds the prompts: no reference NLLs
+    assert cal.tried and {t.method for t in cal.tried} <= {"adafuse", "unite", "fixed-span", "token-average"}
+    evaluated = run_cli_here("eval", "--task", f"lm-eval:{task}", "--calibration", str(out), "--out",
+                             str(tmp_path / "test"), "--no-progress")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["n"] == len(QA_ROWS)  # the test split, no dev row
+    served = ServeConfig.model_validate({"setups": [{"id": "calibrated", "calibration": str(out)}]})
+    assert served.setups[0].method == cal.method and [m.name for m in served.setups[0].models] == cal.models
