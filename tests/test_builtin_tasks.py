@@ -63,6 +63,12 @@ def test_the_same_file_given_by_its_path_is_a_task_file_named_by_its_path():
     assert mine.data_file == "nq/test_0-999.jsonl"  # still under the data directory
 
 
+def test_the_built_in_file_that_docs_tasks_md_shows_is_the_packaged_one():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text(encoding="utf-8")
+    shown = docs.split("`nq.yaml`:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    assert shown == (TASK_DIR / "nq.yaml").read_text(encoding="utf-8")
+
+
 def test_fuselm_tasks_says_where_the_built_in_task_files_are():
     r = run_cli_here("tasks")
     assert r.returncode == 0, r.stderr
