@@ -677,7 +677,7 @@ def cmd_models(ns: argparse.Namespace) -> int:
 def cmd_tasks(ns: argparse.Namespace) -> int:
     """The built-in tasks, then those of the given task files: a row each, in plain columns."""
     from .eval.taskfile import load_task_file
-    from .eval.tasks import TASKS
+    from .eval.tasks import TASK_DIR, TASKS
 
     rows = [("name", "task", "type", "data", "metric", "description")]
     for name in TASKS.names():
@@ -691,6 +691,10 @@ def cmd_tasks(ns: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    # on stderr: the listing itself stays a table to read or parse
+    print(
+        f"the built-in tasks are the task files NAME.yaml in {TASK_DIR} (copy one to start your own)", file=sys.stderr
+    )
     return 0
 
 

@@ -32,13 +32,13 @@ from pydantic import ValidationError
 from ..calibration import apply_calibration
 from ..config import GenerationConfig, RunConfig, parse_model_ref, validation_message
 from ..errors import FuselmError
-from .choice import CHOICE_METHODS, ChoiceScorer
-from .records import check_concurrency
 from ..files import load_yaml
 from ..fusion.loop import decode
 from ..fusion.methods import build_method, check_method
 from ..models.loading import load_models
 from ..progress import progress_bar
+from .choice import CHOICE_METHODS, ChoiceScorer
+from .records import check_concurrency
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

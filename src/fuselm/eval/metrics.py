@@ -98,6 +98,16 @@ def lenient_qa(prediction: str, references: list[str]) -> float:
     return 0.0
 
 
+def first_line(output: str) -> str:
+    """The first line of an output, stripped (a translation: FLORES)."""
+    return output.strip().split("\n")[0].strip()
+
+
+def first_line_answer(output: str) -> str:
+    """The first line, stripped, a final period dropped (a short answer: NQ, TriviaQA, SQuAD)."""
+    return first_line(output).rstrip(".").strip()
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

@@ -1,5 +1,5 @@
-"""A task is a small declarative definition; adding a task is adding one file under `tasks/` (and
-its name to the registry in `tasks/__init__.py`)."""
+"""A task is a small declarative definition. Every task, the built-in ones too, is read from a task
+file (`taskfile.py`); adding a built-in task is adding its YAML file to `tasks/`."""
 
 from __future__ import annotations
 
@@ -86,13 +86,19 @@ class Task:
     def prompt_prefix(self, data_dir: Path | None = None, shots: int | None = None) -> str:
         """The task's prompt file (few-shot examples or an instruction), with only its last `shots`
         examples when `shots` is given."""
-        if not self.prompt_file:
+        prefix = self.prompt_file_text(data_dir)
+        if prefix is None:
             return ""
+        return prefix if shots is None else self._keep_shots(prefix, shots)
+
+    def prompt_file_text(self, data_dir: Path | None = None) -> str | None:
+        """The text of the prompt file under the data directory, right-stripped; None without one."""
+        if not self.prompt_file:
+            return None
         path = (data_dir or default_data_dir()) / self.prompt_file
         if not path.is_file():
             raise FuselmError(f"task {self.name}: prompt file not found: {path} (set --data-dir or FUSELM_DATA)")
-        prefix = path.read_text(encoding="utf-8").rstrip()
-        return prefix if shots is None else self._keep_shots(prefix, shots)
+        return path.read_text(encoding="utf-8").rstrip()
 
     def _keep_shots(self, prefix: str, shots: int) -> str:
         marker = self.shot_marker
@@ -123,6 +129,22 @@ class Task:
         """Every per-sample metric of an output."""
         answer = self.extract(output)
         return {name: fn(output, answer, row) for name, fn in self.metrics.items()}
+
+
+@dataclass(frozen=True)
+class TaskHook:
+    """Code that a task file names (`fuselm: {hook: NAME}`) for what its YAML cannot say (HumanEval's
+    execution, GSM8K's reference and target). Looked up by name in `tasks/hooks.py`'s registry: a
+    file never names Python to import."""
+
+    name: str
+    description: str
+    fields: tuple[str, ...] = ()  # the columns of its rows (their functions read): required of every row
+    # per-sample metrics, named in the file's metric_list; a name here comes before a common metric's
+    metrics: dict[str, SampleMetric] = field(default_factory=dict)
+    reference: Callable[[str], str] | None = None  # a reference made of doc_to_target's text
+    target: Callable[[dict[str, Any]], str] | None = None  # the text a model should write after the prompt
+    data_files: Callable[[], dict[str, str]] | None = None  # split -> file, where the task file names none
 
 
 DATA_ENV = "FUSELM_DATA"

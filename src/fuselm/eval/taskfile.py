@@ -10,7 +10,10 @@ says would give numbers that cannot be compared. See docs/tasks.md.
 A task file's task is named by its absolute path (`Task.name`: what runs, summaries and
 calibrations record, and what `get_task` reads back); its `task:` name is its `label`. A run
 records the digest of the file and of every file it names (`FileTask.pin`), and a run of an
-edited task file is refused rather than mixed.
+edited task file is refused rather than mixed. The built-in tasks are task files too, packaged in
+`tasks/` and named by their `task:` (`builtin`); their files lie under the data directory
+(`fuselm: {files_relative_to: data_dir}`), read when the task runs, and what YAML cannot say is
+a hook of `tasks/hooks.py` that the file names (`fuselm: {hook: humaneval}`).
 
 Templates render in Jinja's immutable sandbox with undefined names as errors (a column that a row
 lacks is an error, not an empty string); no Python (`!function`) is ever run.
@@ -37,6 +40,8 @@ from .metrics import (
     corpus_chrf,
     corpus_spbleu,
     corpus_spbleu_rebuilt,
+    first_line,
+    first_line_answer,
     gsm8k_exact,
     gsm8k_extract,
     gsm8k_reference,
@@ -45,9 +50,7 @@ from .metrics import (
     squad_em,
     squad_f1,
 )
-from .task import CorpusMetric, SampleMetric, Task
-from .tasks import flores as _flores
-from .tasks import qa as _qa
+from .task import CorpusMetric, SampleMetric, Task, TaskHook
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
@@ -81,7 +84,21 @@ READ_KEYS = (
     "metadata",
     "fuselm",
 )
-FUSELM_KEYS = ("prompt_prefix_file", "main_metric", "extractor", "description", "chat", "shot_marker")
+FUSELM_KEYS = (
+    "prompt_prefix_file",
+    "main_metric",
+    "extractor",
+    "description",
+    "chat",
+    "shot_marker",
+    "files_relative_to",
+    "row_id",
+    "hook",
+    "hub",
+)
+# What a file's paths are relative to: the file itself (lm-eval's rule), or the data directory
+# (--data-dir, $FUSELM_DATA), where the built-in tasks' files are.
+RELATIVE_TO = ("task_file", "data_dir")
 OUTPUT_TYPES = ("generate_until", "multiple_choice", "loglikelihood", "loglikelihood_rolling")
 GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature")
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until
@@ -202,8 +219,10 @@ class _Field:
     columns: frozenset[str] = frozenset()  # the row columns it reads
 
     @classmethod
-    def parse(cls, key: str, source: str, origin: str, row_columns: list[str], data_name: str) -> _Field:
-        if source in row_columns:
+    def parse(cls, key: str, source: str, origin: str, row_columns: list[str] | None, data_name: str) -> _Field:
+        """`row_columns` None: the rows are not read with the file (they lie under the data
+        directory, known only when the task runs): a bare name is then a column."""
+        if source in (row_columns or ()) or (row_columns is None and source.isidentifier()):
             return cls(key, source, origin, column=source, columns=frozenset({source}))
         if "{{" not in source and "{%" not in source and source.isidentifier():
             raise _Bad(
@@ -454,8 +473,8 @@ Extract = Callable[[str], str]
 
 # fuselm's own extractors (`fuselm: {extractor: NAME}`): the built-in tasks' rules.
 EXTRACTORS: dict[str, tuple[Extract, str]] = {
-    "first_line": (_qa._extract, "the first line, stripped, a trailing period dropped (nq, triviaqa, squad)"),
-    "first_line_verbatim": (_flores._extract, "the first line, stripped (flores)"),
+    "first_line": (first_line_answer, "the first line, stripped, a trailing period dropped (nq, triviaqa, squad)"),
+    "first_line_verbatim": (first_line, "the first line, stripped (flores)"),
     "boxed_number": (gsm8k_extract, "the number in the last \\boxed{}, else the last number (gsm8k)"),
     "whole": (lambda text: text, "the output as it is (lm-eval's default, humaneval)"),
 }
@@ -667,15 +686,26 @@ def _corpus_metric(name: str, extract: Extract) -> CorpusMetric:
 
 
 def _metrics(
-    data: dict[str, Any], pipelines: list[tuple[str, Extract]], target: _Field
+    data: dict[str, Any],
+    pipelines: list[tuple[str, Extract]],
+    references: Callable[[dict[str, Any]], list[str]],
+    hook: TaskHook | None,
 ) -> tuple[dict[str, SampleMetric], dict[str, CorpusMetric]]:
     raw = data.get("metric_list")
     if raw is None:
         raw = [{"metric": "exact_match"}]  # lm-eval's default for generate_until
-    known = [*SAMPLE_METRICS, *CORPUS_METRICS]
+    own = hook.metrics if hook is not None else {}
+    known = list(dict.fromkeys([*own, *SAMPLE_METRICS, *CORPUS_METRICS]))
+    refused = {k: v for k, v in NOT_GENERATION.items() if k not in own}
     sample: dict[str, SampleMetric] = {}
     corpus: dict[str, CorpusMetric] = {}
-    for where, name, options, _ in _metric_entries(raw, known, NOT_GENERATION, "generate_until"):
+    for where, name, options, _ in _metric_entries(raw, known, refused, "generate_until"):
+        if name in own:  # the hook's code scores the whole output itself
+            for key, value in options.items():
+                if (key, value) not in (("aggregation", "mean"), ("higher_is_better", True)):
+                    raise _Bad(f"{where}: {key}: {value!r} is not read (the hook's {name} takes: aggregation: mean)")
+            sample[name] = own[name]
+            continue
         is_corpus = name in CORPUS_METRICS
         agg = options.pop("aggregation", None)
         if agg is not None and agg != ("mean" if not is_corpus else name):
@@ -697,12 +727,14 @@ def _metrics(
                 corpus[key] = _corpus_metric(name, extract)
             else:
                 score = _sample_metric(name, norm)
-                sample[key] = _bind(score, extract, target)
+                sample[key] = _bind(score, extract, references)
     return sample, corpus
 
 
-def _bind(score: Callable[[str, list[str]], float], extract: Extract, target: _Field) -> SampleMetric:
-    return lambda output, answer, row: score(extract(output), _references(target.target(row)))
+def _bind(
+    score: Callable[[str, list[str]], float], extract: Extract, references: Callable[[dict[str, Any]], list[str]]
+) -> SampleMetric:
+    return lambda output, answer, row: score(extract(output), references(row))
 
 
 # --- the task --------------------------------------------------------------------------------------
@@ -722,18 +754,26 @@ class _Prompter:
     text: _Field
     target: _Field
     description: _Field | None
-    file_text: str | None  # fuselm.prompt_prefix_file, right-stripped
+    file_text: str | None  # fuselm.prompt_prefix_file read with the task file, right-stripped
     fewshot_delimiter: str
     num_fewshot: int
     shots: tuple[tuple[dict[str, Any], str], ...]  # (row content, rendered example), num_fewshot + 1 of them
 
-    def prefix(self, shots: int | None = None, keep: Callable[[str, int], str] | None = None, exclude=None) -> str:
-        head = self.file_text
+    def prefix(
+        self,
+        shots: int | None = None,
+        keep: Callable[[str, int], str] | None = None,
+        exclude=None,
+        file_text: str | None = None,
+    ) -> str:
+        """The prompt file's text (`file_text`: one read from the data directory now) with the
+        few-shot delimiter, also where `shots` keeps none of its examples, then the rendered ones."""
+        head = self.file_text if file_text is None else file_text
         if head is not None and shots is not None and not self.num_fewshot and keep is not None:
             head = keep(head, shots)
         k = self.num_fewshot if shots is None else min(shots, self.num_fewshot)
         examples = [text for content, text in self.shots if exclude is None or content != exclude][:k]
-        return (head + self.fewshot_delimiter if head else "") + "".join(examples)
+        return (head + self.fewshot_delimiter if head is not None else "") + "".join(examples)
 
     def build(self, prefix: str, row: dict[str, Any]) -> str:
         content = _content(row)
@@ -755,21 +795,26 @@ class FileTask(Task):
     source: str = ""  # the file, absolute
     named_files: tuple[str, ...] = ()  # the file and every file it names, absolute
     prompter: _Prompter | None = None
+    # a built-in task (a file packaged with fuselm): named by its `task:`, its version is fuselm's
+    builtin: bool = False
 
     @property
     def label(self) -> str:
         return self.task_name
 
     def prompt_prefix(self, data_dir: Path | None = None, shots: int | None = None) -> str:
-        """The few-shot part of every prompt (paths are relative to the task file, not the data
-        directory); with `shots`, only that many examples."""
+        """The few-shot part of every prompt (a prompt file relative to the task file was read
+        with it; one under the data directory, `prompt_file`, is read now); with `shots`, only
+        that many examples."""
         assert self.prompter is not None
-        return self.prompter.prefix(shots, keep=self._keep_shots)
+        return self.prompter.prefix(shots, keep=self._keep_shots, file_text=self.prompt_file_text(data_dir))
 
     def file_digests(self) -> dict[str, str]:
         return {p: content_digest(p) if Path(p).is_file() else "missing" for p in self.named_files}
 
     def pin(self, run_config: Path) -> None:
+        if self.builtin:  # as a built-in task always was: the run records fuselm's version
+            return
         config = json.loads(run_config.read_text(encoding="utf-8"))
         now = {"path": self.source, "sha256": self.file_digests()}
         was = config.get("task_file")
@@ -785,8 +830,10 @@ class FileTask(Task):
             )
 
 
-def _data_files(data: dict[str, Any], base: Path) -> dict[str, tuple[Path, str]]:
-    """split -> (file, its name as written) of dataset_kwargs.data_files, relative to the task file."""
+def _data_files(data: dict[str, Any], base: Path | None, hook: TaskHook | None) -> dict[str, tuple[Path, str]]:
+    """split -> (file, its name as written) of dataset_kwargs.data_files (else the hook's files):
+    relative to the task file `base`, checked now; or, `base` None, names under the data
+    directory, looked for when the task runs."""
     if data.get("dataset_path") != "json":
         got = data.get("dataset_path")
         raise _Bad(
@@ -798,6 +845,8 @@ def _data_files(data: dict[str, Any], base: Path) -> dict[str, tuple[Path, str]]
     if data.get("dataset_name") is not None:
         raise _Bad("dataset_name: not read with dataset_path: json (name the files in dataset_kwargs.data_files)")
     kwargs = data.get("dataset_kwargs")
+    if kwargs is None and hook is not None and hook.data_files is not None:
+        kwargs = {"data_files": hook.data_files()}
     if not isinstance(kwargs, dict) or "data_files" not in kwargs:
         raise _Bad("dataset_kwargs: expected {data_files: {SPLIT: FILE.jsonl, ...}} (or data_files: FILE.jsonl)")
     extra = sorted(set(kwargs) - {"data_files"})
@@ -815,6 +864,9 @@ def _data_files(data: dict[str, Any], base: Path) -> dict[str, tuple[Path, str]]
             name = name[0]
         if not isinstance(name, str) or not name:
             raise _Bad(f"{where}: expected one file name, got {name!r}")
+        if base is None:
+            out[str(split)] = (Path(name), name)
+            continue
         path = (base / name).expanduser()
         if not path.is_file():
             raise _Bad(f"{where}: file not found: {name} (relative to {base})")
@@ -913,6 +965,29 @@ def _check_keys(data: dict[str, Any]) -> None:
             raise _Bad("fewshot_config.samples: expected a list of rows ({column: value, ...})")
 
 
+def _hook(ext: dict[str, Any]) -> TaskHook | None:
+    name = ext.get("hook")
+    if name is None:
+        return None
+    # imported here: the tasks package, which holds the hooks, reads its task files with this module
+    from .tasks.hooks import HOOKS
+
+    if not isinstance(name, str) or name not in HOOKS:
+        raise _Bad(f"fuselm.hook: {UnknownNameError('task hook', str(name), HOOKS)}")
+    return HOOKS.get(name)
+
+
+def _hub(ext: dict[str, Any]) -> tuple[str, str | None, str] | None:
+    """fuselm.hub, `NAME[:CONFIG]:SPLIT` as `--data hub:` takes it: where the rows came from."""
+    spec = _string(ext, "hub", where="fuselm.")
+    if spec is None:
+        return None
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise _Bad(f"fuselm.hub: expected NAME[:CONFIG]:SPLIT (as --data hub: takes it), got {spec!r}")
+    return parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
+
+
 def _check_choice_row(gold: _Gold, row: dict[str, Any], data_name: str, index: int) -> None:
     """The choices and the right one(s) of a row read when the file is read: an error names the file."""
     try:
@@ -921,12 +996,18 @@ def _check_choice_row(gold: _Gold, row: dict[str, Any], data_name: str, index: i
         raise _Bad(f"{e.key}: {e.what} on row {index} of {data_name}") from None
 
 
-def _build(path: Path, shown: str) -> FileTask:
+def _build(path: Path, shown: str, builtin: bool) -> FileTask:
     data = _read_yaml(path, shown)
     _check_keys(data)
     ext = _fuselm_section(data)
+    hook = _hook(ext)
+    relative_to = ext.get("files_relative_to", "task_file")
+    if relative_to not in RELATIVE_TO:
+        raise _Bad(f"fuselm.files_relative_to: expected task_file or data_dir, got {relative_to!r}")
+    # under the data directory, the files are known only when the task runs: nothing is read now
+    under_data_dir = relative_to == "data_dir"
     base = path.parent
-    files = _data_files(data, base)
+    files = _data_files(data, None if under_data_dir else base, hook)
     test = _split(data, "test_split", files)
     validation = _split(data, "validation_split", files)
     training = _split(data, "training_split", files)
@@ -941,6 +1022,11 @@ def _build(path: Path, shown: str) -> FileTask:
     n_shots = data.get("num_fewshot") or 0
     if not isinstance(n_shots, int) or isinstance(n_shots, bool) or n_shots < 0:
         raise _Bad(f"num_fewshot: expected a number of examples, got {data.get('num_fewshot')!r}")
+    if n_shots and under_data_dir:
+        raise _Bad(
+            "num_fewshot: examples are rendered when the file is read, and files under the data directory are"
+            " read when the task runs: give them as fuselm.prompt_prefix_file"
+        )
     # lm-eval's order of few-shot sources: fewshot_split, fewshot_config.samples, the training,
     # validation and test splits
     inline = (data.get("fewshot_config") or {}).get("samples") if fewshot is None else None
@@ -951,7 +1037,7 @@ def _build(path: Path, shown: str) -> FileTask:
 
     # rows to check the templates on: the first of each named file (the few-shot file's first N + 1)
     samples: dict[Path, tuple[str, list[dict[str, Any]]]] = {}
-    for split, (p, name) in files.items():
+    for split, (p, name) in ({} if under_data_dir else files).items():
         need = n_shots + 1 if split == shot_split else 1
         if p in samples and len(samples[p][1]) >= need:
             continue
@@ -959,8 +1045,8 @@ def _build(path: Path, shown: str) -> FileTask:
         if not rows:
             raise _Bad(f"dataset_kwargs.data_files.{split}: {name} has no rows")
         samples[p] = (name, rows)
-    eval_rows = samples[eval_path][1]
-    columns = list(eval_rows[0])
+    eval_rows = samples[eval_path][1] if not under_data_dir else []
+    columns = list(eval_rows[0]) if eval_rows else None
     mc = data.get("output_type", "generate_until") == "multiple_choice"
     gold_constant = data.get("doc_to_target") if mc else None
     if isinstance(gold_constant, bool) or not isinstance(gold_constant, int):
@@ -1001,13 +1087,17 @@ def _build(path: Path, shown: str) -> FileTask:
                 )
         if "extractor" in ext:
             raise _Bad("fuselm.extractor: not read with output_type: multiple_choice (nothing is generated)")
+        if hook is not None:
+            raise _Bad(
+                "fuselm.hook: not read with output_type: multiple_choice (its choices are scored by eval/choice.py)"
+            )
     for name, rows in samples.values():
         for f in fields.values():
             f.check(rows[0], name, 0)
         if gold is not None:
             _check_choice_row(gold, rows[0], name, 0)
     text, description = fields["doc_to_text"], fields.get("description")
-    if gold is not None and text.text(eval_rows[0]).strip().isdigit():
+    if gold is not None and eval_rows and text.text(eval_rows[0]).strip().isdigit():
         raise _Bad(
             "doc_to_text: renders an index on row 0 of "
             f"{eval_name}: lm-eval's multiple inputs (each choice a context, one continuation) are not read yet"
@@ -1018,7 +1108,7 @@ def _build(path: Path, shown: str) -> FileTask:
         shot_name, shot_rows = "fewshot_config.samples", inline
     else:
         shot_path, shot_name = files[shot_split]
-        shot_rows = samples[shot_path][1]
+        shot_rows = samples[shot_path][1] if not under_data_dir else []
     if len(shot_rows) < n_shots:
         raise _Bad(f"num_fewshot: {n_shots} examples asked for, {shot_name} has {len(shot_rows)} rows")
     shots = []
@@ -1030,11 +1120,13 @@ def _build(path: Path, shown: str) -> FileTask:
         answer = _first(target.target(row)) if gold is None else gold.first_text(row)
         shots.append((_content(row), text.text(row) + target_delimiter + answer + fewshot_delimiter))
 
-    file_text, named = None, [str(path.resolve()), *sorted({str(p) for p, _ in files.values()})]
+    file_text, named = None, [str(path.resolve())]
+    if not under_data_dir:
+        named += sorted({str(p) for p, _ in files.values()})
     prompt_file = ext.get("prompt_prefix_file")
-    if prompt_file is not None:
-        if not isinstance(prompt_file, str):
-            raise _Bad(f"fuselm.prompt_prefix_file: expected a file name, got {prompt_file!r}")
+    if prompt_file is not None and not isinstance(prompt_file, str):
+        raise _Bad(f"fuselm.prompt_prefix_file: expected a file name, got {prompt_file!r}")
+    if prompt_file is not None and not under_data_dir:
         pf = (base / prompt_file).expanduser()
         if not pf.is_file():
             raise _Bad(f"fuselm.prompt_prefix_file: file not found: {prompt_file} (relative to {base})")
@@ -1044,10 +1136,19 @@ def _build(path: Path, shown: str) -> FileTask:
             raise _Bad(f"fuselm.prompt_prefix_file: cannot read {prompt_file}: {e}") from None
         named.append(str(pf.resolve()))
 
+    to_reference = hook.reference if hook is not None else None
+
+    def target_reference(row: dict[str, Any]) -> str | list[str]:
+        """doc_to_target's value, made a reference by the hook where it has a rule (gsm8k's final number)."""
+        value = target.target(row)
+        if to_reference is None:
+            return value
+        return [to_reference(v) for v in value] if isinstance(value, list) else to_reference(value)
+
     if gold is None:
         until, max_tokens = _generation(data, fewshot_delimiter)
         pipelines = _pipelines(data)
-        sample, corpus = _metrics(data, pipelines, target)
+        sample, corpus = _metrics(data, pipelines, lambda row: _references(target_reference(row)), hook)
     else:
         until, max_tokens = (), DEFAULT_MAX_GEN_TOKS
         pipelines = [("none", EXTRACTORS["whole"][0])]
@@ -1060,20 +1161,24 @@ def _build(path: Path, shown: str) -> FileTask:
         raise _Bad(f"fuselm.chat: expected raw, chat or auto, got {chat!r}")
     about = _string(ext, "description", "", where="fuselm.") or ""
     marker = _string(ext, "shot_marker", "Question:", where="fuselm.") or "Question:"
+    row_id = _string(ext, "row_id", "doc_id", where="fuselm.") or "doc_id"
 
     prompter = _Prompter(text, target, description, file_text, fewshot_delimiter, n_shots, tuple(shots))
     ending = _ending(until, fewshot_delimiter)
     if gold is None:
-        reference: Callable[[dict[str, Any]], Any] = target.target
-        reference_text = lambda row: target_delimiter + _first(target.target(row)) + ending  # noqa: E731
+        reference: Callable[[dict[str, Any]], Any] = target_reference
+        reference_text = lambda row: target_delimiter + _first(target_reference(row)) + ending  # noqa: E731
+        if hook is not None and hook.target is not None:
+            reference_text = hook.target
     else:
         reference = gold
         reference_text = lambda row: target_delimiter + gold.first_text(row)  # noqa: E731
+    # the columns every data row must have: the hook's, and those the templates read that the test file has
+    read = [c for f in fields.values() for c in sorted(f.columns) if columns is None or c in columns]
     return FileTask(
-        name=str(path.resolve()),
+        name=data["task"].strip() if builtin else str(path.resolve()),
         description=about,
-        # the columns every data row must have: those the templates read that the test file has
-        fields=tuple(dict.fromkeys(c for f in fields.values() for c in sorted(f.columns) if c in columns)),
+        fields=tuple(dict.fromkeys([*(hook.fields if hook is not None else ()), *read])),
         build_prompt=prompter.build,
         extract=pipelines[0][1],
         reference=reference,
@@ -1082,6 +1187,8 @@ def _build(path: Path, shown: str) -> FileTask:
         stop=until,
         max_new_tokens=max_tokens,
         data_file=str(eval_path),
+        prompt_file=prompt_file if under_data_dir else None,  # read from the data directory when the task runs
+        hub=_hub(ext),
         train_file=str(files[training][0]) if training and files[training][0] != eval_path else None,
         dev_file=str(files[dev][0]) if dev else None,
         main_metric=main,
@@ -1092,15 +1199,16 @@ def _build(path: Path, shown: str) -> FileTask:
         choices=choices,
         gold=gold,
         target_delimiter=target_delimiter,
-        row_id="doc_id",
+        row_id=row_id,
         task_name=data["task"].strip(),
         source=str(path.resolve()),
         named_files=tuple(dict.fromkeys(named)),
         prompter=prompter,
+        builtin=builtin,
     )
 
 
-_CACHE: dict[str, tuple[tuple[Any, ...], FileTask]] = {}
+_CACHE: dict[tuple[str, bool], tuple[tuple[Any, ...], FileTask]] = {}
 
 
 def _stamp(files: tuple[str, ...]) -> tuple[Any, ...]:
@@ -1114,19 +1222,20 @@ def _stamp(files: tuple[str, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def load_task_file(ref: str | Path) -> FileTask:
+def load_task_file(ref: str | Path, builtin: bool = False) -> FileTask:
     """The task of a task file (read again only when it or a file it names changed); a one-line
-    FuselmError naming the file and the key for anything it cannot read."""
+    FuselmError naming the file and the key for anything it cannot read. `builtin`: a file packaged
+    with fuselm (`tasks/`), named by its `task:` rather than its path."""
     shown = str(ref)
     path = Path(ref).expanduser()
     if not path.is_file():
         raise FuselmError(f"task file not found: {shown}")
-    key = str(path.resolve())
+    key = (str(path.resolve()), builtin)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == _stamp(hit[1].named_files):
         return hit[1]
     try:
-        task = _build(path, shown)
+        task = _build(path, shown, builtin)
     except _Bad as e:
         raise FuselmError(f"{shown}: {e}") from None
     _CACHE[key] = (_stamp(task.named_files), task)

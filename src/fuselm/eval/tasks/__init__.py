@@ -1,13 +1,19 @@
-"""The built-in tasks: each module defines its task(s); this registry lists them. A task may
-also be a task file (an lm-evaluation-harness task YAML, `eval/taskfile.py`), named by its path."""
+"""The built-in tasks: task files packaged here (`NAME.yaml`, one task each), read by the same
+loader as any task file (`eval/taskfile.py`), with their files under the data directory
+(`files_relative_to: data_dir`); the Python that some of them need beside them (`hooks.py`). A task
+may also be a user's task file, named by its path."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ...registry import Registry
 from ..task import Task
-from . import flores, gsm8k, humaneval, qa
+from ..taskfile import is_task_file, load_task_file
 
-TASKS: Registry[Task] = Registry("task", [*qa.TASKS, *gsm8k.TASKS, *flores.TASKS, *humaneval.TASKS])
+TASK_DIR = Path(__file__).resolve().parent  # what `fuselm tasks` shows: copy a file to start your own
+
+TASKS: Registry[Task] = Registry("task", [load_task_file(p, builtin=True) for p in sorted(TASK_DIR.glob("*.yaml"))])
 
 
 def get_task(name: str) -> Task:
@@ -19,8 +25,6 @@ def get_task(name: str) -> Task:
         from ..lm_eval_task import load_lm_eval_task
 
         return load_lm_eval_task(name)
-    from ..taskfile import is_task_file, load_task_file  # here: taskfile reads the built-in tasks' rules
-
     if is_task_file(name):
         return load_task_file(name)
     return TASKS.get(name)  # unknown: "did you mean"

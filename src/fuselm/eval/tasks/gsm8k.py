@@ -1,14 +1,11 @@
-"""GSM8K, 4-shot chain of thought ending in \\boxed{N}; references end in "#### N" (original
-format) or "Therefore, the answer is N" (the AdaFuse data)."""
+"""GSM8K's hook (`gsm8k.yaml`: `fuselm: {hook: gsm8k}`). References end in "#### N" (the original
+format) or "Therefore, the answer is N" (the AdaFuse data): the reference is that final number,
+and the text a model should write is the rationale in the shots' format, ending in \\boxed{N}."""
 
 from __future__ import annotations
 
-from ..metrics import gsm8k_exact, gsm8k_extract, gsm8k_reference, lenient_gsm8k
-from ..task import Task
-
-
-def _prompt(prefix: str, row) -> str:
-    return f"{prefix}\n\nQuestion: {row['question']}\n"
+from ..metrics import gsm8k_exact, gsm8k_reference, lenient_gsm8k
+from ..task import TaskHook
 
 
 def _target(row) -> str:
@@ -21,28 +18,15 @@ def _target(row) -> str:
     return f"{body}\nThe answer is \\boxed{{{gsm8k_reference(row['answer'])}}}\n"
 
 
-TASKS = [
-    Task(
-        name="gsm8k",
-        description="GSM8K grade-school math, 4-shot chain of thought",
-        fields=("question", "answer"),
-        build_prompt=_prompt,
-        extract=gsm8k_extract,
-        reference=lambda row: gsm8k_reference(row["answer"]),
-        metrics={
-            "exact": lambda out, ans, row: gsm8k_exact(out, gsm8k_reference(row["answer"])),
-            "paper_match": lambda out, ans, row: lenient_gsm8k(out, gsm8k_reference(row["answer"])),
-        },
-        # "\n\n\n": the shots are separated by one blank line, so two in a row only come from a
-        # model padding after its answer (SmolLM2 writes newlines up to the token limit).
-        stop=("\n\nQuestion:", "\nQuestion:", "\n\n\n"),
-        max_new_tokens=256,
-        data_file="gsm8k/test_0-499.jsonl",
-        train_file="gsm8k/train_300.jsonl",
-        dev_file="gsm8k/train_300.jsonl",
-        prompt_file="gsm8k/prompt.txt",
-        hub=("gsm8k", "main", "test"),
-        main_metric="exact",
-        target=_target,
-    )
-]
+HOOK = TaskHook(
+    name="gsm8k",
+    description="GSM8K: the reference is the rationale's final number; exact and paper_match score the whole output",
+    fields=("question", "answer"),  # a GSM8K row
+    metrics={
+        # the whole output, not the extracted answer: paper_match finds the reference's digits anywhere in it
+        "exact": lambda out, ans, row: gsm8k_exact(out, gsm8k_reference(row["answer"])),
+        "paper_match": lambda out, ans, row: lenient_gsm8k(out, gsm8k_reference(row["answer"])),
+    },
+    reference=gsm8k_reference,
+    target=_target,
+)

