@@ -27,13 +27,13 @@ from pydantic import Field, ValidationError, model_validator
 from .config import ModelConfig, StrictModel, validation_message
 from .errors import FuselmError
 from .files import atomic_write, load_yaml
+from .fusion.methods import PATH_OPTIONS
 
 FORMAT = 1
 
 # What a calibration's member entry may set when it is applied without the user's own entries:
 # how a model runs here, never what code runs, which server is reached or which secret is sent.
 CALIBRATION_FIELDS = ("name", "weight", "backend", "device", "dtype", "n_ctx", "threads", "timeout_s")
-PATH_OPTIONS = ("controller", "router")  # method options that name a file or a directory
 
 
 class DevRows(StrictModel):

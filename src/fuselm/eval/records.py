@@ -12,18 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..files import content_digest
-
-
-def _path_options() -> tuple[str, ...]:
-    """The method options that name a file or directory (a controller, a router), as each
-    method's options declare them."""
-    from ..fusion.methods import METHODS
-    from ..fusion.options import PATH, marked
-
-    return tuple(sorted({name for cls in METHODS.values() for name in marked(cls.Options, PATH)}))
-
-
-PATH_OPTIONS = _path_options()
+from ..fusion.methods import PATH_OPTIONS
 
 
 def absolute_paths(options: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from .adafuse import AdaFuse
 from .base import FusionMethod
 from .fixed_span import FixedSpan
 from .fusionroute import ExpertRoute, FusionRoute, OracleRoute
+from .options import PATH, marked
 from .sequence_select import SequenceSelect
 from .single import Single
 from .token_average import TokenAverage
@@ -22,6 +23,10 @@ from .unite import Unite
 METHODS: Registry[type[FusionMethod]] = Registry(
     "method", [Single, AdaFuse, FixedSpan, SequenceSelect, TokenAverage, Unite, FusionRoute, ExpertRoute, OracleRoute]
 )
+# The method options that name a file or a directory (a controller, a router), as each method's
+# options mark them (fusion/options.py: path_option): made absolute where they are recorded,
+# resolved beside a calibration file, refused in a served request.
+PATH_OPTIONS: frozenset[str] = frozenset(name for cls in METHODS.values() for name in marked(cls.Options, PATH))
 
 
 def method_options(name: str, options: dict[str, Any] | BaseModel | None) -> BaseModel:

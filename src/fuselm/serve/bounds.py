@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FuselmError
-from ..fusion.methods import METHODS, method_options
-from ..fusion.options import PATH, WORK, marked
+from ..fusion.methods import METHODS, PATH_OPTIONS, method_options
+from ..fusion.options import WORK, marked
 from .config import Limits, Setup
 
 
@@ -48,7 +48,6 @@ def _methods_for(n_models: int) -> list[str]:
     return out
 
 
-PATH_OPTIONS = frozenset(name for cls in METHODS.values() for name in marked(cls.Options, PATH))
 
 
 @dataclass(frozen=True)
