@@ -266,12 +266,7 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None, task
     data["models"] = [_with_overrides(m, model_overrides) for m in data.get("models") or []]
     if hasattr(ns, "method"):
         data["method"] = ns.method
-    opts = dict(data.get("method_options") or {})
-    for item in ns.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FuselmError(f"--option expects KEY=VALUE, got {item!r}")
-        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    opts = {**(data.get("method_options") or {}), **_options(ns.option)}
     if getattr(ns, "router", None):
         opts["router"] = ns.router
     data["method_options"] = opts
@@ -299,6 +294,17 @@ def _run_config(ns: argparse.Namespace, data: dict[str, Any] | None = None, task
         check_generation_method(loaded, cfg.method)
     check_method(cfg.method, len(cfg.models), cfg.method_options)
     return cfg
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    """`--option KEY=VALUE`s (`-O`): each value read as YAML, dashes in a key as underscores."""
+    opts: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FuselmError(f"--option expects KEY=VALUE, got {item!r}")
+        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return opts
 
 
 def _with_overrides(entry: str | dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -484,12 +490,7 @@ def cmd_train_controller(ns: argparse.Namespace) -> int:
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
     overrides = _pick(ns, ModelConfig)
     models = [_with_overrides(parse_model_ref(n.strip()), overrides) for n in ns.models.split(",") if n.strip()]
-    opts: dict[str, Any] = {}
-    for item in ns.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FuselmError(f"--option expects KEY=VALUE, got {item!r}")
-        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    opts = _options(ns.option)
     from .eval.tasks import get_task
     from .fusion.methods import method_options
 
