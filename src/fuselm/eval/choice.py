@@ -26,6 +26,10 @@ The row's answer is the choice of the highest fused log-likelihood (`acc`); `acc
 the highest fused log-likelihood divided by the choice's length in characters, `acc_bytes` in
 UTF-8 bytes: lm-eval's lengths, of the choice's text without the target delimiter. A tie goes
 to the first choice (numpy's argmax, as lm-eval).
+
+A fused score is an exact function of the members' own, so each member's score of each choice
+is read from the memo of single-model work first (eval/memo.py) and kept there when computed: a
+`product` run after its members' own runs on the same rows scores nothing.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from typing import Any
 
 from .._version import __version__
 from ..config import GenerationConfig, ModelConfig
+from ..errors import FuselmError
 from ..models.assets import cache_dir
 from ..models.loading import identity
 from ..models.prompts import Prompt
@@ -99,16 +100,21 @@ class Memo:
         self._lock = threading.Lock()
         self._used: set[str] = set()  # hits, marked recently used at close (one write, not one per hit)
         self.hits = 0
-        # a writer waits for another process's transaction up to `timeout` seconds
-        self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "PRAGMA synchronous=NORMAL"
-        )  # WAL stays consistent on a crash; a power cut may lose the last entries
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT NOT NULL, bytes INTEGER NOT NULL,"
-            " used REAL NOT NULL)"
-        )
+        try:
+            # a writer waits for another process's transaction up to `timeout` seconds
+            self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL stays consistent through a crash; a power cut may lose the last entries, not the file
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
+                " bytes INTEGER NOT NULL, used REAL NOT NULL)"
+            )
+        except sqlite3.Error as e:
+            raise FuselmError(
+                f"cannot open the memo {self.path}: {e} (delete it to start afresh, move it with $FUSELM_MEMO,"
+                " or run with --no-memo)"
+            ) from e
 
     def get(self, key: str | None) -> Any:
         """The value kept under `key`, or None."""
