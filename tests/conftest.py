@@ -6,9 +6,12 @@ extra), and the tiny models are built from configs with random weights.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # The benchmark files live beside the checkout in CI and here; the library itself only looks at
 # $FUSELM_DATA (or --data-dir), so the tests (and the CLI subprocesses they start) set it.
 os.environ.setdefault("FUSELM_DATA", str(SHARED_DATA))
+# The memo of single-model work (eval/memo.py) of this test process alone, and of the CLI
+# subprocesses it starts: a test must not read answers kept by another session or the user's runs.
+_MEMO_DIR = tempfile.mkdtemp(prefix="fuselm-test-memo-")
+atexit.register(shutil.rmtree, _MEMO_DIR, True)
+os.environ["FUSELM_MEMO"] = str(Path(_MEMO_DIR) / "memo.sqlite3")
 
 # Which architecture each bundled tokenizer is paired with in the tiny models.
 TINY = {

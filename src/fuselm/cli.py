@@ -105,6 +105,12 @@ def _task_list() -> str:
     return ", ".join(TASKS.names()) + ", or a task file (lm-eval YAML, docs/tasks.md; descriptions: `fuselm tasks`)"
 
 
+MEMO_HELP = (
+    "neither read nor keep single-model work in the memo (a greedy `single` generation, a model's scores of"
+    " continuations: docs/evaluation.md); on by default"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuselm", description="Fuse several language models at inference time.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--offset", type=int, default=0, help="first row")
     e.add_argument("--out", required=False, help="run directory (several tasks/methods: one subdirectory each)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--no-memo", action="store_true", help=MEMO_HELP)
 
     v = sub.add_parser("serve", help="serve setups as OpenAI-compatible models over HTTP (see docs/serving.md)")
     _add_run_flags(v, config_help="serve config: setups, limits, host, port (see docs/serving.md)")
@@ -207,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " loss at all; inf: no bound)")  # fmt: skip
     c.add_argument("--data-dir", help="directory with the benchmark files (default: $FUSELM_DATA, else ./data)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--no-memo", action="store_true", help=MEMO_HELP)
     _add_model_flags(c, GenerationConfig, skip=_SPECIAL_FIELDS | {"stop"})
     _add_model_flags(c, ModelConfig, skip=_SPECIAL_FIELDS)
 
@@ -368,6 +376,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                     explicit,
                     show_progress=not ns.no_progress,
                     concurrency=ns.concurrency,
+                    memo=not ns.no_memo,
                 )
             )
     table = Table(title="evaluation")
@@ -441,6 +450,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
         set(_pick(ns, GenerationConfig)),
         show_progress=not ns.no_progress,
         say=lambda text: console.print(f"[bold]{text}[/]"),
+        memo=not ns.no_memo,
     )
     cal.save(out)
     scale = get_task(cal.task).scale(cal.metric)

@@ -65,9 +65,10 @@ from ..errors import FuselmError
 from ..files import atomic_write_json
 from ..fusion.controller import Controller
 from ..models.backend import require_one_vocabulary
-from ..models.loading import check_reference, load_model, load_models
+from ..models.loading import DeferredModel, check_reference, load_model, load_models
 from ..progress import progress_bar
-from .choice import is_multiple_choice
+from .choice import is_multiple_choice, score_continuations
+from .memo import Memo, model_key
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
 from .runner import _versions, other_setup, run_eval, set_aside, task_generation
@@ -210,18 +211,20 @@ def reference_nll(
     prefix: str,
     gen: GenerationConfig,
     show_progress: bool = False,
+    memo: Memo | None = None,
 ) -> float:
     """NLL per byte of the rows' reference texts after their prompts, under one model (per
-    byte, not per token: models with different tokenizers compare)."""
-    model = load_model(model_cfg)
+    byte, not per token: models with different tokenizers compare). With the memo, each row's
+    score is read from it when there (the model then loads only for the others)."""
+    key = model_key(model_cfg) if memo is not None else None
+    model = DeferredModel(model_cfg) if key else load_model(model_cfg)
     try:
         logprob, nbytes = 0.0, 0
         with progress_bar(show_progress) as progress:
             bar = progress.add_task(f"{model_cfg.name}: NLL of the references", total=len(rows))
             for row in rows:
-                prompt = model.prompt_text(task.build_prompt(prefix, row), gen)
-                with model.session(prompt) as s:
-                    sc = s.score([task.reference_text(row)])[0]
+                prompt = task.build_prompt(prefix, row)
+                sc = score_continuations(model, prompt, [task.reference_text(row)], gen, memo=memo, key=key).scores[0]
                 logprob, nbytes = logprob + sc.logprob, nbytes + sc.n_bytes
                 progress.update(bar, advance=1)
         return -logprob / nbytes if nbytes else math.inf
@@ -239,9 +242,13 @@ def calibrate(
     explicit_generation: set[str] | None = None,
     show_progress: bool = True,
     say: Callable[[str], None] = print,
+    memo: bool = True,
 ) -> Calibration:
     """Run the calibration of `spec` (resumable, in `runs`) and return its result: the members
-    and the grid race over blocks of dev rows (see the module docstring)."""
+    and the grid race over blocks of dev rows (see the module docstring). With `memo`, the
+    members' work is read from the memo of single-model work where another run did it
+    (eval/memo.py: the members alone, their reference NLLs, their scores in a multiple-choice
+    grid)."""
     task = get_task(spec.task)
     data_dir = data_dir or default_data_dir()
     path, name = dev_file(task, spec.dev_data, data_dir)
@@ -274,13 +281,15 @@ def calibrate(
         out = runs / _slug(label)
         ev = base.model_copy(update={"method": method, "models": models, "method_options": options, "limit": n})
         _set_aside_if_other_setup(out, ev, say)
-        run_eval(ev, out, data_dir, explicit_generation, show_progress=show_progress)
+        summary = run_eval(ev, out, data_dir, explicit_generation, show_progress=show_progress, memo=memo)
+        if summary.memo_rows:
+            say(f"calibrate: {summary.memo_rows} of {summary.n} rows of {label} from the memo")
         return load_run(out)
 
     n = block
     alone = {m.name: run(f"single {m.name}", "single", [m], {}, n) for m in spec.models}
     nll = _reference_nlls(spec, task, rows[:n], data_dir, runs, explicit_generation or set(), say, (step, n_steps),
-                          show_progress)  # fmt: skip
+                          show_progress, memo)  # fmt: skip
     step += len(spec.models)
     ranked = rank_members(task, alone, nll)
     if too_few:
@@ -688,7 +697,7 @@ def _controller_rows(
 
 
 def _reference_nlls(
-    spec, task, rows, data_dir, runs, explicit, say, at: tuple[int, int], show_progress: bool
+    spec, task, rows, data_dir, runs, explicit, say, at: tuple[int, int], show_progress: bool, memo: bool
 ) -> dict[str, float | None]:
     """Each member's reference NLL, kept in runs/reference_nll.json (done once)."""
     cache = runs / "reference_nll.json"
@@ -701,10 +710,16 @@ def _reference_nlls(
         if m.name in done["nll"]:
             continue
         say(f"calibrate {at[0] + i + 1}/{at[1]}: {m.name}'s NLL of the {len(rows)} dev references")
+        store = Memo() if memo else None
         try:
-            value = reference_nll(m, task, rows, prefix, gen, show_progress)
+            value = reference_nll(m, task, rows, prefix, gen, show_progress, store)
         except FuselmError:  # a task without reference texts: no quality weights
             value = None
+        finally:
+            if store is not None:
+                store.close()
+        if store is not None and store.hits:
+            say(f"calibrate: {store.hits} of {len(rows)} of {m.name}'s reference scores from the memo")
         done["nll"][m.name] = value
         atomic_write_json(cache, done)
     return {m.name: done["nll"][m.name] for m in spec.models}

@@ -26,12 +26,17 @@ The row's answer is the choice of the highest fused log-likelihood (`acc`); `acc
 the highest fused log-likelihood divided by the choice's length in characters, `acc_bytes` in
 UTF-8 bytes: lm-eval's lengths, of the choice's text without the target delimiter. A tie goes
 to the first choice (numpy's argmax, as lm-eval).
+
+A fused score is an exact function of the members' own, so each member's score of each choice
+is read from the memo of single-model work first (eval/memo.py) and kept there when computed: a
+`product` run after its members' own runs on the same rows scores nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,8 +44,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..config import GenerationConfig, validation_message
 from ..errors import FuselmError
 from ..models.backend import OFFERS_SCORE
+from ..models.prompts import Prompt
 from ..models.session import Score
 from ..result import unique_names
+from .memo import Memo, score_key
 from .records import EvalRow
 from .task import Task
 
@@ -155,10 +162,69 @@ def _per(lp: float, n: int) -> float:
     return lp / n if n else -math.inf
 
 
-class ChoiceScorer:
-    """A multiple-choice method over its models, built once for a run."""
+@dataclass
+class MemberScores:
+    """One model's scores of a row's continuations, and what scoring them cost when it ran."""
 
-    def __init__(self, method: str, models: list[Any], options: dict[str, Any] | None = None):
+    scores: list[Score]
+    seconds: float
+    forward_passes: int
+    memo: bool = False  # read from the memo: nothing ran now
+
+
+def score_continuations(
+    model: Any,
+    prompt: Prompt,
+    texts: list[str],
+    gen: GenerationConfig,
+    delimiter: str = "",
+    memo: Memo | None = None,
+    key: str | None = None,
+) -> MemberScores:
+    """The model's score of `delimiter + text` after its own rendering of `prompt` (raw or
+    chat-templated per `gen.chat`), for every text in one batched call. After a chat template
+    the text follows the assistant's turn header without the delimiter (lm-eval's rule with a
+    chat template). Given the memo and the model's key there (`memo.model_key`), the scores are
+    read from it when every one is there, and kept there when computed (each text with its
+    share of the call's seconds and the call's forward passes)."""
+    keys = [score_key(key, prompt, gen, delimiter, t) for t in texts] if memo is not None and key else []
+    kept = memo.get_all(keys) if memo is not None and keys else None
+    if kept is not None:
+        scores = [Score(-math.inf if k["logprob"] is None else k["logprob"], k["n_tokens"], k["n_chars"], k["n_bytes"])
+                  for k in kept]  # fmt: skip
+        return MemberScores(scores, sum(k["seconds"] for k in kept), max(k["forward_passes"] for k in kept), True)
+    text = model.prompt_text(prompt, gen)  # before the clock: it loads a deferred model
+    lead = delimiter if text == prompt else ""
+    t0 = time.perf_counter()
+    session = model.session(text)
+    try:
+        scores = session.score([lead + t for t in texts])
+    finally:
+        session.close()
+    seconds = time.perf_counter() - t0
+    if len(scores) != len(texts):
+        raise FuselmError(f"{model.name!r} scored {len(scores)} of {len(texts)} continuations")
+    passes = int(getattr(session.stats, "forward_passes", 0))
+    if memo is not None and keys:
+        memo.put({k: {"logprob": _finite(s.logprob, None), "n_tokens": s.n_tokens, "n_chars": s.n_chars,
+                      "n_bytes": s.n_bytes, "seconds": seconds / len(texts), "forward_passes": passes}
+                  for k, s in zip(keys, scores)})  # fmt: skip
+    return MemberScores(scores, seconds, passes)
+
+
+class ChoiceScorer:
+    """A multiple-choice method over its models, built once for a run. With the memo
+    (eval/memo.py) and each model's key there (None: not kept), a member's scores of a row are
+    read from it when they are there: a fused run after its members' own runs scores nothing."""
+
+    def __init__(
+        self,
+        method: str,
+        models: list[Any],
+        options: dict[str, Any] | None = None,
+        memo: Memo | None = None,
+        memo_keys: list[str | None] | None = None,
+    ):
         opts = choice_options(method, len(models), options)
         if method not in CHOICE_METHODS:
             raise FuselmError(f"unknown multiple-choice method {method!r} (methods: {_methods_hint()})")
@@ -172,41 +238,41 @@ class ChoiceScorer:
         self.models = models
         self.names = unique_names([m.name for m in models])
         self.weights = list(opts.weights) if opts.weights is not None else [float(m.config.weight) for m in models]
+        self.memo = memo
+        self.memo_keys = memo_keys or [None] * len(models)
+
+    def score_members(
+        self, prompt: str, choices: list[str], gen: GenerationConfig, delimiter: str = ""
+    ) -> list[MemberScores]:
+        """Each member's scores of `delimiter + choice` after the prompt: the members one after
+        another, each in one batched call (`score_continuations`)."""
+        return [
+            score_continuations(m, prompt, choices, gen, delimiter, self.memo, key)
+            for m, key in zip(self.models, self.memo_keys)
+        ]
 
     def member_scores(
         self, prompt: str, choices: list[str], gen: GenerationConfig, delimiter: str = ""
     ) -> tuple[list[list[Score]], dict[str, int]]:
-        """[member][choice]: each member's score of `delimiter + choice` after the prompt (its own
-        rendering of it, raw or chat-templated per `gen.chat`), in one batched call per member;
-        and each member's forward passes. After a chat-templated prompt the choice follows the
-        assistant's turn header without the delimiter (lm-eval's rule with a chat template)."""
-        out, passes = [], {}
-        for name, m in zip(self.names, self.models):
-            text = m.prompt_text(prompt, gen)
-            lead = delimiter if text == prompt else ""
-            session = m.session(text)
-            try:
-                scores = session.score([lead + c for c in choices])
-            finally:
-                session.close()
-            if len(scores) != len(choices):
-                raise FuselmError(f"{name!r} scored {len(scores)} of {len(choices)} choices")
-            out.append(scores)
-            passes[name] = int(getattr(session.stats, "forward_passes", 0))
-        return out, passes
+        """[member][choice]: each member's score of `delimiter + choice` after the prompt, and
+        each member's forward passes (`score_members`)."""
+        members = self.score_members(prompt, choices, gen, delimiter)
+        return [m.scores for m in members], {name: m.forward_passes for name, m in zip(self.names, members)}
 
     def fused(self, member: list[list[Score]]) -> list[float]:
         return [fuse([s[j].logprob for s in member], self.weights, self.method) for j in range(len(member[0]))]
 
     def row(self, task: Task, prefix: str, gen: GenerationConfig, row: dict[str, Any]) -> EvalRow:
-        """One row of a run: every choice scored, the metrics, the choice `acc` picks."""
+        """One row of a run: every choice scored, the metrics, the choice `acc` picks. Its seconds
+        are the members' scoring seconds, as measured when each ran (now, or when the memo kept
+        them), summed: the members are scored one after another."""
         assert task.choices is not None and task.gold is not None
         prompt = task.build_prompt(prefix, row)
         choices = task.choices(row)
         gold = task.gold(row)
         golds = gold if isinstance(gold, list) else [gold]
-        t0 = time.perf_counter()
-        member, passes = self.member_scores(prompt, choices, gen, task.target_delimiter)
+        scored = self.score_members(prompt, choices, gen, task.target_delimiter)
+        member = [m.scores for m in scored]
         fused = self.fused(member)
         picks = predictions(fused, choices)
         metrics = {name: float(picks[name] in golds) for name in task.metrics}
@@ -227,13 +293,14 @@ class ChoiceScorer:
             answer=str(pred),
             reference=gold,
             metrics=metrics,
-            seconds=round(time.perf_counter() - t0, 4),
-            forward_passes=passes,
+            seconds=round(sum(m.seconds for m in scored), 4),
+            forward_passes={name: m.forward_passes for name, m in zip(self.names, scored)},
             finish_reason="scored",
             choices=per_choice,
+            memo=all(m.memo for m in scored),
         )
 
 
-def _finite(x: float) -> float | None:
-    """A log-prob as JSON holds it: -inf (a choice a member cannot write) as None."""
-    return round(x, 6) if math.isfinite(x) else None
+def _finite(x: float, digits: int | None = 6) -> float | None:
+    """A log-prob as JSON holds it (rounded to `digits`): -inf (a choice a member cannot write) as None."""
+    return (x if digits is None else round(x, digits)) if math.isfinite(x) else None

@@ -81,12 +81,17 @@ class EvalRow(BaseModel):
     # A multiple-choice row (eval/choice.py): per choice, its text, fused log-likelihood, each
     # member's own log-likelihood and tokens. Absent (None, not written) for generated rows.
     choices: list[dict[str, Any]] | None = None
+    # Read from the memo of single-model work (eval/memo.py): no model ran for this row now, and
+    # its seconds and forward passes are those measured when it ran. Written only when true.
+    memo: bool = False
 
     def record(self) -> dict[str, Any]:
         """The row as rows.jsonl holds it."""
         data = self.model_dump(mode="json")
         if data.get("choices") is None:
             data.pop("choices", None)
+        if not data.get("memo"):
+            data.pop("memo", None)
         return data
 
 
@@ -102,6 +107,7 @@ class EvalSummary(BaseModel):
     complete: bool = True  # every selected row is done
     seconds_per_sample: float | None = None
     tokens_per_sample: float | None = None
+    memo_rows: int = 0  # rows read from the memo (their costs as measured when they ran)
 
     @property
     def main(self) -> float | None:

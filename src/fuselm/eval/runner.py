@@ -26,14 +26,15 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..files import DirLock, append_jsonl, atomic_write_json, read_jsonl
 from ..fusion.loop import decode
 from ..fusion.methods import build_method
-from ..models.loading import load_models
+from ..models.loading import DeferredModel, check_reference, load_model, load_models
 from ..progress import progress_bar
 from .choice import ChoiceScorer, check_choice_method, check_generation_method, is_multiple_choice
+from .memo import Memo, generation_key, model_key
 from .records import EvalRow, EvalSpec, EvalSummary, check_concurrency, option_files
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
@@ -190,17 +191,45 @@ def run_eval(
     explicit_generation: set[str] | None = None,
     show_progress: bool = True,
     concurrency: int = 1,
+    memo: bool = True,
 ) -> EvalSummary:
     """Run (or resume) `spec` in the run directory `out`, locked for the time of the run.
-    `concurrency` rows are in flight at once (models on engines only: the engines batch them)."""
+    `concurrency` rows are in flight at once (models on engines only: the engines batch them).
+    With `memo`, single-model work is read from and kept in the memo (eval/memo.py): a greedy
+    `single` generation, each member's scores of a multiple-choice row."""
     out = Path(out)
     check_concurrency(spec.models, concurrency)
     with DirLock(out, "eval"):
-        return _run_locked(spec, out, data_dir, explicit_generation or set(), show_progress, concurrency)
+        return _run_locked(spec, out, data_dir, explicit_generation or set(), show_progress, concurrency, memo)
+
+
+def _uses_memo(spec: EvalSpec, task: Task, gen: GenerationConfig) -> bool:
+    """Whether the run has single-model work the memo keeps: a greedy `single` generation by an
+    in-process model, or a multiple-choice row scored by one (models on engines are not kept)."""
+    local = any(not m.remote for m in spec.models)
+    if is_multiple_choice(task):
+        return local
+    return local and spec.method == "single" and gen.temperature == 0
+
+
+def _models(cfgs: list[ModelConfig], deferred: bool) -> list[Any]:
+    """The run's models: loaded now, or (`deferred`, for the memo) the in-process ones at their
+    first use, so that a run the memo answers whole loads none."""
+    if not deferred:
+        return load_models(cfgs)
+    for cfg in cfgs:  # a misspelt last name fails before anything runs
+        check_reference(cfg)
+    return [load_model(cfg) if cfg.remote else DeferredModel(cfg) for cfg in cfgs]
 
 
 def _run_locked(
-    spec: EvalSpec, out: Path, data_dir: Path | None, explicit: set[str], show_progress: bool, concurrency: int
+    spec: EvalSpec,
+    out: Path,
+    data_dir: Path | None,
+    explicit: set[str],
+    show_progress: bool,
+    concurrency: int,
+    use_memo: bool,
 ):
     task = get_task(spec.task)
     if is_multiple_choice(task):  # scored by single/product/mixture; a decoding method is refused here
@@ -221,63 +250,90 @@ def _run_locked(
     if todo:
         prefix = task.prompt_prefix(data_dir)
         gen = task_generation(task, spec.generation, explicit)
-        models = load_models(spec.models)
+        memo = Memo() if use_memo and _uses_memo(spec, task, gen) else None
+        keys = [model_key(m) for m in spec.models] if memo is not None else [None] * len(spec.models)
+        models = _models(spec.models, deferred=memo is not None)
         try:
             method: Any = task.row_runner(spec, models)  # an lm-eval task: lm-eval runs its rows
             if method is not None:
                 pass
             elif is_multiple_choice(task):  # once for the run
-                method = ChoiceScorer(spec.method, models, spec.method_options)
+                method = ChoiceScorer(spec.method, models, spec.method_options, memo, keys)
             else:
                 method = build_method(spec.method, models, spec.method_options)
         except BaseException:
             for m in models:
                 m.close()
+            if memo is not None:
+                memo.close()
             raise
         try:
-            _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency)
+            _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency,
+                           memo, keys[0])  # fmt: skip
         finally:
             if hasattr(method, "close"):
                 method.close()
             for m in models:
                 m.close()
+            if memo is not None:
+                memo.close()
     summary = summarize(task, spec, read_rows(rows_path), rows)
     atomic_write_json(out / "summary.json", summary.model_dump(mode="json"))
     return summary
 
 
-def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency) -> None:
+def _generate_rows(
+    task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency, memo=None, memo_key=None
+) -> None:
     main = task.main_metric
     scores = [r.metrics[main] for r in done if r.metrics.get(main) is not None]
+    from_memo = [sum(r.memo for r in done)]
     with progress_bar(show_progress) as progress:
-        bar = progress.add_task(_label(task.name, main, scores), total=len(rows), completed=len(done))
+        bar = progress.add_task(_label(task.name, main, scores, from_memo[0]), total=len(rows), completed=len(done))
 
         def one(row) -> EvalRow:
             if isinstance(method, ChoiceScorer):  # a multiple_choice task: each choice scored, nothing generated
                 return method.row(task, prefix, gen, row)
             prompt = task.build_prompt(prefix, row)
+            key = generation_key(memo_key, prompt, gen) if memo is not None and memo_key else None
+            generated = memo.get(key) if memo is not None else None
+            if generated is None:
+                for m in method.models:  # loaded before the clock starts
+                    if isinstance(m, DeferredModel):
+                        m.model()
+                t0 = time.perf_counter()
+                reference = task.reference_text(row) if method.needs_reference else None  # oracle-route follows it
+                result = decode(method, prompt, gen, reference=reference)
+                generated = {"text": result.text, "finish_reason": result.finish_reason,
+                             "new_tokens": result.stats.new_tokens, "forward_passes": result.stats.forward_passes,
+                             "text_share": result.stats.text_share, "seconds": time.perf_counter() - t0}  # fmt: skip
+                if key is not None:
+                    memo.put({key: generated})
+            else:
+                generated = {**generated, "memo": True}
             t0 = time.perf_counter()
-            reference = task.reference_text(row) if method.needs_reference else None  # oracle-route follows it
-            result = decode(method, prompt, gen, reference=reference)
             return EvalRow(
                 id=row["id"],
                 prompt=prompt,
-                output=result.text,
-                answer=task.extract(result.text),
+                output=generated["text"],
+                answer=task.extract(generated["text"]),
                 reference=task.reference(row),
-                metrics=task.score(result.text, row),
-                seconds=round(time.perf_counter() - t0, 4),
-                new_tokens=result.stats.new_tokens,
-                forward_passes=result.stats.forward_passes,
-                text_share=result.stats.text_share,
-                finish_reason=result.finish_reason,
+                metrics=task.score(generated["text"], row),
+                # the generation's seconds (as measured when it ran: now, or when the memo kept it), then scoring's
+                seconds=round(generated["seconds"] + time.perf_counter() - t0, 4),
+                new_tokens=generated["new_tokens"],
+                forward_passes=generated["forward_passes"],
+                text_share=generated["text_share"],
+                finish_reason=generated["finish_reason"],
+                memo=generated.get("memo", False),
             )
 
         def record(row: EvalRow) -> None:  # on this thread only: rows.jsonl has one writer
             append_jsonl(rows_path, row.record())
             if row.metrics.get(main) is not None:
                 scores.append(row.metrics[main])
-            progress.update(bar, advance=1, description=_label(task.name, main, scores))
+            from_memo[0] += row.memo
+            progress.update(bar, advance=1, description=_label(task.name, main, scores, from_memo[0]))
 
         chunk = getattr(method, "chunk_rows", None)  # rows it runs together (an lm-eval task's)
         if chunk:
@@ -307,10 +363,11 @@ def _generate_rows(task, method, prefix, gen, todo, rows, done, rows_path, show_
                     f.cancel()
 
 
-def _label(task: str, metric: str, scores: list[float]) -> str:
+def _label(task: str, metric: str, scores: list[float], from_memo: int = 0) -> str:
+    memo = f" ({from_memo} from the memo)" if from_memo else ""
     if not scores or not metric:
-        return task
-    return f"{task} {metric}={sum(scores) / len(scores):.3f}"
+        return task + memo
+    return f"{task} {metric}={sum(scores) / len(scores):.3f}{memo}"
 
 
 def summarize(task: Task, spec: EvalSpec, done: list[EvalRow], selected: list[dict[str, Any]]) -> EvalSummary:
@@ -334,4 +391,5 @@ def summarize(task: Task, spec: EvalSpec, done: list[EvalRow], selected: list[di
         main_metric=task.main_metric,
         seconds_per_sample=sum(r.seconds for r in ordered) / n if n else None,
         tokens_per_sample=sum(r.new_tokens for r in ordered) / n if n else None,
+        memo_rows=sum(r.memo for r in ordered),
     )

@@ -3,7 +3,11 @@ model entry with `engine:` to a model on that serving engine."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError, UnknownNameError
@@ -14,7 +18,7 @@ from .prefix import PrefixCache
 from .prompts import Prompt, chat_messages
 from .session import DecodingSession
 
-__all__ = ["Model", "Prompt", "load_model"]
+__all__ = ["DeferredModel", "Model", "Prompt", "identity", "load_model", "locate"]
 
 
 class Model:
@@ -71,6 +75,42 @@ def resolve_backend_kind(cfg: ModelConfig, is_gguf: bool) -> str:
     return "llamacpp" if is_gguf and llamacpp.available() else "transformers"
 
 
+@dataclass(frozen=True)
+class Weights:
+    """What `load_model` loads for an in-process model entry: the backend that runs it, its
+    weights (a .gguf file, or a transformers directory), and the name its results carry."""
+
+    kind: str
+    path: Path
+    name: str
+
+
+def locate(cfg: ModelConfig) -> Weights:
+    """The weights `load_model` loads for `cfg`, without loading them (a bundled model's GGUF is
+    assembled, or its transformers copy converted, on first use, as loading would)."""
+    ref = cfg.name
+    if cfg.device != "cpu" and cfg.backend == "llamacpp":
+        raise FuselmError("--device applies to the transformers backend; llama.cpp here is CPU-only")
+    if ref in BUNDLED:
+        bundled = BUNDLED[ref]
+        kind = resolve_backend_kind(cfg, is_gguf=True)
+        path = assets.ensure_gguf(bundled) if kind == "llamacpp" else assets.ensure_converted(bundled)
+        return Weights(kind, path, ref)
+    check_reference(cfg)
+    path = Path(ref).expanduser()
+    if path.is_file():
+        if resolve_backend_kind(cfg, is_gguf=True) == "llamacpp":
+            return Weights("llamacpp", path, path.stem)
+        # transformers reads GGUF directly, slowly; convert once into the cache like bundled models
+        out = assets.cache_dir() / "hf" / f"{path.stem}-{assets.sha256_file(path)[:12]}"
+        if not assets.is_converted(out.name):
+            assets.convert_gguf_to_safetensors(path, out)
+        return Weights("transformers", out, path.stem)
+    if cfg.backend == "llamacpp":
+        raise FuselmError(f"{path} is a directory; the llama.cpp backend needs a .gguf file")
+    return Weights("transformers", path, path.name)
+
+
 def load_model(name: str | ModelConfig, **overrides) -> Model:
     """Load a bundled model by short name, a transformers directory, or a GGUF file.
 
@@ -85,46 +125,96 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
         from .remote import RemoteModel
 
         return RemoteModel.from_config(cfg)  # type: ignore[return-value]
-    ref = cfg.name
-    if cfg.device != "cpu" and cfg.backend == "llamacpp":
-        raise FuselmError("--device applies to the transformers backend; llama.cpp here is CPU-only")
-    if ref in BUNDLED:
-        bundled = BUNDLED[ref]
-        kind = resolve_backend_kind(cfg, is_gguf=True)
-        if kind == "llamacpp":
-            backend: Backend = llamacpp.LlamaCppBackend(
-                assets.ensure_gguf(bundled), name=ref, n_ctx=cfg.n_ctx, n_threads=cfg.threads
-            )
-        else:
-            from .hf import TransformersBackend
-
-            backend = TransformersBackend.from_directory(
-                assets.ensure_converted(bundled), name=ref, device=cfg.device, dtype=cfg.dtype
-            )
-        return Model(backend, cfg)
-    check_reference(cfg)
-    path = Path(ref).expanduser()
-    if path.is_file():
-        kind = resolve_backend_kind(cfg, is_gguf=True)
-        if kind == "llamacpp":
-            return Model(llamacpp.LlamaCppBackend(path, name=path.stem, n_ctx=cfg.n_ctx, n_threads=cfg.threads), cfg)
-        # transformers reads GGUF directly, slowly; convert once into the cache like bundled models
-        out = assets.cache_dir() / "hf" / f"{path.stem}-{assets.sha256_file(path)[:12]}"
-        if not assets.is_converted(out.name):
-            assets.convert_gguf_to_safetensors(path, out)
-        from .hf import TransformersBackend
-
-        return Model(TransformersBackend.from_directory(out, name=path.stem, device=cfg.device, dtype=cfg.dtype), cfg)
-    if cfg.backend == "llamacpp":
-        raise FuselmError(f"{path} is a directory; the llama.cpp backend needs a .gguf file")
+    weights = locate(cfg)
+    if weights.kind == "llamacpp":
+        return Model(llamacpp.LlamaCppBackend(weights.path, name=weights.name, n_ctx=cfg.n_ctx,
+                                              n_threads=cfg.threads), cfg)  # fmt: skip
     from .hf import TransformersBackend
 
-    return Model(
-        TransformersBackend.from_directory(
-            path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
-        ),
-        cfg,
+    backend = TransformersBackend.from_directory(
+        weights.path, name=weights.name, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
     )
+    return Model(backend, cfg)
+
+
+def identity(cfg: ModelConfig) -> dict[str, Any] | None:
+    """Everything about an in-process model entry that its outputs depend on, to key the memo of
+    its work (eval/memo.py): the reference and the backend, each weight, tokenizer and template
+    file's path, size and modification time, the settings that change its numbers (dtype and
+    device on transformers, the context length on llama.cpp) and the versions of the libraries
+    that run it. Left out: the ensemble `weight` (a method's, not the model's) and `threads`
+    (it spreads the same work over cores). None for a model on an engine: its name and URL do
+    not pin the weights behind them."""
+    if cfg.remote:
+        return None
+    weights = locate(cfg)
+    root = weights.path
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    stamps = [[str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns] for p in files]
+    if weights.kind == "llamacpp":
+        settings: dict[str, Any] = {"n_ctx": cfg.n_ctx, "versions": _versions("llama_cpp_python")}
+    else:
+        settings = {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code,
+                    "versions": _versions("torch", "transformers", "tokenizers")}  # fmt: skip
+    return {"name": cfg.name, "backend": weights.kind, "files": stamps, **settings}
+
+
+def _versions(*packages: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for package in packages:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+class DeferredModel:
+    """An in-process model entry loaded at its first use, with a Model's face (name, config,
+    offers, prompt_text, tokenize, session, close): a run whose every answer the memo already
+    holds (eval/memo.py) never loads it."""
+
+    remote = False
+    offers = Model.offers
+
+    def __init__(self, cfg: ModelConfig):
+        check_reference(cfg)
+        self.config = cfg
+        self._model: Model | None = None
+
+    @cached_property
+    def name(self) -> str:
+        return locate(self.config).name
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def model(self) -> Model:
+        if self._model is None:
+            self._model = load_model(self.config)
+        return self._model
+
+    @property
+    def backend(self) -> Backend:
+        return self.model().backend
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.model().info
+
+    def prompt_text(self, prompt: Prompt, gen: GenerationConfig | None = None) -> str:
+        return self.model().prompt_text(prompt, gen)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model().tokenize(text)
+
+    def session(self, prompt_text: str) -> DecodingSession:
+        return self.model().session(prompt_text)
+
+    def close(self) -> None:
+        if self._model is not None:
+            self._model.close()
 
 
 def load_models(models: list[str | ModelConfig]) -> list[Model]:
