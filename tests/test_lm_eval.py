@@ -324,3 +324,23 @@ def test_calibrating_on_an_lm_eval_task_writes_a_calibration_that_eval_and_serve
     assert json.loads(evaluated.stdout)["n"] == len(QA_ROWS)  # the test split, no dev row
     served = ServeConfig.model_validate({"setups": [{"id": "calibrated", "calibration": str(out)}]})
     assert served.setups[0].method == cal.method and [m.name for m in served.setups[0].models] == cal.models
+
+
+def test_lm_evals_requests_reuse_the_members_scores_of_a_fuselm_run_from_the_memo(tiny_dirs, tmp_path):
+    # The members alone on fuselm's own reading of the file keep their scores of " " + choice;
+    # lm-eval asks for "" + " choice": the same string, one memo key (eval/memo.py).
+    models = [str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])]
+    task = choice_task(tmp_path)
+    for i, m in enumerate(models):
+        fuselm_rows(task, [m], "single", tmp_path / f"alone{i}")
+    lm = FuselmLM(models="+".join(models), method="product", progress=False)
+    try:
+        results = simple_evaluate(lm, task)
+        hits = lm.memo.hits
+    finally:
+        lm.close()
+    assert hits == len(models) * sum(len(r["options"]) for r in MC_ROWS)  # every member's score of every choice
+    fused = fuselm_rows(task, models, "product", tmp_path / "fused")
+    samples = by_row(results["samples"][task.stem], MC_ROWS)
+    for rid, row in fused.items():
+        assert [r[0][0] for r in samples[rid]["resps"]] == pytest.approx([c["logprob"] for c in row.choices])

@@ -38,6 +38,7 @@ from ..fusion.methods import build_method, check_method
 from ..models.loading import load_models
 from ..progress import progress_bar
 from .choice import CHOICE_METHODS, ChoiceScorer
+from .memo import Memo, model_key
 from .records import check_concurrency
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class FuselmLM(LM):
         choice_method: str = "product",
         concurrency: int = 1,
         progress: bool = True,
+        memo: bool = True,
         batch_size: Any = None,
         max_batch_size: Any = None,
         device: Any = None,
@@ -112,19 +114,25 @@ class FuselmLM(LM):
         super().__init__()
         setup = setup_config(config, calibration, models, method, options)
         check_concurrency(setup.models, int(concurrency))
-        self._build(setup, None, choice_method, int(concurrency), bool(progress))
+        store = Memo() if memo and any(not m.remote for m in setup.models) else None
+        keys = [model_key(m) for m in setup.models] if store is not None else None
+        self._build(setup, None, choice_method, int(concurrency), bool(progress), store, keys)
 
     @classmethod
-    def over(cls, setup: RunConfig, models: list[Any], choice_method: str = "product", progress: bool = False):
-        """The setup on models already loaded (a `fuselm eval` run of an lm-eval task): they stay
-        open when this closes."""
+    def over(cls, setup: RunConfig, models: list[Any], choice_method: str = "product", progress: bool = False,
+             memo: Memo | None = None, memo_keys: list[str | None] | None = None):  # fmt: skip
+        """The setup on models already loaded (a `fuselm eval` run of an lm-eval task), with the
+        run's memo: they stay open when this closes."""
         lm = cls.__new__(cls)
         LM.__init__(lm)
-        lm._build(setup, models, choice_method, 1, progress)
+        lm._build(setup, models, choice_method, 1, progress, memo, memo_keys, owns_memo=False)
         return lm
 
-    def _build(self, setup: RunConfig, models: list[Any] | None, choice_method: str, concurrency: int, progress: bool):
+    def _build(self, setup: RunConfig, models: list[Any] | None, choice_method: str, concurrency: int, progress: bool,
+               memo: Memo | None = None, memo_keys: list[str | None] | None = None, owns_memo: bool = True):  # fmt: skip
         self.setup, self.concurrency, self.progress = setup, concurrency, progress
+        # each member's scores read from / kept in the memo of single-model work (eval/memo.py)
+        self.memo, self.memo_keys, self.owns_memo = memo, memo_keys, owns_memo and memo is not None
         self.busy_seconds = 0.0  # time spent on requests (lm-eval's own work left out)
         if setup.method in CHOICE_METHODS:
             self.choice_method, choice_options = setup.method, setup.method_options
@@ -138,7 +146,7 @@ class FuselmLM(LM):
         self.models = load_models(setup.models) if models is None else models
         self.method = None
         try:
-            self.scorer = ChoiceScorer(self.choice_method, self.models, choice_options)
+            self.scorer = ChoiceScorer(self.choice_method, self.models, choice_options, memo, memo_keys)
             if setup.method not in SCORING_ONLY:
                 self.method = build_method(setup.method, self.models, setup.method_options)
         except BaseException:
@@ -215,9 +223,9 @@ class FuselmLM(LM):
 
     def _rolling(self, text: str) -> float:
         member = []
-        for m in self.models:
+        for m, key in zip(self.models, self.memo_keys or [None] * len(self.models)):
             starts = self._start_of_text(m)
-            one = ChoiceScorer("single", [m])
+            one = ChoiceScorer("single", [m], None, self.memo, [key])
             scores, _ = one.member_scores(starts, [text], self.setup.generation.model_copy(update={"chat": False}))
             member.append(scores[0])
         return self.scorer.fused(member)[0]
@@ -270,6 +278,9 @@ class FuselmLM(LM):
             for m in self.models:
                 m.close()
             self.models = []
+        if getattr(self, "owns_memo", False):
+            self.memo.close()
+            self.owns_memo = False
 
     def __del__(self) -> None:  # lm-eval never closes a model; the engines' sessions are let go here
         try:

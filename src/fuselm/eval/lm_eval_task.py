@@ -65,8 +65,8 @@ class LmEvalTask(Task):
     def label(self) -> str:
         return self.task_name
 
-    def row_runner(self, spec: EvalSpec, models: list[Any]) -> LmEvalRows:
-        return LmEvalRows(self, spec, models)
+    def row_runner(self, spec: EvalSpec, models: list[Any], memo: Any = None, memo_keys: Any = None) -> LmEvalRows:
+        return LmEvalRows(self, spec, models, memo, memo_keys)
 
 
 def load_lm_eval_task(ref: str) -> LmEvalTask:
@@ -228,13 +228,13 @@ class LmEvalRows:
 
     chunk_rows = CHUNK_ROWS
 
-    def __init__(self, task: LmEvalTask, spec: EvalSpec, models: list[Any]):
+    def __init__(self, task: LmEvalTask, spec: EvalSpec, models: list[Any], memo: Any = None, memo_keys: Any = None):
         from .harness import FuselmLM
 
         self.task = task
         setup = RunConfig(models=spec.models, method=spec.method, method_options=spec.method_options,
                           generation=spec.generation.model_copy(update={"chat": "raw"}))  # fmt: skip
-        self.lm = FuselmLM.over(setup, models)
+        self.lm = FuselmLM.over(setup, models, memo=memo, memo_keys=memo_keys)
         self.by_split: dict[str, Any] = {}
 
     def close(self) -> None:

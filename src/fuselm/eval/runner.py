@@ -254,7 +254,7 @@ def _run_locked(
         keys = [model_key(m) for m in spec.models] if memo is not None else [None] * len(spec.models)
         models = _models(spec.models, deferred=memo is not None)
         try:
-            method: Any = task.row_runner(spec, models)  # an lm-eval task: lm-eval runs its rows
+            method: Any = task.row_runner(spec, models, memo, keys)  # an lm-eval task: lm-eval runs its rows
             if method is not None:
                 pass
             elif is_multiple_choice(task):  # once for the run

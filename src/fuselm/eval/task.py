@@ -69,7 +69,7 @@ class Task:
         """A short name to show and to name directories by (a task file's own `task` name)."""
         return self.name
 
-    def row_runner(self, spec: Any, models: list[Any]) -> Any | None:
+    def row_runner(self, spec: Any, models: list[Any], memo: Any = None, memo_keys: Any = None) -> Any | None:
         """What runs this task's rows where the task runs them itself (an lm-eval task:
         eval/lm_eval_task.py), else None: the runner decodes or scores them."""
         return None

@@ -576,8 +576,7 @@ def _describe_extension(schema: dict[str, Any], bounds: dict[str, RequestBounds]
     method's options (path options left out: a request cannot name a file; each work option with
     the largest bound of any model id), so that a generated request is a real one; the bounds per
     model id under `x-fuselm-bounds`."""
-    from ..fusion.methods import METHODS
-    from ..fusion.methods import PATH_OPTIONS
+    from ..fusion.methods import METHODS, PATH_OPTIONS
 
     methods = sorted({m for b in bounds.values() for m in b.methods})
     top: dict[str, int] = {}
