@@ -497,6 +497,46 @@ def test_cli_generate_and_eval_with_concurrency_over_an_engine(served, local, tm
 
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
+def test_multiple_choice_and_the_lm_eval_model_score_on_an_engine_as_in_process(served, local, tmp_path):
+    # The engine's prompt log-probs give each choice's string log-probability: a task file's
+    # multiple-choice run and lm-eval's loglikelihood requests (several in flight) over the
+    # engine score as the same weights in this process do.
+    import yaml
+
+    rows = [{"id": "a", "q": "The capital of France is", "options": ["Paris", "Rome"], "answer": 0},
+            {"id": "b", "q": "Water is", "options": ["wet", "dry", "a planet"], "answer": 0}]  # fmt: skip
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "mc.yaml"
+    task.write_text(yaml.safe_dump({
+        "task": "mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "mc.jsonl"}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}",
+        "doc_to_choice": "options", "doc_to_target": "answer",
+    }))  # fmt: skip
+    done = run_cli_here("eval", "--task", str(task), "--models", f"{served.kind}:{served.url}", "--out",
+                        str(tmp_path / "run"), "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    got = {
+        json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()
+    }
+    for row in rows:
+        with local.session(row["q"]) as session:
+            own = [s.logprob for s in session.score([" " + c for c in row["options"]])]
+        assert [c["logprob"] for c in got[row["id"]]["choices"]] == pytest.approx(own, abs=TOL * 8)
+    instance = pytest.importorskip("lm_eval.api.instance")
+    from fuselm.eval.harness import FuselmLM
+
+    requests = [instance.Instance("loglikelihood", {}, (r["q"], " " + c), i)
+                for i, (r, c) in enumerate((r, c) for r in rows for c in r["options"])]  # fmt: skip
+    lm = FuselmLM(models=f"{served.kind}:{served.url}", method="single", concurrency=3, progress=False)
+    try:
+        scored = [v for v, _ in lm.loglikelihood(requests)]
+    finally:
+        lm.close()
+    assert scored == pytest.approx([c["logprob"] for r in rows for c in got[r["id"]]["choices"]], abs=1e-4)
+
+
+@pytest.mark.integration
+@requires_bundled("smollm2-135m")
 def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(served, local, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -66,7 +66,9 @@ class Trial(StrictModel):
     versus_best: list[float] | None = Field(None, description="score minus the best member's, 95% paired interval")
     seconds_per_sample: float | None = None
     n: int = 0
-    cost: float | None = Field(None, description="seconds per row relative to the anchor alone on the same rows")
+    cost: float | None = Field(
+        None, description="CPU seconds (else wall seconds) per row relative to the anchor alone on the same rows"
+    )
     dropped: str | None = Field(None, description="why the race left it behind after `n` rows (None: ran to the end)")
 
 

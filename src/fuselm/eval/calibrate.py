@@ -389,11 +389,15 @@ def _floor(max_loss: float | None, anchor_score: float | None) -> float | None:
 
 
 def relative_cost(view: RunView, anchor: RunView) -> float | None:
-    """Seconds per row of `view` over the anchor alone's on the rows both ran."""
-    mine = {r.id: r.seconds for r in view.rows}
-    theirs = [(mine[r.id], r.seconds) for r in anchor.rows if r.id in mine]
-    spent, base = sum(a for a, _ in theirs), sum(b for _, b in theirs)
-    return round(spent / base, 3) if theirs and base > 0 else None
+    """The cost of `view` over the anchor alone's on the rows both ran: CPU seconds where every
+    one of those rows has them in both runs (models in this process: another job's load on the
+    machine hardly moves them), else wall seconds."""
+    mine = {r.id: r for r in view.rows}
+    pairs = [(mine[r.id], r) for r in anchor.rows if r.id in mine]
+    on_cpu = bool(pairs) and all(a.cpu_seconds is not None and b.cpu_seconds is not None for a, b in pairs)
+    spent = sum((a.cpu_seconds if on_cpu else a.seconds) or 0.0 for a, _ in pairs)
+    base = sum((b.cpu_seconds if on_cpu else b.seconds) or 0.0 for _, b in pairs)
+    return round(spent / base, 3) if pairs and base > 0 else None
 
 
 def _race_drops(

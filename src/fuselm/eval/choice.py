@@ -35,7 +35,6 @@ is read from the memo of single-model work first (eval/memo.py) and kept there w
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +47,7 @@ from ..models.prompts import Prompt
 from ..models.session import Score
 from ..result import unique_names
 from .memo import Memo, score_key
-from .records import EvalRow
+from .records import EvalRow, Stopwatch, add_cpu
 from .task import Task
 
 MULTIPLE_CHOICE = "multiple_choice"
@@ -170,6 +169,7 @@ class MemberScores:
     seconds: float
     forward_passes: int
     memo: bool = False  # read from the memo: nothing ran now
+    cpu_seconds: float | None = None  # this process's CPU seconds (a model in process), as measured
 
 
 def score_continuations(
@@ -192,24 +192,26 @@ def score_continuations(
     if kept is not None:
         scores = [Score(-math.inf if k["logprob"] is None else k["logprob"], k["n_tokens"], k["n_chars"], k["n_bytes"])
                   for k in kept]  # fmt: skip
-        return MemberScores(scores, sum(k["seconds"] for k in kept), max(k["forward_passes"] for k in kept), True)
+        cpu = add_cpu(*(k.get("cpu_seconds") for k in kept))
+        return MemberScores(scores, sum(k["seconds"] for k in kept), max(k["forward_passes"] for k in kept), True, cpu)
     text = model.prompt_text(prompt, gen)  # before the clock: it loads a deferred model
     lead = delimiter if text == prompt else ""
-    t0 = time.perf_counter()
+    watch = Stopwatch(cpu=not model.config.remote)
     session = model.session(text)
     try:
         scores = session.score([lead + t for t in texts])
     finally:
         session.close()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = watch.wall(), watch.cpu()
     if len(scores) != len(texts):
         raise FuselmError(f"{model.name!r} scored {len(scores)} of {len(texts)} continuations")
     passes = int(getattr(session.stats, "forward_passes", 0))
     if memo is not None and keys:
         memo.put({k: {"logprob": _finite(s.logprob, None), "n_tokens": s.n_tokens, "n_chars": s.n_chars,
-                      "n_bytes": s.n_bytes, "seconds": seconds / len(texts), "forward_passes": passes}
+                      "n_bytes": s.n_bytes, "seconds": seconds / len(texts), "forward_passes": passes,
+                      "cpu_seconds": None if cpu is None else cpu / len(texts)}
                   for k, s in zip(keys, scores)})  # fmt: skip
-    return MemberScores(scores, seconds, passes)
+    return MemberScores(scores, seconds, passes, cpu_seconds=cpu)
 
 
 class ChoiceScorer:
@@ -294,6 +296,7 @@ class ChoiceScorer:
             reference=gold,
             metrics=metrics,
             seconds=round(sum(m.seconds for m in scored), 4),
+            cpu_seconds=add_cpu(*(m.cpu_seconds for m in scored)),
             forward_passes={name: m.forward_passes for name, m in zip(self.names, scored)},
             finish_reason="scored",
             choices=per_choice,

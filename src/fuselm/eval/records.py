@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,11 @@ class EvalRow(BaseModel):
     answer: str = ""
     reference: Any = None
     seconds: float = 0.0
+    # The process's CPU seconds for the row (all its threads), where every model runs in this
+    # process: steadier than `seconds` on a busy machine (another job's load shows in wall time,
+    # hardly in CPU time). None where a model is on an engine (its work is not this process's) or
+    # a memo entry kept none. Written only when known.
+    cpu_seconds: float | None = None
     new_tokens: int = 0
     forward_passes: dict[str, int] = Field(default_factory=dict)
     text_share: dict[str, float] = Field(default_factory=dict)
@@ -92,6 +98,8 @@ class EvalRow(BaseModel):
             data.pop("choices", None)
         if not data.get("memo"):
             data.pop("memo", None)
+        if data.get("cpu_seconds") is None:
+            data.pop("cpu_seconds", None)
         return data
 
 
@@ -106,6 +114,7 @@ class EvalSummary(BaseModel):
     n: int = 0
     complete: bool = True  # every selected row is done
     seconds_per_sample: float | None = None
+    cpu_seconds_per_sample: float | None = None  # where every row has its CPU seconds
     tokens_per_sample: float | None = None
     memo_rows: int = 0  # rows read from the memo (their costs as measured when they ran)
 
@@ -116,6 +125,25 @@ class EvalSummary(BaseModel):
     @property
     def setup(self) -> str:
         return "+".join(self.models)
+
+
+class Stopwatch:
+    """Wall seconds, and the process's CPU seconds where `cpu` (every model in this process)."""
+
+    def __init__(self, cpu: bool):
+        self.wall0 = time.perf_counter()
+        self.cpu0 = time.process_time() if cpu else None
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def cpu(self) -> float | None:
+        return None if self.cpu0 is None else time.process_time() - self.cpu0
+
+
+def add_cpu(*parts: float | None) -> float | None:
+    """CPU seconds summed, None if any part is unknown."""
+    return None if any(p is None for p in parts) else round(sum(parts), 4)  # type: ignore[arg-type]
 
 
 def check_concurrency(models: list[ModelConfig], concurrency: int) -> None:

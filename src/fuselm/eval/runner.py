@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ..models.loading import DeferredModel, check_reference, load_model, load_mo
 from ..progress import progress_bar
 from .choice import ChoiceScorer, check_choice_method, check_generation_method, is_multiple_choice
 from .memo import Memo, generation_key, model_key
-from .records import EvalRow, EvalSpec, EvalSummary, check_concurrency, option_files
+from .records import EvalRow, EvalSpec, EvalSummary, Stopwatch, add_cpu, check_concurrency, option_files
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -286,6 +285,8 @@ def _generate_rows(
     task, method, prefix, gen, todo, rows, done, rows_path, show_progress, concurrency, memo=None, memo_key=None
 ) -> None:
     main = task.main_metric
+    # CPU seconds where every model runs in this process, one row at a time (rows.cpu_seconds)
+    cpu = concurrency == 1 and not any(m.config.remote for m in getattr(method, "models", []))
     scores = [r.metrics[main] for r in done if r.metrics.get(main) is not None]
     from_memo = [sum(r.memo for r in done)]
     with progress_bar(show_progress) as progress:
@@ -301,17 +302,18 @@ def _generate_rows(
                 for m in method.models:  # loaded before the clock starts
                     if isinstance(m, DeferredModel):
                         m.model()
-                t0 = time.perf_counter()
+                watch = Stopwatch(cpu=cpu)
                 reference = task.reference_text(row) if method.needs_reference else None  # oracle-route follows it
                 result = decode(method, prompt, gen, reference=reference)
                 generated = {"text": result.text, "finish_reason": result.finish_reason,
                              "new_tokens": result.stats.new_tokens, "forward_passes": result.stats.forward_passes,
-                             "text_share": result.stats.text_share, "seconds": time.perf_counter() - t0}  # fmt: skip
+                             "text_share": result.stats.text_share, "seconds": watch.wall(),
+                             "cpu_seconds": watch.cpu()}  # fmt: skip
                 if key is not None:
                     memo.put({key: generated})
             else:
                 generated = {**generated, "memo": True}
-            t0 = time.perf_counter()
+            scoring = Stopwatch(cpu=cpu)
             return EvalRow(
                 id=row["id"],
                 prompt=prompt,
@@ -320,7 +322,8 @@ def _generate_rows(
                 reference=task.reference(row),
                 metrics=task.score(generated["text"], row),
                 # the generation's seconds (as measured when it ran: now, or when the memo kept it), then scoring's
-                seconds=round(generated["seconds"] + time.perf_counter() - t0, 4),
+                seconds=round(generated["seconds"] + scoring.wall(), 4),
+                cpu_seconds=add_cpu(generated.get("cpu_seconds"), scoring.cpu()),
                 new_tokens=generated["new_tokens"],
                 forward_passes=generated["forward_passes"],
                 text_share=generated["text_share"],
@@ -390,6 +393,9 @@ def summarize(task: Task, spec: EvalSpec, done: list[EvalRow], selected: list[di
         metrics=metrics,
         main_metric=task.main_metric,
         seconds_per_sample=sum(r.seconds for r in ordered) / n if n else None,
+        cpu_seconds_per_sample=(
+            sum(r.cpu_seconds for r in ordered) / n if n and all(r.cpu_seconds is not None for r in ordered) else None
+        ),
         tokens_per_sample=sum(r.new_tokens for r in ordered) / n if n else None,
         memo_rows=sum(r.memo for r in ordered),
     )
