@@ -55,3 +55,30 @@ def test_an_in_process_run_records_each_rows_cpu_seconds(tiny_dirs, tmp_path):
     run = load_run(tmp_path / "run")
     assert len(run.rows) == 3 and all(r.cpu_seconds is not None and r.cpu_seconds > 0 for r in run.rows)
     assert run.summary.cpu_seconds_per_sample == sum(r.cpu_seconds for r in run.rows) / 3
+
+
+def qa_view(name: str, em: list[float], cpu: float) -> RunView:
+    rows = [EvalRow(id=i, metrics={"em": e, "f1": e, "paper_match": e}, seconds=cpu, cpu_seconds=cpu)
+            for i, e in enumerate(em)]  # fmt: skip
+    mean = sum(em) / len(em)
+    summary = EvalSummary(task="triviaqa", method="m", models=name.split("+"), n=len(rows), main_metric="em",
+                          metrics={"em": mean, "f1": mean, "paper_match": mean})  # fmt: skip
+    return RunView(name, summary, rows)
+
+
+def test_a_member_alone_that_ranks_as_high_as_the_choice_for_less_is_chosen_instead():
+    from fuselm.eval.calibrate import dominating_member
+    from fuselm.eval.tasks import get_task
+
+    task = get_task("triviaqa")
+    hits = [1.0] * 5 + [0.0] * 5
+    anchor = qa_view("a", [1.0] * 4 + [0.0] * 6, cpu=2.0)  # chosen on the first block; behind on all rows
+    cheap = qa_view("b", hits, cpu=1.0)
+    fused = qa_view("a+b", hits, cpu=3.0)
+    alone = {"a": anchor, "b": cheap}
+    assert dominating_member(task, fused, alone, anchor) == "b"  # as good, a third of the cost
+    assert dominating_member(task, anchor, alone, anchor, exclude=["a"]) == "b"  # better and cheaper than the anchor
+    dear = {"a": anchor, "b": qa_view("b", hits, cpu=4.0)}
+    assert dominating_member(task, fused, dear, anchor) is None  # as good but dearer: the fused choice stands
+    worse = {"a": anchor, "b": qa_view("b", [1.0] * 4 + [0.0] * 6, cpu=1.0)}
+    assert dominating_member(task, fused, worse, anchor) is None  # cheaper but below it

@@ -348,6 +348,21 @@ def calibrate(
     method, models, options = (
         (chosen.method, chosen.models, chosen.method_options) if chosen else ("single", [best], {})
     )
+    # The anchor was picked on the first block; the members ran every block. A member alone that
+    # ranks at least as high as the choice on all the dev rows, for no more cost, is the choice.
+    pick = views[chosen.label] if chosen else anchor
+    better = dominating_member(task, pick, alone, anchor, exclude=models if method == "single" else [])
+    if better is not None:
+        reason = (f"{better} alone ({_pct(task, alone[better])}) ranks at least as high as"
+                  f" {chosen.label if chosen else best + ' alone'} ({_pct(task, pick)}) on the {n} dev rows for no"
+                  f" more cost; it is run instead (before: {reason})")  # fmt: skip
+        method, models, options = "single", [better], {}
+    members = [
+        m.model_copy(
+            update={"score": alone[m.name].summary.main, "seconds_per_sample": alone[m.name].summary.seconds_per_sample}
+        )
+        for m in members
+    ]  # fmt: skip (the scores on every dev row the members ran)
     used = rows[:n]
     return Calibration(
         task=task.name,
@@ -666,6 +681,22 @@ def choose(
     else:
         why = f"no fused setup beat it on the dev rows (best: {top.label}, {(top.score or 0) * scale:.1f})"
     return None, f"fall back to {name} alone ({best_score * scale:.1f}): {why}"
+
+
+def dominating_member(
+    task: Task, pick: RunView, alone: dict[str, RunView], anchor: RunView, exclude: list[str] = ()
+) -> str | None:
+    """The member whose run alone ranks at least as high as `pick` (main metric, then the finer
+    ones) on the same dev rows at no more cost (both relative to the anchor), the best such; or
+    None."""
+    pick_cost = relative_cost(pick, anchor)
+    found = [
+        name for name, view in alone.items()
+        if name not in exclude and view is not pick and view.summary.n >= pick.summary.n
+        and rank_key(task, view) >= rank_key(task, pick)
+        and (c := relative_cost(view, anchor)) is not None and pick_cost is not None and c <= pick_cost
+    ]  # fmt: skip
+    return max(found, key=lambda name: rank_key(task, alone[name]), default=None)
 
 
 def _within_noise(task: Task, view: RunView, leader: RunView, level: float) -> bool:
