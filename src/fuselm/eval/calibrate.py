@@ -55,7 +55,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -71,7 +71,7 @@ from .choice import is_multiple_choice, score_continuations
 from .memo import Memo, model_key
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
-from .runner import _versions, other_setup, run_eval, set_aside, task_generation
+from .runner import _as_today, _versions, other_setup, run_eval, set_aside, summarize, task_generation
 from .task import TEST_FILE, Task, data_name, data_path, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -281,6 +281,8 @@ def calibrate(
         out = runs / _slug(label)
         ev = base.model_copy(update={"method": method, "models": models, "method_options": options, "limit": n})
         _set_aside_if_other_setup(out, ev, say)
+        if ran_past(out, ev):  # a calibration run again: its first looks are read back, as they were
+            return view_of_first(load_run(out), task, ev, rows[:n])
         summary = run_eval(ev, out, data_dir, explicit_generation, show_progress=show_progress, memo=memo)
         if summary.memo_rows:
             say(f"calibrate: {summary.memo_rows} of {summary.n} rows of {label} from the memo")
@@ -557,6 +559,25 @@ def _grid(
     if controller is not None:
         grid.append(("adafuse controller", "adafuse", list(spec.models), {"controller": str(controller)}))
     return grid
+
+
+def ran_past(out: Path, spec: EvalSpec) -> bool:
+    """Whether `out` holds this run on more rows than `spec.limit` (the same rows first): a
+    calibration run again (after an interruption, or done) replays its race's earlier looks."""
+    cfg = out / "config.json"
+    if not cfg.is_file():
+        return False
+    old = _as_today(json.loads(cfg.read_text()).get("spec")) or {}
+    new = spec.model_dump(mode="json")
+    same = {k: v for k, v in old.items() if k != "limit"} == {k: v for k, v in new.items() if k != "limit"}
+    return same and spec.limit is not None and (old.get("limit") is None or old["limit"] > spec.limit)
+
+
+def view_of_first(view: RunView, task: Task, spec: EvalSpec, selected: list[dict[str, Any]]) -> RunView:
+    """`view` on the `selected` rows only (a run that went further), summarized again."""
+    ids = {r["id"] for r in selected}
+    rows = [r for r in view.rows if r.id in ids]
+    return RunView(view.name, summarize(task, spec, rows, selected), rows)
 
 
 def _set_aside_if_other_setup(out: Path, spec: EvalSpec, say: Callable[[str], None]) -> None:
