@@ -344,3 +344,20 @@ def test_lm_evals_requests_reuse_the_members_scores_of_a_fuselm_run_from_the_mem
     samples = by_row(results["samples"][task.stem], MC_ROWS)
     for rid, row in fused.items():
         assert [r[0][0] for r in samples[rid]["resps"]] == pytest.approx([c["logprob"] for c in row.choices])
+
+
+def test_fuselm_works_without_lm_eval_and_says_how_to_get_it(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['lm_eval'] = None\n"  # as if it were not installed: importing it fails
+        "from fuselm.cli import main\n"
+        "assert main(['tasks']) == 0\n"
+        "sys.exit(main(['lm-eval', '--model', 'fuselm']) * 10 + main(['eval', '--task', 'lm-eval:x.yaml',"
+        " '--models', 'smollm2-135m', '--out', 'r']))\n"
+    )
+    (tmp_path / "x.yaml").write_text("task: x\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 11, done.stderr  # both refused, nothing else broken
+    assert done.stderr.count("pip install 'fuselm[lm-eval]'") == 2, done.stderr
