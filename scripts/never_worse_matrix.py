@@ -131,7 +131,7 @@ def set_aside_other_rows(where: Path, n_dev: int) -> list[str]:
         if run.name.endswith((".superseded", "-rows")):  # set aside before
             continue
         setup = run_setup(run)
-        if setup is not None and "controller" in setup[2]:
+        if setup is not None and "controller" in setup.options:
             moved.append(str(run.rename(run.with_name(f"{run.name}.{tag}"))))
     return moved
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -125,6 +125,15 @@ class EvalSummary(BaseModel):
     @property
     def setup(self) -> str:
         return "+".join(self.models)
+
+
+class RunSetup(NamedTuple):
+    """What a run directory holds: its method, its models' names, its method options (equal to
+    the plain tuple of the three, as scripts compare it)."""
+
+    method: str | None
+    models: list[str]
+    options: dict[str, Any]
 
 
 class Stopwatch:

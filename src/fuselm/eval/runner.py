@@ -34,7 +34,7 @@ from ..models.loading import DeferredModel, check_reference, load_model, load_mo
 from ..progress import progress_bar
 from .choice import ChoiceScorer, check_choice_method, check_generation_method, is_multiple_choice
 from .memo import Memo, generation_key, model_key
-from .records import EvalRow, EvalSpec, EvalSummary, Stopwatch, add_cpu, check_concurrency, option_files
+from .records import EvalRow, EvalSpec, EvalSummary, RunSetup, Stopwatch, add_cpu, check_concurrency, option_files
 from .task import Task, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -104,16 +104,18 @@ def _as_today(spec: Any) -> Any:
         return spec
 
 
-def run_setup(out: Path) -> tuple[str, list[str], dict[str, Any]] | None:
-    """(method, model names, method options) of the run in `out`, as today's EvalSpec reads its
-    config (None where there is no run)."""
+def run_setup(out: Path) -> RunSetup | None:
+    """The setup of the run in `out`, as today's EvalSpec reads its config (None where there is
+    no run)."""
     cfg = out / "config.json"
     return _setup_of(json.loads(cfg.read_text())) if cfg.is_file() else None
 
 
-def _setup_of(config: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
+def _setup_of(config: dict[str, Any]) -> RunSetup:
     old = _as_today(config.get("spec")) or {}
-    return old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {}
+    return RunSetup(
+        old.get("method"), [m.get("name") for m in old.get("models") or []], old.get("method_options") or {}
+    )
 
 
 def _changed_files(config: dict[str, Any], options: dict[str, Any]) -> list[str]:
@@ -133,7 +135,7 @@ def other_setup(out: Path, method: str, models: list[str], options: dict[str, An
     config = json.loads(cfg.read_text())  # read once: the setup and the option files' digests
     had = _setup_of(config)
     if had != (method, list(models), dict(options)):
-        return f"another setup ({had[2] or had[0]})"
+        return f"another setup ({had.options or had.method})"
     changed = _changed_files(config, options)
     return f"a run of another {' and '.join(changed)} file" if changed else None
 
