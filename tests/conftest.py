@@ -27,6 +27,8 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 from fuselm.models import assets  # noqa: E402
 from fuselm.models.catalog import BUNDLED  # noqa: E402
 
+from .support import constant_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # The benchmark files live beside the checkout in CI and here; the library itself only looks at
@@ -170,3 +172,26 @@ def wait_until_ready(proc: subprocess.Popen, url: str, log: Path, seconds: float
             pass
         assert time.time() < deadline, f"fuselm serve not ready in {seconds:g} s: {log.read_text()}"
         time.sleep(0.2)
+
+
+# --- constructed models (support.constant_model) with the bundled SmolLM2 tokenizer -----------------
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer_dir():
+    if not BUNDLED["smollm2-135m"].installed():
+        pytest.skip("smollm2 package not installed")
+    return assets.ensure_tokenizer(BUNDLED["smollm2-135m"])
+
+
+@pytest.fixture(scope="module")
+def answer_models(smol_tokenizer_dir, tmp_path_factory):
+    """Two saved models that always write the same words: `right` " a a a", `wrong` " b b b"."""
+    root = tmp_path_factory.mktemp("answerers")
+    out = {}
+    for name, logits in [("right", {" a": 8.0, " b": 1.0}), ("wrong", {" b": 8.0, " a": 1.0})]:
+        m = constant_model(smol_tokenizer_dir, logits, name)
+        m.backend.model.save_pretrained(root / name)
+        m.backend.tokenizer.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out

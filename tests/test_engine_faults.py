@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .test_engines import LocalTCPServer, remote_model, run
+from .engine_support import LocalTCPServer, remote_model, run
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,22 +11,17 @@ import re
 import pytest
 import torch
 
-from fuselm import Ensemble, GenerationConfig, ModelConfig
+from fuselm import Ensemble, GenerationConfig
 from fuselm.errors import FuselmError
 from fuselm.fusion.loop import decode, generate
 from fuselm.fusion.methods import build_method
 from fuselm.models import assets, llamacpp
 from fuselm.models.catalog import BUNDLED
-from fuselm.models.hf import TransformersBackend
 from fuselm.models.loading import Model
 from fuselm.models.session import DecodingSession, common_prefix_len
 
 from .conftest import run_cli
-
-
-def as_model(backend) -> Model:
-    return Model(backend, ModelConfig(name=backend.info.name))
-
+from .support import as_model, constant_model
 
 # --- in-process experts side by side ----------------------------------------------------------------
 
@@ -189,44 +184,6 @@ def test_candidate_score_is_full_minus_prefix(tiny_backends, arch):
 
 
 # --- constructed models: a fixed next-token distribution --------------------------------------------
-
-
-def constant_model(tokenizer_dir, logits: dict[str, float], name: str) -> Model:
-    """A llama whose next-token distribution is the same everywhere: layers zeroed, lm_head set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        model.model.norm.weight.fill_(1.0)
-        head = torch.full((len(tok),), -30.0)
-        for text, value in logits.items():
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            assert len(ids) == 1, text
-            head[ids[0]] = value
-        model.lm_head.weight[:, 0] = head / 4.0  # RMSNorm scales the one-hot to sqrt(16) = 4
-    return as_model(TransformersBackend(model, tok, name=name))
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer_dir():
-    if not BUNDLED["smollm2-135m"].installed():
-        pytest.skip("smollm2 package not installed")
-    return assets.ensure_tokenizer(BUNDLED["smollm2-135m"])
 
 
 def test_constant_model_distribution(smol_tokenizer_dir):

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from .conftest import requires_bundled, run_cli, wait_until_ready
-from .test_engines import ResettingProxy, _engine_process, _free_port, remote_model
+from .engine_support import ResettingProxy, engine_process, free_port, remote_model
 
 pytestmark = [pytest.mark.integration, requires_bundled("smollm2-135m")]
 
@@ -34,12 +34,12 @@ def smollm_gguf():
 def llamacpp_server(smollm_gguf, tmp_path_factory):
     if importlib.util.find_spec("sse_starlette") is None or importlib.util.find_spec("starlette_context") is None:
         pytest.skip("llama-cpp-python's server extra is not installed (pip install 'llama-cpp-python[server]')")
-    port = _free_port()
+    port = free_port()
     # llama_cpp.server, without the AMX weight buffers that crash it on such a CPU (as fuselm loads models)
     launcher = Path(__file__).resolve().parents[1] / "scripts" / "llamacpp_server.py"
     cmd = [sys.executable, str(launcher), "--model", str(smollm_gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"]  # fmt: skip
-    yield from _engine_process("llamacpp-server", cmd, port, "/v1/models", tmp_path_factory.mktemp("llamacpp"))
+    yield from engine_process("llamacpp-server", cmd, port, "/v1/models", tmp_path_factory.mktemp("llamacpp"))
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_cli_generate_over_the_server_and_its_one_line_refusal(llamacpp_server, 
 def test_fuselm_serve_with_the_server_as_its_model_from_the_command_line(llamacpp_server, in_process, tmp_path):
     import subprocess
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "fuselm.cli", "serve", "--models", f"smol=llamacpp-server:{llamacpp_server.url}",
            "--id", "smol-lcs", "--port", str(port)]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")

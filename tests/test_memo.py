@@ -21,9 +21,7 @@ from fuselm.eval.records import EvalSpec
 from fuselm.eval.runner import read_rows, run_eval
 
 from .conftest import ROOT, run_cli
-from .test_fusion import smol_tokenizer_dir  # noqa: F401 - the fixture
-from .test_multiple_choice import write_task
-from .test_never_worse import answer_models, answer_rows  # noqa: F401 - the fixture
+from .support import answer_rows, write_task
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -37,7 +35,7 @@ def without_cost(row: dict) -> dict:
 
 
 @pytest.fixture
-def model_copy(answer_models, tmp_path):  # noqa: F811
+def model_copy(answer_models, tmp_path):
     """The `right` model in a directory of this test's own (its files are changed here)."""
     return Path(shutil.copytree(answer_models["right"], tmp_path / "right"))
 
@@ -110,7 +108,7 @@ def test_sampling_is_never_kept():
     assert generation_key("m", "Q:", GenerationConfig(chat="raw")) != greedy
 
 
-def test_a_sampled_single_run_is_not_kept(answer_models, tmp_path):  # noqa: F811
+def test_a_sampled_single_run_is_not_kept(answer_models, tmp_path):
     data = answer_rows(tmp_path, 2)
     spec = EvalSpec(task="triviaqa", models=[ModelConfig(name=answer_models["right"])], data=str(data / "triviaqa" / "rows.jsonl"),
                     generation=GenerationConfig(temperature=0.7, seed=3, max_new_tokens=2))  # fmt: skip

@@ -24,8 +24,7 @@ from fuselm.models.loading import Model
 from fuselm.models.session import DecodingSession
 
 from .conftest import SHARED_DATA, run_cli, run_cli_here
-from .test_fusion import constant_model, smol_tokenizer_dir  # noqa: F401 - the fixture
-from .test_never_worse import answer_models  # noqa: F401 - the fixture
+from .support import constant_model, write_task
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 RAW = GenerationConfig(chat="raw")
@@ -58,25 +57,6 @@ def arc_file(directory: Path, data_files: dict[str, str]) -> Path:
         if split not in data_files:
             del spec[key]
     path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def write_task(directory: Path, rows: list[dict], **changes) -> Path:
-    (directory / "data").mkdir(exist_ok=True)
-    (directory / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {
-        "task": "toy-mc",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": "data/test.jsonl"}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "Q: {{q}}\nA:",
-        "doc_to_choice": "options",
-        "doc_to_target": "answer",
-        **changes,
-    }
-    path = directory / "task.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False))
     return path
 
 
@@ -194,7 +174,7 @@ def test_acc_norm_divides_by_the_choice_length_in_characters_without_the_delimit
 
 
 @pytest.fixture(scope="module")
-def right_wrong(smol_tokenizer_dir):  # noqa: F811
+def right_wrong(smol_tokenizer_dir):
     right = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "right")
     wrong = constant_model(smol_tokenizer_dir, {" b": 8.0, " a": 1.0}, "wrong")
     return right, wrong
@@ -330,7 +310,7 @@ def test_a_multiple_choice_task_refuses_generation_methods_and_the_rules_refuse_
         ChoiceScorer("single", [right_wrong[0]], {"weights": [1]})
 
 
-def test_fuselm_eval_picks_what_the_weights_say_on_saved_models(tmp_path, answer_models):  # noqa: F811
+def test_fuselm_eval_picks_what_the_weights_say_on_saved_models(tmp_path, answer_models):
     rows = [{"q": f"number {i}?", "options": ["a", "b"], "answer": 0} for i in range(3)]
     path = write_task(tmp_path, rows)
     models = f"{answer_models['right']},{answer_models['wrong']}"
@@ -342,7 +322,7 @@ def test_fuselm_eval_picks_what_the_weights_say_on_saved_models(tmp_path, answer
         assert summary.metrics == {"acc": acc, "acc_norm": acc}
 
 
-def test_calibrate_chooses_how_to_fuse_a_multiple_choice_task_and_eval_takes_it(tmp_path, answer_models):  # noqa: F811
+def test_calibrate_chooses_how_to_fuse_a_multiple_choice_task_and_eval_takes_it(tmp_path, answer_models):
     """`fuselm calibrate` on a multiple-choice task file races its own grid (product over the
     kept members, mixture over all, equal and quality weights) on the validation rows; `right`
     is right on every row, so nothing beats it and it runs alone; eval takes the calibration on

@@ -1,12 +1,11 @@
 """Fusion that never loses to its best member: anchored AdaFuse and `fuselm calibrate`, on
-constructed models whose next-token distributions are fixed (tests/test_fusion.py's
+constructed models whose next-token distributions are fixed (tests/support.py's
 `constant_model`), saved as model directories for the command line."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ from fuselm.fusion.loop import generate
 from fuselm.serve.config import Setup
 
 from .conftest import run_cli, run_cli_here
-from .test_fusion import as_model, constant_model, smol_tokenizer_dir  # noqa: F401 - the fixture
+from .support import answer_rows, as_model, constant_model
 
 
 def anchored(models, max_new_tokens=6, method="adafuse", **opts):
@@ -34,7 +33,7 @@ SPAN_METHODS = ["adafuse", "fixed-span"]  # the anchored methods that score cand
 
 
 @pytest.mark.parametrize("method", SPAN_METHODS)
-def test_a_confident_anchor_commits_alone_and_the_others_are_never_asked(smol_tokenizer_dir, method):  # noqa: F811
+def test_a_confident_anchor_commits_alone_and_the_others_are_never_asked(smol_tokenizer_dir, method):
     sure = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "sure")
     other = constant_model(smol_tokenizer_dir, {" b": 8.0, " a": 1.0}, "other")
     res = anchored([sure, other], max_new_tokens=9, method=method)
@@ -46,7 +45,7 @@ def test_a_confident_anchor_commits_alone_and_the_others_are_never_asked(smol_to
 
 
 @pytest.mark.parametrize("method", SPAN_METHODS)
-def test_an_unsure_anchor_is_overridden_only_by_the_margin(smol_tokenizer_dir, method):  # noqa: F811
+def test_an_unsure_anchor_is_overridden_only_by_the_margin(smol_tokenizer_dir, method):
     unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9, " c": 0.5}, "unsure")
     sure = constant_model(smol_tokenizer_dir, {" b": 6.0, " a": 1.0}, "sure")
     first = anchored([unsure, sure], max_new_tokens=2, method=method).trace[0]
@@ -63,7 +62,7 @@ def test_an_unsure_anchor_is_overridden_only_by_the_margin(smol_tokenizer_dir, m
         generate([unsure, sure], "start", method, GenerationConfig(max_new_tokens=2, chat="raw"), {"anchor": "sure"})
 
 
-def test_the_anchor_must_be_one_of_the_models(smol_tokenizer_dir):  # noqa: F811
+def test_the_anchor_must_be_one_of_the_models(smol_tokenizer_dir):
     a = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "alpha")
     b = constant_model(smol_tokenizer_dir, {" b": 8.0, " a": 1.0}, "beta")
     with pytest.raises(FuselmError, match="Did you mean 'alpha'"):
@@ -74,7 +73,7 @@ def test_the_anchor_must_be_one_of_the_models(smol_tokenizer_dir):  # noqa: F811
 
 
 @pytest.mark.parametrize("method", ["token-average", "unite"])
-def test_token_fusion_gated_by_the_anchor(smol_tokenizer_dir, method):  # noqa: F811
+def test_token_fusion_gated_by_the_anchor(smol_tokenizer_dir, method):
     """Policy anchored on the token-level methods (GaC's gate): a sure anchor's token stands
     against a heavier-weighted other model, which is never asked; an unsure one is outvoted."""
     sure = constant_model(smol_tokenizer_dir, {" a": 8.0, " b": 1.0}, "sure")
@@ -101,7 +100,7 @@ def test_token_fusion_gated_by_the_anchor(smol_tokenizer_dir, method):  # noqa: 
         run([sure, heavy], anchor="sure")
 
 
-def test_a_draft_the_others_confirm_is_committed_in_one_step_and_one_pass_each(smol_tokenizer_dir):  # noqa: F811
+def test_a_draft_the_others_confirm_is_committed_in_one_step_and_one_pass_each(smol_tokenizer_dir):
     unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9}, "unsure")
     agrees = constant_model(smol_tokenizer_dir, {" a": 6.0, " b": 1.0}, "agrees")
     word_by_word = anchored([unsure, agrees], max_new_tokens=8)
@@ -114,7 +113,7 @@ def test_a_draft_the_others_confirm_is_committed_in_one_step_and_one_pass_each(s
     assert drafted.stats.forward_passes["agrees"] < word_by_word.stats.forward_passes["agrees"]
 
 
-def test_where_another_model_would_say_otherwise_the_draft_stops_and_a_round_decides(smol_tokenizer_dir):  # noqa: F811
+def test_where_another_model_would_say_otherwise_the_draft_stops_and_a_round_decides(smol_tokenizer_dir):
     # the anchor is unsure between " a" and " b" everywhere, the other always says " b": the draft
     # stops at its first word, where the word-by-word round scores both proposals
     unsure = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.9, " c": 0.5}, "unsure")
@@ -127,7 +126,7 @@ def test_where_another_model_would_say_otherwise_the_draft_stops_and_a_round_dec
     assert [t.text for t in drafted.trace] == [t.text for t in word_by_word.trace]
 
 
-def test_a_draft_needs_the_anchored_policy_and_models_in_this_process(smol_tokenizer_dir):  # noqa: F811
+def test_a_draft_needs_the_anchored_policy_and_models_in_this_process(smol_tokenizer_dir):
     from fuselm.config import ModelConfig
     from fuselm.models.remote import RemoteModel
 
@@ -169,29 +168,6 @@ def test_anchored_fusion_of_identical_models_is_the_single_greedy_text(tiny_back
 
 
 # --- calibration -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def answer_models(smol_tokenizer_dir, tmp_path_factory):  # noqa: F811
-    """Two saved models that always write the same words: `right` " a a a", `wrong` " b b b"."""
-    root = tmp_path_factory.mktemp("answerers")
-    out = {}
-    for name, logits in [("right", {" a": 8.0, " b": 1.0}), ("wrong", {" b": 8.0, " a": 1.0})]:
-        m = constant_model(smol_tokenizer_dir, logits, name)
-        m.backend.model.save_pretrained(root / name)
-        m.backend.tokenizer.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
-
-
-def answer_rows(root: Path, n: int) -> Path:
-    """A data directory with TriviaQA's prompt file and `triviaqa/rows.jsonl`: `n` rows whose
-    every answer is "a a a" (the `right` model's)."""
-    (root / "triviaqa").mkdir()
-    (root / "triviaqa" / "prompt.txt").write_text("Question: Say a.\nAnswer: a a a\n")
-    rows = [{"question": f"Question number {i}?", "answer": ["a a a"]} for i in range(n)]
-    (root / "triviaqa" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -619,7 +595,7 @@ def test_a_controller_file_is_checked(answer_models, tmp_path):
         ctl.check_models(["a", "b", "c"], "c.json")
 
 
-def test_prompt_weights_favour_the_model_that_knows_the_prompt(smol_tokenizer_dir):  # noqa: F811
+def test_prompt_weights_favour_the_model_that_knows_the_prompt(smol_tokenizer_dir):
     """PackLLM's per-prompt weights: of two symmetric models (an exact tie without them), the
     one with the lower NLL of the prompt decides."""
     x = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "x")
@@ -683,7 +659,7 @@ def test_prompt_weights_score_a_repeated_few_shot_prefix_once(tiny_backends, mon
 
 
 @pytest.mark.parametrize("combine, winner", [("mean", " b b"), ("median", " a"), ("trimmed", " a")])
-def test_a_robust_combination_keeps_one_outlier_from_deciding(smol_tokenizer_dir, combine, winner):  # noqa: F811
+def test_a_robust_combination_keeps_one_outlier_from_deciding(smol_tokenizer_dir, combine, winner):
     """Two models prefer " a" mildly; a third is sure of " b" and finds " a" all but impossible:
     its NLL outweighs both in the mean, not in the median or the trimmed mean."""
     x = constant_model(smol_tokenizer_dir, {" a": 2.0, " b": 1.0}, "x")

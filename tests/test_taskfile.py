@@ -17,8 +17,6 @@ from fuselm.eval.taskfile import FileTask, load_task_file
 from fuselm.eval.tasks import get_task
 
 from .conftest import SHARED_DATA, run_cli, run_cli_here
-from .test_fusion import smol_tokenizer_dir  # noqa: F401 - the fixture
-from .test_never_worse import answer_models  # noqa: F401 - the fixture
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 
@@ -349,7 +347,7 @@ def test_a_task_file_of_triviaqa_gives_the_built_in_tasks_prompts_outputs_and_sc
 # --- calibrate ------------------------------------------------------------------------------------------
 
 
-def test_calibrate_takes_a_task_file_and_eval_takes_its_calibration(answer_models, tmp_path):  # noqa: F811
+def test_calibrate_takes_a_task_file_and_eval_takes_its_calibration(answer_models, tmp_path):
     """Two constant models (`right` writes " a a a", the answer of every row; `wrong` " b b b")."""
     root = tmp_path / "task"
     (root / "data").mkdir(parents=True)
