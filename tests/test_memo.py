@@ -31,7 +31,7 @@ def rows_of(out: Path) -> list[dict]:
 def without_cost(row: dict) -> dict:
     """A row as the model made it: what the memo serves again unchanged (the seconds add the
     scoring of this run; `memo` says where it came from)."""
-    return {k: v for k, v in row.items() if k not in ("seconds", "memo")}
+    return {k: v for k, v in row.items() if k not in ("seconds", "cpu_seconds", "memo")}
 
 
 @pytest.fixture
@@ -66,6 +66,7 @@ def test_a_second_eval_of_a_single_model_is_read_from_the_memo(model_copy, tmp_p
     assert all(r["memo"] for r in served) and json.loads(second.stdout)["memo_rows"] == 4
     # the cost as measured when it ran (plus this run's scoring of the text: microseconds)
     assert [r["seconds"] for r in served] == pytest.approx([r["seconds"] for r in made], abs=0.05)
+    assert [r["cpu_seconds"] for r in served] == pytest.approx([r["cpu_seconds"] for r in made], abs=0.05)
 
     # Another setting is another key: 2 new tokens are generated, by the (restored) model.
     shutil.copy2(kept, weights)
@@ -150,6 +151,7 @@ def test_a_product_after_its_members_runs_is_read_from_the_memo_and_equals_one_w
         # its cost: the members' scoring seconds as measured in their own runs, summed
         for j, row in enumerate(rows):
             assert row["seconds"] == pytest.approx(sum(a[j]["seconds"] for a in alone), abs=1e-3)
+            assert row["cpu_seconds"] == pytest.approx(sum(a[j]["cpu_seconds"] for a in alone), abs=1e-3)
     # a member's own run again: read from the memo, as made
     again = run("alone0-again", "single", models[:1])[1]
     assert [without_cost(r) for r in again] == [without_cost(r) for r in alone[0]]
