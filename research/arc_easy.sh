@@ -34,11 +34,17 @@ through_lm_eval() {  # ENSEMBLE: the calibrated setup through lm-eval's own comm
   (cd examples && run fuselm lm-eval --model fuselm --model_args "calibration=../$OUT/$1.calib.yaml,progress=false" \
     --tasks arc_easy --include_path . --output_path "../$OUT/lm-eval/$1" --log_samples >"../$OUT/lm-eval-$1.txt" 2>&1)
 }
+fused_through_lm_eval() {  # ENSEMBLE METHOD: a fused rule through lm-eval's command line
+  [ -d "$OUT/lm-eval/$1-$2" ] && return 0
+  (cd examples && run fuselm lm-eval --model fuselm --model_args "models=${ENSEMBLES[$1]//,/+},method=$2,progress=false" \
+    --tasks arc_easy --include_path . --output_path "../$OUT/lm-eval/$1-$2" --log_samples >"../$OUT/lm-eval-$1-$2.txt" 2>&1)
+}
 
 # Arguments: the steps to run (default: all), e.g. `research/arc_easy.sh "fused qwens" "calibrated qwens"`.
 if [ $# -eq 0 ]; then
   set -- members
   for ens in default gemma-qwen qwens; do set -- "$@" "fused $ens" "calibrated $ens" "through_lm_eval $ens"; done
+  set -- "$@" "fused_through_lm_eval default product"
 fi
 for step in "$@"; do $step; done
 echo "done: fuselm report $OUT/test/* --baseline qwen2.5-coder-1.5b" >&2
