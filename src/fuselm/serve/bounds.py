@@ -48,8 +48,6 @@ def _methods_for(n_models: int) -> list[str]:
     return out
 
 
-
-
 @dataclass(frozen=True)
 class RequestBounds:
     """One setup's bounds on what a request may choose."""
