@@ -706,6 +706,15 @@ class Engine:
             message = error.get("message", error) if isinstance(error, dict) else error
             raise EngineError(f"{self.where}: {str(message)[:300]} ({path})")
 
+    def _completion_choices(self, chunk: Any, path: str, reply: type[BaseModel]) -> list[Any]:
+        """A streamed completion chunk's choices, typed as `reply`: an error chunk raises, and so
+        does more than the one choice asked for."""
+        self._chunk_error(chunk, path)
+        choices = self._parse(reply, chunk, path).choices
+        if len(choices) > 1:
+            raise self._bad(path, f"a chunk of {len(choices)} choices (1 asked)")
+        return choices
+
     async def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
         """For each token-id sequence, log p(token i | tokens before it) for every i >= its start
         (start >= 1), all in as few requests as the engine allows."""
@@ -747,11 +756,7 @@ class VLLMEngine(Engine):
         return await self._open_stream("/v1/completions", body, max_tokens, k, list(ids))
 
     async def _stream_chunk(self, stream: EngineStream, chunk: Any) -> None:
-        self._chunk_error(chunk, stream.path)
-        choices = self._parse(_VLLMCompletion, chunk, stream.path).choices
-        if len(choices) > 1:
-            raise self._bad(stream.path, f"a chunk of {len(choices)} choices (1 asked)")
-        for choice in choices:
+        for choice in self._completion_choices(chunk, stream.path, _VLLMCompletion):
             lp = choice.logprobs or _VLLMLogprobs()
             ids = lp.tokens
             stream.room(len(ids))  # before any top-k is asked again for them
@@ -963,11 +968,7 @@ class LlamaCppServerEngine(Engine):
         return await self._open_stream("/v1/completions", body, max_tokens, 0, [])
 
     async def _stream_chunk(self, stream: EngineStream, chunk: Any) -> None:
-        self._chunk_error(chunk, stream.path)
-        choices = self._parse(_TextChunk, chunk, stream.path).choices
-        if len(choices) > 1:
-            raise self._bad(stream.path, f"a chunk of {len(choices)} choices (1 asked)")
-        for choice in choices:
+        for choice in self._completion_choices(chunk, stream.path, _TextChunk):
             text = choice.text or ""
             finish = choice.finish_reason
             if text or finish is None:
