@@ -476,9 +476,10 @@ def test_a_cancelled_generation_stops_its_engine_calls_at_once(method, answer):
         with pytest.raises(GenerationCancelled):
             decode(built, "Hello", GenerationConfig(max_new_tokens=8, chat="raw"),
                    cancel=lambda: time.monotonic() - t0 > 0.5)  # fmt: skip
-        assert time.monotonic() - t0 < 10
+        # well before the engine's 30 s; the margin is for a loaded two-core CI machine
+        assert time.monotonic() - t0 < 20
         for s in servers:
-            assert s.hung_up.wait(10), "the engine's connection was left open"
+            assert s.hung_up.wait(20), "the engine's connection was left open"
     finally:
         for m in models:
             m.close()

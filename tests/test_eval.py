@@ -273,6 +273,8 @@ N_KILL_ROWS = 40
 
 
 def _eval_args(model_dir, data, out, limit=N_KILL_ROWS):
+    # --no-memo: each run does its work; the memo would answer the second run at once, finishing
+    # it before it can be killed
     return [
         "eval",
         "--task",
@@ -289,6 +291,7 @@ def _eval_args(model_dir, data, out, limit=N_KILL_ROWS):
         "--max-new-tokens",
         "8",
         "--no-progress",
+        "--no-memo",
         "--out",
         str(out),
     ]
