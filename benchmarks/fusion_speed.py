@@ -20,7 +20,10 @@ tokens sets how far apart the two are on a given machine.
 
 `--policies` runs AdaFuse under each policy in the same run (anchored: the anchor is the last
 model of each ensemble, `--anchor` to choose; `anchored+draft8`: the anchor drafts 8 words, which
-the others read in one pass each; `anchored@0.5`: theta 0.5 instead of AdaFuse's 0.7). With
+the others read in one pass each; `anchored@0.5`: theta 0.5 instead of AdaFuse's 0.7; `+ctrl`
+after any of them: steered by the learned controller `--controller FILE`, e.g. `agree+ctrl`
+(every scored round) against `anchored@0.8+ctrl` (only where the anchor is unsure)). The last
+column is the cost per token against the anchor (or last member) alone. With
 `--repeats R` the ratio's range over the R passes through the prompts is printed beside it: the
 spread of this machine's timings. `--short TASK` uses the task's few-shot prompts
 (rows of its test file) and its stop strings and token budget: short answers. Each prompt is
@@ -110,6 +113,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, help="threads of each llama.cpp model (default: all usable)")
     ap.add_argument("--single-threads", type=int, help="threads of each member timed alone (default: --threads)")
     ap.add_argument("--pass-cost", action="store_true", help="time passes of 1-8 tokens per model instead")
+    ap.add_argument("--controller", help="a controller file (`fuselm train-controller`) for policies with +ctrl")
     a = ap.parse_args()
     if a.pass_cost:
         return pass_cost(a)
@@ -132,6 +136,8 @@ def main() -> int:
         runs = [(p, True) for p in policies] + ([(p, False) for p in policies] if apart else [])
         # seconds per token summed per pass through the prompts (pass r: prompts r*n .. r*n+n-1)
         single_by = [0.0] * a.repeats
+        anchor_by = [0.0] * a.repeats  # the anchor alone (the last member unless --anchor)
+        anchor_name = a.anchor or names[-1]
         fused_by = {run: [0.0] * a.repeats for run in runs}
         passes = dict.fromkeys(runs, 0)
         words = dict.fromkeys(runs, 0)
@@ -141,11 +147,15 @@ def main() -> int:
                 for m in {id(m): m for m in models + alone}.values():
                     generate([m], prompt, "single", gen)
             # Singles and the ensemble alternate, so drifts in machine speed hit both sides alike.
-            for m in alone:
-                single_by[rep] += per_token(generate([m], prompt, "single", gen))
+            for name, m in zip(names, alone):
+                t = per_token(generate([m], prompt, "single", gen))
+                single_by[rep] += t
+                if name == anchor_name:
+                    anchor_by[rep] += t
             for run in runs:
                 policy, together = run
-                base, _, draft = policy.partition("+draft")
+                steered = policy.endswith("+ctrl")
+                base, _, draft = policy.removesuffix("+ctrl").partition("+draft")
                 base, _, theta = base.partition("@")
                 opts = {"policy": base}
                 if theta:
@@ -154,6 +164,10 @@ def main() -> int:
                     opts["anchor"] = a.anchor or names[-1]
                 if draft:
                     opts["draft_words"] = int(draft)
+                if steered:
+                    if not a.controller:
+                        ap.error(f"policy {policy}: give --controller FILE")
+                    opts["controller"] = a.controller
                 threads = [b.threads_apart for b in backends]
                 if not together:  # as a torch model: the calling thread, one model after the other
                     for b in backends:
@@ -173,7 +187,7 @@ def main() -> int:
             spread = f" ({min(each_ratio):.2f}-{max(each_ratio):.2f})" if a.repeats > 1 and each_ratio else ""
             fused = sum(fused_by[run])
             rows.append(("+".join(names), label, single_sum / k, fused / k, f"{fused / single_sum:.2f}{spread}",
-                         passes[run] / words[run]))  # fmt: skip
+                         passes[run] / words[run], fused / max(sum(anchor_by), 1e-9)))  # fmt: skip
     print(
         f"backend: {a.backend}, max_new_tokens: {gen.max_new_tokens}, prompts: {a.prompts} x {a.repeats}"
         f"{' (' + a.short + ', short answers)' if a.short else ''}, cores: {os.cpu_count()},"
@@ -182,11 +196,11 @@ def main() -> int:
     )
     print(
         f"| ensemble | policy | sum of members' single s/token | AdaFuse s/token | ratio{' (range)' if a.repeats > 1 else ''} |"
-        " forward passes per committed word (all models) |"
+        " forward passes per committed word (all models) | against the anchor alone |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} | {r[5]:.1f} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} | {r[5]:.1f} | {r[6]:.2f} |")
     return 0
 
 

@@ -545,6 +545,11 @@ def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(an
     assert tried["adafuse"].score == 0.0 and tried["adafuse controller"].score == 1.0
     assert tried["adafuse controller"].method_options == {"controller": str(ctl.resolve())}
     assert tried["adafuse controller"].models == [answer_models["wrong"], answer_models["right"]]
+    # and only where the anchor is unsure (the anchor alone elsewhere)
+    gated = tried["adafuse anchored controller theta=0.5"]
+    assert gated.method_options == {"policy": "anchored", "anchor": cal.anchor, "theta": 0.5,
+                                    "controller": str(ctl.resolve())}  # fmt: skip
+    assert gated.score is not None and gated.n == 3
     # its training counts in the cost: a controller that took 100 s adds 100 s
     timed = json.loads(ctl.read_text())
     assert timed["info"]["seconds"] > 0
@@ -574,7 +579,8 @@ def test_calibration_tries_a_controller_trained_on_the_dev_rows_after_its_own(an
     assert redo.returncode == 0, redo.stderr
     assert load_calibration(out).controller_dev.ids == [3, 4]
     assert "a run of another controller file: moved to" in " ".join((redo.stdout + redo.stderr).split())
-    assert len(list((tmp_path / "calib.runs").glob("*controller*.superseded"))) == 1
+    # each run of the old controller: the plain one and the anchored one
+    assert len(list((tmp_path / "calib.runs").glob("*controller*.superseded"))) == 2
 
 
 def test_a_controller_file_is_checked(answer_models, tmp_path):

@@ -558,6 +558,11 @@ def _grid(
             grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", "adafuse", list(spec.models), opts))
     if controller is not None:
         grid.append(("adafuse controller", "adafuse", list(spec.models), {"controller": str(controller)}))
+        # the controller only where the anchor is unsure (the highest theta: the most rounds it
+        # may decide), the anchor alone elsewhere: the same gain aimed at for less (issue 39)
+        theta = max(spec.thetas)
+        opts = {"policy": "anchored", "anchor": best, "theta": theta, "controller": str(controller)}
+        grid.append((f"adafuse anchored controller theta={theta:g}", "adafuse", list(spec.models), opts))
     return grid
 
 
