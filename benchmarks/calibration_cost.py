@@ -8,10 +8,14 @@ For each calibration file (its dev runs in CALIB.runs/ beside it): the seconds e
 read off the same rows' recorded times:
 - "one block": every setup on the first `--block` rows (default 50), the rule before the race
   (`--limit 50`);
+- "before": the README's command before the race, `--limit 50 --controller-rows 100`: one
+  block, plus a controller trained on 100 more dev rows and run on the 50 (its training decodes
+  plain `adafuse` with traces: 150 rows at plain `adafuse`'s CPU per row here, an estimate);
 - "full grid": every setup on all the rows the race reached, what the same budget costs
   without racing.
-The models ran on one thread each, so seconds are CPU-seconds of one core. A calibration
-stopped before its end is shown as far as it got.
+Each row's CPU seconds as the run recorded them (its wall seconds where it has none: a row
+from before CPU times were kept); another job on the machine hardly moves CPU time. A
+calibration stopped before its end is shown as far as it got.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from fuselm.eval.report import RunView, load_run
 
 
 def seconds(view: RunView, first: int | None = None) -> float:
+    """CPU seconds of the rows (wall seconds for a row without CPU time: one from before they
+    were kept, or a model on an engine)."""
     rows = view.rows if first is None else view.rows[:first]
-    return sum(r.seconds for r in rows)
+    return sum(r.cpu_seconds if r.cpu_seconds is not None else r.seconds for r in rows)
 
 
 def per_row(view: RunView) -> float:
@@ -37,13 +43,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("calibrations", nargs="+")
     ap.add_argument("--block", type=int, default=50, help="the one-block rule's rows (default 50)")
+    ap.add_argument("--controller-rows", type=int, default=100, help="the rule before: its controller's rows")
     args = ap.parse_args()
     print(
-        "| calibration | dev rows | race CPU-min | one block of {0} CPU-min | full grid CPU-min | setups out early |".format(
-            args.block
-        )
+        f"| calibration | dev rows | race CPU-min | one block of {args.block} CPU-min | before: one block + a"
+        f" controller on {args.controller_rows} rows, CPU-min | full grid CPU-min | setups out early |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for path in map(Path, args.calibrations):
         cal = load_calibration(path)
         runs = path.with_suffix(".runs")
@@ -55,8 +61,11 @@ def main() -> None:
         block = sum(seconds(v, args.block) for v in views)
         full = sum(per_row(v) * n for v in views)  # a setup left early: its rate on the rows it ran
         out = sum(t.dropped is not None for t in cal.tried)
+        plain = next((v for t, v in zip(cal.tried, trials) if t.label == "adafuse"), None)
+        before = "" if plain is None else f"{(block + per_row(plain) * (args.controller_rows + args.block)) / 60:.1f}"
         print(
-            f"| {path.stem} | {n} | {race / 60:.1f} | {block / 60:.1f} | {full / 60:.1f} | {out} of {len(cal.tried)} |"
+            f"| {path.stem} | {n} | {race / 60:.1f} | {block / 60:.1f} | {before} | {full / 60:.1f} |"
+            f" {out} of {len(cal.tried)} |"
         )
 
 
