@@ -271,6 +271,7 @@ def test_token_average_and_unite_on_engines_follow_the_in_process_text(served, l
     process here, and each model's probability of the chosen token within tolerance."""
     from fuselm.config import GenerationConfig
     from fuselm.fusion.loop import generate
+    from fuselm.fusion.methods import METHODS
 
     remote = remote_model(served.url, kind=served.kind)
     other = remote_model(served.url, name="smol-2", kind=served.kind)
@@ -287,9 +288,11 @@ def test_token_average_and_unite_on_engines_follow_the_in_process_text(served, l
         on_engines = generate([remote, other], question, method, gen, opts)
         assert on_engines.text == mixed.text == in_process.text, method
         assert "approximate on smol-vllm" in caplog.text
+        detail = METHODS.get(method).Detail  # the method's own trace fields
         for a, b in zip(mixed.trace, in_process.trace):
-            if a.token_probs:  # token-average: each model's probability of the token
-                for x, y in zip(a.token_probs.values(), b.token_probs.values()):
+            da, db = a.detail_of(detail), b.detail_of(detail)
+            if getattr(da, "token_probs", None):  # token-average: each model's probability of the token
+                for x, y in zip(da.token_probs.values(), db.token_probs.values()):
                     assert x == pytest.approx(y, abs=0.01)
             for ca, cb in zip(a.candidates, b.candidates):  # unite: the union's texts, best first
                 assert ca.text == cb.text and ca.p == pytest.approx(cb.p, abs=0.01)

@@ -40,21 +40,19 @@ class CandidateTrace(_Record):
 
 
 class StepDetail(_Record):
-    """What a method says about one of its steps beyond the text (every field optional: each
-    method fills what it knows)."""
+    """What any method may say about one of its steps beyond the text (every field optional:
+    each method fills what it knows). A method with more to say owns a subclass beside its code
+    (its `Detail`: adafuse's override, token-average's probabilities, FusionRoute's routes), with
+    `notes()` for how its own fields read in the trace view; no shared file lists them."""
 
     confident: bool | None = None  # committed without cross-model scoring
     margins: dict[str, float] | None = None  # each model's top-1 minus top-2 probability
     candidates: list[CandidateTrace] = Field(default_factory=list)
     winner: int | None = None  # index into candidates
-    overridden: bool | None = None  # adafuse, policy anchored: the others outvoted the anchor's proposal
-    checked: int | None = None  # adafuse, anchored with a draft: the anchor's unsure words the others confirmed
-    token_probs: dict[str, float] | None = None  # token-average: each model's probability of the token
-    p_eos: float | None = None  # unite: the ensemble's end-of-sequence probability
-    route: dict[str, float] | None = None  # fusionroute: routing weight per expert
-    expert_token: str | None = None  # fusionroute: the selected expert's own argmax token
-    changed: bool | None = None  # fusionroute: the router's logits moved the token off it
-    reference_token: str | None = None  # oracle-route: the reference token that chose the expert
+
+    def notes(self) -> list[str]:
+        """Lines about the method's own fields, for the trace view (none here)."""
+        return []
 
 
 class _StepCore(_Record):
@@ -74,7 +72,15 @@ class TextSpan(_Record):
 
 class TraceStep(StepDetail, _StepCore):
     """One step of the decoding loop: what every step has (round, text, source, tokens), then
-    the method's detail."""
+    the method's detail. A method's own detail fields ride along flat, as its `Detail` type
+    validated them when the step was made (`detail_of` reads them back typed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def detail_of(self, detail_type: type[StepDetail]) -> StepDetail:
+        """This step's detail as the method's own type (unknown fields refused)."""
+        core = set(_StepCore.model_fields)
+        return detail_type.model_validate({k: v for k, v in self.model_dump().items() if k not in core})
 
 
 class GenerationStats(_Record):

@@ -5,29 +5,20 @@ from __future__ import annotations
 import html
 import json
 
-from .result import GenerationResult, TraceStep, unique_names
+from .fusion.methods import METHODS
+from .result import GenerationResult, StepDetail, TraceStep, unique_names
 
 PALETTE = ["#cfe8ff", "#ffd9c2", "#d7f5d0", "#f3d4f7", "#fff3b0", "#d0f0f0"]
 
 
-def _tooltip(step: TraceStep) -> str:
+def _tooltip(step: TraceStep, detail_type: type[StepDetail]) -> str:
     """What decided one step, as lines (whatever the method recorded)."""
     lines = [f"round {step.round} · {step.source or '?'} · {step.new_tokens} token(s)"]
     if step.margins:
         lines.append("margins: " + ", ".join(f"{k} {v:.2f}" for k, v in step.margins.items()))
     if step.confident is not None:
         lines.append("confident round" if step.confident else "ensemble decision")
-    if step.route:
-        lines.append("route: " + ", ".join(f"{k} {v:.2f}" for k, v in step.route.items()))
-    if step.expert_token is not None:
-        moved = " (moved by the router)" if step.changed else ""
-        lines.append(f"expert's own token: {json.dumps(step.expert_token, ensure_ascii=False)}{moved}")
-    if step.token_probs:
-        lines.append("p(token): " + ", ".join(f"{k} {v:.2f}" for k, v in step.token_probs.items()))
-    if step.reference_token is not None:
-        lines.append(f"reference token: {json.dumps(step.reference_token, ensure_ascii=False)}")
-    if step.p_eos is not None:
-        lines.append(f"p(end): {step.p_eos:.3f}")
+    lines += step.detail_of(detail_type).notes()
     for i, c in enumerate(step.candidates):
         mark = "*" if i == step.winner else " "
         score = c.score if c.score is not None else c.p
@@ -40,6 +31,7 @@ def render_html(result: GenerationResult, prompt: str | None = None) -> str:
     colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(unique_names(result.models))}
     spans = []
     shown = 0
+    detail_type = METHODS.get(result.method).Detail if result.method in METHODS else StepDetail
     for step in result.trace:
         text = step.text[: max(0, len(result.text) - shown)]
         if not text:
@@ -47,7 +39,7 @@ def render_html(result: GenerationResult, prompt: str | None = None) -> str:
         shown += len(text)
         colour = colours.get(step.source or "", "#eeeeee")
         spans.append(
-            f'<span class="s" style="background:{colour}" title="{html.escape(_tooltip(step))}">'
+            f'<span class="s" style="background:{colour}" title="{html.escape(_tooltip(step, detail_type))}">'
             f"{html.escape(text)}</span>"
         )
     if shown < len(result.text):

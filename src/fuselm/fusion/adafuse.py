@@ -34,6 +34,7 @@ from ..text.words import first_word_end, word_ends
 from .base import Step, StepContext
 from .controller import Controller, round_features
 from .ensemble import (
+    AnchoredDetail,
     Candidate,
     EnsembleMethod,
     add_candidate,
@@ -73,10 +74,15 @@ class AdaFuseOptions(OverridableOptions):
         return self
 
 
+class AdaFuseDetail(AnchoredDetail):
+    checked: int | None = None  # anchored with a draft: the anchor's unsure words the others confirmed
+
+
 class AdaFuse(EnsembleMethod):
     name = "adafuse"
     description = "adaptive word-level fusion across tokenizers (confident spans, diverse branches)"
     Options = AdaFuseOptions
+    Detail = AdaFuseDetail
 
     def __init__(self, models, options=None):
         super().__init__(models, options)
@@ -187,6 +193,7 @@ class AdaFuse(EnsembleMethod):
             finished,
             confident=direct is not None,
             margins=margins_trace,
+            detail_type=self.Detail,
             overridden=overridden,
         )
 

@@ -78,6 +78,7 @@ class FusionMethod(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     same_vocabulary: ClassVar[bool] = False  # the method mixes token ids across models
+    Detail: ClassVar[type[StepDetail]] = StepDetail  # what its steps record (a subclass: its own fields)
     # What the method asks of each model's sessions (models.backend.OFFERS_*), checked against
     # what each model offers when the method is built, before any request to an engine.
     needs: ClassVar[frozenset[str]] = frozenset({OFFERS_FULL})

@@ -20,11 +20,18 @@ from .options import EnsembleOptions, TokenFusionOptions
 NormUnit = Literal["token", "char", "byte"]
 
 
+class AnchoredDetail(StepDetail):
+    """A step of a word-level ensemble, which policy anchored may decide (`anchor_stands`)."""
+
+    overridden: bool | None = None  # policy anchored: the others outvoted the anchor's proposal
+
+
 class EnsembleMethod(FusionMethod):
     """Base of the methods that fuse several models: per-model weights (the `weights` option, else
     each model config's `weight`)."""
 
     Options = EnsembleOptions
+    Detail = AnchoredDetail
     min_models = 1
     needs = EXACT_NEEDS  # candidates, rollouts and scores: exact on a serving engine too
 
@@ -52,7 +59,9 @@ class EnsembleMethod(FusionMethod):
         """The step that commits the anchor's own text, no other candidate scored."""
         c = Candidate(text, eos=finished and not text, proposers=[anchor], tokens={anchor: max(tokens, 1)})
         margins = None if margin is None else {self.names[anchor]: round(margin, 5)}
-        return decided_step([c], 0, None, self.names, finished, confident=True, margins=margins, **detail)
+        return decided_step(
+            [c], 0, None, self.names, finished, confident=True, margins=margins, detail_type=self.Detail, **detail
+        )
 
     def start(self, ctx: StepContext) -> Any:
         """With `prompt_weights`: this generation's weights, from each model's NLL of its prompt."""
@@ -338,12 +347,19 @@ def candidate_trace(candidates: list[Candidate], names: list[str], decision: Dec
 
 
 def decided_step(
-    pool: list[Candidate], winner: int, decision: Decision | None, names: list[str], finished: bool, **detail
+    pool: list[Candidate],
+    winner: int,
+    decision: Decision | None,
+    names: list[str],
+    finished: bool,
+    detail_type: type[StepDetail] = StepDetail,
+    **detail,
 ) -> Step:
-    """The step that commits candidate `winner` of `pool`, with the round's candidates as its trace."""
+    """The step that commits candidate `winner` of `pool`, with the round's candidates as its
+    trace (`detail_type`: the method's own, for fields of its own in `detail`)."""
     w = pool[winner]
     src = w.proposers[0]
-    trace = StepDetail(candidates=candidate_trace(pool, names, decision), winner=winner, **detail)
+    trace = detail_type(candidates=candidate_trace(pool, names, decision), winner=winner, **detail)
     return Step(text=w.text, new_tokens=w.tokens.get(src, 1), source=src, finished=finished, detail=trace)
 
 

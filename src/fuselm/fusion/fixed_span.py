@@ -60,5 +60,5 @@ class FixedSpan(EnsembleMethod):
         finished = w.eos or (rolls[src].finished and rolls[src].text == w.text)
         return decided_step(
             pool, winner, decision, self.names, finished, confident=decision is None, margins=margins,
-            overridden=overridden,
+            detail_type=self.Detail, overridden=overridden,
         )  # fmt: skip

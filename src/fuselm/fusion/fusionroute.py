@@ -23,6 +23,7 @@ Methods:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -83,8 +84,30 @@ class _Named:
     tokenize: Callable[[str], list[int]]
 
 
+class RouteDetail(StepDetail):
+    """A step of the expert-routing methods: which expert the router (or the reference) chose."""
+
+    route: dict[str, float] | None = None  # routing weight per expert
+    expert_token: str | None = None  # the selected expert's own argmax token
+    changed: bool | None = None  # the router's logits moved the token off it
+    reference_token: str | None = None  # oracle-route: the reference token that chose the expert
+
+    def notes(self) -> list[str]:
+        lines = []
+        if self.route:
+            lines.append("route: " + ", ".join(f"{k} {v:.2f}" for k, v in self.route.items()))
+        if self.expert_token is not None:
+            moved = " (moved by the router)" if self.changed else ""
+            lines.append(f"expert's own token: {json.dumps(self.expert_token, ensure_ascii=False)}{moved}")
+        if self.reference_token is not None:
+            lines.append(f"reference token: {json.dumps(self.reference_token, ensure_ascii=False)}")
+        return lines
+
+
 class _ExpertMethod(FusionMethod):
     """Per-token choice between experts that share one vocabulary."""
+
+    Detail = RouteDetail
 
     min_models = 2
     same_vocabulary = True
@@ -152,7 +175,7 @@ class FusionRoute(_ExpertMethod):
 
         text, used, eos = take_token(expert, tok, more, ctx.budget)
         own = dist.best(1)[0]
-        detail = StepDetail(
+        detail = self.Detail(
             route={n: round(float(w), 4) for n, w in zip(self.names, weights)},
             expert_token=expert.continuation_text([own]) if not expert.is_eos(own) else "<eos>",
             changed=own != tok,  # the complementary logits moved the choice off the expert's argmax
@@ -225,4 +248,4 @@ class OracleRoute(_ExpertMethod):
         text, used, eos = take_token(expert, tok, more, ctx.budget)
         state.tokens += used
         ref_text = None if ref is None else ctx.sessions[0].backend.decode([ref])
-        return Step(text=text, new_tokens=used, source=e, finished=eos, detail=StepDetail(reference_token=ref_text))
+        return Step(text=text, new_tokens=used, source=e, finished=eos, detail=self.Detail(reference_token=ref_text))

@@ -42,11 +42,21 @@ def mix_tokens(dists: list[NextTokens], weights: list[float]) -> torch.Tensor:
     return out
 
 
+class TokenAverageDetail(StepDetail):
+    token_probs: dict[str, float] | None = None  # each model's probability of the chosen token
+
+    def notes(self) -> list[str]:
+        return (
+            ["p(token): " + ", ".join(f"{k} {v:.2f}" for k, v in self.token_probs.items())] if self.token_probs else []
+        )
+
+
 class TokenAverage(TokenFusionMethod):
     needs = frozenset({OFFERS_TOPK})
     exact_needs = frozenset({OFFERS_FULL})  # it averages whole distributions
     name = "token-average"
     description = "weighted average of next-token probabilities (models sharing one vocabulary)"
+    Detail = TokenAverageDetail
     same_vocabulary = True
 
     def step(self, ctx: StepContext) -> Step:
@@ -70,7 +80,7 @@ class TokenAverage(TokenFusionMethod):
                 break
         # credit the model that gave the chosen token the highest probability
         source = voters[max(range(len(sessions)), key=lambda i: (first[i].logprob(toks[0]), -i))]
-        detail = StepDetail(
+        detail = self.Detail(
             confident=None if margins is None else len(voters) == 1,
             margins=margins,
             candidates=[CandidateTrace(text=text, kind="token", proposers=[self.names[source]])],

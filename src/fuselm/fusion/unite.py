@@ -27,11 +27,19 @@ class UniteOptions(TokenFusionOptions):
     top_k: int = work_option(10, "tokens taken from each model's distribution")
 
 
+class UniteDetail(StepDetail):
+    p_eos: float | None = None  # the ensemble's end-of-sequence probability
+
+    def notes(self) -> list[str]:
+        return [] if self.p_eos is None else [f"p(end): {self.p_eos:.3f}"]
+
+
 class Unite(TokenFusionMethod):
     needs = frozenset({OFFERS_TOPK})
     exact_needs = frozenset({OFFERS_FULL})  # it reads each model's probability of the others' tokens
     name = "unite"
     description = "union of each model's top-k tokens, mapped across vocabularies by their text (UniTE)"
+    Detail = UniteDetail
     Options = UniteOptions
 
     def _prob_of_text(self, s, dist: NextTokens, text: str) -> float:
@@ -71,14 +79,14 @@ class Unite(TokenFusionMethod):
         ]
         confident = None if margins is None else len(voters) == 1
         if not scored or eos_votes > scored[0][0]:
-            detail = StepDetail(confident=confident, margins=margins, candidates=candidates, p_eos=round(eos_votes, 5))
+            detail = self.Detail(confident=confident, margins=margins, candidates=candidates, p_eos=round(eos_votes, 5))
             return Step(text="", new_tokens=1, source=voters[0], finished=True, detail=detail)
         i = 0
         if not ctx.sampler.greedy:
             probs = torch.tensor([x[0] for x in scored])
             i = int(torch.multinomial(probs / probs.sum(), 1, generator=ctx.sampler.generator))
         p, text, proposers = scored[i]
-        detail = StepDetail(
+        detail = self.Detail(
             confident=confident,
             margins=margins,
             candidates=candidates,
