@@ -28,7 +28,7 @@ from ..config import SEED_MIN, GenerationConfig, validation_message
 from ..errors import FuselmError, UnknownNameError
 from ..models.prompts import Prompt
 from ..result import GenerationResult, TextSpan, unique_names
-from .bounds import OptionRefused
+from .bounds import MethodChoice, OptionRefused
 from .engine import RequestMethod, ServedSetup, Slot, wait_quietly
 from .errors import APIError, ServerStopping, answer_for, cancelled, deadline_exceeded, refusal
 from .protocol import FuselmInfo, FuselmSpans, FuselmStats, GenerationRequest, Usage, new_id, now
@@ -85,7 +85,7 @@ class CheckedRequest:
     setup: ServedSetup
     generation: GenerationConfig
     prompt: Prompt
-    method: tuple[str, dict[str, Any]] | None  # another method or other options (None: the setup's own)
+    method: MethodChoice | None  # another method or other options (None: the setup's own)
 
 
 @dataclass
@@ -185,7 +185,7 @@ def check(server: ServerState, body: GenerationRequest) -> CheckedRequest:
     return CheckedRequest(body, setup, gen, body.prompt_input(), requested_method(server, setup, body))
 
 
-def requested_method(server: ServerState, setup: ServedSetup, body: GenerationRequest) -> tuple[str, dict] | None:
+def requested_method(server: ServerState, setup: ServedSetup, body: GenerationRequest) -> MethodChoice | None:
     """The method and options the request's `fuselm` extension asks for, within the setup's
     bounds (None: the setup's own)."""
     ext = body.fuselm
