@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from .config import ServeConfig
 from .edge import Edge
@@ -46,5 +47,6 @@ def build_app(config: ServeConfig) -> FastAPI:
     app.include_router(router)
     install_handlers(app, config.limits)
     app.openapi = partial(openapi_document, app, server)
-    app.add_middleware(Edge, config=config, metrics=server.metrics)
+    posts = frozenset(r.path for r in router.routes if isinstance(r, APIRoute) and "POST" in r.methods)
+    app.add_middleware(Edge, config=config, metrics=server.metrics, posts=posts)
     return app

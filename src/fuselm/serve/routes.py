@@ -1,5 +1,5 @@
-"""The server's routes, on one APIRouter; each route reads the server's state through the
-`server_state` dependency and hands the work to its serving module. The API key, the Host, the
+"""The server's routes, on one APIRouter; each route receives the server's state through the
+`Server` dependency (`serve.state`) and hands the work to its serving module. The API key, the Host, the
 content type, the body's size and its JSON are checked before any route, at the edge
 (`serve.edge`): a route's dependencies run only after FastAPI has read and parsed the body.
 
