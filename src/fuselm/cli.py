@@ -641,9 +641,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         check_method(s.method, len(s.models), s.method_options)
     import uvicorn
 
-    from .serve.app import create_app
+    from .serve.app import build_app
 
-    app = create_app(cfg)
+    app = build_app(cfg)
     if not cfg.loopback() and not cfg.api_key:
         print(f"fuselm: warning: serving on {cfg.host}, reachable from other machines, without an API key: anyone"
               " who reaches it can generate (set --api-key or FUSELM_API_KEY)", file=sys.stderr, flush=True)  # fmt: skip

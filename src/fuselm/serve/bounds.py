@@ -49,6 +49,15 @@ def _methods_for(n_models: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class MethodChoice:
+    """A method and its options as a request chose them (options as given, the setup's own
+    files added where the method is the setup's)."""
+
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class RequestBounds:
     """One setup's bounds on what a request may choose."""
 
@@ -72,7 +81,7 @@ class RequestBounds:
 
     def resolve(
         self, setup: Setup, method: str | None, options: dict[str, Any] | None, model_names: list[str]
-    ) -> tuple[str, dict[str, Any]] | None:
+    ) -> MethodChoice | None:
         """The method and options a request runs with (None: the setup's own), or OptionRefused
         (or FuselmError for a method or options its method refuses). The options replace the
         setup's; the setup's files stay when the method does. Every work option is checked as
@@ -111,4 +120,4 @@ class RequestBounds:
                     f"fuselm.options.{option}",
                     f"{option} is {value}{given}, at most {bound} on model {setup.id!r} here",
                 )
-        return name, opts
+        return MethodChoice(name, opts)

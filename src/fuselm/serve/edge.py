@@ -33,7 +33,6 @@ from .metrics import Metrics
 
 # Every path needs the key (when one is set) but these: default deny, whatever routes are added.
 PUBLIC = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-POSTS = frozenset({"/v1/completions", "/v1/chat/completions"})  # the routes that take a body
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models"}
 
 
@@ -113,8 +112,10 @@ def _host_name(host: str) -> str:
 
 
 class Edge:
-    def __init__(self, app, config: ServeConfig, metrics: Metrics):
-        self.app, self.config, self.metrics = app, config, metrics
+    def __init__(self, app, config: ServeConfig, metrics: Metrics, posts: frozenset[str]):
+        """`posts`: the paths of the routes that take a body (a POST anywhere else is refused
+        before its body is read)."""
+        self.app, self.config, self.metrics, self.posts = app, config, metrics, posts
         self.hosts = {h.lower() for h in config.hosts()} if config.hosts() is not None else None
         self.key = config.api_key.encode() if config.api_key else None
         self.limit = config.limits.max_body_bytes
@@ -154,7 +155,7 @@ class Edge:
                 self.metrics.requests.labels(endpoint_label(path), "-", "401").inc()
                 raise APIError(401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
         post = scope.get("method") == "POST"
-        if post and path.rstrip("/") not in POSTS:  # refused before its body is read
+        if post and path.rstrip("/") not in self.posts:  # refused before its body is read
             raise APIError(405, "Method Not Allowed", code="method_not_allowed")
         if post:
             media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()

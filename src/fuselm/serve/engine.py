@@ -35,6 +35,7 @@ from ..models.loading import Model, Prompt, load_model
 from ..models.remote import RemoteModel
 from ..registry import Registry
 from ..result import GenerationResult, TextSpan
+from .bounds import MethodChoice
 from .config import Limits, ServeConfig, Setup
 
 
@@ -135,8 +136,7 @@ class RequestMethod:
     """A method a request asked for (the fuselm extension), built over the first replica when it
     was checked; another replica gets its own copy when the request runs there."""
 
-    name: str
-    options: dict[str, Any]
+    choice: MethodChoice
     built: FusionMethod
 
     def close(self) -> None:
@@ -164,21 +164,20 @@ class ServedSetup:
     def method(self) -> str:
         return self.config.method
 
-    def request_method(self, asked: tuple[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]] | None:
-        """What a request asks for (`serve.bounds`, which validated its options: a method and its
-        options; None: the setup's own), checked against this many models without any model work
-        (FuselmError when it cannot run on them). Build it with :meth:`build` once admitted."""
-        if asked is not None:
-            METHODS.get(asked[0]).validate_models(len(self.config.models))
-        return asked
+    def request_method(self, choice: MethodChoice | None) -> MethodChoice | None:
+        """What a request asks for (`serve.bounds`, which validated its options; None: the
+        setup's own), checked against this many models without any model work (FuselmError when
+        it cannot run on them). Build it with :meth:`build` once admitted."""
+        if choice is not None:
+            METHODS.get(choice.name).validate_models(len(self.config.models))
+        return choice
 
-    def build(self, asked: tuple[str, dict[str, Any]] | None) -> RequestMethod | None:
+    def build(self, choice: MethodChoice | None) -> RequestMethod | None:
         """The method of :meth:`request_method` built over the first replica (tokenizer tables,
         a router: model work, done inside the request's slot and deadline)."""
-        if asked is None:
+        if choice is None:
             return None
-        name, opts = asked
-        return RequestMethod(name, opts, build_method(name, self.models, opts))
+        return RequestMethod(choice, build_method(choice.name, self.models, choice.options))
 
     def prompt_tokens(self, prompt: Prompt, gen: GenerationConfig) -> int:
         """The longest of the models' tokenizations of the prompt as each renders it."""
@@ -208,7 +207,7 @@ class ServedSetup:
                 elif i == 0:
                     built = method.built
                 else:
-                    built = own = build_method(method.name, replica.models, method.options)
+                    built = own = build_method(method.choice.name, replica.models, method.choice.options)
                 try:
                     check = lambda: cancel.is_set() or stop_all.is_set()  # noqa: E731
                     return decode(built, prompt, gen, cancel=check, on_spans=on_spans)

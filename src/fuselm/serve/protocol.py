@@ -7,17 +7,22 @@ implement is a 400 naming the field. Unknown fields are ignored, as vLLM does.
 
 The `fuselm` object of a request is fuselm's extension (plain clients never send it): another
 method or other options for this request, and whether to return the fusion trace.
+
+A request converts itself into what a generation takes (as vLLM's `to_sampling_params`): its
+prompt (`prompt_input`) and its `GenerationConfig` over a setup's defaults
+(`to_generation_config`); the server adds only what needs the setup's models and limits.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..config import SEED_MAX, SEED_MIN
+from ..config import SEED_MAX, SEED_MIN, GenerationConfig
+from ..models.prompts import Prompt
 from ..result import GenerationStats, TextSpan, TraceStep
 
 
@@ -41,6 +46,9 @@ class FuselmExtension(BaseModel):
 
 class _Sampling(_Request):
     """What completions and chat completions share. None means: the setup's default."""
+
+    prompt_param: ClassVar[str]  # the field that holds the prompt, as an error names it
+    chat: ClassVar[Literal["raw", "chat"]]  # whether the prompt goes through the chat template
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -74,6 +82,32 @@ class _Sampling(_Request):
             return None
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def prompt_input(self) -> Prompt:
+        raise NotImplementedError
+
+    @property
+    def trace(self) -> bool:
+        return bool(self.fuselm and self.fuselm.trace)
+
+    @property
+    def method_param(self) -> str:
+        """What a refusal of the method this request asks for names: the method, or its options."""
+        return "fuselm.method" if self.fuselm is not None and self.fuselm.method else "fuselm.options"
+
+    def to_generation_config(self, defaults: GenerationConfig) -> GenerationConfig:
+        """A setup's generation `defaults` with what this request sets (its stop strings added to
+        the setup's); pydantic's ValidationError when the result is not a valid config."""
+        update: dict[str, Any] = {"chat": self.chat}
+        if self.max_tokens is not None:
+            update["max_new_tokens"] = self.max_tokens
+        for name in ("temperature", "top_p", "seed"):
+            if getattr(self, name) is not None:
+                update[name] = getattr(self, name)
+        stops = self.stop_list()
+        if stops is not None:
+            update["stop"] = list(dict.fromkeys([*defaults.stop, *stops]))
+        return GenerationConfig(**{**defaults.model_dump(), **update})
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of the first field set to something fuselm does not implement."""
         for name in ("presence_penalty", "frequency_penalty"):
@@ -87,6 +121,11 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
+    """A completion's prompt is raw text (as in the OpenAI API)."""
+
+    prompt_param: ClassVar[str] = "prompt"
+    chat: ClassVar[Literal["raw", "chat"]] = "raw"
+
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = None
@@ -99,7 +138,7 @@ class CompletionRequest(_Sampling):
             raise ValueError("fuselm takes one prompt per request")
         return v
 
-    def prompt_text(self) -> str:
+    def prompt_input(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -126,6 +165,11 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
+    """A chat goes through each model's chat template."""
+
+    prompt_param: ClassVar[str] = "messages"
+    chat: ClassVar[Literal["raw", "chat"]] = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -142,7 +186,7 @@ class ChatCompletionRequest(_Sampling):
             self.max_tokens = self.max_completion_tokens
         return self
 
-    def conversation(self) -> list[dict[str, str]]:
+    def prompt_input(self) -> list[dict[str, str]]:
         # "developer" is the newer name of the system role
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
@@ -173,6 +217,11 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)  # fmt: skip
 
 
 class FuselmStats(BaseModel):
@@ -298,3 +347,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+GenerationRequest = CompletionRequest | ChatCompletionRequest
