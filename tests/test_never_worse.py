@@ -202,14 +202,14 @@ def test_calibration_keeps_the_member_that_is_always_right_and_drops_the_other(a
     # far apart: no equal-vote adafuse, but over both members the soft votes: token-average (one
     # vocabulary: right's sure " a" outweighs wrong's unsure one) and anchored (the anchor decides while sure)
     weights = [by_name[wrong].weight, 1.0]
-    assert [t.label for t in cal.tried] == [
+    assert [t.label for t in cal.tried] == [  # each method's setups, in the methods' registry order
+        "adafuse anchored theta=0.5 margin=0",
         "token-average",
         f"token-average weights={weights}",
         "token-average anchored theta=0.5",
-        "adafuse anchored theta=0.5 margin=0",
     ]
     assert all(t.models == [wrong, right] and t.score == 1.0 for t in cal.tried)
-    assert cal.tried[-1].method_options["anchor"] == right and "no fused setup beat it" in cal.reason
+    assert cal.tried[0].method_options["anchor"] == right and "no fused setup beat it" in cal.reason
     assert cal.anchor_reason == f"{right} (100.0): the best dev score"  # wrong is surely below: not weighed
     assert cal.dev.ids == list(range(6)) and cal.dev.file == "triviaqa/rows.jsonl"
     assert "fall back to" in r.stderr and "calibration of triviaqa" in r.stderr  # the table and the choice
@@ -256,15 +256,15 @@ def test_calibration_falls_back_to_single_when_fusion_cannot_help(answer_models,
         "adafuse",
         f"adafuse weights={weights}",
         "adafuse prompt_weights=0.1",
+        "adafuse anchored theta=0.5 margin=0",
         "token-average",  # the two share one vocabulary
         f"token-average weights={weights}",
         "token-average anchored theta=0.5",
-        "adafuse anchored theta=0.5 margin=0",
     ]
     assert [t.method for t in cal.tried].count("token-average") == 3
     # averaging right's " a" (p ~ 1) with wrong's (p ~ 1e-3): right's answer, at every weight, gated or not
     assert all(t.score == 1.0 for t in cal.tried if t.method == "token-average")
-    anchored = cal.tried[-1]
+    anchored = next(t for t in cal.tried if t.label == "adafuse anchored theta=0.5 margin=0")
     assert anchored.score == 1.0 and anchored.versus_best[0] == 0.0  # the anchor decides alone
     assert anchored.method_options["anchor"] == answer_models["right"]
     assert cal.method == "single" and cal.models == [answer_models["right"]]

@@ -9,17 +9,19 @@ does not lose to its best member.
    below the best dev score are left out of the equal-vote setups (UniTE: members far apart hurt when each has
    a vote).
 3. A small grid of fused setups on the same rows, each with its paired 95% interval against
-   the anchor: with two members or more left, today's `adafuse`, `adafuse` with the
-   quality weights, with per-prompt weights (PackLLM), and with three members or more the
-   weighted median and the best two on the dev rows alone (AdaFuse's top-2); where all members share one vocabulary, over all of them, `token-average`
-   equal and with the quality weights (on Qwen 1.5B + 0.5B it is the one method above its
-   best member on TriviaQA, +4.5 EM) and gated by the anchor over `thetas` (GaC: the anchor's
-   token while it is sure); and, over all members, anchored AdaFuse over `thetas` x
-   `margins`. The anchor commits alone while it is confident and a far weaker member can only
-   override it by a margin, so the gap rule does not apply to it (FLORES en->de on the default pair:
-   SmolLM2 10.4 chrF below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows).
-   With a learned controller (`controller`, trained on other dev rows: `fuselm calibrate
-   --controller-rows N` trains one on the N rows after these), `adafuse` steered by it.
+   the anchor. Each method offers its own (`FusionMethod.calibration_setups`, given what the
+   calibration knows: a `GridContext`), so a new method joins the grid in its own module:
+   AdaFuse, over the members within the gap, today's `adafuse`, with the quality weights, with
+   per-prompt weights (PackLLM), with three members or more the weighted median and the best
+   two (AdaFuse's top-2); over all members, anchored AdaFuse over `thetas` x `margins` (the
+   anchor commits alone while it is confident, a far weaker member overrides it only by a
+   margin, so the gap rule does not apply: FLORES en->de on the default pair, SmolLM2 10.4 chrF
+   below Qwen 0.5B, anchored over both +2.3 above Qwen alone on test rows); with a learned
+   controller (trained on other dev rows: `fuselm calibrate --controller-rows N` trains one on
+   the N rows after these), `adafuse` steered by it, everywhere and only where the anchor is
+   unsure. Token-average, where all members share one vocabulary: equal, with the quality
+   weights (on Qwen 1.5B + 0.5B the one method above its best member on TriviaQA, +4.5 EM), and
+   gated by the anchor over `thetas` (GaC: the anchor's token while it is sure).
 4. The best fused setup is chosen only if its dev score is above the anchor's and its paired
    interval against the anchor reaches no lower than `max_loss` of the anchor's score below 0
    (with `significant`, only if it lies above 0), it is not surely below any member alone, and
@@ -63,7 +65,9 @@ from ..calibration import Calibration, DevRows, MemberScore, Trial
 from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..files import atomic_write_json
+from ..fusion.base import GridContext
 from ..fusion.controller import Controller
+from ..fusion.methods import METHODS
 from ..models.backend import require_one_vocabulary
 from ..models.loading import DeferredModel, check_reference, load_model, load_models
 from ..progress import progress_bar
@@ -134,9 +138,6 @@ class CalibrateSpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"calibrate needs distinct model names; got {', '.join(names)}")
         return models
-
-
-PROMPT_TAU = 0.1  # per-prompt weights' temperature, in nats per byte of the prompt
 
 
 def dev_file(task: Task, given: str | None, data_dir: Path) -> tuple[Path, str]:
@@ -518,52 +519,24 @@ def _choice_grid(spec, members: list[MemberScore], kept_models: list[ModelConfig
 def _grid(
     spec, task: Task, members: list[MemberScore], ranked, best, controller
 ) -> list[tuple[str, str, list[ModelConfig], dict]]:
-    """The fused setups to try: (label, method, models, options)."""
+    """The fused setups to try: (label, method, models, options), each method's own
+    (`FusionMethod.calibration_setups`), in the methods' registry order."""
     kept_models = [m for m in spec.models if next(s for s in members if s.name == m.name).kept]
-    kept_names = [m.name for m in kept_models]
     if is_multiple_choice(task):
         return _choice_grid(spec, members, kept_models)
-    grid: list[tuple[str, str, list[ModelConfig], dict]] = []
-    if len(kept_models) >= 2:
-        weights = [next(s.weight for s in members if s.name == n) for n in kept_names]
-        grid += [
-            ("adafuse", "adafuse", kept_models, {}),
-            (f"adafuse weights={weights}", "adafuse", kept_models, {"weights": weights}),
-            (f"adafuse prompt_weights={PROMPT_TAU:g}", "adafuse", kept_models, {"prompt_weights": PROMPT_TAU}),
-        ]
-        if len(kept_models) >= 3:  # a median of two is their mean
-            grid.append(("adafuse combine=median", "adafuse", kept_models, {"combine": "median"}))
-            # AdaFuse's paper fuses the best two of four models per task (chosen on test data): here
-            # the two best on the dev rows
-            top2 = [m for m in kept_models if m.name in [n for n in ranked if n in kept_names][:2]]
-            grid.append(("adafuse top-2", "adafuse", top2, {}))
-    if one_vocabulary(list(spec.models)):
-        # over every member, as anchored below: an average of next-token probabilities is a soft
-        # vote (a member sure of its token outweighs an unsure one), and over Qwen 1.5B + 0.5B, 8.5
-        # EM apart on TriviaQA's test rows, it is the one setup above the 1.5B there (+4.5)
-        all_weights = [s.weight for s in members]
-        grid += [
-            ("token-average", "token-average", list(spec.models), {}),
-            (f"token-average weights={all_weights}", "token-average", list(spec.models), {"weights": all_weights}),
-        ]
-        # gated (GaC): the anchor's token while it is sure, the average where it is not
-        grid += [
-            (f"token-average anchored theta={theta:g}", "token-average", list(spec.models),
-             {"policy": "anchored", "anchor": best, "theta": theta})
-            for theta in spec.thetas
-        ]  # fmt: skip
-    for theta in spec.thetas:  # over every member: the anchor decides while it is sure
-        for margin in spec.margins:
-            opts = {"policy": "anchored", "anchor": best, "theta": theta, "override_margin": margin}
-            grid.append((f"adafuse anchored theta={theta:g} margin={margin:g}", "adafuse", list(spec.models), opts))
-    if controller is not None:
-        grid.append(("adafuse controller", "adafuse", list(spec.models), {"controller": str(controller)}))
-        # the controller only where the anchor is unsure (the highest theta: the most rounds it
-        # may decide), the anchor alone elsewhere: the same gain aimed at for less (issue 39)
-        theta = max(spec.thetas)
-        opts = {"policy": "anchored", "anchor": best, "theta": theta, "controller": str(controller)}
-        grid.append((f"adafuse anchored controller theta={theta:g}", "adafuse", list(spec.models), opts))
-    return grid
+    grid = GridContext(
+        members=list(spec.models),
+        kept=kept_models,
+        kept_weights=[next(s.weight for s in members if s.name == m.name) for m in kept_models],
+        weights=[s.weight for s in members],
+        ranked=list(ranked),
+        anchor=best,
+        thetas=list(spec.thetas),
+        margins=list(spec.margins),
+        one_vocabulary=one_vocabulary(list(spec.models)),
+        controller=None if controller is None else str(controller),
+    )
+    return [(s.label, cls.name, s.models, s.options) for cls in METHODS.values() for s in cls.calibration_setups(grid)]
 
 
 def ran_past(out: Path, spec: EvalSpec) -> bool:

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from ..errors import FuselmError
 from ..models.session import DecodingSession, Rollout, top_margin
 from ..text.words import first_word_end, word_ends
-from .base import Step, StepContext
+from .base import GridContext, GridSetup, Step, StepContext
 from .controller import Controller, round_features
 from .ensemble import (
     AnchoredDetail,
@@ -78,11 +78,46 @@ class AdaFuseDetail(AnchoredDetail):
     checked: int | None = None  # anchored with a draft: the anchor's unsure words the others confirmed
 
 
+PROMPT_TAU = 0.1  # the calibration's per-prompt weights: temperature, in nats per byte of the prompt
+
+
 class AdaFuse(EnsembleMethod):
     name = "adafuse"
     description = "adaptive word-level fusion across tokenizers (confident spans, diverse branches)"
     Options = AdaFuseOptions
     Detail = AdaFuseDetail
+
+    @classmethod
+    def calibration_setups(cls, grid: GridContext) -> list[GridSetup]:
+        kept = grid.kept
+        out = []
+        if len(kept) >= 2:  # an equal vote: the members within the gap only (UniTE)
+            out += [
+                GridSetup("adafuse", kept),
+                GridSetup(f"adafuse weights={grid.kept_weights}", kept, {"weights": grid.kept_weights}),
+                GridSetup(f"adafuse prompt_weights={PROMPT_TAU:g}", kept, {"prompt_weights": PROMPT_TAU}),
+            ]
+            if len(kept) >= 3:  # a median of two is their mean
+                out.append(GridSetup("adafuse combine=median", kept, {"combine": "median"}))
+                # AdaFuse's paper fuses the best two of four models per task (chosen on test data):
+                # here the two best on the dev rows
+                names = [m.name for m in kept]
+                best_two = [n for n in grid.ranked if n in names][:2]
+                out.append(GridSetup("adafuse top-2", [m for m in kept if m.name in best_two]))
+        # over every member: the anchor commits alone while it is sure and a far weaker member
+        # overrides it only by a margin, so the gap does not keep anyone out
+        for theta in grid.thetas:
+            for margin in grid.margins:
+                opts = {"policy": "anchored", "anchor": grid.anchor, "theta": theta, "override_margin": margin}
+                out.append(GridSetup(f"adafuse anchored theta={theta:g} margin={margin:g}", grid.members, opts))
+        if grid.controller is not None:
+            out.append(GridSetup("adafuse controller", grid.members, {"controller": grid.controller}))
+            # the controller only where the anchor is unsure (the highest theta: the most rounds it
+            # may decide), the anchor alone elsewhere: the same gain aimed at for less
+            theta = max(grid.thetas)
+            opts = {"policy": "anchored", "anchor": grid.anchor, "theta": theta, "controller": grid.controller}
+            out.append(GridSetup(f"adafuse anchored controller theta={theta:g}", grid.members, opts))
+        return out
 
     def __init__(self, models, options=None):
         super().__init__(models, options)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, ModelConfig
 from ..errors import FuselmError
 from ..models.backend import (
     OFFERS_FULL,
@@ -68,6 +68,32 @@ class StepContext:
         return [m for m in range(len(self.sessions)) if m not in self.dropped]
 
 
+@dataclass(frozen=True)
+class GridContext:
+    """What a calibration knows when it asks each method which setups to try on its dev rows
+    (`FusionMethod.calibration_setups`)."""
+
+    members: list[ModelConfig]  # every model given, in order
+    kept: list[ModelConfig]  # those within the gap of the best dev score: the equal-vote setups' members
+    kept_weights: list[float]  # quality weights of the kept members (the best reference NLL over each one's)
+    weights: list[float]  # quality weights of every member
+    ranked: list[str]  # member names, best first on the dev rows
+    anchor: str  # the member every setup is measured against
+    thetas: list[float]  # anchored setups: the anchor's confidence thresholds to try
+    margins: list[float]  # anchored setups: the others' override margins to try
+    one_vocabulary: bool  # the members share one vocabulary (token-level mixing works)
+    controller: str | None = None  # a learned controller for these members, trained on other rows
+
+
+@dataclass(frozen=True)
+class GridSetup:
+    """One setup a method offers a calibration: a label, its models, its options."""
+
+    label: str
+    models: list[ModelConfig]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 class FusionMethod(ABC):
     """A decoding method. Subclasses implement `step`; the loop in `fusion.loop` does the rest."""
 
@@ -101,6 +127,11 @@ class FusionMethod(ABC):
         self.models = models
         self.names = unique_names([m.name for m in models])  # as the trace names them: a twin is 'name#2'
         self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def calibration_setups(cls, grid: GridContext) -> list[GridSetup]:
+        """The setups of this method a calibration tries (none unless the method says so)."""
+        return []
 
     @classmethod
     def validate_models(cls, n: int) -> None:
