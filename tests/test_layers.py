@@ -14,7 +14,7 @@ PACKAGE = SRC / "fuselm"
 # modules and any component of an earlier layer; `fuselm/__init__.py` (the package's face) may
 # import anything and nothing imports it.
 LAYERS = [
-    ["_version", "errors", "cancel"],
+    ["_version", "errors", "cancel", "conventions"],
     ["files", "registry", "progress"],
     ["config"],
     ["text"],

@@ -17,14 +17,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..config import GenerationConfig
+from ..conventions import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 from ..errors import FuselmError
-from ..models.backend import (
-    OFFERS_FULL,
-    OFFERS_ROLLOUT,
-    OFFERS_SCORE,
-    OFFERS_TOPK,
-    require_one_vocabulary,
-)
+from ..models.backend import require_one_vocabulary
 from ..models.loading import Model
 from ..models.session import DecodingSession
 from ..result import StepDetail, unique_names
@@ -78,7 +73,7 @@ class FusionMethod(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     same_vocabulary: ClassVar[bool] = False  # the method mixes token ids across models
-    # What the method asks of each model's sessions (models.backend.OFFERS_*), checked against
+    # What the method asks of each model's sessions (fuselm.conventions.OFFERS_*), checked against
     # what each model offers when the method is built, before any request to an engine.
     needs: ClassVar[frozenset[str]] = frozenset({OFFERS_FULL})
     # What it needs beyond `needs` to be exact; a model without it (one on an engine) is read

@@ -74,8 +74,8 @@ from pydantic import (
 )
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
+from ..conventions import END_OF_TURN_TOKENS, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 from ..errors import EngineError, FuselmError
-from .backend import OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 
 log = logging.getLogger("fuselm")
 
@@ -588,8 +588,6 @@ class Engine:
         """The end-of-sequence ids: the common end-of-turn tokens that the vocabulary has as
         single special tokens (the same set the in-process backends stop on), plus what the
         engine says where it says it; `eos_token_ids:` in the model entry overrides both."""
-        from .backend import END_OF_TURN_TOKENS
-
         found = await asyncio.gather(*(self._single_token(t) for t in END_OF_TURN_TOKENS))
         return frozenset(i for one in found for i in one) | await self._told_eos_ids()
 
