@@ -16,6 +16,7 @@ PACKAGE = SRC / "fuselm"
 LAYERS = [
     ["_version", "errors", "cancel", "conventions"],
     ["files", "registry", "progress"],
+    ["engines"],  # below config: a model entry's `engine:` choices come from its registry
     ["config"],
     ["text"],
     ["sampling"],
