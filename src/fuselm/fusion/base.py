@@ -24,6 +24,7 @@ from ..models.loading import Model
 from ..models.session import DecodingSession
 from ..result import StepDetail, unique_names
 from ..sampling import Sampler
+from .pool import ExpertPool
 
 log = logging.getLogger("fuselm")
 
@@ -56,6 +57,9 @@ class StepContext:
     reference: str | None = None  # the row's reference text, for methods that follow one
     state: Any = None  # what the method's `start` returned for this generation
     dropped: dict[int, str] = field(default_factory=dict)  # experts dropped after a failure, and why
+    # threads for the expert calls that run side by side (fusion.experts.each): the method's
+    # (decode passes it); a context made without a method gets one of its own
+    pool: ExpertPool = field(default_factory=ExpertPool)
 
     @property
     def live(self) -> list[int]:
@@ -95,6 +99,7 @@ class FusionMethod(ABC):
         self.models = models
         self.names = unique_names([m.name for m in models])  # as the trace names them: a twin is 'name#2'
         self.options = options if options is not None else self.Options()
+        self.pool = ExpertPool()  # the threads its rounds' expert calls run on (fusion.experts.each)
 
     @classmethod
     def validate_models(cls, n: int) -> None:
@@ -130,7 +135,9 @@ class FusionMethod(ABC):
         """Decide the next span of text."""
 
     def close(self) -> None:
-        """Release what the method loaded itself (the models belong to the caller)."""
+        """Release what the method loaded itself and its expert threads (the models belong to
+        the caller); a subclass that loads more releases it and calls this."""
+        self.pool.close()
 
 
 _OFFER_WORDS = {

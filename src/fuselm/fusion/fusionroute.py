@@ -162,6 +162,7 @@ class FusionRoute(_ExpertMethod):
     def close(self) -> None:
         self._router_prefix.clear()
         self.router.close()
+        super().close()
 
 
 class ExpertRoute(FusionRoute):
