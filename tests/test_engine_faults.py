@@ -199,6 +199,59 @@ def test_the_fake_engine_is_a_working_engine():
         server.close()
 
 
+def test_the_engine_kinds_are_the_registry_s_and_a_text_engine_has_no_token_calls():
+    """config's `engine:` choices are the registry's kinds; an engine on text has neither
+    `stream` (token ids) nor `score`, and offers rollouts only."""
+    import typing
+
+    from fuselm.config import ENGINE_KINDS, ModelConfig
+    from fuselm.conventions import OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
+    from fuselm.engines import ENGINES, LlamaCppServerEngine, TextEngine, TokenEngine
+
+    assert ENGINE_KINDS == tuple(ENGINES) == ("vllm", "sglang", "llamacpp-server")
+    assert typing.get_args(typing.get_args(ModelConfig.model_fields["engine"].annotation)[0]) == ENGINE_KINDS
+    for kind, cls in ENGINES.items():
+        assert cls.kind == kind and issubclass(cls, (TokenEngine, TextEngine))
+        assert cls.offers == (
+            {OFFERS_ROLLOUT} if issubclass(cls, TextEngine) else {OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE}
+        )
+    assert not hasattr(LlamaCppServerEngine, "score") and not hasattr(LlamaCppServerEngine, "stream")
+
+
+def test_each_engine_client_and_each_method_own_their_threads_and_close_them():
+    """An engine client's calls run on an event loop thread of its own, which `close` ends (a
+    later call starts another); a built method runs its experts' calls on a pool of its own,
+    whose threads end when the method is closed."""
+    from fuselm.config import GenerationConfig
+    from fuselm.fusion.loop import decode
+    from fuselm.fusion.methods import build_method
+
+    async def running_on() -> threading.Thread:
+        return threading.current_thread()
+
+    servers = [FakeEngine(), FakeEngine()]
+    models = [remote_model(s.url, name=f"fine{i}") for i, s in enumerate(servers)]
+    try:
+        loops = [m.run(running_on()) for m in models]
+        assert loops[0] is not loops[1] and all(t.is_alive() for t in loops)
+        built = build_method("sequence-select", models)
+        before = set(threading.enumerate())
+        assert decode(built, "Hello", GenerationConfig(**GEN)).text == "xxxx"
+        pool = [t for t in set(threading.enumerate()) - before if t.name.startswith("fuselm-expert")]
+        assert 0 < len(pool) <= built.pool.size
+        built.close()
+        assert not any(t.is_alive() for t in pool)
+        models[0].close()
+        assert not loops[0].is_alive() and loops[1].is_alive()
+        again = models[0].run(running_on())
+        assert again is not loops[0] and again.is_alive()
+    finally:
+        for m in models:
+            m.close()
+        for s in servers:
+            s.close()
+
+
 # --- deadlines -------------------------------------------------------------------------------------
 def trickle(data: bytes, every: float = 0.3, headers: dict[str, str] | None = None):
     """An answer whose headers come at once and whose body comes a byte every `every` seconds."""

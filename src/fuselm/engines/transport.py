@@ -93,8 +93,10 @@ class EventLoopThread:
             return
         if self._finalizer is not None:
             self._finalizer.detach()
-        if thread is not threading.current_thread():
-            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result()
+        if thread is threading.current_thread():  # closed by a call on the loop: it stops after it
+            loop.call_soon(loop.stop)
+            return
+        asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()

@@ -96,6 +96,8 @@ class RemoteModel:
                     raise GenerationCancelled("cancelled by the caller")
         except EngineError as e:
             raise EngineError(f"expert {self.name!r}: {e}") from None
+        except concurrent.futures.CancelledError:  # not by this caller: the engine was closed under it
+            raise EngineError(f"expert {self.name!r}: {self.where}: closed while a call ran") from None
         except BaseException:
             future.cancel()  # interrupted here (KeyboardInterrupt): leave nothing running there
             raise
