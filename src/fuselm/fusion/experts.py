@@ -1,12 +1,12 @@
 """One operation on every live expert of a round, all at once, and what a failing expert does.
 
 Sessions on engines are I/O: their calls of a round go out together (each waits on a thread of
-the method's `ExpertPool`, fusion/pool.py, while its engine's loop carries the requests), so a round costs about the slowest expert,
-not the sum. In-process sessions run side by side too when their models can
-(`models.backend.side_by_side`: llama.cpp models, which run their passes on a thread of their
-own, whose threads together fit on the free cores) and decoding is greedy (a sampler's draws
-would come in changing order, and a seed would no longer give one text); otherwise in turn on
-the calling thread meanwhile (torch models share one thread pool).
+the method's `ExpertPool`, fusion/pool.py, while its engine's own loop carries the requests), so
+a round costs about the slowest expert, not the sum. In-process sessions run side by side too
+when their models can (`models.backend.side_by_side`: llama.cpp models, which run their passes
+on a thread of their own, whose threads together fit on the free cores) and decoding is greedy
+(a sampler's draws would come in changing order, and a seed would no longer give one text);
+otherwise in turn on the calling thread meanwhile (torch models share one thread pool).
 
 When an engine fails (it died, it timed out, it answered nonsense), the generation ends with
 its one-line error, which names the expert; with `on_expert_failure: drop` (and another
