@@ -22,12 +22,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(coro):
-    from fuselm.models.engines import engine_loop
-
-    return engine_loop().run(coro)
-
-
 def _group_alive(pgid: int) -> bool:
     """Whether a process of group `pgid` still runs (zombies do not count: where PID 1 reaps no
     orphans, the engine's children stay zombies and would answer signals forever)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .engine_support import LocalTCPServer, remote_model, run
+from .engine_support import LocalTCPServer, remote_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -199,6 +199,59 @@ def test_the_fake_engine_is_a_working_engine():
         server.close()
 
 
+def test_the_engine_kinds_are_the_registry_s_and_a_text_engine_has_no_token_calls():
+    """config's `engine:` choices are the registry's kinds; an engine on text has neither
+    `stream` (token ids) nor `score`, and offers rollouts only."""
+    import typing
+
+    from fuselm.config import ENGINE_KINDS, ModelConfig
+    from fuselm.conventions import OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
+    from fuselm.engines import ENGINES, LlamaCppServerEngine, TextEngine, TokenEngine
+
+    assert ENGINE_KINDS == tuple(ENGINES) == ("vllm", "sglang", "llamacpp-server")
+    assert typing.get_args(typing.get_args(ModelConfig.model_fields["engine"].annotation)[0]) == ENGINE_KINDS
+    for kind, cls in ENGINES.items():
+        assert cls.kind == kind and issubclass(cls, (TokenEngine, TextEngine))
+        assert cls.offers == (
+            {OFFERS_ROLLOUT} if issubclass(cls, TextEngine) else {OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE}
+        )
+    assert not hasattr(LlamaCppServerEngine, "score") and not hasattr(LlamaCppServerEngine, "stream")
+
+
+def test_each_engine_client_and_each_method_own_their_threads_and_close_them():
+    """An engine client's calls run on an event loop thread of its own, which `close` ends (a
+    later call starts another); a built method runs its experts' calls on a pool of its own,
+    whose threads end when the method is closed."""
+    from fuselm.config import GenerationConfig
+    from fuselm.fusion.loop import decode
+    from fuselm.fusion.methods import build_method
+
+    async def running_on() -> threading.Thread:
+        return threading.current_thread()
+
+    servers = [FakeEngine(), FakeEngine()]
+    models = [remote_model(s.url, name=f"fine{i}") for i, s in enumerate(servers)]
+    try:
+        loops = [m.run(running_on()) for m in models]
+        assert loops[0] is not loops[1] and all(t.is_alive() for t in loops)
+        built = build_method("sequence-select", models)
+        before = set(threading.enumerate())
+        assert decode(built, "Hello", GenerationConfig(**GEN)).text == "xxxx"
+        pool = [t for t in set(threading.enumerate()) - before if t.name.startswith("fuselm-expert")]
+        assert 0 < len(pool) <= built.pool.size
+        built.close()
+        assert not any(t.is_alive() for t in pool)
+        models[0].close()
+        assert not loops[0].is_alive() and loops[1].is_alive()
+        again = models[0].run(running_on())
+        assert again is not loops[0] and again.is_alive()
+    finally:
+        for m in models:
+            m.close()
+        for s in servers:
+            s.close()
+
+
 # --- deadlines -------------------------------------------------------------------------------------
 def trickle(data: bytes, every: float = 0.3, headers: dict[str, str] | None = None):
     """An answer whose headers come at once and whose body comes a byte every `every` seconds."""
@@ -267,7 +320,7 @@ def test_retries_stay_within_the_calls_deadline():
 # --- sizes -----------------------------------------------------------------------------------------
 def huge(declared: bool):
     def answer(server: FakeEngine, req: Request) -> None:
-        from fuselm.models.engines import MAX_REPLY_BYTES
+        from fuselm.engines.transport import MAX_REPLY_BYTES
 
         size = MAX_REPLY_BYTES + (1 << 20)
         head(req, 200, {"Content-Type": "application/json", **({"Content-Length": str(size)} if declared else {})})
@@ -283,7 +336,7 @@ def huge(declared: bool):
 
 @pytest.mark.parametrize("declared", [True, False], ids=["with-content-length", "until-close"])
 def test_an_answer_over_its_bound_is_refused_unread(declared):
-    from fuselm.models.engines import MAX_REPLY_BYTES
+    from fuselm.engines.transport import MAX_REPLY_BYTES
 
     server = FakeEngine(_v1_models=huge(declared))
     try:
@@ -296,7 +349,7 @@ def test_an_answer_over_its_bound_is_refused_unread(declared):
 
 
 def test_a_streamed_line_over_its_bound_is_refused():
-    from fuselm.models.engines import LINE_BYTES_PER_TOKEN, MAX_LINE_BYTES
+    from fuselm.engines.stream import LINE_BYTES_PER_TOKEN, MAX_LINE_BYTES
 
     endless_line = [b'{"choices": [{"text": "' + b"y" * (3 << 20)]
     server = FakeEngine(_v1_completions=lambda server, req: completions(server, req, endless_line))
@@ -315,8 +368,9 @@ def test_a_streamed_line_over_its_bound_is_refused():
 def test_a_stream_that_never_ends_is_cut_off_after_its_tokens(kind):
     """Tokens past what was asked (on llama.cpp's server: empty chunks, each counted as a
     token, which a reader looking for more text would read forever) end the stream."""
+    from fuselm.engines import Sampling, engine_for
+    from fuselm.engines.stream import STREAM_SLACK
     from fuselm.errors import EngineError
-    from fuselm.models.engines import STREAM_SLACK, Sampling, engine_for
 
     def endless(server: FakeEngine, req: Request) -> None:
         head(req, 200, {"Content-Type": "text/event-stream"})
@@ -328,11 +382,11 @@ def test_a_stream_that_never_ends_is_cut_off_after_its_tokens(kind):
     engine = engine_for(kind, server.url, model="m", timeout_s=5)
     try:
         if kind == "vllm":
-            stream = run(engine.stream([72, 105], 4, 2, Sampling()))
+            stream = engine.run(engine.stream([72, 105], 4, 2, Sampling()))
         else:
-            stream = run(engine.text_stream("Hi", 4, Sampling()))
+            stream = engine.run(engine.text_stream("Hi", 4, Sampling()))
         with pytest.raises(EngineError, match=rf"a stream of more than {4 + STREAM_SLACK} tokens \(4 asked\)"):
-            run(stream.read(10**9))
+            engine.run(stream.read(10**9))
         assert stream.done and len(stream.tokens) == 4 + STREAM_SLACK  # and not one more
     finally:
         engine.close()
@@ -404,14 +458,14 @@ def test_a_malformed_answer_is_one_engine_error_naming_the_expert_and_the_endpoi
 
 def test_a_detokenizing_answer_without_its_text_is_an_engine_error():
     """(`single` detokenizes only where a chunk brings several tokens: asked directly here.)"""
+    from fuselm.engines import VLLMEngine
     from fuselm.errors import EngineError
-    from fuselm.models.engines import VLLMEngine
 
     server = FakeEngine(**answering("/detokenize", {"text": 5}))  # vLLM's key is "prompt"
     engine = VLLMEngine(server.url, model="m", timeout_s=5)
     try:
         with pytest.raises(EngineError, match=r"^vllm at .* answered /detokenize with an unexpected answer"):
-            run(engine.detokenize([72]))
+            engine.run(engine.detokenize([72]))
     finally:
         engine.close()
         server.close()
@@ -436,16 +490,18 @@ def test_a_malformed_answer_of_a_text_engine_is_one_engine_error(answers, match)
 
 def test_token_ids_are_checked_against_the_models_vocabulary_where_it_is_known(tmp_path):
     """A model directory here (its config.json) sets the bound: an id the engine could not have."""
+    from fuselm.engines.answers import Tokens
+    from fuselm.engines.token_engine import vocab_size
+    from fuselm.engines.vllm import VLLMEngine
     from fuselm.errors import EngineError
-    from fuselm.models.engines import VLLMEngine, _Tokens, _vocab_size
 
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100}))
-    assert _vocab_size(tmp_path) == 100 and _vocab_size(tmp_path / "nowhere") is None
+    assert vocab_size(tmp_path) == 100 and vocab_size(tmp_path / "nowhere") is None
     engine = VLLMEngine("http://127.0.0.1:1", model="m")
-    engine._vocab = _vocab_size(tmp_path)
-    assert engine._parse(_Tokens, {"tokens": [99]}, "/tokenize").tokens == [99]
+    engine._vocab = vocab_size(tmp_path)
+    assert engine._parse(Tokens, {"tokens": [99]}, "/tokenize").tokens == [99]
     with pytest.raises(EngineError, match=r"/tokenize .*token id 100 is outside the vocabulary \(0 to 99\)"):
-        engine._parse(_Tokens, {"tokens": [100]}, "/tokenize")
+        engine._parse(Tokens, {"tokens": [100]}, "/tokenize")
 
 
 # --- cancellation ----------------------------------------------------------------------------------

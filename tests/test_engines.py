@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from .conftest import requires_bundled, run_cli_here
-from .engine_support import EngineProcess, LocalTCPServer, engine_process, free_port, remote_model, run
+from .engine_support import EngineProcess, LocalTCPServer, engine_process, free_port, remote_model
 
 VENV = Path(os.environ.get("FUSELM_VLLM_VENV", Path.home() / ".cache/fuselm/vllm-venv"))
 SGLANG_VENV = Path(os.environ.get("FUSELM_SGLANG_VENV", Path.home() / ".cache/fuselm/sglang-venv"))
@@ -101,22 +101,22 @@ def local(smollm_hf_dir):
 @pytest.mark.integration
 @requires_bundled("smollm2-135m")
 def test_the_engine_tokenizes_streams_and_scores_as_the_same_weights_in_process(served, local):
-    from fuselm.models.engines import Sampling, engine_for
+    from fuselm.engines import Sampling, engine_for
 
     engine = engine_for(served.kind, served.url, tokenizer="engine")  # the engine's /tokenize, not one here
     try:
-        facts = run(engine.facts())
+        facts = engine.run(engine.facts())
         assert not engine.tokenizes_here
         assert facts.bos_token_id is None and local.info.bos_token_id is None  # SmolLM2: no BOS
         assert facts.eos_token_ids & local.info.eos_token_ids
         prompt = "The capital of France is"
-        ids = run(engine.tokenize(prompt))
+        ids = engine.run(engine.tokenize(prompt))
         assert ids == local.tokenize(prompt)  # the engine's own tokens
         cache = local.backend.new_cache()
         lp = local.backend.extend(cache, ids)
         # token-id prompt, streamed: exactly max_tokens tokens (no end of sequence this early)
-        stream = run(engine.stream(ids, 3, 5, Sampling()))
-        run(stream.read(10))
+        stream = engine.run(engine.stream(ids, 3, 5, Sampling()))
+        engine.run(stream.read(10))
         assert len(stream.tokens) == 3 and stream.done and not stream.finished
         first = stream.tokens[0]
         assert first.token_id == int(torch.argmax(lp)) and first.text == " Paris"
@@ -127,20 +127,20 @@ def test_the_engine_tokenizes_streams_and_scores_as_the_same_weights_in_process(
 
         chunk = [t.token_id for t in stream.tokens]
         fresh = SimpleNamespace(tokens=[], anchor=ids[-1:])
-        split = run(engine._token_texts(fresh, chunk, "".join(t.text for t in stream.tokens)))
+        split = engine.run(engine._token_texts(fresh, chunk, "".join(t.text for t in stream.tokens)))
         assert split == [t.text for t in stream.tokens]
         for tok, value in first.top.items():
             assert value == pytest.approx(float(lp[tok]), abs=TOL)
         # two continuations of one prefix in one request, one of them an unlikely token
-        full = run(engine.tokenize(prompt + " Paris"))
+        full = engine.run(engine.tokenize(prompt + " Paris"))
         other = int(torch.argsort(lp)[len(lp) // 2])
-        scores = run(engine.score([full, ids + [other]], [len(ids), len(ids)]))
+        scores = engine.run(engine.score([full, ids + [other]], [len(ids), len(ids)]))
         assert scores[0][0] == pytest.approx(float(lp[full[-1]]), abs=TOL)
         assert scores[1][0] == pytest.approx(float(lp[other]), abs=TOL)
         if served.kind == "vllm":  # one completion restricted to its token per scored pair
             assert engine.forced_scores == 2
         with pytest.raises(ValueError):
-            run(engine.score([full], [0]))
+            engine.run(engine.score([full], [0]))
     finally:
         engine.close()
 
@@ -537,13 +537,13 @@ def test_a_stalled_engine_fails_within_its_timeout_naming_the_expert():
 
 
 def test_an_engine_that_is_not_there_is_a_one_line_error():
+    from fuselm.engines import VLLMEngine
     from fuselm.errors import EngineError
-    from fuselm.models.engines import VLLMEngine
 
     port = free_port()
     engine = VLLMEngine(f"http://127.0.0.1:{port}", model="m", timeout_s=2)
     with pytest.raises(EngineError, match=f"vllm at http://127.0.0.1:{port}: cannot connect"):
-        run(engine.tokenize("x"))
+        engine.run(engine.tokenize("x"))
 
 
 def test_engine_entries_are_checked_in_the_config():
@@ -564,8 +564,8 @@ def test_engine_entries_are_checked_in_the_config():
 
 
 def test_an_unknown_engine_is_named_with_the_known_ones():
+    from fuselm.engines import engine_for
     from fuselm.errors import FuselmError
-    from fuselm.models.engines import engine_for
 
     with pytest.raises(FuselmError, match="unknown engine 'tgi'; supported: llamacpp-server, sglang, vllm"):
         engine_for("tgi", "http://127.0.0.1:9")

@@ -14,8 +14,9 @@ PACKAGE = SRC / "fuselm"
 # modules and any component of an earlier layer; `fuselm/__init__.py` (the package's face) may
 # import anything and nothing imports it.
 LAYERS = [
-    ["_version", "errors", "cancel"],
+    ["_version", "errors", "cancel", "conventions"],
     ["files", "registry", "progress"],
+    ["engines"],  # below config: a model entry's `engine:` choices come from its registry
     ["config"],
     ["text"],
     ["sampling"],

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .engines import ENGINES
+
 # SmolLM2's own default system prompt makes the 135M model answer "What is the capital of
 # France?" in broken French; this neutral one is what the bundled instruct models answer best with.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
@@ -30,8 +32,14 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
 # A seed is a 64-bit signed integer (what torch's generators take; larger ones overflow there).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
-EngineKind = Literal["vllm", "sglang", "llamacpp-server"]
-ENGINE_KINDS = typing.get_args(EngineKind)
+# The engine kinds a model entry may name: those of the engines' registry (one module per
+# engine in fuselm/engines/, which sits below this module for that reason), in its order.
+ENGINE_KINDS: tuple[str, ...] = tuple(ENGINES)
+EngineKind = Literal[ENGINE_KINDS]  # type: ignore[valid-type]
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 class StrictModel(BaseModel):
@@ -102,7 +110,7 @@ class ModelConfig(StrictModel):
             )
             if remote_only:
                 raise ValueError(
-                    f"{', '.join(remote_only)}: only for a model on an engine (add engine: vllm, sglang or llamacpp-server)"
+                    f"{', '.join(remote_only)}: only for a model on an engine (add engine: {_one_of(ENGINE_KINDS)})"
                 )
             return self
         if not self.url:

@@ -1,6 +1,6 @@
 """One generic registry: name -> class or factory, with "did you mean" and a listing.
 
-Methods, tasks and bundled models each have one; engines and served setups can use the same.
+Methods, tasks, bundled models and engine kinds each have one; served setups can use the same.
 A registry is filled explicitly by the package that owns the entries (no import side effects).
 """
 

@@ -41,8 +41,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import GenerationConfig, validation_message
+from ..conventions import OFFERS_SCORE
 from ..errors import FuselmError
-from ..models.backend import OFFERS_SCORE
 from ..models.prompts import Prompt
 from ..models.session import Score
 from ..result import unique_names

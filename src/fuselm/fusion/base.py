@@ -17,18 +17,14 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..config import GenerationConfig, ModelConfig
+from ..conventions import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 from ..errors import FuselmError
-from ..models.backend import (
-    OFFERS_FULL,
-    OFFERS_ROLLOUT,
-    OFFERS_SCORE,
-    OFFERS_TOPK,
-    require_one_vocabulary,
-)
+from ..models.backend import require_one_vocabulary
 from ..models.loading import Model
 from ..models.session import DecodingSession
 from ..result import StepDetail, unique_names
 from ..sampling import Sampler
+from .pool import ExpertPool
 
 log = logging.getLogger("fuselm")
 
@@ -61,6 +57,9 @@ class StepContext:
     reference: str | None = None  # the row's reference text, for methods that follow one
     state: Any = None  # what the method's `start` returned for this generation
     dropped: dict[int, str] = field(default_factory=dict)  # experts dropped after a failure, and why
+    # threads for the expert calls that run side by side (fusion.experts.each): the method's
+    # (decode passes it); a context made without a method gets one of its own
+    pool: ExpertPool = field(default_factory=ExpertPool)
 
     @property
     def live(self) -> list[int]:
@@ -105,7 +104,7 @@ class FusionMethod(ABC):
     max_models: ClassVar[int | None] = None
     same_vocabulary: ClassVar[bool] = False  # the method mixes token ids across models
     Detail: ClassVar[type[StepDetail]] = StepDetail  # what its steps record (a subclass: its own fields)
-    # What the method asks of each model's sessions (models.backend.OFFERS_*), checked against
+    # What the method asks of each model's sessions (fuselm.conventions.OFFERS_*), checked against
     # what each model offers when the method is built, before any request to an engine.
     needs: ClassVar[frozenset[str]] = frozenset({OFFERS_FULL})
     # What it needs beyond `needs` to be exact; a model without it (one on an engine) is read
@@ -127,6 +126,7 @@ class FusionMethod(ABC):
         self.models = models
         self.names = unique_names([m.name for m in models])  # as the trace names them: a twin is 'name#2'
         self.options = options if options is not None else self.Options()
+        self.pool = ExpertPool()  # the threads its rounds' expert calls run on (fusion.experts.each)
 
     @classmethod
     def calibration_setups(cls, grid: GridContext) -> list[GridSetup]:
@@ -167,7 +167,9 @@ class FusionMethod(ABC):
         """Decide the next span of text."""
 
     def close(self) -> None:
-        """Release what the method loaded itself (the models belong to the caller)."""
+        """Release what the method loaded itself and its expert threads (the models belong to
+        the caller); a subclass that loads more releases it and calls this."""
+        self.pool.close()
 
 
 _OFFER_WORDS = {

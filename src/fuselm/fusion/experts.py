@@ -1,12 +1,12 @@
 """One operation on every live expert of a round, all at once, and what a failing expert does.
 
-Sessions on engines are I/O: their calls of a round go out together (each waits on a pool
-thread while the engine loop carries the requests), so a round costs about the slowest expert,
-not the sum. In-process sessions run side by side too when their models can
-(`models.backend.side_by_side`: llama.cpp models, which run their passes on a thread of their
-own, whose threads together fit on the free cores) and decoding is greedy (a sampler's draws
-would come in changing order, and a seed would no longer give one text); otherwise in turn on
-the calling thread meanwhile (torch models share one thread pool).
+Sessions on engines are I/O: their calls of a round go out together (each waits on a thread of
+the method's `ExpertPool`, fusion/pool.py, while its engine's own loop carries the requests), so
+a round costs about the slowest expert, not the sum. In-process sessions run side by side too
+when their models can (`models.backend.side_by_side`: llama.cpp models, which run their passes
+on a thread of their own, whose threads together fit on the free cores) and decoding is greedy
+(a sampler's draws would come in changing order, and a seed would no longer give one text);
+otherwise in turn on the calling thread meanwhile (torch models share one thread pool).
 
 When an engine fails (it died, it timed out, it answered nonsense), the generation ends with
 its one-line error, which names the expert; with `on_expert_failure: drop` (and another
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 from ..errors import EngineError, FuselmError
@@ -27,12 +27,11 @@ from .base import StepContext
 
 T = TypeVar("T")
 
-_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fuselm-expert")
-
 
 def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | None = None) -> dict[int, T]:
     """`fn(m, session)` for each live model `m` (or each of `models`); results by model index.
-    A dropped expert has no result (and is no longer in `ctx.live`)."""
+    A dropped expert has no result (and is no longer in `ctx.live`). The calls that run apart
+    run on `ctx.pool` (the method's)."""
     todo = ctx.live if models is None else [m for m in models if m not in ctx.dropped]
     apart = [m for m in todo if getattr(ctx.sessions[m], "remote", False)]  # on pool threads
     local = [m for m in todo if m not in apart]
@@ -40,7 +39,7 @@ def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | N
         apart += local
     # each call in a copy of this thread's context: it sees the generation's cancel check
     futures: dict[int, Future] = {
-        m: _POOL.submit(contextvars.copy_context().run, fn, m, ctx.sessions[m]) for m in apart
+        m: ctx.pool.submit(contextvars.copy_context().run, fn, m, ctx.sessions[m]) for m in apart
     }
     out: dict[int, T] = {}
     failed: dict[int, EngineError] = {}

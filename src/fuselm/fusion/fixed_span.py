@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
+from ..conventions import OFFERS_ROLLOUT, OFFERS_SCORE
 from .base import Step, StepContext
 from .ensemble import Candidate, EnsembleMethod, add_candidate, anchor_stands, decided_step, roll_words
 from .experts import each

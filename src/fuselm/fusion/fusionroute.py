@@ -31,14 +31,9 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..conventions import OFFERS_FULL, OFFERS_TOPK
 from ..errors import FuselmError
-from ..models.backend import (
-    OFFERS_FULL,
-    OFFERS_TOPK,
-    require_same_tokenization,
-    require_same_vocabulary,
-    vocab_fingerprint,
-)
+from ..models.backend import require_same_tokenization, require_same_vocabulary, vocab_fingerprint
 from ..models.prefix import PrefixCache
 from ..models.session import DecodingSession, NextTokens
 from ..result import StepDetail
@@ -190,6 +185,7 @@ class FusionRoute(_ExpertMethod):
     def close(self) -> None:
         self._router_prefix.clear()
         self.router.close()
+        super().close()
 
 
 class ExpertRoute(FusionRoute):

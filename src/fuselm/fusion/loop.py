@@ -81,7 +81,7 @@ def decode(
 def _run(method, sessions, gen: GenerationConfig, emit, reference, cancel) -> GenerationResult:
     models = method.models
     names = unique_names([s.name for s in sessions])
-    ctx = StepContext(sessions, gen.max_new_tokens, "", 0, gen, Sampler.from_config(gen), reference)
+    ctx = StepContext(sessions, gen.max_new_tokens, "", 0, gen, Sampler.from_config(gen), reference, pool=method.pool)
     ctx.state = method.start(ctx)
     generated = ""
     owners: list[tuple[int, str | None]] = []  # (end offset in generated, source) per committed piece

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models.backend import OFFERS_ROLLOUT, OFFERS_SCORE
+from ..conventions import OFFERS_ROLLOUT, OFFERS_SCORE
 from ..text.words import earliest_stop
 from .base import Step, StepContext
 from .ensemble import Candidate, EnsembleMethod, add_candidate, decided_step

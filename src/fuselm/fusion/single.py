@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models.backend import OFFERS_ROLLOUT
+from ..conventions import OFFERS_ROLLOUT
 from .base import FusionMethod, Step, StepContext
 
 

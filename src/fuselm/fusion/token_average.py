@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..models.backend import OFFERS_FULL, OFFERS_TOPK
+from ..conventions import OFFERS_FULL, OFFERS_TOPK
 from ..models.session import NextTokens
 from ..result import CandidateTrace, StepDetail
 from .base import GridContext, GridSetup, Step, StepContext

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..models.backend import OFFERS_FULL, OFFERS_TOPK
+from ..conventions import OFFERS_FULL, OFFERS_TOPK
 from ..models.session import NextTokens, common_prefix_len
 from ..result import CandidateTrace, StepDetail
 from .base import Step, StepContext

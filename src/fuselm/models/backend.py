@@ -19,18 +19,6 @@ import torch
 
 from ..errors import FuselmError
 
-# What a model's sessions can do, matched against what a method needs (FusionMethod.needs) before
-# any request: in-process backends offer all of it, a serving engine no full distributions.
-OFFERS_TOPK = "topk"  # top-k next-token log-probs
-OFFERS_ROLLOUT = "rollout"  # greedy or sampled continuations (a method that reads margins needs topk too)
-OFFERS_SCORE = "score"  # log-likelihood of given continuations (candidates)
-OFFERS_FULL = "full_logprobs"  # the whole next-token distribution
-
-# End-of-turn tokens used by common chat templates; each one present in a vocabulary ends generation.
-END_OF_TURN_TOKENS = (
-    "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<eos>",
-)  # fmt: skip
-
 
 @dataclass(frozen=True)
 class ModelInfo:

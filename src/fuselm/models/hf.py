@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..conventions import END_OF_TURN_TOKENS
 from ..errors import FuselmError
-from .backend import END_OF_TURN_TOKENS, Backend, Forks, ModelInfo, log_softmax_f32
+from .backend import Backend, Forks, ModelInfo, log_softmax_f32
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..conventions import END_OF_TURN_TOKENS
 from ..errors import FuselmError
-from .backend import END_OF_TURN_TOKENS, Backend, Forks, ModelInfo, usable_cpus
+from .backend import Backend, Forks, ModelInfo, usable_cpus
 
 MAX_SESSIONS = 4  # sequences 0..3 hold sessions' caches
 MAX_BRANCHES = 12  # sequences 4..15 score candidate branches

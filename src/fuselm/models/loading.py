@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GenerationConfig, ModelConfig
+from ..conventions import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 from ..errors import FuselmError, UnknownNameError
 from . import assets, llamacpp
-from .backend import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK, Backend, ModelInfo
+from .backend import Backend, ModelInfo
 from .catalog import BUNDLED
 from .prefix import PrefixCache
 from .prompts import Prompt, chat_messages

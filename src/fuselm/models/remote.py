@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from ..cancel import GenerationCancelled, cancelled
 from ..config import GenerationConfig, ModelConfig
-from ..errors import FuselmError
+from ..engines import Engine, EngineStream, Sampling, StreamToken, TextEngine, TokenEngine, engine_for
+from ..errors import EngineError, FuselmError
 from ..sampling import Sampler
 from .backend import ModelInfo
-from .engines import Engine, EngineError, EngineStream, Sampling, StreamToken, engine_for, engine_loop
 from .prompts import Prompt, chat_messages
 from .session import NextTokens, Rollout, Score, SessionStats, common_prefix_len, greedy, top_margin
 
@@ -85,7 +85,7 @@ class RemoteModel:
         if cancelled():
             coro.close()
             raise GenerationCancelled("cancelled by the caller")
-        future = engine_loop().submit(coro)
+        future = self.engine.submit(coro)
         try:
             while True:
                 done, _ = concurrent.futures.wait([future], timeout=CANCEL_POLL_S)
@@ -96,6 +96,8 @@ class RemoteModel:
                     raise GenerationCancelled("cancelled by the caller")
         except EngineError as e:
             raise EngineError(f"expert {self.name!r}: {e}") from None
+        except concurrent.futures.CancelledError:  # not by this caller: the engine was closed under it
+            raise EngineError(f"expert {self.name!r}: {self.where}: closed while a call ran") from None
         except BaseException:
             future.cancel()  # interrupted here (KeyboardInterrupt): leave nothing running there
             raise
@@ -133,7 +135,9 @@ class RemoteModel:
         return self.run(self.engine.detokenize(ids))
 
     def session(self, prompt_text: str) -> RemoteSession | TextSession:
-        return TextSession(self, prompt_text) if self.engine.takes_text else RemoteSession(self, prompt_text)
+        if isinstance(self.engine, TextEngine):  # text in, text out: rollouts only
+            return TextSession(self, prompt_text)
+        return RemoteSession(self, prompt_text)
 
     def close(self) -> None:
         self.engine.close()
@@ -172,7 +176,7 @@ class _EngineSession:
         if self._stream is not None:
             stream, self._stream = self._stream, None
             try:
-                engine_loop().run(stream.aclose())
+                self.engine.run(stream.aclose())
             except Exception:  # closing a dead connection: nothing to give back
                 pass
 
@@ -190,6 +194,8 @@ class _EngineSession:
 
 class RemoteSession(_EngineSession):
     """One model's view of one generation's text, on an engine (see the module docstring)."""
+
+    engine: TokenEngine  # RemoteModel.session: a session on token ids is on a TokenEngine
 
     def __init__(self, model: RemoteModel, prompt: str):
         super().__init__(model, prompt)
@@ -536,6 +542,8 @@ class TextSession(_EngineSession):
     the rest of the budget: while the committed text grows by what the stream produced, the next
     rollout reads on in it, so a generation is one request. A stream the engine ended early (it
     serves one request at a time and a new one interrupts it) is opened again from there."""
+
+    engine: TextEngine
 
     def __init__(self, model: RemoteModel, prompt: str):
         super().__init__(model, prompt)
