@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -37,13 +36,20 @@ def _seed_pairs(out: Path, experts: list[Path], rows: int) -> None:
     sampling step would find no pairs; the trainer treats stored pairs as already built."""
     from fuselm.eval.tasks import get_task
     from fuselm.models.hf import TransformersBackend
-    from fuselm.training.router_data import JsonlStore, PreferencePair, annotate, load_task_rows, new_caches
+    from fuselm.training.router_data import (
+        JsonlStore,
+        PreferencePair,
+        PreferenceRecord,
+        annotate,
+        load_task_rows,
+        new_caches,
+    )
 
     task = get_task("nq")
     backends = [TransformersBackend.from_directory(d) for d in experts]
     caches = new_caches(backends)
     tok = backends[0].tokenizer
-    store = JsonlStore(out / "data" / "preference.jsonl")
+    store = JsonlStore(out / "data" / "preference.jsonl", PreferenceRecord)
     prefix = task.prompt_prefix(SHARED_DATA, shots=0)
     for row in load_task_rows("nq", None, SHARED_DATA, rows):
         prompt = task.build_prompt(prefix, row)
@@ -51,9 +57,11 @@ def _seed_pairs(out: Path, experts: list[Path], rows: int) -> None:
         good = tok(prompt + " " + row["answer"][0] + "\n", add_special_tokens=False)["input_ids"][len(p) :]
         bad = tok(prompt + " banana\n", add_special_tokens=False)["input_ids"][len(p) :]
         pair = PreferencePair(
-            annotate(backends, p, good, caches), annotate(backends, p, bad, caches), source=f"nq:{row['id']}"
+            chosen=annotate(backends, p, good, caches),
+            rejected=annotate(backends, p, bad, caches),
+            source=f"nq:{row['id']}",
         )
-        store.append(asdict(pair))
+        store.append(pair)
 
 
 def _config(tmp: Path, tiny_dirs, experts, out: Path, **extra) -> Path:

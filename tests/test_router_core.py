@@ -144,17 +144,19 @@ def test_sft_loss_parts_by_hand():
 def test_sft_loss_on_the_answer_window_equals_the_full_sequence_loss():
     """Training computes logits from the position predicting the first answer token on only; the
     loss, the parts and the gradients are those of the whole sequence with the prompt masked."""
+    from fuselm.training.router_data import SFTExample
     from fuselm.training.router_train import _answer_window, _sft_tensors
 
     torch.manual_seed(0)
     router = RouterModel(tiny_backbone(), 2)
     prompt, target = [5, 9, 2, 7, 11, 3], [8, 1, 4]
-    item = {
-        "prompt_ids": prompt,
-        "target_ids": target,
-        "expert_logprobs": torch.log_softmax(torch.randn(3, 2), -1).tolist(),
-        "expert_greedy": [[8, 6, 4], [8, 1, 5]],  # disagree at the 2nd and 3rd answer tokens
-    }
+    item = SFTExample(
+        prompt_ids=prompt,
+        target_ids=target,
+        expert_logprobs=torch.log_softmax(torch.randn(3, 2), -1).tolist(),
+        expert_greedy=[[8, 6, 4], [8, 1, 5]],  # disagree at the 2nd and 3rd answer tokens
+        source="t:0",
+    )
     x = _sft_tensors(item)
     out = _answer_window(router, x["ids"], x["start"])
     loss, parts = sft_loss(out, x["window_ids"], x["target_mask"], x["expert_lp"], x["informative"])
@@ -166,7 +168,7 @@ def test_sft_loss_on_the_answer_window_equals_the_full_sequence_loss():
     mask = torch.zeros(1, T, dtype=torch.bool)
     mask[0, len(prompt) :] = True
     expert_lp = torch.zeros(1, T, 2)
-    expert_lp[0, s : s + 3] = torch.tensor(item["expert_logprobs"])
+    expert_lp[0, s : s + 3] = torch.tensor(item.expert_logprobs)
     informative = torch.zeros(1, T, dtype=torch.bool)
     informative[0, s + 1 : s + 3] = True
     loss_full, parts_full = sft_loss(full, torch.tensor([prompt + target]), mask, expert_lp, informative)
@@ -379,18 +381,26 @@ def test_vocab_fingerprint(tiny_backends, tiny_dirs):
 
 
 def test_annotation_store_is_rewritten_only_to_drop_a_torn_line(tmp_path):
-    from fuselm.training.router_data import JsonlStore
+    from fuselm.errors import FuselmError
+    from fuselm.training.router_data import JsonlStore, LeftOut, SFTRecord
 
     path = tmp_path / "sft.jsonl"
-    store = JsonlStore(path)
-    store.append({"source": "nq:0"})
-    store.append({"source": "nq:1"})
+    store = JsonlStore(path, SFTRecord)
+    store.append(LeftOut(source="nq:0", why="too long"))
+    store.append(LeftOut(source="nq:1"))
     before = path.stat()
-    assert [it["source"] for it in JsonlStore(path).items] == ["nq:0", "nq:1"]
+    lines = path.read_text().splitlines()
+    again = JsonlStore(path, SFTRecord).items
+    assert [(type(it), it.source, it.why) for it in again] == [(LeftOut, "nq:0", "too long"), (LeftOut, "nq:1", "")]
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # left alone
     with open(path, "a") as f:
-        f.write('{"source": "nq:2", "tar')  # a write cut by a kill
-    assert [it["source"] for it in JsonlStore(path).items] == ["nq:0", "nq:1"]
-    assert path.read_text().splitlines() == ['{"source": "nq:0"}', '{"source": "nq:1"}']
+        f.write('{"kind": "none", "source": "nq:2", "wh')  # a write cut by a kill
+    assert [it.source for it in JsonlStore(path, SFTRecord).items] == ["nq:0", "nq:1"]
+    assert path.read_text().splitlines() == lines
     assert not list(tmp_path.glob(".*.tmp"))
+    # a whole line that is no record of this kind: refused, naming the file and the record
+    with open(path, "a") as f:
+        f.write('{"kind": "sft", "source": "nq:3"}\n')
+    with pytest.raises(FuselmError, match=r"sft.jsonl, record 3: not an example of this version"):
+        JsonlStore(path, SFTRecord)

@@ -8,7 +8,8 @@
   both annotated by the experts the same way.
 
 Annotation files are JSONL (token ids and floats, no pickle), appended and fsynced one example
-at a time, so building a large set can be interrupted and resumed.
+at a time, so building a large set can be interrupted and resumed; each line is one of the
+typed records below, validated when the file is read back.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import torch
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, StrictModel
 from ..errors import FuselmError
 from ..eval.task import Task, default_data_dir, load_rows
 from ..eval.tasks import get_task
@@ -32,8 +33,7 @@ from ..fusion.methods import build_method
 from ..models.backend import Backend
 
 
-@dataclass
-class Annotated:
+class AnnotatedAnswer(StrictModel):
     """Answer tokens after a prompt, with each expert's view of them."""
 
     prompt_ids: list[int]
@@ -42,21 +42,31 @@ class Annotated:
     expert_greedy: list[list[int]]  # [E][T]: expert i's argmax at the position predicting target_t
 
 
-@dataclass
-class SFTExample(Annotated):
-    kind: str = "sft"
-    source: str = ""
+class SFTExample(AnnotatedAnswer):
+    kind: Literal["sft"] = "sft"
+    source: str  # TASK:ROW_ID
 
 
-@dataclass
-class PreferencePair:
-    chosen: Annotated
-    rejected: Annotated
-    kind: str = "pref"
-    source: str = ""
+class PreferencePair(StrictModel):
+    chosen: AnnotatedAnswer
+    rejected: AnnotatedAnswer
+    kind: Literal["pref"] = "pref"
+    source: str
 
 
-def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int], caches: list) -> Annotated:
+class LeftOut(StrictModel):
+    """A row with no example, remembered so that a resumed build skips it."""
+
+    kind: Literal["none"] = "none"
+    source: str
+    why: str = ""
+
+
+SFTRecord = Annotated[SFTExample | LeftOut, Field(discriminator="kind")]
+PreferenceRecord = Annotated[PreferencePair | LeftOut, Field(discriminator="kind")]
+
+
+def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int], caches: list) -> AnnotatedAnswer:
     """Each expert's log-prob and greedy token at every answer position (caches keep the prompt
     prefix between calls, so shared few-shot prefixes are run once)."""
     ids = prompt_ids + target_ids
@@ -77,7 +87,9 @@ def annotate(experts: list[Backend], prompt_ids: list[int], target_ids: list[int
         logprobs_by_expert.append(rows.gather(1, torch.tensor(target_ids)[:, None]).squeeze(1).tolist())
         greedy.append(rows.argmax(-1).tolist())
     per_token = [list(x) for x in zip(*logprobs_by_expert)]
-    return Annotated(list(prompt_ids), list(target_ids), per_token, greedy)
+    return AnnotatedAnswer(
+        prompt_ids=list(prompt_ids), target_ids=list(target_ids), expert_logprobs=per_token, expert_greedy=greedy
+    )
 
 
 def new_caches(experts: list[Backend]) -> list:
@@ -85,22 +97,35 @@ def new_caches(experts: list[Backend]) -> list:
     return [b.new_cache() for b in experts]
 
 
-class JsonlStore:
-    """Append-only JSONL of examples; each line fsynced, a torn last line dropped on reopen."""
+Record = TypeVar("Record", bound=BaseModel)
 
-    def __init__(self, path: Path):
+
+class JsonlStore(Generic[Record]):
+    """Append-only JSONL of typed records (`record`: a model or an annotated union of models);
+    each line fsynced, a torn last line dropped on reopen, every other line validated."""
+
+    def __init__(self, path: Path, record: Any):
         self.path = path
+        self._adapter = TypeAdapter(record)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.items: list[dict] = read_jsonl(path)
+        self.items: list[Record] = []
+        for i, item in enumerate(read_jsonl(path), 1):
+            try:
+                self.items.append(self._adapter.validate_python(item))
+            except ValidationError as e:
+                raise FuselmError(
+                    f"{path}, record {i}: not an example of this version ({e.errors()[0]['msg']}); delete the file"
+                    " to build it again"
+                ) from None
 
-    def append(self, item: dict) -> None:
-        append_jsonl(self.path, item)
+    def append(self, item: Record) -> None:
+        append_jsonl(self.path, item.model_dump(mode="json"))
         self.items.append(item)
 
 
 def _rows_to_build(task_name: str, rows: list[dict[str, Any]], store: JsonlStore, progress) -> Iterable:
     """(source key, row, stored item or None) for every row; every row ticks `progress` (if any) once."""
-    done = {it["source"]: it for it in store.items}
+    done = {it.source: it for it in store.items}
     for row in rows:
         key = f"{task_name}:{row['id']}"
         yield key, row, done.get(key)
@@ -141,10 +166,10 @@ def build_sft(
             continue
         prompt_ids, target_ids = sft_ids(task, prefix, row, tokenize)
         if len(prompt_ids) + len(target_ids) > max_length:
-            store.append({"kind": "none", "source": key, "why": f"longer than max_length {max_length}"})
+            store.append(LeftOut(source=key, why=f"longer than max_length {max_length}"))
             continue
         ex = annotate(experts, prompt_ids, target_ids, caches)
-        store.append(asdict(SFTExample(**asdict(ex), source=key)))
+        store.append(SFTExample(**ex.model_dump(), source=key))
 
 
 def check_stored_sft(
@@ -162,10 +187,10 @@ def check_stored_sft(
         if stored is None:
             continue
         prompt_ids, target_ids = sft_ids(task, prefix, row, tokenize)
-        if stored.get("kind") == "none":
+        if isinstance(stored, LeftOut):
             same = len(prompt_ids) + len(target_ids) > max_length
         else:
-            same = stored["prompt_ids"] == prompt_ids and stored["target_ids"] == target_ids
+            same = stored.prompt_ids == prompt_ids and stored.target_ids == target_ids
         if not same:
             raise FuselmError(
                 f"{store.path}: example {key} was built from another prompt, answer or max_length than "
@@ -218,12 +243,12 @@ def build_preferences(
         # an answer whose text changes how the prompt tokenizes cannot be scored after the prompt
         good, bad = ([o for o in side if ids[o][: len(prompt_ids)] == prompt_ids] for side in (good, bad))
         if not good or not bad:
-            store.append({"kind": "none", "source": key})  # remembered so a resume skips it
+            store.append(LeftOut(source=key, why="no correct and incorrect answer both"))
         else:
             rng = random.Random(f"{seed}:{key}")  # per row: a resumed build picks what a whole one would
             chosen, rejected = rng.choice(good), rng.choice(bad)
             pair = [annotate(backends, prompt_ids, ids[text][len(prompt_ids) :], caches) for text in (chosen, rejected)]
-            store.append(asdict(PreferencePair(pair[0], pair[1], source=key)))
+            store.append(PreferencePair(chosen=pair[0], rejected=pair[1], source=key))
 
 
 def load_task_rows(task_name: str, data: str | None, data_dir: Path | None, limit: int | None) -> list[dict]:
@@ -236,9 +261,9 @@ def load_task_rows(task_name: str, data: str | None, data_dir: Path | None, limi
     return rows[:limit] if limit else rows
 
 
-def sft_items(store: JsonlStore) -> Iterable[dict]:
-    return (it for it in store.items if it.get("kind") == "sft")
+def sft_items(store: JsonlStore) -> Iterable[SFTExample]:
+    return (it for it in store.items if isinstance(it, SFTExample))
 
 
-def pref_items(store: JsonlStore) -> Iterable[dict]:
-    return (it for it in store.items if it.get("kind") == "pref")
+def pref_items(store: JsonlStore) -> Iterable[PreferencePair]:
+    return (it for it in store.items if isinstance(it, PreferencePair))

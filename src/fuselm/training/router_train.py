@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import StrictModel, validation_message
 from ..errors import FuselmError
@@ -41,7 +41,13 @@ from ..progress import progress_bar
 from ..router.losses import cdpo_loss, informative_mask, routing_accuracy, sequence_logprob, sft_loss
 from ..router.model import RouterMeta, RouterModel, RouterOutput, add_lora, load_router, save_router
 from .router_data import (
+    AnnotatedAnswer,
     JsonlStore,
+    LeftOut,
+    PreferencePair,
+    PreferenceRecord,
+    SFTExample,
+    SFTRecord,
     build_preferences,
     build_sft,
     check_stored_sft,
@@ -49,6 +55,21 @@ from .router_data import (
     pref_items,
     sft_items,
 )
+
+
+class TrainerState(BaseModel):
+    """Where training is, as a checkpoint's trainer.json keeps it (with the config's fingerprint
+    and the optimizer's layout beside the safetensors): read back validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: int = 0  # the schedule's phase being run
+    step: int = 0  # steps done in that phase
+    global_step: int = 0
+    references: dict[str, dict[str, float]] = Field(default_factory=dict)  # per pair: the CDPO references
+    history: list[dict[str, float]] = Field(default_factory=list)  # each step's losses
+    fingerprint: str = ""
+    optimizer_layout: dict[str, Any] = Field(default_factory=dict)
 
 
 class TrainTask(StrictModel):
@@ -131,21 +152,21 @@ def _answer_window(router: RouterModel, ids: torch.Tensor, start: int) -> Router
     return RouterOutput(out.lm_logits, out.route_logits[:, start:])
 
 
-def _sft_tensors(item: dict) -> dict[str, torch.Tensor]:
+def _sft_tensors(item: SFTExample) -> dict[str, torch.Tensor]:
     """One SFT example: `ids` [1, T] for the model and `start` for :func:`_answer_window`; every
     other tensor covers that window only (index 0 is position `start`, predicting the first answer
     token), in the convention of :mod:`.losses`."""
-    p, t = item["prompt_ids"], item["target_ids"]
+    p, t = item.prompt_ids, item.target_ids
     ids = torch.tensor([p + t])
-    start, width, E = len(p) - 1, len(t) + 1, len(item["expert_greedy"])
+    start, width, E = len(p) - 1, len(t) + 1, len(item.expert_greedy)
     target_mask = torch.zeros(1, width, dtype=torch.bool)
     target_mask[0, 1:] = True
     expert_lp = torch.zeros(1, width, E)
-    expert_lp[0, : len(t)] = torch.tensor(item["expert_logprobs"])
+    expert_lp[0, : len(t)] = torch.tensor(item.expert_logprobs)
     greedy = torch.zeros(E, 1, width, dtype=torch.long)  # the last position predicts nothing: all agree
-    greedy[:, 0, : len(t)] = torch.tensor(item["expert_greedy"])
+    greedy[:, 0, : len(t)] = torch.tensor(item.expert_greedy)
     best = torch.zeros(1, width, dtype=torch.long)
-    best[0, : len(t)] = torch.tensor(item["expert_logprobs"]).argmax(-1)
+    best[0, : len(t)] = torch.tensor(item.expert_logprobs).argmax(-1)
     return {
         "ids": ids,
         "start": start,
@@ -157,9 +178,9 @@ def _sft_tensors(item: dict) -> dict[str, torch.Tensor]:
     }
 
 
-def _answer_logprob(router: RouterModel, ann: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _answer_logprob(router: RouterModel, ann: AnnotatedAnswer) -> tuple[torch.Tensor, torch.Tensor]:
     """(router LM log-likelihood of the answer, routing argmax at each answer position)."""
-    p, t = ann["prompt_ids"], ann["target_ids"]
+    p, t = ann.prompt_ids, ann.target_ids
     ids = torch.tensor([p + t])
     out = _answer_window(router, ids, len(p) - 1)
     mask = torch.ones(1, len(t) + 1, dtype=torch.bool)
@@ -168,8 +189,8 @@ def _answer_logprob(router: RouterModel, ann: dict) -> tuple[torch.Tensor, torch
     return sequence_logprob(out.lm_logits, ids[:, len(p) - 1 :], mask)[0], routes
 
 
-def _selected_expert_logprob(ann: dict, routes: torch.Tensor) -> float:
-    return float(sum(ann["expert_logprobs"][i][int(e)] for i, e in enumerate(routes)))
+def _selected_expert_logprob(ann: AnnotatedAnswer, routes: torch.Tensor) -> float:
+    return float(sum(ann.expert_logprobs[i][int(e)] for i, e in enumerate(routes)))
 
 
 # --- trainer -------------------------------------------------------------------------------------
@@ -185,8 +206,8 @@ class RouterTrainer:
         from ..models.loading import load_model
 
         cfg = self.cfg
-        sft = JsonlStore(self.out / "data" / "sft.jsonl")
-        pref = JsonlStore(self.out / "data" / "preference.jsonl")
+        sft: JsonlStore = JsonlStore(self.out / "data" / "sft.jsonl", SFTRecord)
+        pref: JsonlStore = JsonlStore(self.out / "data" / "preference.jsonl", PreferenceRecord)
         jobs = []
         for spec in cfg.sft:
             rows = load_task_rows(spec.task, spec.data, self.data_dir, spec.limit)
@@ -202,7 +223,7 @@ class RouterTrainer:
             if kind == "sft":
                 prefix = get_task(spec.task).prompt_prefix(self.data_dir, spec.shots)
                 check_stored_sft(spec.task, rows, tokenize, prefix, sft, cfg.max_length)
-        have = {"sft": {it["source"] for it in sft.items}, "pref": {it["source"] for it in pref.items}}
+        have = {"sft": {it.source for it in sft.items}, "pref": {it.source for it in pref.items}}
         todo = sum(1 for kind, spec, rows in jobs for r in rows if f"{spec.task}:{r['id']}" not in have[kind])
         if todo == 0:
             return sft, pref
@@ -264,11 +285,18 @@ class RouterTrainer:
         cfg = self.cfg
         atomic_write(self.out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         ckpt = self._recover_checkpoint()
-        saved = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
-        if saved is not None and saved.get("fingerprint") != cfg.fingerprint():
+        saved = None
+        if (ckpt / "trainer.json").is_file():
+            try:
+                saved = TrainerState.model_validate_json((ckpt / "trainer.json").read_text())
+            except ValidationError:
+                raise FuselmError(
+                    f"{ckpt}/trainer.json is not a checkpoint of this version; delete the checkpoint"
+                ) from None
+        if saved is not None and saved.fingerprint != cfg.fingerprint():
             raise FuselmError(f"{ckpt} was made with a different config; use another --out or delete the checkpoint")
         if saved is not None:
-            print(f"resuming from {ckpt} at step {saved['global_step']}", file=sys.stderr, flush=True)
+            print(f"resuming from {ckpt} at step {saved.global_step}", file=sys.stderr, flush=True)
             backbone, tokenizer = self._base()
             router, _ = load_router(ckpt, backbone)
         else:
@@ -277,8 +305,8 @@ class RouterTrainer:
         sft_all = list(sft_items(sft_store))
         if not sft_all and any(p.kind in ("sft", "mix") for p in cfg.schedule):
             raise FuselmError("no SFT examples were built (check the sft data)")
-        val = [it for it in sft_all if _held_out(it["source"], cfg.val_fraction)]
-        train_sft = [it for it in sft_all if not _held_out(it["source"], cfg.val_fraction)] or sft_all
+        val = [it for it in sft_all if _held_out(it.source, cfg.val_fraction)]
+        train_sft = [it for it in sft_all if not _held_out(it.source, cfg.val_fraction)] or sft_all
         pairs = list(pref_items(pref_store))
         if any(p.kind in ("cdpo", "mix") for p in cfg.schedule) and not pairs:
             raise FuselmError(
@@ -302,27 +330,27 @@ class RouterTrainer:
         total_steps = sum(len(s) for _, _, s in plan)
 
         optimizer = self._optimizer(router)
-        state: dict[str, Any] = {"phase": 0, "step": 0, "global_step": 0, "references": {}, "history": []}
+        state = TrainerState(fingerprint=cfg.fingerprint())
         if saved is not None:
             from safetensors.torch import load_file
 
-            state = {k: saved[k] for k in state}
+            state = saved
             flat = load_file(str(ckpt / "optimizer.safetensors"))
-            optimizer.load_state_dict(_unflatten_optimizer(flat, saved.get("optimizer_layout", {}), optimizer))
+            optimizer.load_state_dict(_unflatten_optimizer(flat, saved.optimizer_layout, optimizer))
         router.train()
         t0 = time.perf_counter()
         tokens_seen = 0
         with progress_bar(self.show_progress) as progress:
-            bar = progress.add_task("train", total=total_steps, completed=state["global_step"])
+            bar = progress.add_task("train", total=total_steps, completed=state.global_step)
             for i, kind, steps in plan:
-                if i < state["phase"]:
+                if i < state.phase:
                     continue
                 # The reference for every preference phase is the router as the first one begins
                 # (after SFT), computed once and kept in the checkpoint.
-                if kind in ("cdpo", "mix") and not state["references"]:
-                    state["references"] = self._references(router, pairs)
-                refs = state["references"]
-                start = state["step"] if i == state["phase"] else 0
+                if kind in ("cdpo", "mix") and not state.references:
+                    state.references = self._references(router, pairs)
+                refs = state.references
+                start = state.step if i == state.phase else 0
                 for k in range(start, len(steps)):
                     optimizer.zero_grad(set_to_none=True)
                     logs: dict[str, float] = {}
@@ -333,21 +361,21 @@ class RouterTrainer:
                         for key, v in parts.items():
                             logs[key] = logs.get(key, 0.0) + v / len(steps[k])
                     optimizer.step()
-                    state.update(phase=i, step=k + 1, global_step=state["global_step"] + 1)
+                    state.phase, state.step, state.global_step = i, k + 1, state.global_step + 1
                     logs["phase"] = i
-                    state["history"].append({key: round(v, 5) for key, v in logs.items()})
+                    state.history.append({key: round(v, 5) for key, v in logs.items()})
                     rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
                     desc = f"{kind} loss {logs.get('loss', 0):.3f} {rate:.0f} tok/s"
                     progress.update(bar, advance=1, description=desc)
-                    if state["global_step"] % cfg.checkpoint_every == 0:
+                    if state.global_step % cfg.checkpoint_every == 0:
                         self._checkpoint(router, optimizer, tokenizer, state)
-                state.update(phase=i + 1, step=0)
+                state.phase, state.step = i + 1, 0
         self._checkpoint(router, optimizer, tokenizer, state)
         summary = self.evaluate(router, val or train_sft[: max(1, len(train_sft) // 10)])
         summary.update(
-            steps=state["global_step"],
+            steps=state.global_step,
             sft_examples=len(train_sft),
-            sft_left_out_for_length=sum(1 for it in sft_store.items if it.get("kind") == "none"),
+            sft_left_out_for_length=sum(1 for it in sft_store.items if isinstance(it, LeftOut)),
             held_out=len(val),
             preference_pairs=len(pairs),
             seconds=round(time.perf_counter() - t0, 1),
@@ -357,8 +385,10 @@ class RouterTrainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         return summary
 
-    def _loss(self, router: RouterModel, item: dict, refs: dict) -> tuple[torch.Tensor, dict[str, float], int]:
-        if item.get("kind") == "sft":
+    def _loss(
+        self, router: RouterModel, item: SFTExample | PreferencePair, refs: dict
+    ) -> tuple[torch.Tensor, dict[str, float], int]:
+        if isinstance(item, SFTExample):
             x = _sft_tensors(item)
             out = _answer_window(router, x["ids"], x["start"])
             loss, parts = sft_loss(
@@ -369,9 +399,9 @@ class RouterTrainer:
                 {"loss": float(loss.detach()), **{k: v for k, v in parts.items() if k != "informative"}},
                 int(x["ids"].shape[1]),
             )
-        ref = refs[item["source"]]
-        chosen, _ = _answer_logprob(router, item["chosen"])
-        rejected, _ = _answer_logprob(router, item["rejected"])
+        ref = refs[item.source]
+        chosen, _ = _answer_logprob(router, item.chosen)
+        rejected, _ = _answer_logprob(router, item.rejected)
         loss = cdpo_loss(
             chosen[None],
             rejected[None],
@@ -381,23 +411,23 @@ class RouterTrainer:
             torch.tensor([ref["expert_rejected"]]),
             beta=self.cfg.beta,
         )
-        ntok = sum(len(item[k]["prompt_ids"]) + len(item[k]["target_ids"]) for k in ("chosen", "rejected"))
+        ntok = sum(len(a.prompt_ids) + len(a.target_ids) for a in (item.chosen, item.rejected))
         return loss, {"loss": float(loss.detach()), "cdpo": float(loss.detach())}, ntok
 
     @torch.no_grad()
-    def _references(self, router: RouterModel, pairs: list[dict]) -> dict[str, dict[str, float]]:
+    def _references(self, router: RouterModel, pairs: list[PreferencePair]) -> dict[str, dict[str, float]]:
         """The reference router's log-likelihoods (the router as the phase begins) and the log-likelihood
         under the experts it selects, for every pair; computed once and kept in the checkpoint."""
         router.eval()
         refs = {}
         for item in pairs:
-            c, rc = _answer_logprob(router, item["chosen"])
-            r, rr = _answer_logprob(router, item["rejected"])
-            refs[item["source"]] = {
+            c, rc = _answer_logprob(router, item.chosen)
+            r, rr = _answer_logprob(router, item.rejected)
+            refs[item.source] = {
                 "ref_chosen": float(c),
                 "ref_rejected": float(r),
-                "expert_chosen": _selected_expert_logprob(item["chosen"], rc),
-                "expert_rejected": _selected_expert_logprob(item["rejected"], rr),
+                "expert_chosen": _selected_expert_logprob(item.chosen, rc),
+                "expert_rejected": _selected_expert_logprob(item.rejected, rr),
             }
         router.train()
         return refs
@@ -423,11 +453,11 @@ class RouterTrainer:
             if n_inf:
                 hits += acc * n_inf
                 total += n_inf
-            t = len(item["target_ids"])
+            t = len(item.target_ids)
             lm = torch.log_softmax(out.lm_logits[0, :t].float(), -1)
-            gold = torch.tensor(item["target_ids"])
+            gold = torch.tensor(item.target_ids)
             routes = out.route_logits[0, :t].argmax(-1)
-            elp = torch.tensor(item["expert_logprobs"])  # [t, E]
+            elp = torch.tensor(item.expert_logprobs)  # [t, E]
             nll["router_lm"] -= float(lm.gather(1, gold[:, None]).sum())
             nll["routed_expert"] -= float(elp.gather(1, routes[:, None]).sum())
             for e, name in enumerate(self.cfg.experts):
@@ -452,8 +482,8 @@ class RouterTrainer:
         save_router(router, tmp, self.meta(router, tokenizer))
         flat, layout = _flatten_optimizer(optimizer)
         save_file(flat, str(tmp / "optimizer.safetensors"))
-        info = dict(state, fingerprint=self.cfg.fingerprint(), optimizer_layout=layout)
-        (tmp / "trainer.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+        info = state.model_copy(update={"fingerprint": self.cfg.fingerprint(), "optimizer_layout": layout})
+        (tmp / "trainer.json").write_text(info.model_dump_json() + "\n", encoding="utf-8")
         final = self.out / "checkpoint"
         old = self.out / "checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
