@@ -24,6 +24,7 @@ LAYERS = [
     ["router"],
     ["fusion"],
     ["calibration"],
+    ["resolve"],
     ["eval"],
     ["training"],
     ["viz"],
