@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import fuselm
 from fuselm.errors import FuselmError
+from fuselm.eval.tasks import get_task
 from fuselm.resolve import resolve_run_config, with_model_settings
+
+from .conftest import SHARED_DATA, run_cli_here
 
 
 def test_values_given_beside_a_file_go_over_its_own(tmp_path):
@@ -71,3 +76,19 @@ def test_an_ensemble_from_a_config_file_runs_its_setup_and_generation(tiny_dirs,
     assert first.text == same.text
     with pytest.raises(FuselmError, match="Did you mean 'single'"):
         fuselm.Ensemble.from_config(cfg, method="singel")  # checked before any model loads
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+def test_an_eval_config_runs_each_task_with_its_own_resolved_setup_in_a_directory_each(tiny_dirs, tmp_path):
+    d = tiny_dirs.get("llama") or next(iter(tiny_dirs.values()))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"tasks: [nq, triviaqa]\nmodels: [{d}]\ngeneration: {{max_new_tokens: 2, chat: raw}}\n")
+    out = tmp_path / "runs"
+    done = run_cli_here("eval", "--config", str(cfg), "--data-dir", str(SHARED_DATA), "--limit", "1", "--no-progress",
+                        "--no-memo", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summaries = json.loads(done.stdout)
+    assert [(s["task"], s["method"], s["n"]) for s in summaries] == [("nq", "single", 1), ("triviaqa", "single", 1)]
+    for task in ("nq", "triviaqa"):
+        spec = json.loads((out / f"{get_task(task).label}__single" / "config.json").read_text())["spec"]
+        assert spec["generation"]["max_new_tokens"] == 2 and [m["name"] for m in spec["models"]] == [str(d)]

@@ -11,7 +11,7 @@ from a run config, a calibration, or a model list:
 - `loglikelihood_rolling`: the same rule on a whole text, each member scoring it after its own
   start of text (its BOS, or its end-of-text token where it has no BOS, as lm-eval's HF model).
 
-lm-eval is imported here only: fuselm works without it. `fuselm lm-eval ARGS` (cli.py) registers
+lm-eval is imported here only: fuselm works without it. `fuselm lm-eval ARGS` (cli/lm_eval.py) registers
 the model and runs lm-eval's own command line; `register()` does the same for the Python route
 (`lm_eval.simple_evaluate(model="fuselm", model_args=...)`), and `pyproject.toml` declares the
 model under the entry-point group `lm_eval.models` for an lm-eval that discovers models that way
