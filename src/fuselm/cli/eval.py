@@ -32,7 +32,7 @@ def run(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..eval.sweep import run_evals
+    from ..eval.sweep import run_evals, tasks_and_methods
     from ..eval.tasks import TASKS, get_task
 
     console = Console(stderr=True)
@@ -40,24 +40,20 @@ def run(ns: argparse.Namespace) -> int:
         for name, description in TASKS.describe(lambda t: t.description):
             print(f"{name:14} {description}")
         return 0
-    # an eval config may name its tasks and methods beside the run config's fields
     data = load_yaml(ns.config) if ns.config else {}
-    tasks = ns.tasks or data.pop("tasks", None) or ([data.pop("task")] if "task" in data else [])
-    methods = [ns.method] if hasattr(ns, "method") else (data.pop("methods", None) or [data.get("method", "single")])
-    data.pop("tasks", None), data.pop("methods", None)
-    if not tasks:
-        raise FuselmError("no task given: use --task NAME (see `fuselm eval --list-tasks`)")
+    tasks, methods = tasks_and_methods(data, ns.tasks, getattr(ns, "method", None), ns.calibration)
     if not ns.out:
         raise FuselmError("give --out DIR for the run (it is resumable: run the same command again to continue)")
     tasks = [get_task(t).name for t in tasks]  # unknown task: fail before loading any model; a file: its path
-    calibration = ns.calibration or data.get("calibration")
     setups = []
     for task in tasks:
-        for method in methods:
-            asked = argparse.Namespace(**{**vars(ns), "method": method})
-            if calibration and not hasattr(ns, "method") and "method" not in data:
-                del asked.method  # the calibration chooses it
-            setups.append((task, method, run_config(asked, data=dict(data), task=task)))
+        for label, method in methods:
+            asked = argparse.Namespace(**vars(ns))
+            if method is None:
+                vars(asked).pop("method", None)  # the calibration chooses it
+            else:
+                asked.method = method
+            setups.append((task, label, run_config(asked, data=data, task=task)))
     summaries = run_evals(
         setups,
         Path(ns.out),
@@ -65,7 +61,7 @@ def run(ns: argparse.Namespace) -> int:
         limit=ns.limit,
         offset=ns.offset,
         seed=getattr(ns, "seed", None),
-        calibration=calibration,
+        calibration=ns.calibration or data.get("calibration"),
         data_dir=Path(ns.data_dir) if ns.data_dir else None,
         explicit_generation=set(picked(ns, GenerationConfig)) | set((data.get("generation") or {}).keys()),
         show_progress=not ns.no_progress,

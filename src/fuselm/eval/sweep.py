@@ -5,12 +5,31 @@ it came from ran on."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..config import RunConfig
+from ..errors import FuselmError
 from .calibrate import check_unused
 from .records import EvalSpec, EvalSummary
 from .runner import run_eval
 from .tasks import get_task
+
+
+def tasks_and_methods(
+    data: dict[str, Any], tasks: list[str] | None, method: str | None, calibration: str | None
+) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """What an eval config (`data`: its `tasks`/`task` and `methods` are taken out, the rest is a
+    run config) and the values given beside it ask to run: the given `tasks`, else the file's;
+    the given `method`, else the file's `methods`, else its `method`, else single. Each method
+    as (its name in the run directories, the method to run: None where `calibration`, the file
+    given beside it or the config's own, chooses it)."""
+    tasks = tasks or data.pop("tasks", None) or ([data.pop("task")] if "task" in data else [])
+    methods = [method] if method else (data.pop("methods", None) or [data.get("method", "single")])
+    data.pop("tasks", None), data.pop("methods", None)
+    if not tasks:
+        raise FuselmError("no task given: use --task NAME (see `fuselm eval --list-tasks`)")
+    chooses = bool(calibration or data.get("calibration")) and not method and "method" not in data
+    return tasks, [(m, None if chooses else m) for m in methods]
 
 
 def run_evals(
