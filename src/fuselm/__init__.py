@@ -12,8 +12,9 @@ from .errors import FuselmError
 from .fusion.loop import decode
 from .fusion.methods import METHODS, build_method, check_method
 from .models.catalog import BUNDLED
-from .models.loading import Model, load_model
+from .models.loading import Model, load_model, load_models
 from .models.session import DecodingSession
+from .resolve import resolve_run_config
 from .result import GenerationResult, GenerationStats, TraceStep
 
 
@@ -52,9 +53,32 @@ class Ensemble:
             check_method(method, len(models), method_options)  # before loading any model
         self.models = _models(models)
         self.method = build_method(method, self.models, method_options)
+        self.generation: dict = {}  # the generation settings every `generate` starts from
+
+    @classmethod
+    def from_config(cls, config=None, *, calibration=None, models=None, method=None, **method_options) -> Ensemble:
+        """The setup a run config file (as `fuselm generate --config` reads) and/or a calibration
+        file (`fuselm calibrate`) describe, resolved as the command line resolves it
+        (`resolve.resolve_run_config`); `models`, `method` and `method_options` go over theirs,
+        and the file's generation settings are where every `generate` starts.
+
+        >>> ens = Ensemble.from_config(calibration="calib.yaml")  # doctest: +SKIP
+        """
+        run = resolve_run_config(config, models=models, method=method, options=method_options, calibration=calibration)
+        check_method(run.method, len(run.models), run.method_options)  # before loading any model
+        ens = cls.__new__(cls)
+        ens.models = load_models(run.models)
+        try:
+            ens.method = build_method(run.method, ens.models, run.method_options)
+        except BaseException:
+            for m in ens.models:
+                m.close()
+            raise
+        ens.generation = run.generation.model_dump(exclude_unset=True)
+        return ens
 
     def generate(self, prompt: str, on_text=None, **generation) -> GenerationResult:
-        return decode(self.method, prompt, GenerationConfig(**generation), on_text)
+        return decode(self.method, prompt, GenerationConfig(**{**self.generation, **generation}), on_text)
 
     def close(self) -> None:
         self.method.close()

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..config import GenerationConfig, validation_message
 from ..conventions import OFFERS_SCORE
 from ..errors import FuselmError
+from ..fusion.methods import check_method
 from ..models.prompts import Prompt
 from ..models.session import Score
 from ..result import unique_names
@@ -115,6 +116,16 @@ def check_generation_method(task: Task, method: str) -> None:
             f"method {method!r} fuses the likelihoods of a multiple_choice task's choices; task {task.label} is"
             f" {task.output_type} (use a decoding method: `fuselm eval --help`)"
         )
+
+
+def check_task_method(task: Task, method: str, n_models: int, options: dict[str, Any] | None) -> None:
+    """Before any model loads: the method fits the task (a multiple-choice task's rules, or a
+    decoding method for a task that generates), with its model count and options."""
+    if is_multiple_choice(task):
+        check_choice_method(task, method, n_models, options)
+        return
+    check_generation_method(task, method)
+    check_method(method, n_models, options)
 
 
 def fuse(logprobs: list[float], weights: list[float], rule: str) -> float:

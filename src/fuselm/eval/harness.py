@@ -11,7 +11,7 @@ from a run config, a calibration, or a model list:
 - `loglikelihood_rolling`: the same rule on a whole text, each member scoring it after its own
   start of text (its BOS, or its end-of-text token where it has no BOS, as lm-eval's HF model).
 
-lm-eval is imported here only: fuselm works without it. `fuselm lm-eval ARGS` (cli.py) registers
+lm-eval is imported here only: fuselm works without it. `fuselm lm-eval ARGS` (cli/lm_eval.py) registers
 the model and runs lm-eval's own command line; `register()` does the same for the Python route
 (`lm_eval.simple_evaluate(model="fuselm", model_args=...)`), and `pyproject.toml` declares the
 model under the entry-point group `lm_eval.models` for an lm-eval that discovers models that way
@@ -29,14 +29,13 @@ from typing import Any, TypeVar
 from lm_eval.api.model import LM
 from pydantic import ValidationError
 
-from ..calibration import apply_calibration
-from ..config import GenerationConfig, RunConfig, parse_model_ref, validation_message
+from ..config import GenerationConfig, RunConfig, validation_message
 from ..errors import FuselmError
-from ..files import load_yaml
 from ..fusion.loop import decode
 from ..fusion.methods import build_method, check_method
 from ..models.loading import load_models
 from ..progress import progress_bar
+from ..resolve import model_entries, resolve_run_config
 from .choice import CHOICE_METHODS, ChoiceScorer
 from .memo import Memo, model_key
 from .records import check_concurrency
@@ -62,30 +61,20 @@ def setup_config(
     """The setup that `model_args` describe: a run config file (models, method, method_options,
     generation), a calibration (the setup it chose), or `models` joined by "+" and `method`;
     `options` (any other key=value) are method options, over the file's."""
-    data = load_yaml(config) if config else {}
-    if models:
-        data["models"] = [parse_model_ref(n.strip()) for n in str(models).split(MODELS_SEPARATOR) if n.strip()]
-    data["models"] = [parse_model_ref(m) if isinstance(m, str) else m for m in data.get("models") or []]
-    if method:
-        data["method"] = method
-    if options:
-        data["method_options"] = {**(data.get("method_options") or {}), **options}
-    calibration = calibration or data.pop("calibration", None)
-    if calibration:
-        data = apply_calibration(data, calibration)
-    if not data.get("models"):
-        raise FuselmError(
-            f"model_args name no model: give config=FILE.yaml, calibration=FILE.yaml or models=A{MODELS_SEPARATOR}B"
-        )
     # lm-eval gives the text it built (its --apply_chat_template renders one model's template):
     # members read it raw unless the config asks for their own chat templates
-    data["generation"] = {"chat": "raw", **(data.get("generation") or {})}
-    if "method" not in data:
-        data["method"] = "single" if len(data["models"]) == 1 else "adafuse"
-    try:
-        return RunConfig(**data)
-    except ValidationError as e:
-        raise FuselmError(validation_message(e, config or "model_args", RunConfig)) from None
+    return resolve_run_config(
+        config,
+        models=model_entries(models, MODELS_SEPARATOR) if models else None,
+        method=method or None,
+        options=options,
+        calibration=calibration,
+        generation_defaults={"chat": "raw"},
+        method_for_several="adafuse",
+        where=config or "model_args",
+        no_model="model_args name no model: give config=FILE.yaml, calibration=FILE.yaml or"
+        f" models=A{MODELS_SEPARATOR}B",
+    )
 
 
 class FuselmLM(LM):

@@ -32,7 +32,7 @@ from ..fusion.loop import decode
 from ..fusion.methods import build_method
 from ..models.loading import DeferredModel, check_reference, load_model, load_models
 from ..progress import progress_bar
-from .choice import ChoiceScorer, check_choice_method, check_generation_method, is_multiple_choice
+from .choice import ChoiceScorer, check_task_method, is_multiple_choice
 from .memo import Memo, generation_key, model_key
 from .records import EvalRow, EvalSpec, EvalSummary, RunSetup, Stopwatch, add_cpu, check_concurrency, option_files
 from .task import Task, default_data_dir, load_rows
@@ -233,10 +233,8 @@ def _run_locked(
     use_memo: bool,
 ):
     task = get_task(spec.task)
-    if is_multiple_choice(task):  # scored by single/product/mixture; a decoding method is refused here
-        check_choice_method(task, spec.method, len(spec.models), spec.method_options)
-    else:
-        check_generation_method(task, spec.method)
+    # a multiple-choice task is scored by single/product/mixture; a decoding method is refused here
+    check_task_method(task, spec.method, len(spec.models), spec.method_options)
     data_dir = data_dir or default_data_dir()
     all_rows = load_rows(task, spec.data, data_dir)
     rows = spec.select(all_rows)

@@ -1,4 +1,5 @@
-"""`fuselm train-controller`: fit a fusion controller (fusion.controller) on dev rows.
+"""`fuselm train-controller`: fit a fusion controller (fusion.controller) on dev rows; and
+`fuselm calibrate --controller-rows N`, which trains one first and lets the calibration try it.
 
 1. Each dev row is decoded with AdaFuse *along its reference*: every round runs as usual (the
    same proposals, branches and scores as at inference), but what is committed follows the
@@ -24,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import GenerationConfig, ModelConfig
+from ..calibration import Calibration
+from ..config import GenerationConfig, ModelConfig, validation_message
 from ..errors import FuselmError
+from ..eval.calibrate import CalibrateSpec, calibrate
+from ..eval.choice import is_multiple_choice
 from ..eval.records import EvalSpec
 from ..eval.runner import task_generation
 from ..eval.task import TEST_FILE, data_name, data_path, default_data_dir, load_rows
@@ -248,3 +252,38 @@ def train_controller(
     controller.save(out)
     atomic_write_json(work / "summary.json", controller.info)
     return controller.info
+
+
+def calibrate_with_controller(
+    spec: CalibrateSpec,
+    out: str | Path,
+    runs: Path,
+    controller_rows: int = 0,
+    data_dir: Path | None = None,
+    explicit_generation: set[str] | None = None,
+    show_progress: bool = True,
+    say: Callable[[str], None] = print,
+    memo: bool = True,
+) -> Calibration:
+    """What `fuselm calibrate` runs: with `controller_rows`, a controller trained first on that
+    many dev rows after the calibration's own (saved as OUT.controller.json, then tried by the
+    calibration); the calibration (eval.calibrate, resumable in `runs`); its file saved at `out`."""
+    out = Path(out)
+    if controller_rows:
+        if is_multiple_choice(get_task(spec.task)):
+            raise FuselmError(f"task {spec.task} is multiple_choice: a fusion controller steers generation; leave"
+                              " --controller-rows out")  # fmt: skip
+        if spec.controller:
+            raise FuselmError("give --controller FILE or --controller-rows N, not both")
+        try:
+            train = ControllerTrainSpec(task=spec.task, models=spec.models, data=spec.dev_data,
+                                        offset=spec.offset + spec.limit, limit=controller_rows)  # fmt: skip
+        except ValidationError as e:
+            raise FuselmError(validation_message(e, "--controller-rows")) from None
+        path = out.with_suffix(".controller.json")
+        say(f"calibrate: a controller on {controller_rows} dev rows from row {train.offset}")
+        train_controller(train, path, data_dir, show_progress, say=say)
+        spec = spec.model_copy(update={"controller": str(path)})
+    cal = calibrate(spec, runs, data_dir, explicit_generation, show_progress=show_progress, say=say, memo=memo)
+    cal.save(out)
+    return cal
