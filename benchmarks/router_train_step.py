@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 from fuselm.router.losses import sft_loss  # noqa: E402
 from fuselm.router.model import RouterModel, RouterOutput, add_lora  # noqa: E402
-from fuselm.training.router_train import _answer_window, _sft_tensors  # noqa: E402
+from fuselm.training.router_train import answer_window, sft_tensors  # noqa: E402
 
 
 def every_position(router: RouterModel, ids: torch.Tensor, start: int) -> RouterOutput:
@@ -38,7 +38,7 @@ def every_position(router: RouterModel, ids: torch.Tensor, start: int) -> Router
 
 
 def step(router: RouterModel, item: dict, forward) -> float:
-    x = _sft_tensors(item)
+    x = sft_tensors(item)
     t0 = time.perf_counter()
     out = forward(router, x["ids"], x["start"])
     loss, _ = sft_loss(out, x["window_ids"], x["target_mask"], x["expert_lp"], x["informative"])
@@ -62,13 +62,13 @@ def main() -> int:
     backbone = load_model(a.backbone, backend="transformers").backend.model
     router = add_lora(RouterModel(backbone, len(items[0]["expert_greedy"])), r=8, alpha=16)
     router.train()
-    step(router, items[0], _answer_window)  # warm-up
+    step(router, items[0], answer_window)  # warm-up
     window = full = 0.0
     tokens = 0
     for item in items[1:]:
         times: dict[str, list[float]] = {"window": [], "full": []}
         for r in range(a.repeats):
-            pair = [("window", _answer_window), ("full", every_position)]
+            pair = [("window", answer_window), ("full", every_position)]
             for which, forward in pair if r % 2 == 0 else pair[::-1]:
                 times[which].append(step(router, item, forward))
         window += statistics.median(times["window"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from protocol import ENSEMBLES, ORDER, calib_path, calibrated_run, member_run  # this folder
+from protocol_setups import ENSEMBLES, ORDER, calib_path, calibrated_run, member_run  # this folder
 
 from fuselm.calibration import load_calibration
 from fuselm.eval.calibrate import member_dir, trial_dir

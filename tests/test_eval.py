@@ -165,7 +165,7 @@ def test_a_run_made_before_a_config_field_existed_is_still_the_same_run(tmp_path
     """A field added to the config since (at its default) does not make an earlier run another
     one; a changed setting does."""
     from fuselm.eval.records import EvalSpec
-    from fuselm.eval.runner import prepare_run_dir
+    from fuselm.eval.rundir import prepare_run_dir
 
     spec = EvalSpec(task="nq", models=[{"name": "smollm2-135m"}], limit=4)
     prepare_run_dir(tmp_path, spec, "digest")
@@ -185,7 +185,7 @@ def test_a_run_is_not_resumed_with_a_controller_or_router_trained_again(tmp_path
     """The option names the same path, but the file behind it changed: the rows so far were made
     with the other one, so resuming would mix two setups."""
     from fuselm.eval.records import EvalSpec
-    from fuselm.eval.runner import prepare_run_dir
+    from fuselm.eval.rundir import prepare_run_dir
 
     ctl = tmp_path / "ctl.json"
     ctl.write_text('{"weights": [1.0]}')
@@ -213,9 +213,9 @@ def test_a_run_is_not_resumed_with_a_controller_or_router_trained_again(tmp_path
 
 
 def test_set_aside_refuses_a_run_directory_that_a_live_run_holds(tmp_path):
-    """calibrate and scripts/never_worse_matrix.py move a run of another setup aside; a run still
+    """calibrate and research/never_worse_matrix.py move a run of another setup aside; a run still
     working in it (or in the place it would go to) keeps it: refused, nothing moved."""
-    from fuselm.eval.runner import set_aside
+    from fuselm.eval.rundir import set_aside
 
     from .test_files import _locker
 

@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from fuselm.errors import FuselmError  # noqa: E402
 from fuselm.eval.choice import fuse  # noqa: E402
 from fuselm.eval.harness import FuselmLM  # noqa: E402
-from fuselm.eval.runner import read_rows  # noqa: E402
+from fuselm.eval.rundir import read_rows  # noqa: E402
 from fuselm.models.loading import load_model  # noqa: E402
 
 from .conftest import requires_bundled, run_cli, run_cli_here  # noqa: E402

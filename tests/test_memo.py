@@ -18,7 +18,8 @@ import pytest
 from fuselm.config import GenerationConfig, ModelConfig
 from fuselm.eval.memo import Memo, generation_key, memo_path, model_key
 from fuselm.eval.records import EvalSpec
-from fuselm.eval.runner import read_rows, run_eval
+from fuselm.eval.rundir import read_rows
+from fuselm.eval.runner import run_eval
 
 from .conftest import ROOT, run_cli
 from .support import answer_rows, write_task

@@ -17,7 +17,8 @@ from fuselm.config import GenerationConfig, ModelConfig
 from fuselm.errors import FuselmError
 from fuselm.eval.choice import ChoiceScorer, fuse, predictions
 from fuselm.eval.records import EvalSpec
-from fuselm.eval.runner import read_rows, run_eval
+from fuselm.eval.rundir import read_rows
+from fuselm.eval.runner import run_eval
 from fuselm.eval.task import load_rows
 from fuselm.eval.taskfile import load_task_file
 from fuselm.models.loading import Model

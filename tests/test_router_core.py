@@ -145,7 +145,7 @@ def test_sft_loss_on_the_answer_window_equals_the_full_sequence_loss():
     """Training computes logits from the position predicting the first answer token on only; the
     loss, the parts and the gradients are those of the whole sequence with the prompt masked."""
     from fuselm.training.router_data import SFTExample
-    from fuselm.training.router_train import _answer_window, _sft_tensors
+    from fuselm.training.router_train import answer_window, sft_tensors
 
     torch.manual_seed(0)
     router = RouterModel(tiny_backbone(), 2)
@@ -157,8 +157,8 @@ def test_sft_loss_on_the_answer_window_equals_the_full_sequence_loss():
         expert_greedy=[[8, 6, 4], [8, 1, 5]],  # disagree at the 2nd and 3rd answer tokens
         source="t:0",
     )
-    x = _sft_tensors(item)
-    out = _answer_window(router, x["ids"], x["start"])
+    x = sft_tensors(item)
+    out = answer_window(router, x["ids"], x["start"])
     loss, parts = sft_loss(out, x["window_ids"], x["target_mask"], x["expert_lp"], x["informative"])
     window_grads = torch.autograd.grad(loss, [router.route_head.weight, *router.backbone.parameters()])
 

@@ -75,7 +75,8 @@ from .choice import is_multiple_choice, score_continuations
 from .memo import Memo, model_key
 from .records import EvalSpec
 from .report import RunView, load_run, paired_difference
-from .runner import _as_today, _versions, other_setup, run_eval, set_aside, summarize, task_generation
+from .rundir import as_today, other_setup, set_aside, versions
+from .runner import run_eval, summarize, task_generation
 from .task import TEST_FILE, Task, data_name, data_path, default_data_dir, load_rows
 from .tasks import get_task
 
@@ -387,7 +388,7 @@ def calibrate(
         looks=looks,
         decided=not too_few,
         dev_seconds=round(_seconds([*alone.values(), *views.values()]) + controller_seconds, 1),
-        versions=_versions(),
+        versions=versions(),
     )
 
 
@@ -545,7 +546,7 @@ def ran_past(out: Path, spec: EvalSpec) -> bool:
     cfg = out / "config.json"
     if not cfg.is_file():
         return False
-    old = _as_today(json.loads(cfg.read_text()).get("spec")) or {}
+    old = as_today(json.loads(cfg.read_text()).get("spec")) or {}
     new = spec.model_dump(mode="json")
     same = {k: v for k, v in old.items() if k != "limit"} == {k: v for k, v in new.items() if k != "limit"}
     return same and spec.limit is not None and (old.get("limit") is None or old["limit"] > spec.limit)

@@ -14,7 +14,8 @@ from ..calibration import Calibration
 from ..errors import FuselmError, UnknownNameError
 from .metrics import bootstrap_indices, percentile_interval
 from .records import EvalRow, EvalSpec, EvalSummary
-from .runner import read_rows, summarize
+from .rundir import read_rows
+from .runner import summarize
 from .tasks import get_task
 
 

@@ -143,7 +143,7 @@ class RouterTrainConfig(StrictModel):
 
 
 # --- tensors for one example ---------------------------------------------------------------------
-def _answer_window(router: RouterModel, ids: torch.Tensor, start: int) -> RouterOutput:
+def answer_window(router: RouterModel, ids: torch.Tensor, start: int) -> RouterOutput:
     """The router over all of `ids` [1, T], with LM and routing logits for positions `start`..T-1
     only: `start` is the position that predicts the first answer token, and no earlier position
     is ever trained on. Over a prompt of a few hundred tokens the LM head and its log-softmax at
@@ -152,8 +152,8 @@ def _answer_window(router: RouterModel, ids: torch.Tensor, start: int) -> Router
     return RouterOutput(out.lm_logits, out.route_logits[:, start:])
 
 
-def _sft_tensors(item: SFTExample) -> dict[str, torch.Tensor]:
-    """One SFT example: `ids` [1, T] for the model and `start` for :func:`_answer_window`; every
+def sft_tensors(item: SFTExample) -> dict[str, torch.Tensor]:
+    """One SFT example: `ids` [1, T] for the model and `start` for :func:`answer_window`; every
     other tensor covers that window only (index 0 is position `start`, predicting the first answer
     token), in the convention of :mod:`.losses`."""
     p, t = item.prompt_ids, item.target_ids
@@ -182,7 +182,7 @@ def _answer_logprob(router: RouterModel, ann: AnnotatedAnswer) -> tuple[torch.Te
     """(router LM log-likelihood of the answer, routing argmax at each answer position)."""
     p, t = ann.prompt_ids, ann.target_ids
     ids = torch.tensor([p + t])
-    out = _answer_window(router, ids, len(p) - 1)
+    out = answer_window(router, ids, len(p) - 1)
     mask = torch.ones(1, len(t) + 1, dtype=torch.bool)
     mask[0, 0] = False  # the window's first token is the prompt's last
     routes = out.route_logits[0, : len(t)].argmax(-1)
@@ -389,8 +389,8 @@ class RouterTrainer:
         self, router: RouterModel, item: SFTExample | PreferencePair, refs: dict
     ) -> tuple[torch.Tensor, dict[str, float], int]:
         if isinstance(item, SFTExample):
-            x = _sft_tensors(item)
-            out = _answer_window(router, x["ids"], x["start"])
+            x = sft_tensors(item)
+            out = answer_window(router, x["ids"], x["start"])
             loss, parts = sft_loss(
                 out, x["window_ids"], x["target_mask"], x["expert_lp"], x["informative"], self.cfg.lam
             )
@@ -444,8 +444,8 @@ class RouterTrainer:
         nll.update({f"expert:{n}": 0.0 for n in self.cfg.experts})
         count = 0
         for item in items:
-            x = _sft_tensors(item)
-            out = _answer_window(router, x["ids"], x["start"])
+            x = sft_tensors(item)
+            out = answer_window(router, x["ids"], x["start"])
             acc = routing_accuracy(out.route_logits, x["best"], x["informative"])
             n_inf = int(x["informative"].sum())
             for e in range(len(self.cfg.experts)):

@@ -1,6 +1,6 @@
 """What the router did in FusionRoute evaluation runs, against a single-model run on the same rows.
 
-    python scripts/fusionroute_stats.py runs/results-fr --baseline qwen2.5-coder-1.5b
+    python research/fusionroute_stats.py runs/results-fr --baseline qwen2.5-coder-1.5b
 
 For every TASK-fusionroute / TASK-expert-route run under the directory with a TASK-BASELINE run
 beside it: the share of the output text each expert wrote, how many outputs are identical to

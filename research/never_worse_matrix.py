@@ -1,10 +1,10 @@
 """The never-worse evaluation of docs/results.md: per ensemble and task, calibrate on dev rows,
 then evaluate on test rows no calibration used, resumable.
 
-    python scripts/never_worse_matrix.py --list                       # the commands, in order
-    python scripts/never_worse_matrix.py --status                     # how far each chain has come
-    python scripts/never_worse_matrix.py --workers 2                  # run them (one CPU each)
-    python scripts/never_worse_matrix.py --ensembles default --tasks nq,triviaqa
+    python research/never_worse_matrix.py --list                       # the commands, in order
+    python research/never_worse_matrix.py --status                     # how far each chain has come
+    python research/never_worse_matrix.py --workers 2                  # run them (one CPU each)
+    python research/never_worse_matrix.py --ensembles default --tasks nq,triviaqa
 
 Each (ensemble, task) is one chain, run in order by one worker: `fuselm calibrate` into
 ``runs/never-worse/ENSEMBLE/TASK/calib.yaml`` (with `--controller-rows`: a learned controller
@@ -36,10 +36,10 @@ import threading
 from pathlib import Path
 
 import yaml
-from results_matrix import run_workers  # this folder
+from matrix_setups import run_workers  # this folder
 
 from fuselm.eval.records import absolute_paths
-from fuselm.eval.runner import other_setup, run_setup, set_aside
+from fuselm.eval.rundir import other_setup, run_setup, set_aside
 
 ENSEMBLES = {
     "default": ["smollm2-135m", "qwen2.5-coder-0.5b"],  # a weak and a stronger member, two tokenizers

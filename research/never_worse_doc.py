@@ -1,7 +1,7 @@
-"""The never-worse tables of docs/results.md, from the runs of scripts/never_worse_matrix.py.
+"""The never-worse tables of docs/results.md, from the runs of research/never_worse_matrix.py.
 
-    python scripts/never_worse_doc.py                      # refill docs/results.md between its markers
-    python scripts/never_worse_doc.py --print              # print the tables instead
+    python research/never_worse_doc.py                      # refill docs/results.md between its markers
+    python research/never_worse_doc.py --print              # print the tables instead
 
 It also draws docs/never-worse.png: per ensemble and task, each setup minus the best member with
 its paired interval (red: significantly below, green: significantly above).
@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from fuselm.eval.report import interval, load_run, paired_difference
-from fuselm.eval.runner import run_setup
+from fuselm.eval.rundir import run_setup
 from fuselm.eval.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]

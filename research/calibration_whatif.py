@@ -4,7 +4,7 @@ interval above 0), which member each anchor rule picks (`--anchor-by score` and 
 default since 2026-12-06), and what the calibration chooses with and without `--max-loss`
 (default 0.1 since 2026-12-06).
 
-    python scripts/calibration_whatif.py [--root runs/never-worse]
+    python research/calibration_whatif.py [--root runs/never-worse]
 """
 
 from __future__ import annotations

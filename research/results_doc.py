@@ -1,12 +1,12 @@
 """Fill the generated parts of docs/results.md from the run directories, keeping the text around them.
 
-    python scripts/results_doc.py            # runs/results -> docs/results.md and docs/results.png
-    python scripts/results_doc.py --check    # exit 1 when the doc does not match the runs
+    python research/results_doc.py            # runs/results -> docs/results.md and docs/results.png
+    python research/results_doc.py --check    # exit 1 when the doc does not match the runs
 
 Generated blocks sit between ``<!-- generated: NAME -->`` and ``<!-- /generated -->``:
 
 * ``overview``: each setup's main metric per task;
-* ``commands``: the ``fuselm eval`` command of every run shown (from scripts/results_matrix.py,
+* ``commands``: the ``fuselm eval`` command of every run shown (from research/results_matrix.py,
   with the router each FusionRoute run recorded);
 * ``tables``: one table per task, every metric with its 95% bootstrap interval, and the main
   metric's paired difference against each Qwen model alone (``fuselm report --baseline``).
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from results_matrix import METHODS, TASKS, jobs  # noqa: E402
+from matrix_setups import METHODS, TASKS, jobs  # noqa: E402  (this folder)
 
 from fuselm.eval.report import by_task, load_run, markdown_table, overview, plot_quality_cost, report_rows  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> int:
     doc = ns.doc.read_text(encoding="utf-8")
     updated = fill(doc, blocks(ns.root, None if ns.check else ns.plot))
     if ns.check:
-        print("up to date" if updated == doc else f"{ns.doc} is out of date: python scripts/results_doc.py")
+        print("up to date" if updated == doc else f"{ns.doc} is out of date: python research/results_doc.py")
         return 0 if updated == doc else 1
     ns.doc.write_text(updated, encoding="utf-8")
     print(f"wrote {ns.doc} and {ns.plot}")
