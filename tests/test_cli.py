@@ -187,7 +187,7 @@ def test_results_matrix_lists_the_evaluation_commands(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "results_matrix.py"
+    script = Path(__file__).resolve().parents[1] / "research" / "results_matrix.py"
     run = subprocess.run(
         [sys.executable, str(script), "--list", "--root", str(tmp_path)], capture_output=True, text=True, timeout=60
     )
