@@ -218,6 +218,40 @@ def test_the_engine_kinds_are_the_registry_s_and_a_text_engine_has_no_token_call
     assert not hasattr(LlamaCppServerEngine, "score") and not hasattr(LlamaCppServerEngine, "stream")
 
 
+def test_models_and_sessions_on_engines_are_the_declared_types_and_say_what_they_offer(tiny_backends):
+    """`load_model` gives an Expert in process and on an engine alike, whose sessions are
+    Sessions; where they run is answered as capabilities (`offers`, `works_in_process`,
+    `vocab_size`, `calls_wait_on_io`), and a session refuses what its model does not offer,
+    before any request (nothing listens at these URLs)."""
+    from fuselm.config import ModelConfig
+    from fuselm.conventions import OFFERS_FOLLOW, OFFERS_FULL
+    from fuselm.errors import FuselmError
+    from fuselm.models.expert import Expert
+    from fuselm.models.loading import Model, load_model
+    from fuselm.models.remote import RemoteSession, TextSession
+    from fuselm.models.session import DecodingSession, Session
+
+    here = Model(next(iter(tiny_backends.values())))
+    token = load_model(ModelConfig(name="far", engine="vllm", url="http://127.0.0.1:9", model="m"))
+    text = load_model(ModelConfig(name="text", engine="llamacpp-server", url="http://127.0.0.1:9"))
+    assert all(isinstance(m, Expert) for m in (here, token, text))
+    assert here.works_in_process and not token.works_in_process and not text.works_in_process
+    assert here.vocab_size == here.info.vocab_size and token.vocab_size is None
+    assert {OFFERS_FULL, OFFERS_FOLLOW} <= here.offers and not {OFFERS_FULL, OFFERS_FOLLOW} & token.offers
+    sessions = [here.session("a"), token.session("a"), text.session("a")]
+    assert [type(s) for s in sessions] == [DecodingSession, RemoteSession, TextSession]
+    assert all(isinstance(s, Session) for s in sessions)
+    assert [s.calls_wait_on_io for s in sessions] == [False, True, True]
+    with pytest.raises(FuselmError, match="'text' gives no scores of given continuations"):
+        sessions[2].score([" b"])
+    with pytest.raises(FuselmError, match="'text' gives no top-k log-probs"):
+        sessions[2].next_top(2)
+    with pytest.raises(FuselmError, match="'far' gives no full next-token distributions"):
+        sessions[1].tail_logprobs(1)
+    for s in sessions:
+        s.close()
+
+
 def test_each_engine_client_and_each_method_own_their_threads_and_close_them():
     """An engine client's calls run on an event loop thread of its own, which `close` ends (a
     later call starts another); a built method runs its experts' calls on a pool of its own,

@@ -12,22 +12,23 @@ from .errors import FuselmError
 from .fusion.loop import decode
 from .fusion.methods import METHODS, build_method, check_method
 from .models.catalog import BUNDLED
+from .models.expert import Expert
 from .models.loading import Model, load_model, load_models
-from .models.session import DecodingSession
+from .models.session import DecodingSession, Session
 from .resolve import resolve_run_config
 from .result import GenerationResult, GenerationStats, TraceStep
 
 
-def _models(models) -> list[Model]:
-    if isinstance(models, (str, Model)):
+def _models(models) -> list[Expert]:
+    if isinstance(models, (str, Expert)):
         models = [models]
-    return [m if isinstance(m, Model) else load_model(m) for m in models]
+    return [m if isinstance(m, Expert) else load_model(m) for m in models]
 
 
 def generate(models, prompt: str, method: str = "single", method_options=None, on_text=None, **generation):
     """Generate with one model or fuse several (for many prompts, build an :class:`Ensemble` once).
 
-    `models` are loaded :class:`Model` objects or names; `generation` takes the fields of
+    `models` are loaded models (:class:`Expert`: a :class:`Model`, or a model on an engine) or names; `generation` takes the fields of
     :class:`GenerationConfig` (max_new_tokens, temperature, top_p, top_k, seed, stop, chat, system).
 
     >>> fuselm.generate("smollm2-135m", "What is the capital of France?", max_new_tokens=20).text  # doctest: +SKIP
@@ -49,7 +50,7 @@ class Ensemble:
     """
 
     def __init__(self, models, method: str = "adafuse", **method_options):
-        if not isinstance(models, (str, Model)):
+        if not isinstance(models, (str, Expert)):
             check_method(method, len(models), method_options)  # before loading any model
         self.models = _models(models)
         self.method = build_method(method, self.models, method_options)
@@ -95,6 +96,7 @@ __all__ = [
     "METHODS",
     "DecodingSession",
     "Ensemble",
+    "Expert",
     "FuselmError",
     "GenerationConfig",
     "GenerationResult",
@@ -102,6 +104,7 @@ __all__ = [
     "Model",
     "ModelConfig",
     "RunConfig",
+    "Session",
     "TraceStep",
     "__version__",
     "generate",

@@ -123,8 +123,10 @@ class ModelConfig(StrictModel):
         return self
 
     @property
-    def remote(self) -> bool:
-        return self.engine is not None
+    def in_process(self) -> bool:
+        """Loaded and run in this process (no `engine:`), before anything loads: its LOCAL_FIELDS
+        apply, it runs one generation at a time, and its files pin what it answers (the memo)."""
+        return self.engine is None
 
 
 def parse_model_ref(ref: str) -> dict[str, Any]:

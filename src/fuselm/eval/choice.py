@@ -207,7 +207,7 @@ def score_continuations(
         return MemberScores(scores, sum(k["seconds"] for k in kept), max(k["forward_passes"] for k in kept), True, cpu)
     text = model.prompt_text(prompt, gen)  # before the clock: it loads a deferred model
     lead = delimiter if text == prompt else ""
-    watch = Stopwatch(cpu=not model.config.remote)
+    watch = Stopwatch(cpu=model.works_in_process)
     session = model.session(text)
     try:
         scores = session.score([lead + t for t in texts])
@@ -244,7 +244,7 @@ class ChoiceScorer:
         for m in models:
             if OFFERS_SCORE not in m.offers:
                 raise FuselmError(
-                    f"multiple choice scores given continuations; {m.name!r} on {getattr(m, 'where', 'its engine')}"
+                    f"multiple choice scores given continuations; {m.name!r} on {m.where}"
                     " does not (it gives no log-probabilities of a given text)"
                 )
         self.method = method

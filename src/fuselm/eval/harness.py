@@ -103,7 +103,7 @@ class FuselmLM(LM):
         super().__init__()
         setup = setup_config(config, calibration, models, method, options)
         check_concurrency(setup.models, int(concurrency))
-        store = Memo() if memo and any(not m.remote for m in setup.models) else None
+        store = Memo() if memo and any(m.in_process for m in setup.models) else None
         keys = [model_key(m) for m in setup.models] if store is not None else None
         self._build(setup, None, choice_method, int(concurrency), bool(progress), store, keys)
 

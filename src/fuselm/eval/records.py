@@ -160,7 +160,7 @@ def check_concurrency(models: list[ModelConfig], concurrency: int) -> None:
     batches them): an in-process model runs one at a time."""
     if concurrency < 1:
         raise FuselmError(f"concurrency must be >= 1, got {concurrency}")
-    local = [m.name for m in models if not m.remote]
+    local = [m.name for m in models if m.in_process]
     if concurrency > 1 and local:
         raise FuselmError(
             f"concurrency {concurrency} needs every model on an engine; {', '.join(local)} run in this process,"

@@ -71,7 +71,7 @@ def run_eval(
 def _uses_memo(spec: EvalSpec, task: Task, gen: GenerationConfig) -> bool:
     """Whether the run has single-model work the memo keeps: a greedy `single` generation by an
     in-process model, or a multiple-choice row scored by one (models on engines are not kept)."""
-    local = any(not m.remote for m in spec.models)
+    local = any(m.in_process for m in spec.models)
     if is_multiple_choice(task):
         return local
     return local and spec.method == "single" and gen.temperature == 0
@@ -84,7 +84,7 @@ def _models(cfgs: list[ModelConfig], deferred: bool) -> list[Any]:
         return load_models(cfgs)
     for cfg in cfgs:  # a misspelt last name fails before anything runs
         check_reference(cfg)
-    return [load_model(cfg) if cfg.remote else DeferredModel(cfg) for cfg in cfgs]
+    return [DeferredModel(cfg) if cfg.in_process else load_model(cfg) for cfg in cfgs]
 
 
 def _run_locked(
@@ -150,7 +150,7 @@ def _generate_rows(
 ) -> None:
     main = task.main_metric
     # CPU seconds where every model runs in this process, one row at a time (rows.cpu_seconds)
-    cpu = concurrency == 1 and not any(m.config.remote for m in getattr(method, "models", []))
+    cpu = concurrency == 1 and all(m.works_in_process for m in getattr(method, "models", []))
     scores = [r.metrics[main] for r in done if r.metrics.get(main) is not None]
     from_memo = [sum(r.memo for r in done)]
     with progress_bar(show_progress) as progress:

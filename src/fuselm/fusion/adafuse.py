@@ -28,8 +28,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..conventions import OFFERS_FOLLOW
 from ..errors import FuselmError
-from ..models.session import DecodingSession, Rollout, top_margin
+from ..models.session import Rollout, Session, top_margin
 from ..text.words import first_word_end, word_ends
 from .base import GridContext, GridSetup, Step, StepContext
 from .controller import Controller, round_features
@@ -125,14 +126,14 @@ class AdaFuse(EnsembleMethod):
         if self.options.controller:
             self.controller = Controller.load(self.options.controller)
             self.controller.check_models(self.names, self.options.controller)
-        remote = [m for m in models if getattr(m, "remote", False)]
-        if self.options.draft_words and remote:
+        unread = [m for m in models if OFFERS_FOLLOW not in m.offers]
+        if self.options.draft_words and unread:
             raise FuselmError(
                 f"adafuse -O draft_words needs models in this process (each reads the anchor's draft in one"
-                f" pass); {remote[0].name!r} is on {remote[0].where}: use draft_words 0 there"
+                f" pass); {unread[0].name!r} is on {unread[0].where}: use draft_words 0 there"
             )
 
-    def _propose(self, s: DecodingSession, confident: bool, max_tokens: int) -> Rollout:
+    def _propose(self, s: Session, confident: bool, max_tokens: int) -> Rollout:
         o = self.options
 
         def until(r: Rollout) -> int | None:

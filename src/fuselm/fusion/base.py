@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..config import GenerationConfig, ModelConfig
-from ..conventions import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
+from ..conventions import OFFER_WORDS, OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 from ..errors import FuselmError
 from ..models.backend import require_one_vocabulary
-from ..models.loading import Model
-from ..models.session import DecodingSession
+from ..models.expert import Expert
+from ..models.session import Session
 from ..result import StepDetail, unique_names
 from ..sampling import Sampler
 from .pool import ExpertPool
@@ -48,7 +48,7 @@ class Step:
 class StepContext:
     """One generation as a method's step sees it."""
 
-    sessions: list[DecodingSession]  # one per model, then any the method opened (see open_sessions)
+    sessions: list[Session]  # one per model, then any the method opened (see open_sessions)
     budget: int  # tokens left
     generated: str  # text committed so far (after the prompt)
     round: int  # 1-based number of this step
@@ -112,7 +112,7 @@ class FusionMethod(ABC):
     exact_needs: ClassVar[frozenset[str]] = frozenset()
     needs_reference: ClassVar[bool] = False  # the method follows each prompt's reference text
 
-    def __init__(self, models: list[Model], options: BaseModel | None = None):
+    def __init__(self, models: list[Expert], options: BaseModel | None = None):
         self.validate_models(len(models))
         self.check_offers(models)
         if self.same_vocabulary:
@@ -142,7 +142,7 @@ class FusionMethod(ABC):
             raise FuselmError(f"method {cls.name!r} takes {want} model(s), got {n}")
 
     @classmethod
-    def check_offers(cls, models: list[Model], alternatives: list[str] | None = None) -> None:
+    def check_offers(cls, models: list[Expert], alternatives: list[str] | None = None) -> None:
         """Fail (before any request) when a model cannot give what the method needs."""
         for m in models:
             missing = cls.needs - m.offers
@@ -150,10 +150,10 @@ class FusionMethod(ABC):
                 others = f" (methods that run on it: {', '.join(alternatives)})" if alternatives else ""
                 raise FuselmError(
                     f"method {cls.name!r} needs {describe_offers(missing)}; {m.name!r} on"
-                    f" {getattr(m, 'where', 'its engine')} gives {describe_offers(m.offers)}{others}"
+                    f" {m.where} gives {describe_offers(m.offers)}{others}"
                 )
 
-    def open_sessions(self, prompt_texts: list[str]) -> list[DecodingSession]:
+    def open_sessions(self, prompt_texts: list[str]) -> list[Session]:
         """The generation's sessions: one per model (each on its own prompt rendering), in model
         order; a method that runs a model of its own (FusionRoute's router) appends its session."""
         return [m.session(text) for m, text in zip(self.models, prompt_texts)]
@@ -172,16 +172,10 @@ class FusionMethod(ABC):
         self.pool.close()
 
 
-_OFFER_WORDS = {
-    OFFERS_FULL: "full next-token distributions",
-    OFFERS_TOPK: "top-k log-probs",
-    OFFERS_ROLLOUT: "rollouts",
-    OFFERS_SCORE: "scores of given continuations",
-}
 # What the methods that are exact on an engine ask: AdaFuse all three (margins and branches from
 # the top-k), fixed-span and sequence-select rollouts and scores, single only rollouts.
 EXACT_NEEDS = frozenset({OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})
 
 
 def describe_offers(offers: frozenset[str]) -> str:
-    return ", ".join(_OFFER_WORDS[o] for o in sorted(offers))
+    return ", ".join(OFFER_WORDS[o] for o in sorted(offers))

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import FuselmError, UnknownNameError
-from ..models.session import DecodingSession, Rollout, Score, top_margin
+from ..models.expert import Expert
+from ..models.session import Rollout, Score, Session, top_margin
 from ..result import CandidateTrace, StepDetail
 from ..text.words import first_word_end, split_words, word_ends
 from .base import EXACT_NEEDS, FusionMethod, Step, StepContext
@@ -115,7 +116,7 @@ class PromptWeights:
     nll: dict[int, float]
 
 
-def prompt_nll(model, prompt: str, memo: PromptPieceMemo | None = None) -> float:
+def prompt_nll(model: Expert, prompt: str, memo: PromptPieceMemo | None = None) -> float:
     """NLL per byte of `prompt` under `model` (per byte: models with different tokenizers
     compare; from its first word on: a model without BOS cannot score its first token).
 
@@ -147,8 +148,7 @@ def prompt_nll(model, prompt: str, memo: PromptPieceMemo | None = None) -> float
                 s.append(piece)
                 if memo is not None:
                     memo.put(key, (logprob, n_bytes))
-            if not s.remote:  # keep the last piece's scored key/values: the whole prompt stays warm
-                s.next_logprobs()
+            s.warm()  # the whole prompt stays warm for the generation's session
     return -logprob / n_bytes if n_bytes else math.inf
 
 
@@ -252,9 +252,7 @@ def token_at(roll: Rollout, char: int) -> int:
     return j
 
 
-def roll_words(
-    session: DecodingSession, n_words: int, max_tokens: int, first_token: int | None = None, choose=None
-) -> Rollout:
+def roll_words(session: Session, n_words: int, max_tokens: int, first_token: int | None = None, choose=None) -> Rollout:
     """Greedy rollout of exactly `n_words` complete words (fewer at end of sequence or budget)."""
 
     def until(r: Rollout) -> int | None:

@@ -1,8 +1,9 @@
 """One operation on every live expert of a round, all at once, and what a failing expert does.
 
-Sessions on engines are I/O: their calls of a round go out together (each waits on a thread of
-the method's `ExpertPool`, fusion/pool.py, while its engine's own loop carries the requests), so
-a round costs about the slowest expert, not the sum. In-process sessions run side by side too
+Sessions whose calls wait on an engine (`Session.calls_wait_on_io`) are I/O: their calls of a
+round go out together (each waits on a thread of the method's `ExpertPool`, fusion/pool.py,
+while its engine's own loop carries the requests), so a round costs about the slowest expert,
+not the sum. Sessions that compute in this process run side by side too
 when their models can (`models.backend.side_by_side`: llama.cpp models, which run their passes
 on a thread of their own, whose threads together fit on the free cores) and decoding is greedy
 (a sampler's draws would come in changing order, and a seed would no longer give one text);
@@ -19,24 +20,25 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ..errors import EngineError, FuselmError
 from ..models.backend import side_by_side
+from ..models.session import DecodingSession, Session
 from .base import StepContext
 
 T = TypeVar("T")
 
 
-def each(ctx: StepContext, fn: Callable[[int, object], T], models: list[int] | None = None) -> dict[int, T]:
+def each(ctx: StepContext, fn: Callable[[int, Session], T], models: list[int] | None = None) -> dict[int, T]:
     """`fn(m, session)` for each live model `m` (or each of `models`); results by model index.
     A dropped expert has no result (and is no longer in `ctx.live`). The calls that run apart
     run on `ctx.pool` (the method's)."""
     todo = ctx.live if models is None else [m for m in models if m not in ctx.dropped]
-    apart = [m for m in todo if getattr(ctx.sessions[m], "remote", False)]  # on pool threads
-    local = [m for m in todo if m not in apart]
-    if ctx.sampler.greedy and side_by_side([ctx.sessions[m].backend for m in local]):
-        apart += local
+    apart = [m for m in todo if ctx.sessions[m].calls_wait_on_io]  # on pool threads
+    here = [m for m in todo if m not in apart]  # computing in this process: on a backend each
+    if ctx.sampler.greedy and side_by_side([cast(DecodingSession, ctx.sessions[m]).backend for m in here]):
+        apart += here
     # each call in a copy of this thread's context: it sees the generation's cancel check
     futures: dict[int, Future] = {
         m: ctx.pool.submit(contextvars.copy_context().run, fn, m, ctx.sessions[m]) for m in apart

@@ -26,16 +26,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..conventions import OFFERS_FULL, OFFERS_TOPK
 from ..errors import FuselmError
-from ..models.backend import require_same_tokenization, require_same_vocabulary, vocab_fingerprint
+from ..models.backend import Vocabulary, probe_fingerprint, require_one_vocabulary
 from ..models.prefix import PrefixCache
-from ..models.session import DecodingSession, NextTokens
+from ..models.session import DecodingSession, NextTokens, Session
 from ..result import StepDetail
 from ..router.backend import load_router_backend
 from ..router.losses import combine_logprobs
@@ -55,7 +55,7 @@ class FusionRouteOptions(BaseModel):
     )
 
 
-def take_token(expert: DecodingSession, first_token: int, more, budget: int) -> tuple[str, int, bool]:
+def take_token(expert: Session, first_token: int, more, budget: int) -> tuple[str, int, bool]:
     """(text, tokens used, end of sequence) for `first_token`, continued by `more(tokens so far)`
     while the text is half a UTF-8 character (byte-level tokens)."""
     if expert.is_eos(first_token):
@@ -69,14 +69,6 @@ def take_token(expert: DecodingSession, first_token: int, more, budget: int) -> 
         toks.append(tok)
         text = expert.continuation_text(toks)
     return text, len(toks), False
-
-
-@dataclass(frozen=True)
-class _Named:
-    """A router as :func:`require_same_tokenization` reads a model: a name and a tokenizer."""
-
-    name: str
-    tokenize: Callable[[str], list[int]]
 
 
 class RouteDetail(StepDetail):
@@ -138,23 +130,21 @@ class FusionRoute(_ExpertMethod):
         if list(meta.experts) != self.names:
             raise FuselmError(f"router {path} was trained for experts {list(meta.experts)}, got {self.names}")
         first = self.models[0]
-        if getattr(first, "remote", False):  # an engine tells no vocabulary size: compare tokenizations
-            router = _Named(f"router {path}", self.router.tokenize)
-            require_same_tokenization(f"router {path} with its experts", [router, first])
-            return
-        if meta.vocab_fingerprint.startswith("probe:"):
-            if vocab_fingerprint(first.backend) != meta.vocab_fingerprint:
+        # an expert that tells no vocabulary size (on an engine) is compared by tokenizations alone
+        if first.vocab_size is not None and meta.vocab_fingerprint.startswith("probe:"):
+            if probe_fingerprint(first.vocab_size, first.tokenize) != meta.vocab_fingerprint:
                 raise FuselmError(f"router {path} was trained on another vocabulary than {self.names[0]!r}'s")
-        require_same_vocabulary(f"router {path} with its experts", [self.router, first.backend])
+        router = Vocabulary.of(self.router, f"router {path}")
+        require_one_vocabulary(f"router {path} with its experts", [router, first])
 
-    def open_sessions(self, prompt_texts: list[str]) -> list[DecodingSession]:
+    def open_sessions(self, prompt_texts: list[str]) -> list[Session]:
         # The router reads the experts' prompt text (one tokenizer, one template) and follows the
         # committed text like any other session: the last of the generation's sessions.
         router = DecodingSession(self.router, prompt_texts[0], self._router_prefix)
         return [*super().open_sessions(prompt_texts), router]
 
     def step(self, ctx: StepContext) -> Step:
-        r = ctx.sessions[-1]
+        r = cast(DecodingSession, ctx.sessions[-1])  # the router's own, in process (open_sessions)
         lp_r = r.next_logprobs()
         route = self.router.route_logits(r.cache, len(r.committed_ids()))
         weights = torch.softmax(route, dim=-1)
@@ -225,9 +215,8 @@ class OracleRoute(_ExpertMethod):
         reference = ctx.reference if ctx.reference is not None else self.options.reference
         if reference is None:
             raise FuselmError("oracle-route needs the reference answer: -O reference=TEXT (fuselm eval passes it)")
-        s0 = ctx.sessions[0]
-        prompt_ids = s0.backend.tokenize(s0.prompt)
-        return _OracleState(s0.backend.tokenize(s0.prompt + reference)[len(prompt_ids) :])
+        first, prompt = self.models[0], ctx.sessions[0].prompt
+        return _OracleState(first.tokenize(prompt + reference)[len(first.tokenize(prompt)) :])
 
     def step(self, ctx: StepContext) -> Step:
         state: _OracleState = ctx.state
@@ -243,5 +232,5 @@ class OracleRoute(_ExpertMethod):
 
         text, used, eos = take_token(expert, tok, more, ctx.budget)
         state.tokens += used
-        ref_text = None if ref is None else ctx.sessions[0].backend.decode([ref])
+        ref_text = None if ref is None else self.models[0].decode([ref])
         return Step(text=text, new_tokens=used, source=e, finished=eos, detail=self.Detail(reference_token=ref_text))

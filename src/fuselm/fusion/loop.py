@@ -8,7 +8,8 @@ from typing import Any
 
 from ..cancel import GenerationCancelled, cancel_scope
 from ..config import GenerationConfig
-from ..models.loading import Model, Prompt
+from ..models.expert import Expert
+from ..models.prompts import Prompt
 from ..result import GenerationResult, GenerationStats, TextSpan, TraceStep, unique_names
 from ..sampling import Sampler
 from ..text.words import earliest_stop
@@ -167,7 +168,7 @@ def _run(method, sessions, gen: GenerationConfig, emit, reference, cancel) -> Ge
 
 
 def generate(
-    models: list[Model],
+    models: list[Expert],
     prompt: Prompt,
     method: str = "single",
     generation: GenerationConfig | None = None,

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..config import validation_message
 from ..errors import FuselmError
-from ..models.loading import Model
+from ..models.expert import Expert
 from ..registry import Registry
 from .adafuse import AdaFuse
 from .base import FusionMethod
@@ -46,7 +46,7 @@ def check_method(name: str, n_models: int, options: dict[str, Any] | None) -> No
     method_options(name, options)
 
 
-def build_method(name: str, models: list[Model], options: dict[str, Any] | BaseModel | None = None) -> FusionMethod:
+def build_method(name: str, models: list[Expert], options: dict[str, Any] | BaseModel | None = None) -> FusionMethod:
     """The method `name` over `models`, built once for a run (it validates its models, loads what it
     runs itself) and used for any number of prompts."""
     cls = METHODS.get(name)

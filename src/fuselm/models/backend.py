@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,39 +145,49 @@ class Backend(ABC):
 _VOCAB_PROBE = "Hello, world! 123 \n\tcafé 東京 def f(x):\n    return x"
 
 
+def probe_fingerprint(vocab_size: int | None, tokenize: Callable[[str], list[int]]) -> str:
+    """A vocabulary's size (None: not told) and the ids of a probe text, hashed."""
+    return "probe:" + hashlib.sha256(json.dumps([vocab_size, tokenize(_VOCAB_PROBE)]).encode()).hexdigest()[:32]
+
+
 def vocab_fingerprint(backend: Backend) -> str:
     """What identifies a vocabulary across engines (transformers and llama.cpp agree on it): its
     size and the ids of a probe text, hashed. Stored with a trained router, checked at load."""
-    ids = backend.tokenize(_VOCAB_PROBE)
-    return "probe:" + hashlib.sha256(json.dumps([backend.info.vocab_size, ids]).encode()).hexdigest()[:32]
+    return probe_fingerprint(backend.info.vocab_size, backend.tokenize)
 
 
-def require_same_vocabulary(what: str, backends: Sequence[Backend]) -> None:
-    """Refuse backends that do not share one vocabulary (methods that mix token ids need one)."""
-    first = backends[0]
-    want = vocab_fingerprint(first)
-    for b in backends[1:]:
-        if vocab_fingerprint(b) != want:
-            raise FuselmError(
-                f"{what} needs models with one vocabulary; {first.info.name!r} and {b.info.name!r} differ"
-            )
+@dataclass(frozen=True)
+class Vocabulary:
+    """What the vocabulary check reads of a model (an Expert has the same three): a name for the
+    error, the vocabulary's size (None where it is not told: an engine's) and the tokenizer."""
 
+    name: str
+    vocab_size: int | None
+    tokenize: Callable[[str], list[int]]
 
-def require_same_tokenization(what: str, models: Sequence[Any]) -> None:
-    """The check of :func:`require_same_vocabulary` for models on engines, whose vocabulary size
-    is not told: the same ids for the probe text (anything with `tokenize` and `name`)."""
-    want = models[0].tokenize(_VOCAB_PROBE)
-    for m in models[1:]:
-        if m.tokenize(_VOCAB_PROBE) != want:
-            raise FuselmError(f"{what} needs models with one vocabulary; {models[0].name!r} and {m.name!r} differ")
+    @classmethod
+    def of(cls, backend: Backend, name: str | None = None) -> Vocabulary:
+        return cls(name or backend.info.name, backend.info.vocab_size, backend.tokenize)
 
 
 def require_one_vocabulary(what: str, models: Sequence[Any]) -> None:
-    """Refuse models (in process or on engines) that do not share one vocabulary."""
-    if any(getattr(m, "remote", False) for m in models):
-        require_same_tokenization(what, models)
-    else:
-        require_same_vocabulary(what, [m.backend for m in models])
+    """Refuse models (Experts, or Vocabulary) that do not share one vocabulary (methods that mix
+    token ids need one): the same size and the same ids for a probe text, or the ids alone where
+    a model does not tell its size (an engine)."""
+    sized = all(m.vocab_size is not None for m in models)
+
+    def key(m) -> str:
+        return probe_fingerprint(m.vocab_size if sized else None, m.tokenize)
+
+    want = key(models[0])
+    for m in models[1:]:
+        if key(m) != want:
+            raise FuselmError(f"{what} needs models with one vocabulary; {models[0].name!r} and {m.name!r} differ")
+
+
+def require_same_vocabulary(what: str, backends: Sequence[Backend]) -> None:
+    """:func:`require_one_vocabulary` of backends."""
+    require_one_vocabulary(what, [Vocabulary.of(b) for b in backends])
 
 
 def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:

@@ -10,28 +10,30 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GenerationConfig, ModelConfig
-from ..conventions import OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
+from ..conventions import OFFERS_FOLLOW, OFFERS_FULL, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_TOPK
 from ..errors import FuselmError, UnknownNameError
 from . import assets, llamacpp
 from .backend import Backend, ModelInfo
 from .catalog import BUNDLED
+from .expert import Expert
 from .prefix import PrefixCache
 from .prompts import Prompt, chat_messages
 from .session import DecodingSession
 
-__all__ = ["DeferredModel", "Model", "Prompt", "identity", "load_model", "locate"]
+__all__ = ["DeferredModel", "Expert", "Model", "Prompt", "identity", "load_model", "locate"]
 
 
-class Model:
+class Model(Expert):
     """A loaded model: a backend plus how to turn a user prompt into its prompt text.
-    (A model on a serving engine is a :class:`fuselm.models.remote.RemoteModel`, with the same
-    face: name, config, prompt_text, tokenize, session, close.)
+    (A model on a serving engine is a :class:`fuselm.models.remote.RemoteModel`: both are
+    :class:`fuselm.models.expert.Expert`.)
 
     Several Model objects may share one backend (and its prefix cache) with other configs, e.g.
-    other ensemble weights: pass `prefix_cache` of the first."""
+    other ensemble weights: `with_config`."""
 
-    remote = False  # runs in this process: its sessions offer everything a method may need
-    offers = frozenset({OFFERS_FULL, OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE})
+    works_in_process = True
+    # in this process, its sessions offer everything a method may need
+    offers = frozenset({OFFERS_FULL, OFFERS_TOPK, OFFERS_ROLLOUT, OFFERS_SCORE, OFFERS_FOLLOW})
 
     def __init__(self, backend: Backend, config: ModelConfig | None = None, prefix_cache: PrefixCache | None = None):
         self.backend = backend
@@ -47,6 +49,10 @@ class Model:
     def info(self) -> ModelInfo:
         return self.backend.info
 
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
     def prompt_text(self, prompt: Prompt, gen: GenerationConfig | None = None) -> str:
         """The text the model is conditioned on: chat-templated or raw, per `gen.chat`."""
         messages = chat_messages(prompt, gen or GenerationConfig(), self.info.has_chat_template)
@@ -61,6 +67,9 @@ class Model:
     def session(self, prompt_text: str) -> DecodingSession:
         """A session on this model that starts from (and leaves) its warm prompt prefix."""
         return DecodingSession(self.backend, prompt_text, self.prefix_cache)
+
+    def with_config(self, config: ModelConfig) -> Model:
+        return Model(self.backend, config, self.prefix_cache)
 
     def close(self) -> None:
         self.prefix_cache.clear()
@@ -112,7 +121,7 @@ def locate(cfg: ModelConfig) -> Weights:
     return Weights("transformers", path, path.name)
 
 
-def load_model(name: str | ModelConfig, **overrides) -> Model:
+def load_model(name: str | ModelConfig, **overrides) -> Expert:
     """Load a bundled model by short name, a transformers directory, or a GGUF file.
 
     >>> m = load_model("smollm2-135m")  # doctest: +SKIP
@@ -125,7 +134,12 @@ def load_model(name: str | ModelConfig, **overrides) -> Model:
     if cfg.engine is not None:  # on a serving engine: nothing is loaded, nothing sent yet
         from .remote import RemoteModel
 
-        return RemoteModel.from_config(cfg)  # type: ignore[return-value]
+        return RemoteModel.from_config(cfg)
+    return load_in_process(cfg)
+
+
+def load_in_process(cfg: ModelConfig) -> Model:
+    """The in-process model entry `cfg` loaded (its weights found by `locate`)."""
     weights = locate(cfg)
     if weights.kind == "llamacpp":
         return Model(llamacpp.LlamaCppBackend(weights.path, name=weights.name, n_ctx=cfg.n_ctx,
@@ -146,7 +160,7 @@ def identity(cfg: ModelConfig) -> dict[str, Any] | None:
     that run it. Left out: the ensemble `weight` (a method's, not the model's) and `threads`
     (it spreads the same work over cores). None for a model on an engine: its name and URL do
     not pin the weights behind them."""
-    if cfg.remote:
+    if not cfg.in_process:
         return None
     weights = locate(cfg)
     root = weights.path
@@ -170,12 +184,11 @@ def _versions(*packages: str) -> dict[str, str | None]:
     return out
 
 
-class DeferredModel:
-    """An in-process model entry loaded at its first use, with a Model's face (name, config,
-    offers, prompt_text, tokenize, session, close): a run whose every answer the memo already
-    holds (eval/memo.py) never loads it."""
+class DeferredModel(Expert):
+    """An in-process model entry loaded at its first use: a run whose every answer the memo
+    already holds (eval/memo.py) never loads it."""
 
-    remote = False
+    works_in_process = True
     offers = Model.offers
 
     def __init__(self, cfg: ModelConfig):
@@ -193,7 +206,7 @@ class DeferredModel:
 
     def model(self) -> Model:
         if self._model is None:
-            self._model = load_model(self.config)
+            self._model = load_in_process(self.config)
         return self._model
 
     @property
@@ -204,21 +217,31 @@ class DeferredModel:
     def info(self) -> ModelInfo:
         return self.model().info
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model().vocab_size
+
     def prompt_text(self, prompt: Prompt, gen: GenerationConfig | None = None) -> str:
         return self.model().prompt_text(prompt, gen)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model().tokenize(text)
 
+    def decode(self, ids: list[int]) -> str:
+        return self.model().decode(ids)
+
     def session(self, prompt_text: str) -> DecodingSession:
         return self.model().session(prompt_text)
+
+    def with_config(self, config: ModelConfig) -> Model:
+        return self.model().with_config(config)
 
     def close(self) -> None:
         if self._model is not None:
             self._model.close()
 
 
-def load_models(models: list[str | ModelConfig]) -> list[Model]:
+def load_models(models: list[str | ModelConfig]) -> list[Expert]:
     """`load_model` for each, after every name has been checked (`check_reference`): a misspelt
     last name fails before the first model loads."""
     cfgs = [m if isinstance(m, ModelConfig) else ModelConfig(name=m) for m in models]

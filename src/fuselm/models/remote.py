@@ -28,8 +28,9 @@ from ..engines import Engine, EngineStream, Sampling, StreamToken, TextEngine, T
 from ..errors import EngineError, FuselmError
 from ..sampling import Sampler
 from .backend import ModelInfo
+from .expert import Expert
 from .prompts import Prompt, chat_messages
-from .session import NextTokens, Rollout, Score, SessionStats, common_prefix_len, greedy, top_margin
+from .session import NextTokens, Rollout, Score, Session, SessionStats, common_prefix_len, greedy, top_margin
 
 # top-k asked of every stream (the engine clamps it to what it gives): the margin needs 2,
 # AdaFuse's default branches 3; the rest is kept for scoring other models' candidates without
@@ -42,11 +43,11 @@ CANCEL_POLL_S = 0.05
 T = TypeVar("T")
 
 
-class RemoteModel:
+class RemoteModel(Expert):
     """A model served by an engine in another process. Making one sends nothing: what the engine
     is asked (its model id, BOS, end-of-sequence ids, context) is asked at the first use."""
 
-    remote = True
+    works_in_process = False
 
     def __init__(self, engine: Engine, config: ModelConfig):
         self.engine = engine
@@ -75,6 +76,10 @@ class RemoteModel:
     @property
     def where(self) -> str:
         return self.engine.where
+
+    @property
+    def vocab_size(self) -> None:
+        return None  # an engine does not tell it (its /tokenize answers ids, not their number)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Wait for an engine call; its faults name this model. The generation's cancel check
@@ -139,6 +144,9 @@ class RemoteModel:
             return TextSession(self, prompt_text)
         return RemoteSession(self, prompt_text)
 
+    def with_config(self, config: ModelConfig) -> RemoteModel:
+        return RemoteModel(self.engine, config)
+
     def close(self) -> None:
         self.engine.close()
 
@@ -146,10 +154,10 @@ class RemoteModel:
         return f"RemoteModel({self.name!r}, {self.engine.where!r})"
 
 
-class _EngineSession:
+class _EngineSession(Session):
     """What the sessions on an engine share: the committed text, the open stream, closing."""
 
-    remote = True
+    calls_wait_on_io = True  # the engine computes; a call here waits for its answer
 
     def __init__(self, model: RemoteModel, prompt: str):
         self.model = model
@@ -179,12 +187,6 @@ class _EngineSession:
                 self.engine.run(stream.aclose())
             except Exception:  # closing a dead connection: nothing to give back
                 pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _sampling_of(self, choose: Any) -> Sampling:
         if id(choose) not in self._samplings:

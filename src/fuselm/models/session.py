@@ -1,4 +1,6 @@
-"""DecodingSession: one model's incremental state over a shared, growing text.
+"""Session, what every generation's session on a model is (declared here, with what its
+operations return), and DecodingSession: one in-process model's incremental state over a shared,
+growing text.
 
 Fusion methods drive several models over one committed text. The text is the source of
 truth; each session keeps its own token ids and KV cache in step with it:
@@ -20,13 +22,15 @@ truth; each session keeps its own token ids and KV cache in step with it:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 
 from ..cancel import raise_if_cancelled
+from ..conventions import OFFER_WORDS, OFFERS_FOLLOW, OFFERS_FULL, OFFERS_SCORE, OFFERS_TOPK
 from ..errors import EngineError, FuselmError
 from ..text.words import first_word_end
 from .backend import Backend, Forks
@@ -193,8 +197,117 @@ class SessionStats:
     tokenizations: int = 0
 
 
+class Session(ABC):
+    """One model's view of one generation's text, whatever runs the model (this process, an
+    engine): what a decoding method calls (`fusion.base.StepContext.sessions`). Every session
+    rolls out; each other operation comes with a capability that its model offers
+    (`Expert.offers`, fuselm.conventions.OFFERS_*), checked against a method's `needs` before
+    any call: a session whose model lacks it refuses the operation (these defaults)."""
+
+    prompt: str  # the prompt text it is conditioned on
+    text: str  # the text committed after it
+    stats: SessionStats
+    # Its calls wait on another process (an engine): they may run on threads beside any other
+    # session's (fusion.experts.each). A session whose calls compute here runs beside others
+    # only where their backends can (models.backend.side_by_side).
+    calls_wait_on_io: ClassVar[bool] = False
+
+    @property
+    @abstractmethod
+    def name(self) -> str: ...
+
+    @abstractmethod
+    def append(self, text: str) -> None:
+        """Commit `text` after the current text."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """End the session (idempotent)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @abstractmethod
+    def rollout(
+        self,
+        max_tokens: int,
+        *,
+        until: Callable[[Rollout], int | None] | None = None,
+        first_token: int | None = None,
+        choose: Callable[..., int] = greedy,
+        margins: bool = True,
+    ) -> Rollout:
+        """Up to `max_tokens` tokens after the committed text (see DecodingSession.rollout)."""
+
+    def warm(self) -> None:
+        """Run what is committed and not yet run, so that the model's next session starts with
+        all of it warm (in process: its key/values; an engine's prefix cache does this itself)."""
+
+    def _refuse(self, capability: str) -> NoReturn:
+        raise FuselmError(f"{self.name!r} gives no {OFFER_WORDS[capability]}")
+
+    # --- with OFFERS_TOPK: token ids and the top of next-token distributions -----------------------
+    def committed_ids(self) -> list[int]:
+        self._refuse(OFFERS_TOPK)
+
+    def is_eos(self, token_id: int) -> bool:
+        self._refuse(OFFERS_TOPK)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        self._refuse(OFFERS_TOPK)
+
+    def tokenize(self, text: str) -> list[int]:
+        self._refuse(OFFERS_TOPK)
+
+    def next_top(self, k: int) -> list[tuple[int, float]]:
+        self._refuse(OFFERS_TOPK)
+
+    def next_tokens(self, k: int) -> NextTokens:
+        self._refuse(OFFERS_TOPK)
+
+    def tail_tokens(self, n_tokens: int, k: int) -> NextTokens:
+        self._refuse(OFFERS_TOPK)
+
+    def replay(self, token_ids: Sequence[int]) -> Rollout:
+        self._refuse(OFFERS_TOPK)
+
+    def continuation_text(self, token_ids: Sequence[int]) -> str:
+        self._refuse(OFFERS_TOPK)
+
+    def rollout_branches(
+        self,
+        first_tokens: Sequence[int],
+        max_tokens: int,
+        *,
+        until: Callable[[Rollout], int | None] | None = None,
+        choose: Callable[..., int] = greedy,
+    ) -> list[Rollout]:
+        self._refuse(OFFERS_TOPK)
+
+    # --- with OFFERS_SCORE ---------------------------------------------------------------------------
+    def score(self, candidates: Sequence[str]) -> list[Score]:
+        self._refuse(OFFERS_SCORE)
+
+    def eos_score(self) -> Score:
+        self._refuse(OFFERS_SCORE)
+
+    # --- with OFFERS_FULL and OFFERS_FOLLOW (in process) -----------------------------------------------
+    def next_logprobs(self) -> torch.Tensor:
+        self._refuse(OFFERS_FULL)
+
+    def tail_logprobs(self, n_tokens: int) -> torch.Tensor:
+        self._refuse(OFFERS_FULL)
+
+    def follow(self, text: str) -> Followed:
+        self._refuse(OFFERS_FOLLOW)
+
+
 @dataclass
-class DecodingSession:
+class DecodingSession(Session):
     """One model's state over one generation's text. It owns its KV cache: with a `prefix_cache`
     it starts from the cache that the last finished session on the backend left there, and
     gives its own back on :meth:`close`; without one it starts empty and frees it on close."""
@@ -203,7 +316,6 @@ class DecodingSession:
     prompt: str
     prefix_cache: PrefixCache | None = None
     stats: SessionStats = field(default_factory=SessionStats)
-    remote: ClassVar[bool] = False  # in this process (a RemoteSession is on an engine)
 
     def __post_init__(self) -> None:
         self.text = ""
@@ -229,12 +341,6 @@ class DecodingSession:
             self.prefix_cache.give(self._cache)
         else:
             self.backend.release(self._cache)
-
-    def __enter__(self) -> DecodingSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # --- committed text -------------------------------------------------------------------------
     @property
@@ -263,6 +369,9 @@ class DecodingSession:
         """Full-vocabulary next-token log-probs after the committed text."""
         self._sync()
         return self._logprobs[len(self.committed_ids())]
+
+    def warm(self) -> None:
+        self.next_logprobs()  # the last scored piece's key/values adopted: the whole text stays warm
 
     def is_eos(self, token_id: int) -> bool:
         return token_id in self.backend.info.eos_token_ids

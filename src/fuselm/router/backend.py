@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from ..config import ModelConfig
 from ..errors import FuselmError
 from ..models.hf import TransformersBackend
 from .llamacpp import PERMUTED_QK, LlamaCppRouterBackend, backbone_gguf, gguf_architecture
@@ -38,11 +39,11 @@ class RouterBackend(RouteRecorder, TransformersBackend):
     @classmethod
     def load(cls, path: str | Path) -> RouterBackend:
         """Load a router saved by `fuselm train-router` (its backbone comes from `meta.backbone`)."""
-        from ..models.loading import load_model
+        from ..models.loading import load_in_process
 
         path = Path(path)
         meta = read_meta(path)
-        base = load_model(meta.backbone, backend="transformers").backend
+        base = load_in_process(ModelConfig(name=meta.backbone, backend="transformers")).backend
         router, meta = load_router(path, base.model)
         return cls(router, base.tokenizer, meta, name=f"router:{path.name}", source=str(path))
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -31,8 +31,8 @@ from ..fusion.base import FusionMethod
 from ..fusion.loop import decode
 from ..fusion.methods import METHODS, build_method, check_method
 from ..models.backend import usable_cpus
+from ..models.expert import Expert
 from ..models.loading import Model, Prompt, load_model
-from ..models.remote import RemoteModel
 from ..registry import Registry
 from ..result import GenerationResult, TextSpan
 from .bounds import MethodChoice
@@ -45,11 +45,11 @@ class Overloaded(Exception):
 
 class ModelPool:
     """Each distinct model (name, engine, device, dtype, threads, replica) loaded once, whatever
-    setups use it; setups that give it other ensemble weights get their own Model object over
+    setups use it; setups that give it other ensemble weights get their own model object over
     the same backend and prefix cache. Also who is using which model right now."""
 
     def __init__(self) -> None:
-        self._loaded: dict[str, Model] = {}
+        self._loaded: dict[str, Expert] = {}
         self._busy: set[int] = set()  # ids of backends a generation holds (event-loop state)
         self._changed: asyncio.Event | None = None  # set when models are given back
 
@@ -57,34 +57,32 @@ class ModelPool:
     def _key(cfg: ModelConfig, replica: int) -> str:
         return f"{replica}:" + cfg.model_copy(update={"weight": 1.0}).model_dump_json()
 
-    def get(self, cfg: ModelConfig, replica: int = 0) -> Model:
+    def get(self, cfg: ModelConfig, replica: int = 0) -> Expert:
         key = self._key(cfg, replica)
         if key not in self._loaded:
             self._loaded[key] = load_model(cfg)
         shared = self._loaded[key]
         if cfg == shared.config:
             return shared
-        if shared.remote:
-            return RemoteModel(shared.engine, cfg)
-        return Model(shared.backend, cfg, shared.prefix_cache)
+        return shared.with_config(cfg)
 
-    def models(self) -> list[Model]:
+    def models(self) -> list[Expert]:
         return list(self._loaded.values())
 
     @staticmethod
-    def _exclusive(models: Sequence[Model]) -> set[int]:
+    def _exclusive(models: Sequence[Expert]) -> set[int]:
         """The backends a generation on `models` holds: the in-process ones (an engine serves any
         number of requests at once, and batches them)."""
-        return {id(m.backend) for m in models if not m.remote}
+        return {id(cast(Model, m).backend) for m in models if m.works_in_process}
 
-    def _free(self, choices: Sequence[Sequence[Model]]) -> int | None:
+    def _free(self, choices: Sequence[Sequence[Expert]]) -> int | None:
         for i, models in enumerate(choices):
             if not self._exclusive(models) & self._busy:
                 return i
         return None
 
     @asynccontextmanager
-    async def hold(self, choices: Sequence[Sequence[Model]]):
+    async def hold(self, choices: Sequence[Sequence[Expert]]):
         """Wait until every model of one of `choices` is free and hold them; yields which. The
         wait is in the event loop, not in a thread: waiting requests cost nothing, and the
         running generation's threads keep the cores (measured: waiting worker threads slowed
@@ -114,16 +112,15 @@ class Replica:
     a team of spinning threads per calling thread, and a model driven from a pool's threads in
     turn was measured 30% slower here, and stayed slower after."""
 
-    models: list[Model]
+    models: list[Expert]
     method: FusionMethod
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="fuselm-gen"))
 
     @classmethod
-    def of(cls, models: list[Model], method: FusionMethod, concurrent: int) -> Replica:
+    def of(cls, models: list[Expert], method: FusionMethod, concurrent: int) -> Replica:
         """With every model on an engine, `concurrent` generations run at once (the engines batch
         them); with any in-process model, one at a time on the replica's one thread."""
-        remote_only = all(m.remote for m in models)
-        n = concurrent if remote_only else 1
+        n = 1 if any(m.works_in_process for m in models) else concurrent
         return cls(models, method, ThreadPoolExecutor(n, thread_name_prefix="fuselm-gen"))
 
     def close(self) -> None:
@@ -157,7 +154,7 @@ class ServedSetup:
         return self.config.id
 
     @property
-    def models(self) -> list[Model]:
+    def models(self) -> list[Expert]:
         return self.replicas[0].models
 
     @property
@@ -228,7 +225,10 @@ def replica_configs(setup: Setup) -> list[list[ModelConfig]]:
     if setup.replicas == 1:
         return [list(setup.models)]
     share = max(1, usable_cpus() // setup.replicas)
-    models = [m if m.threads is not None or m.remote else m.model_copy(update={"threads": share}) for m in setup.models]
+    models = [
+        m if m.threads is not None or not m.in_process else m.model_copy(update={"threads": share})
+        for m in setup.models
+    ]
     return [models for _ in range(setup.replicas)]
 
 

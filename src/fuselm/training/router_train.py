@@ -32,7 +32,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import StrictModel, validation_message
+from ..config import ModelConfig, StrictModel, validation_message
 from ..errors import FuselmError
 from ..eval.tasks import get_task
 from ..files import DirLock, atomic_write, load_yaml
@@ -203,7 +203,7 @@ class RouterTrainer:
 
     # data ------------------------------------------------------------------------------------
     def build_data(self, tokenizer) -> tuple[JsonlStore, JsonlStore]:
-        from ..models.loading import load_model
+        from ..models.loading import load_in_process
 
         cfg = self.cfg
         sft: JsonlStore = JsonlStore(self.out / "data" / "sft.jsonl", SFTRecord)
@@ -227,7 +227,7 @@ class RouterTrainer:
         todo = sum(1 for kind, spec, rows in jobs for r in rows if f"{spec.task}:{r['id']}" not in have[kind])
         if todo == 0:
             return sft, pref
-        experts = [load_model(n, backend=cfg.expert_backend) for n in cfg.experts]
+        experts = [load_in_process(ModelConfig(name=n, backend=cfg.expert_backend)) for n in cfg.experts]
 
         require_same_vocabulary("router training", [self.backbone, *(m.backend for m in experts)])
         with progress_bar(self.show_progress) as progress:
@@ -252,9 +252,9 @@ class RouterTrainer:
 
     # model -----------------------------------------------------------------------------------
     def _base(self):
-        from ..models.loading import load_model
+        from ..models.loading import load_in_process
 
-        base = load_model(self.cfg.backbone, backend="transformers").backend
+        base = load_in_process(ModelConfig(name=self.cfg.backbone, backend="transformers")).backend
         self.backbone = base  # the vocabulary the router is trained on (checked against the experts')
         return base.model, base.tokenizer
 
