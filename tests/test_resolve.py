@@ -43,7 +43,7 @@ def test_model_settings_go_where_they_fit():
     engine = with_model_settings("big=vllm:http://127.0.0.1:8100", settings)
     assert engine == {"name": "big", "engine": "vllm", "url": "http://127.0.0.1:8100", "timeout_s": 5.0}
     run = resolve_run_config({"models": ["a", "vllm:http://h:8000"]}, model_settings=settings)
-    assert run.models[0].threads == 2 and run.models[1].remote and run.models[1].timeout_s == 5.0
+    assert run.models[0].threads == 2 and not run.models[1].in_process and run.models[1].timeout_s == 5.0
 
 
 def test_no_model_and_a_bad_value_are_one_line_errors(tmp_path):
