@@ -7,6 +7,7 @@ never_worse_matrix.py; run none of it directly.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -70,3 +71,10 @@ def finished(run: Path, limit: int | None) -> bool:
     if not (summary.is_file() and config.is_file() and json.loads(summary.read_text()).get("complete")):
         return False
     return json.loads(config.read_text())["spec"].get("limit") == limit
+
+
+def failed(failures: list[str], root: Path) -> int:
+    """The exit status of a matrix run, saying which steps failed (their logs are under `root`)."""
+    if failures:
+        print(f"failed: {', '.join(failures)} (see their logs under {root})", file=sys.stderr)
+    return 1 if failures else 0

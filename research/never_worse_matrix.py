@@ -36,7 +36,7 @@ import threading
 from pathlib import Path
 
 import yaml
-from matrix_setups import run_workers  # this folder
+from matrix_setups import failed, run_workers  # this folder
 
 from fuselm.eval.records import absolute_paths
 from fuselm.eval.rundir import other_setup, run_setup, set_aside
@@ -302,9 +302,7 @@ def main() -> int:
                     break  # the rest of the chain needs this step
 
     run_workers(ns.workers, worker)
-    if failures:
-        print(f"failed: {', '.join(failures)} (see their logs under {root})", file=sys.stderr)
-    return 1 if failures else 0
+    return failed(failures, root)
 
 
 if __name__ == "__main__":

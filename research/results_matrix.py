@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 # Rows per task (the evaluation issue's sizes); None = all rows.
-from matrix_setups import METHODS, ROUTER, TASKS, finished, jobs, run_workers  # this folder
+from matrix_setups import METHODS, ROUTER, TASKS, failed, finished, jobs, run_workers  # this folder
 
 
 def main() -> int:
@@ -82,9 +82,7 @@ def main() -> int:
                 failures.append(name)
 
     run_workers(ns.workers, worker)
-    if failures:
-        print(f"failed: {', '.join(failures)} (see their logs under {root})", file=sys.stderr)
-    return 1 if failures else 0
+    return failed(failures, root)
 
 
 if __name__ == "__main__":
