@@ -306,7 +306,7 @@ def test_fusionroute_on_engines_follows_the_in_process_text(served, local, tmp_p
     from fuselm.config import GenerationConfig
     from fuselm.fusion.loop import generate
 
-    from .test_router_llamacpp import make_router
+    from .support import make_router
 
     experts = ("smollm2-135m", "smollm2-135m#2")  # one model twice: the trace names the second '#2'
     router = make_router("smollm2-135m", tmp_path / "router", lora_std=0.05, experts=experts)
@@ -459,7 +459,7 @@ def test_serve_a_fused_setup_of_engine_experts_to_concurrent_clients(served, loc
     from fuselm.config import GenerationConfig
     from fuselm.fusion.loop import generate
 
-    from .test_serve import Server
+    from .serve_support import Server
 
     config = {"limits": {"max_concurrent": 4},
               "setups": [{"id": "fused", "method": "adafuse", "generation": {"max_new_tokens": 8},

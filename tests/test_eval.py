@@ -217,7 +217,7 @@ def test_set_aside_refuses_a_run_directory_that_a_live_run_holds(tmp_path):
     working in it (or in the place it would go to) keeps it: refused, nothing moved."""
     from fuselm.eval.rundir import set_aside
 
-    from .test_files import _locker
+    from .support import locker as _locker
 
     out = tmp_path / "single-a"
     out.mkdir()

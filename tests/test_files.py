@@ -7,13 +7,13 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-import fuselm.files
 from fuselm.errors import FuselmError
 from fuselm.files import DirLock, atomic_dir, atomic_write, content_digest
+
+from .support import locker as _locker
 
 
 @pytest.fixture
@@ -83,55 +83,6 @@ def test_a_killed_writer_s_temporaries_are_removed_by_the_next_write_once_stale(
     with atomic_dir(tmp_path / "hf") as d:
         (d / "config.json").write_text("{}")
     assert not stale_dir.exists() and (tmp_path / "hf" / "config.json").is_file()
-
-
-# A process that takes a DirLock. It imports fuselm.files alone (not the package, whose imports
-# take seconds), says "ready", waits until the file named in argv exists ("-": no wait) so that
-# several start together, holds the lock for a while and says what happened: "held PID" and
-# "interval T0 T1" ("BOTH" if it found another holder's marker while holding), or "refused MESSAGE".
-_LOCKER = """
-import os, sys, time, types
-pkg = types.ModuleType("fuselm")
-pkg.__path__ = [sys.argv[1]]
-sys.modules["fuselm"] = pkg
-from fuselm.errors import FuselmError
-from fuselm.files import DirLock
-
-directory, go, hold = sys.argv[2], sys.argv[3], float(sys.argv[4])
-print("ready", flush=True)
-while go != "-" and not os.path.exists(go):
-    pass
-lock = DirLock(directory)
-try:
-    lock.acquire()
-except FuselmError as e:
-    print("refused", e, flush=True)
-    sys.exit(0)
-t0 = time.time()
-print("held", os.getpid(), flush=True)
-try:
-    marker = os.open(os.path.join(directory, "holder"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-except FileExistsError:
-    print("BOTH", flush=True)
-    marker = None
-time.sleep(hold)
-if marker is not None:
-    os.close(marker)
-    os.unlink(os.path.join(directory, "holder"))
-t1 = time.time()
-lock.release()
-print("interval", t0, t1, flush=True)
-"""
-
-
-def _locker(directory: Path, go: str | Path, hold: float) -> subprocess.Popen:
-    package = str(Path(fuselm.files.__file__).parent)
-    return subprocess.Popen(
-        [sys.executable, "-c", _LOCKER, package, str(directory), str(go), str(hold)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _dead_pid() -> int:

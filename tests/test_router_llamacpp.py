@@ -16,33 +16,12 @@ from fuselm.models.catalog import BUNDLED
 from fuselm.models.loading import load_model
 from fuselm.models.session import DecodingSession
 from fuselm.router.backend import RouterBackend, llamacpp_unavailable_reason, load_router_backend
-from fuselm.router.model import RouterMeta, RouterModel, add_lora, save_router
+from fuselm.router.model import RouterMeta
 
 from .conftest import requires_bundled, run_cli
+from .support import make_router
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed")
-
-
-def make_router(backbone: str, directory, lora_std: float, experts=("a", "b"), with_lora: bool = True, seed: int = 0):
-    """A router over a real or tiny backbone with random LoRA adapters and routing head, saved."""
-    torch.manual_seed(seed)
-    base = load_model(backbone, backend="transformers").backend
-    router = RouterModel(base.model, len(experts))
-    if with_lora:
-        add_lora(router, r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in router.backbone.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero: the adapters would change nothing
-                p.normal_(0, lora_std)
-        router.route_head.weight.normal_(0, 0.05)
-    meta = RouterMeta(
-        backbone=backbone,
-        experts=list(experts),
-        vocab_size=router.vocab_size,
-        vocab_fingerprint=vocab_fingerprint(base),
-    )
-    save_router(router, directory, meta)
-    return directory
 
 
 def walk(backends, prompt: str, steps: int):
