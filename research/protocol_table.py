@@ -37,19 +37,20 @@ def cost_cells(view: RunView, best: RunView) -> str:
     return f"{wall:.2f} wall-s | {wall / best_wall:.2f}x (wall)"
 
 
-def calibration_cost(path: Path) -> tuple[float, int]:
+def calibration_cost(path: Path) -> tuple[float, int, bool]:
     """CPU minutes of every dev run the calibration made (wall seconds where a row has no CPU
-    time), and the most dev rows a setup reached."""
+    time), the most dev rows a setup reached, and whether any row counted wall seconds."""
     cal = load_calibration(path)
     runs = path.with_suffix(".runs")
     dirs = [member_dir(runs, m.name) for m in cal.members] + [trial_dir(runs, t.label, t.models) for t in cal.tried]
-    total, reached = 0.0, 0
+    total, reached, wall = 0.0, 0, False
     for d in dirs:
         if (d / "rows.jsonl").is_file():
             view = load_run(d)
             total += sum(r.cpu_seconds if r.cpu_seconds is not None else r.seconds for r in view.rows)
+            wall = wall or any(r.cpu_seconds is None for r in view.rows)
             reached = max(reached, len(view.rows))
-    return total / 60, reached
+    return total / 60, reached, wall
 
 
 def fmt(x: float, scale: float) -> str:
@@ -82,20 +83,25 @@ def chain_lines(root: Path, chain: str) -> list[str]:
         lines.append(f"| {chain} | calibration not finished | | | | | | |")
         return lines
     cal = load_calibration(calib)
-    minutes, reached = calibration_cost(calib)
+    minutes, reached, wall = calibration_cost(calib)
+    spent = f"{minutes:.0f} min{' (partly wall time)' if wall else ''}, {reached} rows"
     choice = f"{cal.method} {' '.join(f'{k}={v}' for k, v in cal.method_options.items())}".strip()
     choice += f" over {'+'.join(cal.models)}"
     run = calibrated_run(root, chain)
     if not (run / "rows.jsonl").is_file():
-        lines.append(f"| {chain} | calibrated: {choice} | not run yet | | | | | {minutes:.0f} min, {reached} rows |")
+        lines.append(f"| {chain} | calibrated: {choice} | not run yet | | | | | {spent} |")
         return lines
     view = load_run(run)
     d = paired_difference(view, best, metric)
     diff = "" if d is None else f"{d[0] * scale:+.1f} [{d[1] * scale:+.1f}, {d[2] * scale:+.1f}]"
     part = "" if view.summary.complete else " (partial)"
+    # the best member alone, chosen: its cost is the best member's own (timings of two runs of the
+    # same greedy work differ only by what else ran on the machine)
+    same = cal.method == "single" and cal.models == [best_name]
+    cost = "the best member's own | 1.00x" if same else cost_cells(view, best)
     lines.append(
         f"| {chain} | calibrated: {choice} | {view.summary.n}{part} | {fmt(view.summary.metrics[metric], scale)} |"
-        f" {diff} | {cost_cells(view, best)} | {minutes:.0f} min, {reached} rows |"
+        f" {diff} | {cost} | {spent} |"
     )
     return lines
 
