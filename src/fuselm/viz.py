@@ -11,14 +11,15 @@ from .result import GenerationResult, StepDetail, TraceStep, unique_names
 PALETTE = ["#cfe8ff", "#ffd9c2", "#d7f5d0", "#f3d4f7", "#fff3b0", "#d0f0f0"]
 
 
-def _tooltip(step: TraceStep, detail_type: type[StepDetail]) -> str:
+def _tooltip(step: TraceStep, detail_type: type[StepDetail] | None) -> str:
     """What decided one step, as lines (whatever the method recorded)."""
     lines = [f"round {step.round} · {step.source or '?'} · {step.new_tokens} token(s)"]
     if step.margins:
         lines.append("margins: " + ", ".join(f"{k} {v:.2f}" for k, v in step.margins.items()))
     if step.confident is not None:
         lines.append("confident round" if step.confident else "ensemble decision")
-    lines += step.detail_of(detail_type).notes()
+    if detail_type is not None:  # a method this fuselm knows says how its own fields read
+        lines += step.detail_of(detail_type).notes()
     for i, c in enumerate(step.candidates):
         mark = "*" if i == step.winner else " "
         score = c.score if c.score is not None else c.p
@@ -31,7 +32,7 @@ def render_html(result: GenerationResult, prompt: str | None = None) -> str:
     colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(unique_names(result.models))}
     spans = []
     shown = 0
-    detail_type = METHODS.get(result.method).Detail if result.method in METHODS else StepDetail
+    detail_type = METHODS.get(result.method).Detail if result.method in METHODS else None
     for step in result.trace:
         text = step.text[: max(0, len(result.text) - shown)]
         if not text:
